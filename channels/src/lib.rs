@@ -1,0 +1,1 @@
+//! Shared-memory rings (seed 001 memory channels). Work in progress.

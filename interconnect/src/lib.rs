@@ -1,0 +1,1 @@
+//! Interconnect verbs API (seed 000). Work in progress.

@@ -1,0 +1,1 @@
+//! Transactional resource map (seed 001 resource database). Work in progress.

@@ -1,0 +1,1 @@
+//! Builds the no_std test guest. Work in progress.
