@@ -1,1 +1,89 @@
-fn main() {}
+//! `part-vmm` command line. Exit statuses are documented in `part_vmm::exit`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use part_vmm::config::{Overrides, SerialConfig, VmConfig};
+use part_vmm::exit::{STATUS_BAD_INPUT, STATUS_VMM_ERROR};
+
+/// partvisor partition monitor: boots one guest in one KVM VM.
+#[derive(Parser, Debug)]
+#[command(name = "part-vmm", version)]
+struct Cli {
+    /// JSON partition descriptor (schema: part_vmm::config); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Kernel: ELF (vmlinux) with a PVH note, or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (PVH module 0 / Linux initrd).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// Serial console: stdout, none, file:PATH or socket:PATH.
+    #[arg(long, value_name = "WHERE")]
+    serial: Option<SerialConfig>,
+    /// Polite stop (SIGTERM) turns into a forced stop after this long.
+    #[arg(long, value_name = "MS")]
+    stop_timeout_ms: Option<u64>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PARTVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("part-vmm: {}", first.trim_start_matches("error: "));
+            std::process::exit(STATUS_BAD_INPUT);
+        }
+    };
+    let overrides = Overrides {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        memory_mib: cli.memory_mib,
+        vcpus: cli.vcpus,
+        serial: cli.serial,
+        stop_timeout_ms: cli.stop_timeout_ms,
+    };
+    let result = VmConfig::assemble(cli.config.as_deref(), overrides)
+        .and_then(|cfg| part_vmm::vmm::run(&cfg));
+    match result {
+        Ok(reason) => {
+            tracing::info!("exit: {reason}");
+            std::process::exit(reason.status());
+        }
+        Err(e) => {
+            let status = if e.is_bad_input() {
+                STATUS_BAD_INPUT
+            } else {
+                STATUS_VMM_ERROR
+            };
+            eprintln!("part-vmm: {e}");
+            std::process::exit(status);
+        }
+    }
+}

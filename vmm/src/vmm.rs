@@ -1,0 +1,469 @@
+//! Builds a partition from a [`VmConfig`] and runs it to its end.
+//!
+//! The main thread owns the event loop (event-manager): stop signals, the
+//! polite-stop timer, the i8042 reset event, serial input and the exit event
+//! the vCPU threads post. The vCPU threads only run guest code and touch
+//! devices; they never block the loop.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::Kvm;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::config::{HostLimits, SerialConfig, VmConfig};
+use crate::devices::{Devices, SerialOut, SocketConsole};
+use crate::error::{Error, Result};
+use crate::exit::ExitReason;
+use crate::memory::GuestRam;
+use crate::vcpu::{ExitSlot, Vcpu};
+use crate::{acpi, boot, layout};
+
+/// Most console input part-vmm buffers while the guest is not reading.
+const MAX_PENDING_INPUT: usize = 64 * 1024;
+
+/// Blocks the stop signals in the calling thread (and so in every thread it
+/// spawns afterwards) and returns a signalfd that receives them.
+fn stop_signalfd() -> Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: `set` is initialised; the old mask is not needed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(Error::Io {
+            what: "pthread_sigmask".into(),
+            source: std::io::Error::from_raw_os_error(r),
+        });
+    }
+    // SAFETY: -1 asks for a new signalfd for the initialised `set`.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::io("signalfd")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The serial input side: stdin, or a console socket with one client.
+enum InputSource {
+    None,
+    Stdin,
+    Socket {
+        listener: UnixListener,
+        client: Option<UnixStream>,
+        console: Arc<SocketConsole>,
+    },
+}
+
+/// The event-loop subscriber that decides when and why the partition ends.
+struct Controller {
+    devices: Arc<Devices>,
+    exits: Arc<ExitSlot>,
+    signals: OwnedFd,
+    reset_evt: EventFd,
+    serial_room: EventFd,
+    stop_timer: TimerFd,
+    stop_timeout_ms: u64,
+    stopping: bool,
+    input: InputSource,
+    pending_input: VecDeque<u8>,
+    input_paused: bool,
+    outcome: Option<ExitReason>,
+}
+
+impl Controller {
+    fn input_fd(&self) -> Option<RawFd> {
+        match &self.input {
+            InputSource::Stdin => Some(0),
+            InputSource::Socket {
+                client: Some(c), ..
+            } => Some(c.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    fn finish(&mut self, r: ExitReason) {
+        if self.outcome.is_none() {
+            self.outcome = Some(r);
+        }
+    }
+
+    fn request_stop(&mut self) {
+        if self.stopping {
+            tracing::warn!("second stop request: forcing the stop now");
+            self.finish(ExitReason::ForcedStop { timeout_ms: 0 });
+            return;
+        }
+        self.stopping = true;
+        tracing::info!(
+            "stop requested: pressing the ACPI power button; forced stop in {} ms",
+            self.stop_timeout_ms
+        );
+        if let Err(e) = self.devices.ged_raise(layout::GED_EVENT_POWER_BUTTON) {
+            tracing::error!("cannot raise the power-button interrupt: {e}");
+        }
+        if let Err(e) = self
+            .stop_timer
+            .reset(Duration::from_millis(self.stop_timeout_ms.max(1)), None)
+        {
+            tracing::error!("cannot arm the stop timer ({e}): forcing the stop now");
+            self.finish(ExitReason::ForcedStop { timeout_ms: 0 });
+        }
+    }
+
+    fn drain_signals(&mut self) {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        loop {
+            // SAFETY: reads at most `size` bytes into `info`, which is that big.
+            let n = unsafe {
+                libc::read(
+                    self.signals.as_raw_fd(),
+                    &mut info as *mut _ as *mut libc::c_void,
+                    size,
+                )
+            };
+            if n != size as isize {
+                break;
+            }
+            tracing::info!("received signal {}", info.ssi_signo);
+            self.request_stop();
+        }
+    }
+
+    /// Pushes buffered input into the UART's FIFO as far as it has room.
+    fn push_input(&mut self) {
+        let mut serial = self.devices.serial();
+        while !self.pending_input.is_empty() && serial.fifo_capacity() > 0 {
+            let (a, _) = self.pending_input.as_slices();
+            match serial.enqueue_raw_bytes(a) {
+                Ok(n) => {
+                    self.pending_input.drain(..n);
+                }
+                Err(e) => {
+                    tracing::warn!("serial input: {e:?}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn read_input(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let mut buf = [0u8; 4096];
+        // SAFETY: `fd` is stdin or our client socket, open for the lifetime of
+        // the controller; `buf` is valid for `buf.len()` bytes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+        if n <= 0 {
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+                return;
+            }
+            // End of input: stop watching it (stdin at EOF, client gone).
+            let _ = ops.remove(Events::empty_raw(fd));
+            match &mut self.input {
+                InputSource::Socket {
+                    client, console, ..
+                } => {
+                    console.detach();
+                    *client = None;
+                }
+                other => *other = InputSource::None,
+            }
+            return;
+        }
+        self.pending_input.extend(&buf[..n as usize]);
+        self.push_input();
+        if self.pending_input.len() >= MAX_PENDING_INPUT && !self.input_paused {
+            // Leave further input in the kernel until the guest reads.
+            let _ = ops.modify(Events::empty_raw(fd));
+            self.input_paused = true;
+        }
+    }
+
+    fn resume_input(&mut self, ops: &mut EventOps) {
+        self.push_input();
+        if self.input_paused && self.pending_input.len() < MAX_PENDING_INPUT {
+            if let Some(fd) = self.input_fd() {
+                let _ = ops.modify(Events::new_raw(fd, EventSet::IN));
+            }
+            self.input_paused = false;
+        }
+    }
+
+    fn accept_client(&mut self, ops: &mut EventOps) {
+        let InputSource::Socket {
+            listener,
+            client,
+            console,
+        } = &mut self.input
+        else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        if let Some(old) = client.take() {
+            tracing::info!("serial console: a new client replaces the previous one");
+            let _ = ops.remove(Events::new(&old, EventSet::IN));
+        }
+        match stream.try_clone().and_then(|w| console.attach(w)) {
+            Ok(()) => {
+                let _ = stream.set_nonblocking(true);
+                let _ = ops.add(Events::new(&stream, EventSet::IN));
+                *client = Some(stream);
+            }
+            Err(e) => tracing::warn!("serial console client dropped: {e}"),
+        }
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut fds = vec![
+            self.signals.as_raw_fd(),
+            self.exits.evt.as_raw_fd(),
+            self.reset_evt.as_raw_fd(),
+            self.serial_room.as_raw_fd(),
+            self.stop_timer.as_raw_fd(),
+        ];
+        match &self.input {
+            InputSource::Stdin => fds.push(0),
+            InputSource::Socket { listener, .. } => fds.push(listener.as_raw_fd()),
+            InputSource::None => {}
+        }
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("event loop: cannot watch fd {fd}: {e:?}");
+                self.finish(ExitReason::VmmError {
+                    detail: format!("event loop setup failed: {e:?}"),
+                });
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.exits.evt.as_raw_fd() {
+            let _ = self.exits.evt.read();
+            if let Some(r) = self.exits.take() {
+                self.finish(r);
+            }
+        } else if fd == self.signals.as_raw_fd() {
+            self.drain_signals();
+        } else if fd == self.stop_timer.as_raw_fd() {
+            let _ = self.stop_timer.wait();
+            self.finish(ExitReason::ForcedStop {
+                timeout_ms: self.stop_timeout_ms,
+            });
+        } else if fd == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.finish(ExitReason::Reset { source: "i8042" });
+        } else if fd == self.serial_room.as_raw_fd() {
+            let _ = self.serial_room.read();
+            self.resume_input(ops);
+        } else if matches!(&self.input, InputSource::Socket { listener, .. } if listener.as_raw_fd() == fd)
+        {
+            self.accept_client(ops);
+        } else if Some(fd) == self.input_fd() {
+            if events.event_set().contains(EventSet::IN) {
+                self.read_input(fd, ops);
+            } else {
+                // HUP/ERR without data: treat as end of input.
+                self.read_input(fd, ops);
+            }
+        }
+    }
+}
+
+fn serial_endpoints(cfg: &SerialConfig) -> Result<(SerialOut, InputSource)> {
+    Ok(match cfg {
+        SerialConfig::Stdout => {
+            // SAFETY: fcntl on stdin only changes its file status flags.
+            unsafe {
+                let fl = libc::fcntl(0, libc::F_GETFL);
+                if fl >= 0 {
+                    libc::fcntl(0, libc::F_SETFL, fl | libc::O_NONBLOCK);
+                }
+            }
+            (SerialOut::Stdout(std::io::stdout()), InputSource::Stdin)
+        }
+        SerialConfig::None => (SerialOut::Null, InputSource::None),
+        SerialConfig::File(p) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::Serial(format!("cannot open {}: {e}", p.display())))?;
+            (SerialOut::File(f), InputSource::None)
+        }
+        SerialConfig::Socket(p) => {
+            let listener = bind_console(p)?;
+            let console = Arc::new(SocketConsole::default());
+            (
+                SerialOut::Socket(console.clone()),
+                InputSource::Socket {
+                    listener,
+                    client: None,
+                    console,
+                },
+            )
+        }
+    })
+}
+
+fn bind_console(p: &Path) -> Result<UnixListener> {
+    if p.exists() {
+        return Err(Error::Serial(format!(
+            "socket {} already exists; remove it or choose another path",
+            p.display()
+        )));
+    }
+    let l = UnixListener::bind(p)
+        .map_err(|e| Error::Serial(format!("cannot listen on {}: {e}", p.display())))?;
+    l.set_nonblocking(true)
+        .map_err(|e| Error::Serial(format!("{}: {e}", p.display())))?;
+    Ok(l)
+}
+
+/// Checks the configuration against this host and KVM, before any guest
+/// state exists. Errors here are bad input.
+pub fn check(cfg: &VmConfig) -> Result<Kvm> {
+    let kvm = Kvm::new().map_err(Error::kvm("cannot open /dev/kvm"))?;
+    cfg.validate(&HostLimits::probe(&kvm)?)?;
+    boot::detect_format(&cfg.kernel)?;
+    if let Some(initrd) = &cfg.initrd {
+        File::open(initrd)
+            .and_then(|mut f| f.read(&mut [0u8; 1]))
+            .map_err(|source| Error::InitrdUnreadable {
+                path: initrd.clone(),
+                source,
+            })?;
+    }
+    Ok(kvm)
+}
+
+/// Runs the partition described by `cfg` until it ends.
+pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
+    let kvm = check(cfg)?;
+    let signals = stop_signalfd()?;
+    let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+
+    let ram = GuestRam::new(cfg.memory_mib)?;
+    ram.register(&vm)?;
+    let acpi = acpi::write_tables(&ram.memory, cfg.vcpus)?;
+    let boot = boot::load(
+        &ram.memory,
+        ram.size,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        &cfg.cmdline,
+        acpi.rsdp,
+    )?;
+    crate::vcpu::write_boot_tables(&ram.memory)?;
+    tracing::info!(
+        "partition: {} vcpus, {} MiB, kernel {} ({:?}), initrd {:?}",
+        cfg.vcpus,
+        cfg.memory_mib,
+        cfg.kernel.display(),
+        boot.entry,
+        boot.initrd
+    );
+
+    let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"));
+    let serial_irq = evt()?;
+    let ged_irq = evt()?;
+    let reset_evt = evt()?;
+    let serial_room = evt()?;
+    vm.register_irqfd(&serial_irq, layout::SERIAL_GSI)
+        .map_err(Error::kvm("KVM_IRQFD (serial)"))?;
+    vm.register_irqfd(&ged_irq, layout::GED_GSI)
+        .map_err(Error::kvm("KVM_IRQFD (GED)"))?;
+    let (out, input) = serial_endpoints(&cfg.serial)?;
+    let devices = Arc::new(Devices::new(
+        serial_irq,
+        serial_room.try_clone().map_err(Error::io("eventfd"))?,
+        out,
+        reset_evt.try_clone().map_err(Error::io("eventfd"))?,
+        ged_irq,
+    ));
+
+    let exits = ExitSlot::new()?;
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.vcpus {
+        let entry = (id == 0).then_some(boot.entry);
+        vcpus.push(Vcpu::new(&kvm, &vm, id, cfg.vcpus, entry)?);
+    }
+    for mut vcpu in vcpus {
+        let devices = devices.clone();
+        let exits = exits.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.id))
+            .spawn(move || {
+                let r = vcpu.run(&devices, &exits.stop);
+                exits.post(r);
+            })
+            .map_err(Error::io("cannot start a vCPU thread"))?;
+    }
+
+    let controller = Arc::new(Mutex::new(Controller {
+        devices: devices.clone(),
+        exits: exits.clone(),
+        signals,
+        reset_evt,
+        serial_room,
+        stop_timer: TimerFd::new()
+            .map_err(|e| Error::io("timerfd")(std::io::Error::from_raw_os_error(e.errno())))?,
+        stop_timeout_ms: cfg.stop_timeout_ms,
+        stopping: false,
+        input,
+        pending_input: VecDeque::new(),
+        input_paused: false,
+        outcome: None,
+    }));
+    let mut manager: EventManager<Arc<Mutex<Controller>>> =
+        EventManager::new().map_err(|e| Error::Serial(format!("event manager: {e:?}")))?;
+    manager.add_subscriber(controller.clone());
+    let reason = loop {
+        if let Err(e) = manager.run() {
+            break ExitReason::VmmError {
+                detail: format!("event loop: {e:?}"),
+            };
+        }
+        let mut c = controller.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = c.outcome.take() {
+            break r;
+        }
+    };
+    exits.stop.store(true, std::sync::atomic::Ordering::Release);
+    {
+        use std::io::Write;
+        let _ = devices.serial().writer_mut().flush();
+    }
+    tracing::info!("{}", devices.unassigned.summary());
+    Ok(reason)
+}
