@@ -243,7 +243,14 @@ impl MutEventSubscriber for Controller {
             self.stop_timer.as_raw_fd(),
         ];
         match &self.input {
-            InputSource::Stdin => fds.push(0),
+            InputSource::Stdin => {
+                // Regular files and /dev/null cannot be polled (EPERM): such
+                // a stdin simply has no input to give the guest.
+                if ops.add(Events::new_raw(0, EventSet::IN)).is_err() {
+                    tracing::info!("stdin cannot be polled; serial input disabled");
+                    self.input = InputSource::None;
+                }
+            }
             InputSource::Socket { listener, .. } => fds.push(listener.as_raw_fd()),
             InputSource::None => {}
         }
