@@ -1,0 +1,209 @@
+//! Parser for the guest's serial report (format in README.md).
+
+/// One `memmap:` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemmapEntry {
+    /// E820-style type (1 = RAM).
+    pub kind: u32,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// `initrd:` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initrd {
+    /// `initrd: none`
+    None,
+    /// `initrd: <size> bytes fnv1a64=<hash>`
+    Present {
+        /// Module size in bytes.
+        size: u64,
+        /// FNV-1a 64 of the module.
+        fnv1a64: u64,
+    },
+}
+
+/// One `probe:` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `probe: read 0x<addr> = 0x<value>`
+    Read {
+        /// Guest-physical address.
+        addr: u64,
+        /// Value read.
+        value: u32,
+    },
+    /// `probe: write 0x<addr>`
+    Write {
+        /// Guest-physical address.
+        addr: u64,
+    },
+}
+
+/// A parsed report. Fields stay empty/`None` when their line is absent.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Whether the `partvisor-testguest 1` header was seen.
+    pub header: bool,
+    /// The `cmdline:` value.
+    pub cmdline: Option<String>,
+    /// `memmap:` lines in order.
+    pub memmap: Vec<MemmapEntry>,
+    /// `ram: <n> KiB`.
+    pub ram_kib: Option<u64>,
+    /// `cpus: <n> (madt)`.
+    pub cpus: Option<u32>,
+    /// APIC ids from `cpu <id>: online`, in order.
+    pub online: Vec<u32>,
+    /// The `initrd:` line.
+    pub initrd: Option<Initrd>,
+    /// `probe:` lines in order.
+    pub probes: Vec<Probe>,
+    /// Words from `warn: unknown word <w>`.
+    pub unknown_words: Vec<String>,
+    /// `echo: 0x<hh>` bytes.
+    pub echoed: Vec<u8>,
+    /// `exit: <code>`.
+    pub exit: Option<u32>,
+    /// Every line, for anything else.
+    pub lines: Vec<String>,
+}
+
+fn hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.trim().strip_prefix("0x")?, 16).ok()
+}
+
+impl Report {
+    /// Parse serial output (tolerates noise lines and `\r`).
+    pub fn parse(serial: &str) -> Report {
+        let mut r = Report::default();
+        for raw in serial.lines() {
+            let line = raw.trim_end_matches('\r');
+            r.lines.push(line.to_string());
+            if line == crate::REPORT_HEADER {
+                r.header = true;
+            } else if let Some(v) = line.strip_prefix("cmdline:") {
+                r.cmdline = Some(v.strip_prefix(' ').unwrap_or(v).to_string());
+            } else if let Some(v) = line.strip_prefix("memmap: ") {
+                let f: Vec<&str> = v.split_whitespace().collect();
+                if let [kind, start, end] = f[..] {
+                    if let (Ok(kind), Some(start), Some(end)) = (kind.parse(), hex(start), hex(end))
+                    {
+                        r.memmap.push(MemmapEntry { kind, start, end });
+                    }
+                }
+            } else if let Some(v) = line.strip_prefix("ram: ") {
+                r.ram_kib = v.strip_suffix(" KiB").and_then(|n| n.parse().ok());
+            } else if let Some(v) = line.strip_prefix("cpus: ") {
+                r.cpus = v.strip_suffix(" (madt)").and_then(|n| n.parse().ok());
+            } else if let Some(v) = line.strip_prefix("cpu ") {
+                if let Some(id) = v.strip_suffix(": online").and_then(|n| n.parse().ok()) {
+                    r.online.push(id);
+                }
+            } else if let Some(v) = line.strip_prefix("initrd: ") {
+                r.initrd = if v == "none" {
+                    Some(Initrd::None)
+                } else {
+                    let (size, hash) = v.split_once(" bytes fnv1a64=").unwrap_or(("", ""));
+                    match (size.parse(), u64::from_str_radix(hash, 16)) {
+                        (Ok(size), Ok(fnv1a64)) => Some(Initrd::Present { size, fnv1a64 }),
+                        _ => None,
+                    }
+                };
+            } else if let Some(v) = line.strip_prefix("probe: read ") {
+                if let Some((a, val)) = v.split_once(" = ") {
+                    if let (Some(addr), Some(value)) = (hex(a), hex(val)) {
+                        r.probes.push(Probe::Read {
+                            addr,
+                            value: value as u32,
+                        });
+                    }
+                }
+            } else if let Some(v) = line.strip_prefix("probe: write ") {
+                if let Some(addr) = hex(v) {
+                    r.probes.push(Probe::Write { addr });
+                }
+            } else if let Some(v) = line.strip_prefix("warn: unknown word ") {
+                r.unknown_words.push(v.to_string());
+            } else if let Some(v) = line.strip_prefix("echo: 0x") {
+                if let Ok(b) = u8::from_str_radix(v, 16) {
+                    r.echoed.push(b);
+                }
+            } else if let Some(v) = line.strip_prefix("exit: ") {
+                r.exit = v.parse().ok();
+            }
+        }
+        r
+    }
+
+    /// Sum of the type-1 (RAM) entries, in bytes.
+    pub fn ram_bytes_from_memmap(&self) -> u64 {
+        self.memmap
+            .iter()
+            .filter(|e| e.kind == 1)
+            .map(|e| e.end - e.start)
+            .sum()
+    }
+
+    /// End of the highest RAM entry.
+    pub fn ram_end(&self) -> Option<u64> {
+        self.memmap
+            .iter()
+            .filter(|e| e.kind == 1)
+            .map(|e| e.end)
+            .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_report_line_kind() {
+        let text = "noise\r\npartvisor-testguest 1\ncmdline: a exit=7\n\
+            memmap: 1 0x0000000000000000 0x00000000000a0000\n\
+            memmap: 1 0x0000000000100000 0x0000000001800000\n\
+            ram: 24192 KiB\ncpus: 2 (madt)\ncpu 0: online\ncpu 1: online\n\
+            initrd: 5 bytes fnv1a64=00000000000000ff\nwarn: unknown word a\n\
+            probe: read 0x0000000001900000 = 0xffffffff\nprobe: write 0x0000000001900000\n\
+            echo: 0x61\nexit: 7\n";
+        let r = Report::parse(text);
+        assert!(r.header);
+        assert_eq!(r.cmdline.as_deref(), Some("a exit=7"));
+        assert_eq!(r.memmap.len(), 2);
+        assert_eq!(r.ram_bytes_from_memmap(), 0xa0000 + 0x1700000);
+        assert_eq!(r.ram_end(), Some(0x1800000));
+        assert_eq!(r.ram_kib, Some(24192));
+        assert_eq!(r.cpus, Some(2));
+        assert_eq!(r.online, vec![0, 1]);
+        assert_eq!(
+            r.initrd,
+            Some(Initrd::Present {
+                size: 5,
+                fnv1a64: 0xff
+            })
+        );
+        assert_eq!(r.unknown_words, vec!["a".to_string()]);
+        assert_eq!(
+            r.probes,
+            vec![
+                Probe::Read {
+                    addr: 0x1900000,
+                    value: 0xffff_ffff
+                },
+                Probe::Write { addr: 0x1900000 }
+            ]
+        );
+        assert_eq!(r.echoed, vec![0x61]);
+        assert_eq!(r.exit, Some(7));
+    }
+
+    #[test]
+    fn empty_cmdline_parses_as_empty_string() {
+        assert_eq!(Report::parse("cmdline: \n").cmdline.as_deref(), Some(""));
+        assert_eq!(Report::parse("cmdline:\n").cmdline.as_deref(), Some(""));
+    }
+}
