@@ -568,9 +568,10 @@ impl View {
             if live == replayed {
                 Ok(())
             } else {
-                Err(Error::Corrupt(
-                    "live tables differ from the replay of the audit log".into(),
-                ))
+                Err(Error::Corrupt(format!(
+                    "live tables differ from the replay of the audit log (live first): {}",
+                    live.differences(&replayed, 5).join("; ")
+                )))
             }
         })
     }

@@ -359,6 +359,46 @@ impl State {
         v
     }
 
+    /// Human-readable differences between `self` and `other` (at most
+    /// `limit`), e.g. `cpu 3: p1 here, available there`. Empty iff equal.
+    pub fn differences(&self, other: &State, limit: usize) -> Vec<String> {
+        let mut d = Vec::new();
+        if self.host != other.host {
+            d.push(format!(
+                "host configuration differs in {}",
+                self.host.differing_fields(&other.host).join(", ")
+            ));
+        }
+        fn show<T: std::fmt::Debug>(v: Option<&T>) -> String {
+            v.map_or_else(|| "nothing".to_string(), |v| format!("{v:?}"))
+        }
+        fn cmp<K: Ord + std::fmt::Display, V: PartialEq + std::fmt::Debug>(
+            a: &BTreeMap<K, V>,
+            b: &BTreeMap<K, V>,
+            what: &str,
+            d: &mut Vec<String>,
+        ) {
+            let keys: std::collections::BTreeSet<&K> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let (x, y) = (a.get(k), b.get(k));
+                if x != y {
+                    d.push(format!("{what}{k}: {} here, {} there", show(x), show(y)));
+                }
+            }
+        }
+        cmp(&self.units, &other.units, "", &mut d);
+        let ext = |m: &BTreeMap<u64, (u64, Owner)>| -> BTreeMap<Extent, Owner> {
+            m.iter()
+                .map(|(s, (l, o))| (Extent::new(*s, *l), o.clone()))
+                .collect()
+        };
+        cmp(&ext(&self.memory), &ext(&other.memory), "memory ", &mut d);
+        cmp(&self.shares, &other.shares, "share of ", &mut d);
+        cmp(&self.partitions, &other.partitions, "partition ", &mut d);
+        d.truncate(limit);
+        d
+    }
+
     fn check_owner(&self, r: &ResourceId, o: &Owner, v: &mut Vec<String>) {
         match o {
             Owner::Available => {}
@@ -699,6 +739,28 @@ mod tests {
             assert!(v.iter().any(|x| x == e), "missing {e:?} in {v:?}");
         }
         assert_eq!(v.len(), expect.len(), "{v:?}");
+    }
+
+    #[test]
+    fn differences_name_what_differs() {
+        let a = with_partitions(&["a"]);
+        let mut b = a.clone();
+        assert!(a.differences(&b, 10).is_empty());
+        b.units.insert(ResourceId::Cpu(0), p("a"));
+        b.set_memory(Extent::new(0, 10), &Owner::Available, &p("a"))
+            .unwrap();
+        b.partitions.clear();
+        assert_eq!(
+            a.differences(&b, 10),
+            vec![
+                "cpu 0: Available here, Partition(PartitionId(\"a\")) there",
+                "memory [0, 10) MiB: nothing here, Partition(PartitionId(\"a\")) there",
+                "memory [0, 100) MiB: Available here, nothing there",
+                "memory [10, 100) MiB: nothing here, Available there",
+                "partition a: PartitionRecord { id: PartitionId(\"a\"), definition: \"{}\", state: Defined } here, nothing there",
+            ]
+        );
+        assert_eq!(a.differences(&b, 2).len(), 2);
     }
 
     #[test]
