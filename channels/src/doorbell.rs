@@ -111,14 +111,19 @@ impl Waiter {
         self.spin
     }
 
-    /// Waits until `ready()` is true, `extra` is readable, or `timeout`.
-    /// `ring` is the ring whose sleeping flag the producer checks.
+    /// Waits until `ready()` is true, one of `fds` is readable, or `timeout`.
+    ///
+    /// `arm(true)` must raise the flag the producer checks before ringing
+    /// the doorbell (e.g. [`RingConsumer::set_sleeping`]); `arm(false)`
+    /// lowers it. After arming, `ready()` is checked once more before
+    /// blocking, so a message published between the last spin and the arming
+    /// is never missed. `fds[0]` is conventionally the doorbell, which is
+    /// drained after waking.
     pub fn wait(
         &mut self,
         mut ready: impl FnMut() -> bool,
-        ring: &RingConsumer,
-        bell: &Doorbell,
-        extra: Option<BorrowedFd<'_>>,
+        mut arm: impl FnMut(bool),
+        fds: &[BorrowedFd<'_>],
         timeout: Duration,
     ) -> Result<WaitOutcome, ChannelError> {
         let start = Instant::now();
@@ -133,28 +138,24 @@ impl Waiter {
             std::hint::spin_loop();
         }
         self.spin /= 2;
-        ring.set_sleeping(true);
+        arm(true);
         if ready() {
-            ring.set_sleeping(false);
+            arm(false);
             return Ok(WaitOutcome::Woken);
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: bell.fd().as_raw_fd(),
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|f| libc::pollfd {
+                fd: f.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            },
-            libc::pollfd {
-                fd: extra.map_or(-1, |f| f.as_raw_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+            })
+            .collect();
         let remaining = timeout.saturating_sub(start.elapsed());
         let ms = i32::try_from(remaining.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: fds is a valid array of 2 pollfds (a negative fd is ignored).
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-        ring.set_sleeping(false);
+        // SAFETY: pfds is a valid array of pollfd of the given length.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        arm(false);
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -165,15 +166,40 @@ impl Waiter {
                 source: e,
             });
         }
-        bell.drain();
-        if fds[1].revents != 0 {
+        if let Some(first) = pfds.first() {
+            if first.revents != 0 {
+                drain_fd(first.fd);
+            }
+        }
+        if pfds.iter().skip(1).any(|p| p.revents != 0) {
             return Ok(WaitOutcome::Extra);
         }
-        if rc == 0 && !ready() {
+        if rc == 0 {
             return Ok(WaitOutcome::TimedOut);
         }
         Ok(WaitOutcome::Woken)
     }
+}
+
+fn drain_fd(fd: i32) {
+    let mut v = 0u64;
+    // SAFETY: reading 8 bytes into a local u64 from a non-blocking eventfd.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+/// Convenience for the common case: wait on one ring and its doorbell.
+pub fn wait_ring(
+    waiter: &mut Waiter,
+    ring: &std::cell::RefCell<RingConsumer>,
+    bell: &Doorbell,
+    timeout: Duration,
+) -> Result<WaitOutcome, ChannelError> {
+    waiter.wait(
+        || ring.borrow_mut().has_data().unwrap_or(true),
+        |s| ring.borrow().set_sleeping(s),
+        &[bell.fd()],
+        timeout,
+    )
 }
 
 #[cfg(test)]
@@ -190,7 +216,7 @@ mod tests {
         };
         let map = Arc::new(geo.create("db").unwrap().map(true).unwrap());
         let mut prod = RingProducer::new(map.clone(), geo).unwrap();
-        let cons = std::cell::RefCell::new(RingConsumer::new(map.clone(), geo).unwrap());
+        let cons = std::cell::RefCell::new(RingConsumer::new(map, geo).unwrap());
         let bell = Arc::new(Doorbell::new().unwrap());
         let bell2 = bell.clone();
         let t = std::thread::spawn(move || {
@@ -204,16 +230,7 @@ mod tests {
         });
         let mut w = Waiter::new(Duration::from_micros(10));
         let start = Instant::now();
-        let flag_ring = RingConsumer::new(map, geo).unwrap();
-        let out = w
-            .wait(
-                || cons.borrow_mut().has_data().unwrap(),
-                &flag_ring,
-                &bell,
-                None,
-                Duration::from_secs(10),
-            )
-            .unwrap();
+        let out = wait_ring(&mut w, &cons, &bell, Duration::from_secs(10)).unwrap();
         let producer_saw_sleeper = t.join().unwrap();
         assert_eq!(out, WaitOutcome::Woken);
         assert!(
@@ -240,7 +257,12 @@ mod tests {
         let mut w = Waiter::new(Duration::from_micros(50));
         let start = Instant::now();
         let out = w
-            .wait(|| false, &cons, &bell, None, Duration::from_millis(30))
+            .wait(
+                || false,
+                |s| cons.set_sleeping(s),
+                &[bell.fd()],
+                Duration::from_millis(30),
+            )
             .unwrap();
         assert_eq!(out, WaitOutcome::TimedOut);
         assert!(start.elapsed() >= Duration::from_millis(25));

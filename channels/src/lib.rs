@@ -35,7 +35,7 @@ mod memfd;
 mod ring;
 pub mod scm;
 
-pub use doorbell::{Doorbell, WaitOutcome, Waiter};
+pub use doorbell::{wait_ring, Doorbell, WaitOutcome, Waiter};
 pub use error::ChannelError;
 pub use memfd::{Mapping, SealedMemfd};
 pub use ring::{RingConsumer, RingGeometry, RingProducer, RING_HEADER_SIZE};

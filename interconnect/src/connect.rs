@@ -1,0 +1,164 @@
+//! Named endpoints and the connection handshake.
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::directory::Endpoint;
+use crate::types::Transport;
+use crate::verbs::{poll_fds, Context, Qp};
+use crate::{IcError, Result};
+
+/// First message of a connection, client to server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Hello {
+    pub from: String,
+    pub to: String,
+    pub transport: Transport,
+}
+
+/// Server's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Reply {
+    pub ok: bool,
+    pub reason: String,
+}
+
+/// Checks a hello against the listener's name and allowlist.
+pub(crate) fn admit(
+    hello: &Hello,
+    name: &str,
+    allow: &[String],
+    t: Transport,
+) -> std::result::Result<(), String> {
+    if hello.to != name {
+        return Err(format!("this endpoint is {name:?}, not {:?}", hello.to));
+    }
+    if hello.transport != t {
+        return Err("transport mismatch".into());
+    }
+    if !allow.contains(&hello.from) {
+        return Err(format!(
+            "{:?} is not on the allowlist of {name:?}",
+            hello.from
+        ));
+    }
+    Ok(())
+}
+
+/// A named endpoint accepting connections on every port.
+pub struct Listener {
+    ctx: Context,
+    name: String,
+    allow: Vec<String>,
+    unix: UnixListener,
+    unix_path: PathBuf,
+    tcp: TcpListener,
+}
+
+impl Listener {
+    pub(crate) fn bind(ctx: &Context, name: &str, allow: &[&str]) -> Result<Listener> {
+        if name.is_empty() || name.contains(['/', '\0']) || name.len() > 100 {
+            return Err(IcError::InvalidArgument(format!(
+                "endpoint name {name:?} must be 1-100 chars without '/'"
+            )));
+        }
+        let unix_path =
+            ctx.inner
+                .opts
+                .socket_dir
+                .join(format!("ic-{}-{}.sock", std::process::id(), name));
+        let _ = std::fs::remove_file(&unix_path);
+        let unix = UnixListener::bind(&unix_path)
+            .map_err(|e| IcError::io(format!("bind {}", unix_path.display()), e))?;
+        let tcp = TcpListener::bind((ctx.inner.opts.tcp_bind, 0))
+            .map_err(|e| IcError::io("bind tcp port", e))?;
+        for r in [unix.set_nonblocking(true), tcp.set_nonblocking(true)] {
+            r.map_err(|e| IcError::io("set_nonblocking", e))?;
+        }
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        let ep = Endpoint {
+            name: name.into(),
+            host_id: ctx.inner.host_id.clone(),
+            shm_path: Some(unix_path.clone()),
+            tcp_addr: Some(tcp.local_addr().map_err(|e| IcError::io("local_addr", e))?),
+            allow: allow.clone(),
+        };
+        ctx.inner.directory.register(ep)?;
+        ctx.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.into(), allow.clone()));
+        Ok(Listener {
+            ctx: ctx.clone(),
+            name: name.into(),
+            allow,
+            unix,
+            unix_path,
+            tcp,
+        })
+    }
+
+    /// Endpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// TCP address of the listener.
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.local_addr().ok()
+    }
+
+    /// Waits up to `timeout` for an allowed peer and connects `qp` to it.
+    /// Peers that are refused (not on the allowlist, wrong name, bad fds)
+    /// are answered and dropped; waiting continues. Returns the peer's name.
+    pub fn accept(&self, qp: &Qp, timeout: Duration) -> Result<String> {
+        qp.inner.expect_state(crate::verbs::QpState::Init)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((s, _)) = self.unix.accept() {
+                match crate::shm::accept(s, &self.name, &self.allow) {
+                    Ok((link, from)) => {
+                        qp.inner.attach(Box::new(link), from.clone())?;
+                        return Ok(from);
+                    }
+                    Err(e) => tracing::warn!("{}: refused shm peer: {e}", self.name),
+                }
+            }
+            if let Ok((s, _)) = self.tcp.accept() {
+                match crate::tcp::accept(s, &self.name, &self.allow) {
+                    Ok((link, from)) => {
+                        qp.inner.attach(Box::new(link), from.clone())?;
+                        return Ok(from);
+                    }
+                    Err(e) => tracing::warn!("{}: refused tcp peer: {e}", self.name),
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(IcError::Timeout("a peer to connect"));
+            }
+            poll_fds(
+                &[self.unix.as_raw_fd(), self.tcp.as_raw_fd()],
+                left.min(Duration::from_millis(100)),
+            );
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.ctx.inner.directory.unregister(&self.name);
+        self.ctx
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(n, _)| *n != self.name);
+        let _ = std::fs::remove_file(&self.unix_path);
+    }
+}

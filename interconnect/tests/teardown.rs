@@ -1,0 +1,148 @@
+//! Transport-independent rules of the verbs objects, in one process.
+use std::sync::Arc;
+
+use interconnect::*;
+
+fn ctx(name: &str) -> Context {
+    Context::open(
+        name,
+        Arc::new(MemDirectory::default()),
+        ContextOptions::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn pd_with_live_mrs_or_qps_and_cq_with_qps_are_busy() {
+    let c = ctx("a");
+    let pd = c.alloc_pd().unwrap();
+    let cq = c.create_cq(16).unwrap();
+    let buf = pd.alloc_buffer(8192).unwrap();
+    let mr = pd.reg_mr(&buf, 0, 8192, Access::LOCAL_WRITE).unwrap();
+    let qp = c.create_qp(&pd, &cq, &cq, QpCaps::default()).unwrap();
+    assert!(matches!(pd.dealloc(), Err(IcError::Busy { .. })));
+    mr.deregister().unwrap();
+    assert!(
+        matches!(mr.deregister(), Err(IcError::InvalidArgument(_))),
+        "double deregistration"
+    );
+    match pd.dealloc() {
+        Err(IcError::Busy { detail, .. }) => {
+            assert_eq!(detail, "0 memory regions and 1 queue pairs")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(cq.destroy(), Err(IcError::Busy { .. })));
+    assert_eq!(c.query().qps, 1);
+    drop(qp);
+    assert_eq!(c.query().qps, 0);
+    cq.destroy().unwrap();
+    pd.dealloc().unwrap();
+    let q = c.query();
+    assert_eq!((q.pds, q.cqs), (0, 0));
+    assert!(
+        pd.alloc_buffer(10).is_err(),
+        "deallocated PD refuses new buffers"
+    );
+}
+
+#[test]
+fn destroying_a_qp_flushes_its_receives_and_unconnected_sends_are_refused() {
+    let c = ctx("a");
+    let pd = c.alloc_pd().unwrap();
+    let cq = c.create_cq(16).unwrap();
+    let buf = pd.alloc_buffer(4096).unwrap();
+    let mr = pd.reg_mr(&buf, 0, 4096, Access::LOCAL_WRITE).unwrap();
+    let qp = c
+        .create_qp(
+            &pd,
+            &cq,
+            &cq,
+            QpCaps {
+                max_send_wr: 4,
+                max_recv_wr: 2,
+            },
+        )
+        .unwrap();
+    qp.post_recv(RecvWr {
+        wr_id: 1,
+        sge: mr.sge(0, 64),
+    })
+    .unwrap();
+    qp.post_recv(RecvWr {
+        wr_id: 2,
+        sge: mr.sge(64, 64),
+    })
+    .unwrap();
+    assert!(matches!(
+        qp.post_recv(RecvWr {
+            wr_id: 3,
+            sge: mr.sge(0, 64)
+        }),
+        Err(IcError::QueueFull(_))
+    ));
+    let wr = SendWr {
+        wr_id: 9,
+        opcode: Opcode::Send,
+        sge: mr.sge(0, 8),
+        remote: None,
+        imm: None,
+        signaled: true,
+    };
+    assert!(matches!(
+        qp.post_send(wr),
+        Err(IcError::InvalidState { .. })
+    ));
+    let rdma_without_remote = SendWr {
+        opcode: Opcode::RdmaWrite,
+        ..wr
+    };
+    assert!(matches!(
+        qp.post_send(rdma_without_remote),
+        Err(IcError::InvalidArgument(_))
+    ));
+    qp.destroy();
+    let wcs = cq.poll(10).unwrap();
+    let got: Vec<(u64, WcStatus)> = wcs.iter().map(|w| (w.wr_id, w.status)).collect();
+    assert_eq!(got, [(1, WcStatus::Flushed), (2, WcStatus::Flushed)]);
+}
+
+#[test]
+fn memory_regions_must_lie_inside_their_buffer_and_get_distinct_keys() {
+    let c = ctx("a");
+    let pd = c.alloc_pd().unwrap();
+    let buf = pd.alloc_buffer(4096).unwrap();
+    assert!(pd.reg_mr(&buf, 4000, 200, Access::LOCAL_WRITE).is_err());
+    assert!(pd.reg_mr(&buf, 0, 0, Access::LOCAL_WRITE).is_err());
+    let a = pd.reg_mr(&buf, 0, 4096, Access::REMOTE_READ).unwrap();
+    let b = pd.reg_mr(&buf, 0, 4096, Access::REMOTE_READ).unwrap();
+    let keys = [a.lkey(), a.rkey(), b.lkey(), b.rkey()];
+    for i in 0..4 {
+        for j in i + 1..4 {
+            assert_ne!(keys[i], keys[j]);
+        }
+    }
+}
+
+#[test]
+fn query_reports_ports_and_allowed_remote_ports() {
+    let c = ctx("server");
+    let _l = c.listen("svc", &["alice", "bob"]).unwrap();
+    let ports = c.query_ports();
+    assert_eq!(
+        ports.iter().map(|p| p.transport).collect::<Vec<_>>(),
+        [Transport::Shm, Transport::Tcp]
+    );
+    let remote: Vec<String> = c.query_remote_ports().into_iter().map(|r| r.name).collect();
+    assert_eq!(remote, ["alice", "bob"]);
+    let attr = c.query();
+    assert_eq!(attr.name, "server");
+    assert_eq!(attr.max_read, MAX_READ);
+}
+
+#[test]
+fn status_strings_tell_the_user_what_happened() {
+    assert!(WcStatus::RemoteAccess.to_string().contains("rkey"));
+    assert!(WcStatus::LocalLength.to_string().contains("too small"));
+    assert!(WcStatus::Flushed.to_string().contains("destroyed"));
+}
