@@ -31,6 +31,7 @@ struct Boot<'a> {
     memory_mib: u32,
     initrd: Option<PathBuf>,
     stdin: Option<&'a [u8]>,
+    extra_args: &'a [&'a str],
 }
 
 impl Default for Boot<'_> {
@@ -41,6 +42,7 @@ impl Default for Boot<'_> {
             memory_mib: 32,
             initrd: None,
             stdin: None,
+            extra_args: &[],
         }
     }
 }
@@ -106,6 +108,7 @@ fn boot(b: Boot) -> Outcome {
         .arg("-kernel")
         .arg(guest_elf())
         .args(["-append", b.cmdline]);
+    cmd.args(b.extra_args);
     if let Some(initrd) = &b.initrd {
         cmd.arg("-initrd").arg(initrd);
     }
@@ -373,4 +376,31 @@ fn serial_input_is_echoed_through_the_uart_interrupt() {
     assert!(r.lines.iter().any(|l| l == "echo: ready"), "{out:#?}");
     assert_eq!(r.echoed, b"aZ\n".to_vec(), "{out:#?}");
     assert_eq!(out.status, debug_exit_status(0), "{out:#?}");
+}
+
+#[test]
+fn reset_word_resets_through_the_i8042() {
+    let out = boot(Boot {
+        cmdline: "reset",
+        extra_args: &["-device", "i8042"],
+        ..Boot::default()
+    });
+    let r = out.report();
+    assert!(r.lines.iter().any(|l| l == "reset: i8042"), "{out:#?}");
+    assert!(!r.lines.iter().any(|l| l == "reset: no effect"), "{out:#?}");
+    // A reset request, not a triple fault; -no-reboot makes it QEMU's exit.
+    assert_eq!(out.special_exits, Vec::<u32>::new(), "{out:#?}");
+    assert_eq!(out.status, Some(0), "{out:#?}");
+}
+
+#[test]
+fn reset_word_without_an_i8042_exits_4_after_a_second() {
+    let out = boot(Boot {
+        cmdline: "reset",
+        ..Boot::default()
+    });
+    let r = out.report();
+    assert!(r.lines.iter().any(|l| l == "reset: no effect"), "{out:#?}");
+    assert_eq!(r.exit, Some(partvisor_test_guest::EXIT_RESET_IGNORED));
+    assert_eq!(out.status, debug_exit_status(4), "{out:#?}");
 }
