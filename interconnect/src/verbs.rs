@@ -688,12 +688,18 @@ impl CqInner {
             q.push_back(wc);
         }
         if self.armed.swap(false, Ordering::AcqRel) {
-            let _ = self.bell.notify();
-            let cb = lock(&self.callback).clone();
-            if let Some(cb) = cb {
-                cb();
-            }
+            self.fire();
         }
+    }
+
+    /// Runs the callback, then rings the eventfd (so a waiter woken by the
+    /// eventfd sees the callback's effects).
+    fn fire(&self) {
+        let cb = lock(&self.callback).clone();
+        if let Some(cb) = cb {
+            cb();
+        }
+        let _ = self.bell.notify();
     }
 }
 
@@ -737,11 +743,9 @@ impl Cq {
     pub fn req_notify(&self) {
         self.inner.armed.store(true, Ordering::Release);
         // A completion that is already queued counts: fire at once.
-        if !lock(&self.inner.q).is_empty() && self.inner.armed.swap(false, Ordering::AcqRel) {
-            let _ = self.inner.bell.notify();
-            if let Some(cb) = lock(&self.inner.callback).clone() {
-                cb();
-            }
+        let pending = !lock(&self.inner.q).is_empty();
+        if pending && self.inner.armed.swap(false, Ordering::AcqRel) {
+            self.inner.fire();
         }
     }
 

@@ -19,8 +19,15 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The raw-syscall hostile peer (`ic-peer hostile-shm`).
+    pub fn hostile() -> Proc {
+        let mut c = Command::new(PEER);
+        c.arg("hostile-shm");
+        Proc::spawn_cmd(c, "hostile")
+    }
+
     pub fn spawn(dir: &Path, name: &str, netns: Option<(&str, &str)>) -> Proc {
-        let mut cmd = match netns {
+        let cmd = match netns {
             Some((ns, ip)) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, PEER, dir.to_str().unwrap(), name, ip]);
@@ -32,6 +39,10 @@ impl Proc {
                 c
             }
         };
+        Proc::spawn_cmd(cmd, name)
+    }
+
+    fn spawn_cmd(mut cmd: Command, name: &str) -> Proc {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
