@@ -5,7 +5,8 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions as FileOpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -50,6 +51,24 @@ impl Default for Options {
     }
 }
 
+/// Counters of the writer thread, for monitoring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Store commits (one fsync each with [`Durability::Full`]).
+    pub commits: u64,
+    /// Transactions committed.
+    pub committed: u64,
+    /// Transactions refused (rejections and failed commits).
+    pub failed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    commits: AtomicU64,
+    committed: AtomicU64,
+    failed: AtomicU64,
+}
+
 struct Request {
     actor: String,
     changes: Vec<Change>,
@@ -68,6 +87,7 @@ struct Request {
 /// durable.
 pub struct Db {
     view: View,
+    stats: Arc<Counters>,
     sender: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     _lock: File,
@@ -148,15 +168,18 @@ impl Db {
         let view = View::open(path)?;
         let (sender, receiver) = mpsc::channel::<Request>();
         let max_batch = options.max_batch.max(1);
+        let stats = Arc::new(Counters::default());
+        let writer_stats = Arc::clone(&stats);
         let writer = std::thread::Builder::new()
             .name("resource-db-writer".into())
-            .spawn(move || writer_loop(conn, host, receiver, max_batch))
+            .spawn(move || writer_loop(conn, host, receiver, max_batch, writer_stats))
             .map_err(|source| Error::Io {
                 path: path.to_owned(),
                 source,
             })?;
         Ok(Db {
             view,
+            stats,
             sender: Some(sender),
             writer: Some(writer),
             _lock: lock,
@@ -183,6 +206,16 @@ impl Db {
             })
             .map_err(|_| Error::WriterGone)?;
         answer.recv().map_err(|_| Error::WriterGone)?
+    }
+
+    /// Writer counters since open: commits vs. transactions shows how many
+    /// transactions each group commit carried.
+    pub fn stats(&self) -> WriterStats {
+        WriterStats {
+            commits: self.stats.commits.load(Ordering::Relaxed),
+            committed: self.stats.committed.load(Ordering::Relaxed),
+            failed: self.stats.failed.load(Ordering::Relaxed),
+        }
     }
 
     /// Read access through this process's read connection.
@@ -253,6 +286,7 @@ fn writer_loop(
     host: HostConfig,
     receiver: mpsc::Receiver<Request>,
     max_batch: usize,
+    stats: Arc<Counters>,
 ) {
     while let Ok(first) = receiver.recv() {
         let mut batch = vec![first];
@@ -263,6 +297,14 @@ fn writer_loop(
             }
         }
         let results = commit_batch(&conn, &host, &batch);
+        let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+        if ok > 0 {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        stats.committed.fetch_add(ok, Ordering::Relaxed);
+        stats
+            .failed
+            .fetch_add(results.len() as u64 - ok, Ordering::Relaxed);
         for (req, res) in batch.into_iter().zip(results) {
             // A caller that went away no longer needs the answer.
             let _ = req.reply.send(res);

@@ -89,7 +89,7 @@ mod state;
 mod store;
 
 pub use config::{DeviceKind, DeviceSpec, HostConfig};
-pub use db::{Db, Durability, Options, View};
+pub use db::{Db, Durability, Options, View, WriterStats};
 pub use error::{Error, Rejection};
 pub use model::{
     Change, Extent, MacAddr, Owner, PartitionId, PartitionRecord, PartitionState, ResourceId,

@@ -373,6 +373,29 @@ fn main() {
         child(Path::new(&path));
         return;
     }
+    // Enough of the libtest command line for `cargo test <filter>` and
+    // cargo-nextest (`--list`, `--exact NAME`).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        if !args.iter().any(|a| a == "--ignored") {
+            println!("crash_recovery: test");
+        }
+        return;
+    }
+    let exact = args.iter().any(|a| a == "--exact");
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let selected = filters.is_empty()
+        || filters.iter().any(|f| {
+            if exact {
+                *f == "crash_recovery"
+            } else {
+                "crash_recovery".contains(f.as_str())
+            }
+        });
+    if !selected {
+        println!("\nrunning 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out");
+        return;
+    }
     let kills: u64 = std::env::var("CRASH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())

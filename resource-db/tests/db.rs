@@ -727,6 +727,9 @@ fn concurrent_writers_are_isolated_and_all_commit() {
         Owner::Partition(_)
     ));
     assert_eq!(db.view().last_txid().unwrap(), TxId(1 + 8 + 1));
+    let stats = db.stats();
+    assert_eq!((stats.committed, stats.failed), (9, 7));
+    assert!(stats.commits >= 1 && stats.commits <= 9, "{stats:?}");
     db.check_invariants().unwrap();
     db.check_replay().unwrap();
 }
