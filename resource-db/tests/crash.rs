@@ -85,6 +85,9 @@ fn child(path: &Path) {
         Err(e) => fail_child(&format!("open: {e}")),
     };
     let out = Mutex::new(std::io::stdout());
+    if writeln!(out.lock().unwrap_or_else(|p| p.into_inner()), "ready").is_err() {
+        fail_child("stdout closed");
+    }
     std::thread::scope(|s| {
         for t in 0..THREADS {
             let (db, out) = (&db, &out);
@@ -220,7 +223,15 @@ fn child_thread(db: &Db, out: &Mutex<std::io::Stdout>, iter: u64, t: u32) {
 // ---------------------------------------------------------------- parent --
 
 /// Runs one child, kills it after `delay`, returns the complete reported lines.
-fn run_and_kill(path: &Path, iter: u64, delay: Duration) -> Vec<(u64, String)> {
+/// When the parent sends SIGKILL.
+enum KillAt {
+    /// This long after spawning (start-up, open, genesis, first commits).
+    AfterSpawn(Duration),
+    /// This long after the child reported that its store is open.
+    AfterReady(Duration),
+}
+
+fn run_and_kill(path: &Path, iter: u64, at: KillAt) -> Vec<(u64, String)> {
     let exe = std::env::current_exe().expect("own executable");
     let mut child = Command::new(exe)
         .env(CHILD_ENV, path)
@@ -232,6 +243,7 @@ fn run_and_kill(path: &Path, iter: u64, delay: Duration) -> Vec<(u64, String)> {
         .expect("spawn child");
     let stdout = child.stdout.take().expect("child stdout");
     let lines = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let reader = {
         let lines = Arc::clone(&lines);
         std::thread::spawn(move || {
@@ -243,6 +255,9 @@ fn run_and_kill(path: &Path, iter: u64, delay: Duration) -> Vec<(u64, String)> {
                     Ok(0) | Err(_) => break,
                     // A line cut short by the kill is not a report.
                     Ok(_) if buf.last() != Some(&b'\n') => break,
+                    Ok(_) if buf == b"ready\n" => {
+                        let _ = ready_tx.send(());
+                    }
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&buf[..buf.len() - 1]).into_owned();
                         let (id, actor) = text.split_once(' ').expect("report line");
@@ -255,7 +270,15 @@ fn run_and_kill(path: &Path, iter: u64, delay: Duration) -> Vec<(u64, String)> {
             }
         })
     };
-    std::thread::sleep(delay);
+    match at {
+        KillAt::AfterSpawn(d) => std::thread::sleep(d),
+        KillAt::AfterReady(d) => {
+            // A child that dies before it is ready closes the channel; the
+            // exit status check below then reports it.
+            let _ = ready_rx.recv_timeout(Duration::from_secs(30));
+            std::thread::sleep(d);
+        }
+    }
     child.kill().expect("SIGKILL child");
     let status = child.wait().expect("wait child");
     reader.join().expect("reader thread");
@@ -274,12 +297,9 @@ fn verify(path: &Path, reported: &[(u64, String)], iter: u64) -> u64 {
         .unwrap_or_else(|e| panic!("iteration {iter}: reopen failed: {e}"));
     db.check_invariants()
         .unwrap_or_else(|e| panic!("iteration {iter}: {e}"));
+    db.check_replay()
+        .unwrap_or_else(|e| panic!("iteration {iter}: {e}"));
     let live = db.snapshot().unwrap();
-    assert_eq!(
-        live,
-        db.replay().unwrap(),
-        "iteration {iter}: live tables differ from replay"
-    );
 
     // No partial transaction: each partition holds exactly its bundle and
     // share; every slot resource of a missing partition is available.
@@ -419,12 +439,12 @@ fn main() {
     let mut last = 0;
     for iter in 0..kills {
         // Mostly within the commit loop; sometimes during start-up and open.
-        let delay = if rng.below(10) == 0 {
-            rng.below(8_000)
+        let at = if rng.below(10) == 0 {
+            KillAt::AfterSpawn(Duration::from_micros(rng.below(10_000)))
         } else {
-            4_000 + rng.below(16_000)
+            KillAt::AfterReady(Duration::from_micros(rng.below(30_000)))
         };
-        let reported = run_and_kill(&path, iter, Duration::from_micros(delay));
+        let reported = run_and_kill(&path, iter, at);
         if reported.is_empty() {
             empty_runs += 1;
         }
