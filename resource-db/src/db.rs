@@ -355,7 +355,25 @@ fn commit_batch(
             Err((_, ApplyError::Store(e))) => {
                 let _ = conn.execute_batch("ROLLBACK");
                 tracing::error!(error = %e, "store error applying a transaction; batch rolled back");
-                return fail_all("store error", &e);
+                // Rejections stand; transactions applied earlier in the batch
+                // and those not yet attempted were rolled back with it.
+                let why =
+                    format!("batch rolled back after a store error in another transaction: {e}");
+                let done = results.len();
+                let mut out: Vec<Result<TxId, Error>> = results
+                    .into_iter()
+                    .map(|r| r.and_then(|_| Err(Error::CommitFailed(why.clone()))))
+                    .collect();
+                out.push(Err(Error::Store {
+                    context: "applying a transaction",
+                    source: e,
+                }));
+                out.extend(
+                    batch[done + 1..]
+                        .iter()
+                        .map(|_| Err(Error::CommitFailed(why.clone()))),
+                );
+                return out;
             }
         }
     }
@@ -508,13 +526,18 @@ impl View {
                 .map_err(Error::store(ctx))?;
             for row in rows {
                 let (s, l) = row.map_err(Error::store(ctx))?;
-                h.memory.push(Extent::new(s as u64, l as u64));
+                let bad = |_| Error::Corrupt(format!("memory row ({s}, {l})"));
+                h.memory.push(Extent::new(
+                    u64::try_from(s).map_err(bad)?,
+                    u64::try_from(l).map_err(bad)?,
+                ));
             }
             let share: Option<i64> = c
                 .prepare_cached("SELECT milli FROM shares WHERE partition = ?1")
                 .and_then(|mut s| s.query_row([partition.as_str()], |r| r.get(0)).optional())
                 .map_err(Error::store(ctx))?;
-            h.cpu_share_milli = share.map_or(0, |m| m as u32);
+            h.cpu_share_milli = u32::try_from(share.unwrap_or(0))
+                .map_err(|_| Error::Corrupt(format!("share of {partition}: {share:?}")))?;
             h.sort();
             Ok(h)
         })

@@ -1,7 +1,7 @@
 //! # resource-db: the partvisor resource database
 //!
 //! The transactional resource map of seed 001 (`001_70c93164bd0e16fb.txt`,
-//! "resource database 33", [0063], [0098]–[0099], [0156], [0164]): every
+//! "resource database 33", paragraphs 0063, 0098–0099, 0156, 0164): every
 //! host resource a partition can be given has exactly one owner at every
 //! instant, owners change only through transactions, a transaction is a list
 //! of ownership changes whose before images are its preconditions, it
@@ -72,12 +72,31 @@
 //! the writer thread (group commit): the transactions waiting when a commit
 //! starts share it, each in its own savepoint.
 //!
+//! ## Tests and benchmark
+//! `cargo test -p resource-db` runs the unit tests, `tests/db.rs` (every
+//! rejection path, all-or-nothing, log contents, reopen, locking, tamper
+//! detection), `tests/random_sequences.rs` (proptest of random
+//! create/grant/release/share/destroy/aborted sequences; invariants and
+//! live == replay after every step; `PROPTEST_CASES`, default 64) and
+//! `tests/crash.rs` (a child process committing from four threads is
+//! SIGKILLed 200 times; after each kill the store reopens, invariants hold,
+//! live == replay, no partial transaction is visible and every txid the child
+//! reported is in the log; `CRASH_KILLS`, `CRASH_SEED`).
+//!
+//! `cargo bench -p resource-db --features bench` measures durable
+//! transactions/s at 1 and 16 writers (with and without group commit, and
+//! with [`Durability::Relaxed`] for comparison) and the replay time of a
+//! 100,000-entry log. On the project's 2-core machine with other builds
+//! running (load ≈ 2): 2,900 tx/s with 1 writer, 17,500 tx/s with 16 writers
+//! (13 transactions per fsync) against 1,700 tx/s for 16 writers without
+//! batching; replay of 100,000 entries ≈ 0.1 s.
+//!
 //! ## What it must never do
 //! - Change an owner, a share or a partition record outside a committed
 //!   transaction, or let a rejected transaction leave anything behind.
 //! - Make policy decisions (which CPU, which extent, which state follows
 //!   which): that belongs to the coordinator (`partd`); this crate checks
-//!   preconditions and invariants only (seed 001 [0164]).
+//!   preconditions and invariants only (seed 001, paragraph 0164).
 //! - Update or delete audit log entries.
 //! - Touch the host: discovery only reads `/proc` and `/sys`.
 

@@ -351,7 +351,7 @@ impl fmt::Display for ResourceId {
 }
 
 /// Life-cycle state of a partition. The database records it; it does not
-/// impose transitions (seed 001 [0164]: "the low level mechanism does not make
+/// impose transitions (seed 001, paragraph 0164: "the low level mechanism does not make
 /// policy decisions"). Each change names the state it expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

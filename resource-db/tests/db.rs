@@ -790,3 +790,28 @@ fn tampering_with_the_log_is_detected_by_replay() {
         other => panic!("expected corruption, got {other:?}"),
     }
 }
+
+#[test]
+fn opening_in_a_missing_directory_names_the_lock_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-dir").join("r.db");
+    match Db::open(&path, small_host()) {
+        Err(Error::Io { path: p, .. }) => {
+            assert_eq!(p, dir.path().join("no-such-dir").join("r.db-lock"))
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened a store in a missing directory"),
+    }
+}
+
+#[test]
+fn a_view_of_a_missing_store_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        View::open(dir.path().join("absent.db")),
+        Err(Error::Store {
+            context: "opening the store read-only",
+            ..
+        })
+    ));
+}
