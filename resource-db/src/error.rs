@@ -101,6 +101,24 @@ pub enum Rejection {
         /// The first thing it still holds.
         what: String,
     },
+    /// A planned grant needs more of a kind than is free.
+    #[error("not enough {what}: {requested} requested, {free} free")]
+    Insufficient {
+        /// What is short (`memory MiB`, `shared pool milli-CPUs`, `vsock-cid`...).
+        what: String,
+        /// Amount asked for.
+        requested: u64,
+        /// Amount free.
+        free: u64,
+    },
+    /// A planned grant names a specific resource someone else holds.
+    #[error("{resource} is held by {owner}")]
+    Unavailable {
+        /// The resource asked for.
+        resource: ResourceId,
+        /// Its current owner.
+        owner: Owner,
+    },
     /// A memory extent read spans several owners.
     #[error("{resource} has more than one owner; ask for a smaller extent")]
     MixedOwners {

@@ -50,6 +50,12 @@
 //!   shortcuts on `Db`, elsewhere via [`View::open`]): `owner`, `holdings`,
 //!   `free`, `partition(s)`, `log`, `snapshot`, `replay`,
 //!   `check_invariants`, `check_replay`.
+//! - Planning (policy, outside the database's rules): [`State::plan_grant`]
+//!   turns a [`Demand`] into the changes of one transaction against a
+//!   snapshot, or names the first shortage ([`Rejection::Insufficient`]);
+//!   [`State::plan_release`] returns everything a partition holds. A plan
+//!   made from a stale snapshot is rejected by its before images: plan
+//!   again.
 //!
 //! ## Store: SQLite (rusqlite, `bundled`)
 //! Chosen over redb because (1) SQLite's WAL commit path has decades of
@@ -104,6 +110,7 @@ mod config;
 mod db;
 mod error;
 mod model;
+mod plan;
 mod state;
 mod store;
 
@@ -114,5 +121,6 @@ pub use model::{
     Change, Extent, MacAddr, Owner, PartitionId, PartitionRecord, PartitionState, ResourceId,
     ResourceKind, TxId,
 };
+pub use plan::Demand;
 pub use state::{Capacity, FreeCapacity, Holdings, State};
 pub use store::{LogEntry, LogRecord};

@@ -368,6 +368,8 @@ pub enum PartitionState {
     Stopped,
     /// Failed; see the supervisor's log.
     Failed,
+    /// Running but not answering its supervisor.
+    Unresponsive,
 }
 
 /// A partition as stored: its definition (opaque JSON owned by the

@@ -116,6 +116,7 @@ pub(crate) fn state_name(s: PartitionState) -> &'static str {
         PartitionState::Stopping => "stopping",
         PartitionState::Stopped => "stopped",
         PartitionState::Failed => "failed",
+        PartitionState::Unresponsive => "unresponsive",
     }
 }
 
@@ -127,6 +128,7 @@ fn parse_state(s: &str) -> Option<PartitionState> {
         "stopping" => PartitionState::Stopping,
         "stopped" => PartitionState::Stopped,
         "failed" => PartitionState::Failed,
+        "unresponsive" => PartitionState::Unresponsive,
         _ => return None,
     })
 }

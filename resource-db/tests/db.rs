@@ -815,3 +815,18 @@ fn a_view_of_a_missing_store_is_an_error() {
         })
     ));
 }
+
+#[test]
+fn a_view_opens_a_closed_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.db");
+    {
+        let db = Db::open(&path, small_host()).unwrap();
+        db.transact("t", &[create("a"), grant(ResourceId::Cpu(0), "a")])
+            .unwrap();
+    }
+    let view = View::open(&path).unwrap();
+    assert_eq!(view.owner(&ResourceId::Cpu(0)).unwrap(), owner("a"));
+    view.check_invariants().unwrap();
+    view.check_replay().unwrap();
+}

@@ -58,7 +58,7 @@ fn leaf() -> impl Strategy<Value = Op> {
         3 => (0..PARTITIONS, any::<u16>(), 1u16..300).prop_map(|(p, pick, len)| Op::Release { p, pick, len }),
         2 => (0..PARTITIONS, 0u16..2500).prop_map(|(p, milli)| Op::Share { p, milli }),
         1 => any::<u8>().prop_map(|pick| Op::MoveCpu { pick }),
-        1 => (0..PARTITIONS, 0u8..6).prop_map(|(p, state)| Op::SetState { p, state }),
+        1 => (0..PARTITIONS, 0u8..7).prop_map(|(p, state)| Op::SetState { p, state }),
     ]
 }
 
@@ -80,13 +80,14 @@ fn existing(s: &State, p: u8) -> Option<PartitionId> {
         .find(|id| s.partition(id).is_some())
 }
 
-const STATES: [PartitionState; 6] = [
+const STATES: [PartitionState; 7] = [
     PartitionState::Defined,
     PartitionState::Starting,
     PartitionState::Running,
     PartitionState::Stopping,
     PartitionState::Stopped,
     PartitionState::Failed,
+    PartitionState::Unresponsive,
 ];
 
 const KINDS: [ResourceKind; 7] = [
