@@ -464,9 +464,11 @@ fn main() {
         empty_runs,
         start.elapsed().as_secs_f64()
     );
+    // Guard against a vacuous run (e.g. a child that never gets to commit).
     assert!(
-        all_reported.len() as u64 > kills,
-        "too few commits reported to mean anything"
+        kills - empty_runs >= kills / 2,
+        "only {} of {kills} kills happened after a reported commit",
+        kills - empty_runs
     );
     println!("test crash_recovery ... ok");
     println!("\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
