@@ -100,9 +100,13 @@
 //! ## What it must never do
 //! - Change an owner, a share or a partition record outside a committed
 //!   transaction, or let a rejected transaction leave anything behind.
-//! - Make policy decisions (which CPU, which extent, which state follows
-//!   which): that belongs to the coordinator (`partd`); this crate checks
-//!   preconditions and invariants only (seed 001, paragraph 0164).
+//! - Make policy decisions in the database itself (which CPU, which extent,
+//!   which state follows which): [`Db`] checks preconditions and invariants
+//!   only (seed 001, paragraph 0164). The planning helpers are the
+//!   coordinator's policy, kept apart; the database never calls them.
+//! - Decide when memory may be released: it cannot see who maps a guest's
+//!   memory. The coordinator commits a release only after every backend has
+//!   disconnected (DESIGN.md: memory is not reused while a backend maps it).
 //! - Update or delete audit log entries.
 //! - Touch the host: discovery only reads `/proc` and `/sys`.
 

@@ -152,6 +152,7 @@ impl State {
     /// The changes that return everything `partition` holds: its share is
     /// dropped first, then CPUs go back where the host configuration puts
     /// them (shared pool or `available`) and everything else to `available`.
+    /// Commit it only once no backend maps the partition's memory any more.
     pub fn plan_release(&self, partition: &PartitionId) -> Vec<Change> {
         let me = Owner::Partition(partition.clone());
         let held = self.holdings(partition);
