@@ -1,0 +1,197 @@
+//! Harness for tests that run the `part-vmm` binary. VM-booting tests take
+//! [`vm_lock`] so that only one guest runs at a time (the machines have two
+//! cores); bad-input tests fail before any VM exists and need no lock.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises VM-booting tests within this test binary.
+pub fn vm_lock() -> MutexGuard<'static, ()> {
+    VM_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Functional deadline for one guest run; generous, and configurable through
+/// `PARTVISOR_TEST_TIMEOUT_SECS` for slow hosts.
+pub fn deadline() -> Duration {
+    let secs = std::env::var("PARTVISOR_TEST_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    Duration::from_secs(secs)
+}
+
+pub fn part_vmm() -> &'static str {
+    env!("CARGO_BIN_EXE_part-vmm")
+}
+
+pub fn guest() -> PathBuf {
+    partvisor_test_guest::guest_elf().to_path_buf()
+}
+
+/// A finished run.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub serial: String,
+    pub log: String,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    /// The serial lines that start with `prefix`.
+    pub fn lines(&self, prefix: &str) -> Vec<&str> {
+        self.serial
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect()
+    }
+
+    /// The single serial line starting with `prefix`, without the prefix.
+    pub fn value(&self, prefix: &str) -> &str {
+        let l = self.lines(prefix);
+        assert_eq!(
+            l.len(),
+            1,
+            "expected one `{prefix}` line in:\n{}",
+            self.serial
+        );
+        l[0][prefix.len()..].trim()
+    }
+
+    /// The `exit:` line part-vmm logged.
+    pub fn exit_line(&self) -> &str {
+        self.log
+            .lines()
+            .find(|l| l.contains("exit: reason="))
+            .unwrap_or_else(|| panic!("no exit line in log:\n{}", self.log))
+    }
+}
+
+/// A unique scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("partvisor-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(part_vmm());
+    c.args(args)
+        .env("PARTVISOR_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Waits for `child` up to the deadline; kills it and panics on timeout.
+pub fn wait(mut child: Child, what: &str) -> Run {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > deadline() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let serial = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
+            let log = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
+            panic!(
+                "{what}: no exit within {:?}\nserial:\n{serial}\nlog:\n{log}",
+                deadline()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        status,
+        serial: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
+        log: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
+    }
+}
+
+/// Runs part-vmm with `args` to completion.
+pub fn run(args: &[&str]) -> Run {
+    let child = command(args).spawn().expect("spawn part-vmm");
+    wait(child, &format!("part-vmm {args:?}"))
+}
+
+/// Runs the test guest with `cmdline` and extra flags.
+pub fn run_guest(cmdline: &str, extra: &[&str]) -> Run {
+    let g = guest();
+    let mut args = vec!["--kernel", g.to_str().unwrap(), "--cmdline", cmdline];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// Reads lines from `r` until one starts with `prefix` (or the deadline).
+pub fn read_until(r: &mut impl Read, acc: &mut String, prefix: &str) {
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    while !acc.lines().any(|l| l.starts_with(prefix)) {
+        assert!(
+            start.elapsed() < deadline(),
+            "no `{prefix}` line in:\n{acc}"
+        );
+        match r.read(&mut buf) {
+            Ok(0) => panic!("output ended before `{prefix}`:\n{acc}"),
+            Ok(n) => acc.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// Sum of user+system CPU ticks of process `pid` (all threads).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after ") ".
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(t > 0);
+    t as u64
+}
+
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(data).unwrap();
+    p
+}
