@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Most CPUs the guest brings up (extra MADT entries are reported, not started).
 pub const MAX_CPUS: usize = 16;
-/// log2 of the CPL 0 stack size per CPU (4 KiB: interrupt frames + syscalls).
+/// log2 of the CPL 0 stack size per CPU (4 KiB: interrupt frames + calls).
 pub const KSTACK_SHIFT: u32 = 12;
 /// CPL 0 stack size per CPU.
 pub const KSTACK_SIZE: usize = 1 << KSTACK_SHIFT;
@@ -85,7 +85,7 @@ pub struct Stacks<const N: usize>(UnsafeCell<[[u8; N]; MAX_CPUS]>);
 // SAFETY: each CPU only ever uses its own slot's stack.
 unsafe impl<const N: usize> Sync for Stacks<N> {}
 
-/// CPL 0 stacks (TSS.RSP0 and the syscall entry).
+/// CPL 0 stacks (TSS.RSP0: interrupts and calls from CPL 3).
 pub static KSTACKS: Stacks<KSTACK_SIZE> = Stacks(UnsafeCell::new([[0; KSTACK_SIZE]; MAX_CPUS]));
 /// CPL 3 stacks.
 pub static USTACKS: Stacks<USTACK_SIZE> = Stacks(UnsafeCell::new([[0; USTACK_SIZE]; MAX_CPUS]));
@@ -110,7 +110,8 @@ pub fn set_ap_slot(slot: usize) {
 /// `out` a byte.
 #[inline(always)]
 pub fn outb(port: u16, val: u8) {
-    // SAFETY: port I/O at CPL 3 is allowed by IOPL 3; the guest owns its ports.
+    // SAFETY: port I/O at CPL 3 is allowed by the TSS I/O bitmap (and IOPL 3
+    // where the hypervisor keeps it); the guest owns its ports.
     unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack)) }
 }
 

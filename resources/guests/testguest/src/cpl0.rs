@@ -93,7 +93,7 @@ pvh_gdt:
     .quad 0                                 /* 0x00 null */
     .quad 0x00AF9A000000FFFF                /* 0x08 kernel code, 64-bit */
     .quad 0x00CF92000000FFFF                /* 0x10 kernel data */
-    .quad 0x00CFFA000000FFFF                /* 0x18 user code 32 (STAR layout only) */
+    .quad 0x00CFFA000000FFFF                /* 0x18 user code 32 (unused) */
     .quad 0x00CFF2000000FFFF                /* 0x20 user data */
     .quad 0x00AFFA000000FFFF                /* 0x28 user code, 64-bit */
     .quad 0x00CF9A000000FFFF                /* 0x30 kernel code, 32-bit (AP) */
@@ -253,7 +253,7 @@ pvh_entry64:                    /* ESI = slot */
     subq $8, %rax
     pushq ${sel_udata}
     pushq %rax
-    pushq $0x3202               /* IOPL 3, IF */
+    pushq $0x3202               /* IOPL 3, IF (nested KVM here forces IOPL 0, IF 1) */
     pushq ${sel_ucode64}
     pushq $guest_user_entry
     iretq                       /* RDI = slot */

@@ -20,7 +20,7 @@ mod smp;
 mod workloads;
 
 /// CPL 3 entry of every CPU; `slot` 0 is the BSP. Reached by `iretq` from
-/// `cpl0.rs` with IOPL 3 and interrupts off.
+/// `cpl0.rs` with its TSS, the IDT and the 8259 masks in place.
 #[no_mangle]
 extern "C" fn guest_user_entry(slot: u64) -> ! {
     // SAFETY: CPL 3 owns the FPU/SSE state; give it the architectural default.

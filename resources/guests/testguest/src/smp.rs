@@ -28,7 +28,7 @@ pub fn wait_until(ns: u64, mut done: impl FnMut() -> bool) -> bool {
             lapic::timer_oneshot_ns(0);
             return true;
         }
-        if irq_count(Irq::Timer) != fired {
+        if irq_count(Irq::Timer) != fired && lapic::timer_expired() {
             return false;
         }
         crate::abi::wait(seen);

@@ -11,6 +11,7 @@ const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 const LVT_TIMER: u64 = 0x320;
 const TIMER_INIT: u64 = 0x380;
+const TIMER_CURRENT: u64 = 0x390;
 const TIMER_DIV: u64 = 0x3E0;
 const ICR_PENDING: u32 = 1 << 12;
 
@@ -60,6 +61,12 @@ pub fn timer_oneshot_ns(ns: u64) {
     write32(LAPIC_DEFAULT + TIMER_DIV, 0b1011); // divide by 1
     write32(LAPIC_DEFAULT + LVT_TIMER, u32::from(crate::arch::VEC_TIMER));
     write32(LAPIC_DEFAULT + TIMER_INIT, count);
+}
+
+/// Whether the one-shot timer armed last has run down (a timer interrupt
+/// from an earlier, cancelled arming does not make this true).
+pub fn timer_expired() -> bool {
+    read32(LAPIC_DEFAULT + TIMER_CURRENT) == 0
 }
 
 /// IOAPIC at `base`: route `pin` (edge, active high) to `vector` on `dest`.

@@ -86,7 +86,7 @@ pub fn stay(boot: &Boot) -> ! {
     idle_forever()
 }
 
-/// crash=triple: empty IDT + a CPU-raised #GP at CPL 0 (syscall helper).
+/// crash=triple: empty IDT + a CPU-raised #GP at CPL 0 (call `SYS_TRIPLE_FAULT`).
 pub fn crash_triple() -> ! {
     say!("crash: triple fault");
     crate::abi::triple_fault()
