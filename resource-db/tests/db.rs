@@ -830,3 +830,29 @@ fn a_view_opens_a_closed_store() {
     view.check_invariants().unwrap();
     view.check_replay().unwrap();
 }
+
+#[test]
+fn max_batch_one_commits_every_transaction_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = resource_db::Options {
+        durability: resource_db::Durability::Relaxed,
+        max_batch: 1,
+    };
+    let db = Db::open_with(dir.path().join("r.db"), small_host(), options).unwrap();
+    db.transact("t", &[create("a")]).unwrap();
+    std::thread::scope(|s| {
+        for cid in 3..11 {
+            let db = &db;
+            s.spawn(move || {
+                db.transact("t", &[grant(ResourceId::VsockCid(cid), "a")])
+                    .unwrap()
+            });
+        }
+    });
+    let stats = db.stats();
+    assert_eq!((stats.commits, stats.committed, stats.failed), (9, 9, 0));
+    assert_eq!(
+        db.holdings(&pid("a")).unwrap().vsock_cids,
+        (3..11).collect::<Vec<_>>()
+    );
+}
