@@ -222,16 +222,25 @@ fn child_thread(db: &Db, out: &Mutex<std::io::Stdout>, iter: u64, t: u32) {
 
 // ---------------------------------------------------------------- parent --
 
-/// Runs one child, kills it after `delay`, returns the complete reported lines.
-/// When the parent sends SIGKILL.
-enum KillAt {
-    /// This long after spawning (start-up, open, genesis, first commits).
-    AfterSpawn(Duration),
-    /// This long after the child reported that its store is open.
-    AfterReady(Duration),
+/// When the parent sends SIGKILL: this long after ...
+enum KillAfter {
+    /// ... spawning (start-up, open, genesis, first commits).
+    Spawn(Duration),
+    /// ... the child said its store is open.
+    Ready(Duration),
+    /// ... the child's first reported commit (inside the loop).
+    FirstCommit(Duration),
 }
 
-fn run_and_kill(path: &Path, iter: u64, at: KillAt) -> Vec<(u64, String)> {
+/// Progress the reader thread passes to the parent.
+#[derive(PartialEq)]
+enum Progress {
+    Ready,
+    FirstCommit,
+}
+
+/// Runs one child, kills it at `at`, returns the complete reported lines.
+fn run_and_kill(path: &Path, iter: u64, at: KillAfter) -> Vec<(u64, String)> {
     let exe = std::env::current_exe().expect("own executable");
     let mut child = Command::new(exe)
         .env(CHILD_ENV, path)
@@ -243,7 +252,7 @@ fn run_and_kill(path: &Path, iter: u64, at: KillAt) -> Vec<(u64, String)> {
         .expect("spawn child");
     let stdout = child.stdout.take().expect("child stdout");
     let lines = Arc::new(Mutex::new(Vec::new()));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (progress_tx, progress_rx) = std::sync::mpsc::channel();
     let reader = {
         let lines = Arc::clone(&lines);
         std::thread::spawn(move || {
@@ -256,26 +265,39 @@ fn run_and_kill(path: &Path, iter: u64, at: KillAt) -> Vec<(u64, String)> {
                     // A line cut short by the kill is not a report.
                     Ok(_) if buf.last() != Some(&b'\n') => break,
                     Ok(_) if buf == b"ready\n" => {
-                        let _ = ready_tx.send(());
+                        let _ = progress_tx.send(Progress::Ready);
                     }
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&buf[..buf.len() - 1]).into_owned();
                         let (id, actor) = text.split_once(' ').expect("report line");
-                        lines
-                            .lock()
-                            .unwrap()
-                            .push((id.parse().expect("txid"), actor.to_owned()));
+                        let mut lines = lines.lock().unwrap();
+                        lines.push((id.parse().expect("txid"), actor.to_owned()));
+                        if lines.len() == 1 {
+                            let _ = progress_tx.send(Progress::FirstCommit);
+                        }
                     }
                 }
             }
         })
     };
     match at {
-        KillAt::AfterSpawn(d) => std::thread::sleep(d),
-        KillAt::AfterReady(d) => {
-            // A child that dies before it is ready closes the channel; the
-            // exit status check below then reports it.
-            let _ = ready_rx.recv_timeout(Duration::from_secs(30));
+        KillAfter::Spawn(d) => std::thread::sleep(d),
+        KillAfter::Ready(d) | KillAfter::FirstCommit(d) => {
+            let want = if matches!(at, KillAfter::Ready(_)) {
+                Progress::Ready
+            } else {
+                Progress::FirstCommit
+            };
+            // A child that dies early closes the channel; the exit status
+            // check below then reports it.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while let Ok(p) =
+                progress_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                if p == want {
+                    break;
+                }
+            }
             std::thread::sleep(d);
         }
     }
@@ -439,10 +461,10 @@ fn main() {
     let mut last = 0;
     for iter in 0..kills {
         // Mostly within the commit loop; sometimes during start-up and open.
-        let at = if rng.below(10) == 0 {
-            KillAt::AfterSpawn(Duration::from_micros(rng.below(10_000)))
-        } else {
-            KillAt::AfterReady(Duration::from_micros(rng.below(30_000)))
+        let at = match rng.below(10) {
+            0 => KillAfter::Spawn(Duration::from_micros(rng.below(10_000))),
+            1 => KillAfter::Ready(Duration::from_micros(rng.below(3_000))),
+            _ => KillAfter::FirstCommit(Duration::from_micros(rng.below(20_000))),
         };
         let reported = run_and_kill(&path, iter, at);
         if reported.is_empty() {
