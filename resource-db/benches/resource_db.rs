@@ -81,27 +81,44 @@ fn tx(host: &HostConfig, w: u32, k: u64) -> Vec<Change> {
 }
 
 /// Runs `writers` threads committing until `dur` has passed (or each has
-/// done `per_writer` transactions). Returns (transactions, seconds).
-fn drive(db: &Db, writers: u32, dur: Duration, per_writer: u64) -> (u64, f64) {
+/// done `per_writer` transactions). Returns the latency of every
+/// transaction (µs, sorted) and the elapsed seconds.
+fn drive(db: &Db, writers: u32, dur: Duration, per_writer: u64) -> (Vec<u32>, f64) {
     let host = host();
     let start = Instant::now();
-    let total: u64 = std::thread::scope(|s| {
+    let mut lat: Vec<u32> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..writers)
             .map(|w| {
                 let host = &host;
                 s.spawn(move || {
+                    let mut lat = Vec::new();
                     let mut k = 0;
                     while k < per_writer && start.elapsed() < dur {
-                        db.transact("bench", &tx(host, w, k)).expect("transaction");
+                        let changes = tx(host, w, k);
+                        let t = Instant::now();
+                        db.transact("bench", &changes).expect("transaction");
+                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
                         k += 1;
                     }
-                    k
+                    lat
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("writer")).sum()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("writer"))
+            .collect()
     });
-    (total, start.elapsed().as_secs_f64())
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    (lat, elapsed)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 struct Row {
@@ -121,7 +138,8 @@ fn throughput(
     let path = dir.join(format!("{}.db", label.replace([' ', ','], "_")));
     let db = open(&path, durability, max_batch);
     let base = db.stats();
-    let (n, t) = drive(&db, writers, Duration::from_secs_f64(secs), u64::MAX);
+    let (lat, t) = drive(&db, writers, Duration::from_secs_f64(secs), u64::MAX);
+    let n = lat.len() as u64;
     let s = db.stats();
     let commits = s.commits - base.commits;
     db.check_invariants().expect("invariants");
@@ -131,8 +149,12 @@ fn throughput(
         per_commit: n as f64 / commits.max(1) as f64,
     };
     println!(
-        "{:<48} {:>9.0} tx/s  ({n} tx, {commits} commits, {:.1} tx/commit)",
-        row.label, row.rate, row.per_commit
+        "{:<44} {:>7.0} tx/s  {:>5.1} tx/commit  latency p50 {:>5} µs p99 {:>6} µs  ({n} tx)",
+        row.label,
+        row.rate,
+        row.per_commit,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
     );
     row
 }
