@@ -63,8 +63,8 @@ unsafe impl ByteValued for ModlistEntry {}
 // SAFETY: as above.
 unsafe impl ByteValued for MemmapEntry {}
 
-/// The guest's memory map for `ram_end_low` bytes below the MMIO hole and
-/// optional RAM above 4 GiB: (start, size, type).
+/// The guest's memory map for `ram_size` bytes of RAM laid out by
+/// [`crate::memory::ram_ranges`]: (start, size, type).
 pub fn memory_map(ram_size: u64) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, layout::LOW_RAM_END, MEM_TYPE_RAM),

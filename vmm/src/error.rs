@@ -38,6 +38,8 @@ pub enum Error {
     },
     #[error("serial: {0}")]
     Serial(String),
+    #[error("setup: {0}")]
+    Setup(String),
     #[error("{what}: {source}")]
     Io {
         what: String,

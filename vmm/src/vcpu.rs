@@ -170,7 +170,7 @@ fn boot_msrs() -> Result<Msrs> {
         entry(MSR_IA32_MISC_ENABLE, 1),          // fast strings
         entry(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
     ])
-    .map_err(|e| Error::Memory(format!("MSR list: {e:?}")))
+    .map_err(|e| Error::Setup(format!("MSR list: {e:?}")))
 }
 
 /// A configured vCPU, ready to run on its own thread.
@@ -202,7 +202,7 @@ impl Vcpu {
         let set = fd.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
         if set != msrs.as_slice().len() {
             let index = msrs.as_slice().get(set).map_or(0, |m| m.index);
-            return Err(Error::Memory(format!("KVM refused MSR {index:#x}")));
+            return Err(Error::Setup(format!("KVM refused MSR {index:#x}")));
         }
         let fpu = kvm_fpu {
             fcw: 0x37f,

@@ -453,7 +453,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
         outcome: None,
     }));
     let mut manager: EventManager<Arc<Mutex<Controller>>> =
-        EventManager::new().map_err(|e| Error::Serial(format!("event manager: {e:?}")))?;
+        EventManager::new().map_err(|e| Error::Setup(format!("event manager: {e:?}")))?;
     manager.add_subscriber(controller.clone());
     let reason = loop {
         if let Err(e) = manager.run() {
