@@ -67,8 +67,32 @@ fn table_bytes(t: &dyn Aml) -> Vec<u8> {
 
 /// The DSDT's definition block body. Each AML object borrows its children,
 /// so every top-level object is built and serialised in one statement.
-fn dsdt_body() -> Vec<u8> {
+fn dsdt_body(virtio: &[(u64, u32)]) -> Vec<u8> {
     let mut sb = Vec::new();
+    for (i, (base, gsi)) in virtio.iter().enumerate() {
+        // Linux's virtio_mmio driver matches ACPI id LNRO0005.
+        let name = format!("VR{i:02X}");
+        aml::Device::new(
+            name.as_str().into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"LNRO0005"),
+                &aml::Name::new("_UID".into(), &(i as u8)),
+                &aml::Name::new("_CCA".into(), &aml::ONE),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::Memory32Fixed::new(
+                            true,
+                            *base as u32,
+                            layout::VIRTIO_MMIO_SIZE as u32,
+                        ),
+                        &aml::Interrupt::new(true, true, false, false, *gsi),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut sb);
+    }
     aml::Device::new(
         "COM1".into(),
         vec![
@@ -238,14 +262,19 @@ fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
 
-/// Builds the tables for `vcpus` processors and writes them from
-/// `layout::ACPI_START`. Returns where each landed (the RSDP is what the
-/// boot protocols hand to the guest).
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u32) -> Result<AcpiPlacement> {
+/// Builds the tables for `vcpus` processors and the virtio-mmio transports
+/// `virtio` (window base, GSI), and writes them from `layout::ACPI_START`.
+/// Returns where each landed (the RSDP is what the boot protocols hand to
+/// the guest).
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u32,
+    virtio: &[(u64, u32)],
+) -> Result<AcpiPlacement> {
     let rsdp_addr = layout::ACPI_START;
     let dsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"PVDSDT  ", OEM_REVISION);
-    dsdt.append_slice(&dsdt_body());
+    dsdt.append_slice(&dsdt_body(virtio));
     let dsdt = dsdt.as_slice().to_vec();
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
@@ -308,7 +337,7 @@ mod tests {
     #[test]
     fn tables_chain_from_rsdp_with_valid_checksums_and_one_lapic_per_vcpu() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let p = write_tables(&mem, 3).unwrap();
+        let p = write_tables(&mem, 3, &[(0xd000_0000, 16)]).unwrap();
         let rsdp = read(&mem, p.rsdp, 36);
         assert_eq!(&rsdp[0..8], b"RSD PTR ");
         assert!(sums_to_zero(&rsdp[..20]) && sums_to_zero(&rsdp));

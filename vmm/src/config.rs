@@ -12,7 +12,9 @@
 //!   "cmdline": "console=ttyS0",     // optional; at most 64 KiB - 1
 //!   "serial": "stdout",             // "stdout" | "file:PATH" | "socket:PATH" | "none"
 //!   "stop_timeout_ms": 10000,       // polite stop -> forced stop after this long
-//!   "devices": []                   // virtio devices; added by later issues
+//!   "devices": [                    // virtio-mmio devices, at most 8, in order
+//!     {"type": "vhost-user-blk", "socket": "/run/part-io/p1-disk0.sock"}
+//!   ]
 //! }
 //! ```
 //!
@@ -117,10 +119,18 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     #[serde(default = "default_stop_timeout_ms")]
     pub stop_timeout_ms: u64,
-    /// Device entries; each is an object with a `"type"` key. No device type
-    /// exists yet, so any entry is rejected with its index and type.
+    /// virtio devices, each served by a backend in an I/O partition.
     #[serde(default)]
-    pub devices: Vec<serde_json::Value>,
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// One virtio device of a partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DeviceConfig {
+    /// virtio-blk whose device model is the vhost-user backend listening on
+    /// `socket` (part-io blk, qemu-storage-daemon, ...).
+    VhostUserBlk { socket: PathBuf },
 }
 
 /// Values given on the command line; each overrides the file's.
@@ -133,6 +143,8 @@ pub struct Overrides {
     pub vcpus: Option<u32>,
     pub serial: Option<SerialConfig>,
     pub stop_timeout_ms: Option<u64>,
+    /// Appended to the file's devices.
+    pub devices: Vec<DeviceConfig>,
 }
 
 /// What this host allows, read once at start.
@@ -194,6 +206,7 @@ impl VmConfig {
         if let Some(t) = o.stop_timeout_ms {
             cfg.stop_timeout_ms = t;
         }
+        cfg.devices.extend(o.devices);
         Ok(cfg)
     }
 
@@ -226,13 +239,11 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return Err(Error::Config("cmdline contains a NUL byte".into()));
         }
-        if let Some(dev) = self.devices.first() {
-            let kind = dev
-                .get("type")
-                .and_then(|t| t.as_str())
-                .unwrap_or("<missing type>");
+        if self.devices.len() > layout::MAX_VIRTIO_DEVICES {
             return Err(Error::Config(format!(
-                "devices[0]: device type \"{kind}\" is not supported by this part-vmm"
+                "{} devices: a partition has at most {} virtio devices",
+                self.devices.len(),
+                layout::MAX_VIRTIO_DEVICES
             )));
         }
         Ok(())
@@ -302,6 +313,23 @@ mod tests {
     }
 
     #[test]
+    fn device_entries_are_typed_and_unknown_types_are_named() {
+        let c = VmConfig::from_json(
+            r#"{"kernel": "/k", "devices": [{"type": "vhost-user-blk", "socket": "/s"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.devices,
+            vec![DeviceConfig::VhostUserBlk {
+                socket: "/s".into()
+            }]
+        );
+        let e = VmConfig::from_json(r#"{"kernel": "/k", "devices": [{"type": "floppy"}]}"#)
+            .unwrap_err();
+        assert!(e.contains("unknown variant `floppy`"), "{e}");
+    }
+
+    #[test]
     fn flags_override_file_values() {
         let dir = std::env::temp_dir().join(format!("pv-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -351,12 +379,17 @@ mod tests {
             .to_string()
             .contains("MemAvailable"));
         c.memory_mib = 64;
-        c.devices = vec![serde_json::json!({"type": "block"})];
+        c.devices = vec![
+            DeviceConfig::VhostUserBlk {
+                socket: "/s".into()
+            };
+            9
+        ];
         assert!(c
             .validate(&HOST)
             .unwrap_err()
             .to_string()
-            .contains("devices[0]: device type \"block\""));
+            .contains("at most 8"));
         c.devices.clear();
         assert!(c.validate(&HOST).is_ok());
     }

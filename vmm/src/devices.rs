@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::ExitReason;
 use crate::layout;
+use crate::virtio::VirtioMmio;
 
 /// How many unassigned accesses are logged individually before part-vmm only
 /// counts them.
@@ -173,6 +174,8 @@ pub struct Devices {
     /// GED pending events (cleared on guest read) and its interrupt.
     ged_pending: AtomicU32,
     ged_irq: EventFd,
+    /// virtio-mmio transports, in slot order.
+    pub virtio: Vec<Mutex<VirtioMmio>>,
     pub unassigned: UnassignedCounters,
 }
 
@@ -200,8 +203,21 @@ impl Devices {
             i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset_evt))),
             ged_pending: AtomicU32::new(0),
             ged_irq,
+            virtio: Vec::new(),
             unassigned: UnassignedCounters::default(),
         }
+    }
+
+    /// Adds the virtio transports (before any vCPU runs).
+    pub fn with_virtio(mut self, devices: Vec<VirtioMmio>) -> Devices {
+        self.virtio = devices.into_iter().map(Mutex::new).collect();
+        self
+    }
+
+    fn virtio_at(&self, addr: u64) -> Option<MutexGuard<'_, VirtioMmio>> {
+        let index = addr.checked_sub(layout::VIRTIO_MMIO_BASE)? / layout::VIRTIO_MMIO_SIZE;
+        let dev = self.virtio.get(usize::try_from(index).ok()?)?;
+        Some(dev.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn serial(&self) -> MutexGuard<'_, SerialDevice> {
@@ -331,6 +347,10 @@ impl Devices {
             }
             return;
         }
+        if let Some(mut dev) = self.virtio_at(addr) {
+            dev.read(addr, data);
+            return;
+        }
         data.fill(0xff);
         self.note_unassigned("mmio", addr, data.len(), false, 0);
     }
@@ -338,6 +358,10 @@ impl Devices {
     /// A guest write to unmapped guest-physical memory.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         if (layout::GED_MMIO..layout::GED_MMIO + layout::GED_MMIO_SIZE).contains(&addr) {
+            return;
+        }
+        if let Some(mut dev) = self.virtio_at(addr) {
+            dev.write(addr, data);
             return;
         }
         self.note_unassigned("mmio", addr, data.len(), true, le_value(data));

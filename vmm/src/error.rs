@@ -40,6 +40,8 @@ pub enum Error {
     Serial(String),
     #[error("setup: {0}")]
     Setup(String),
+    #[error("vhost-user backend {socket}: {reason}")]
+    Backend { socket: PathBuf, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -61,6 +63,7 @@ impl Error {
                 | Error::InitrdUnreadable { .. }
                 | Error::InitrdTooLarge { .. }
                 | Error::CmdlineTooLong { .. }
+                | Error::Backend { .. }
         )
     }
 

@@ -62,3 +62,11 @@ pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
 pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
 /// Sleep type the DSDT's `_S5_` object announces for soft-off.
 pub const S5_SLEEP_TYPE: u8 = 5;
+
+/// virtio-mmio transports: 4 KiB windows from `VIRTIO_MMIO_BASE`, interrupt
+/// on GSI `VIRTIO_GSI_BASE + index` (edge, active high).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+pub const VIRTIO_GSI_BASE: u32 = 16;
+/// IOAPIC pins 16..=23 carry virtio interrupts.
+pub const MAX_VIRTIO_DEVICES: usize = 8;

@@ -24,6 +24,7 @@ pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vmm;
 
 pub use config::VmConfig;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use part_vmm::config::{Overrides, SerialConfig, VmConfig};
+use part_vmm::config::{DeviceConfig, Overrides, SerialConfig, VmConfig};
 use part_vmm::exit::{STATUS_BAD_INPUT, STATUS_VMM_ERROR};
 
 /// partvisor partition monitor: boots one guest in one KVM VM.
@@ -34,6 +34,10 @@ struct Cli {
     /// Polite stop (SIGTERM) turns into a forced stop after this long.
     #[arg(long, value_name = "MS")]
     stop_timeout_ms: Option<u64>,
+    /// Adds a virtio-blk device served by the vhost-user backend listening
+    /// on SOCKET (repeatable; after the config file's devices).
+    #[arg(long, value_name = "SOCKET")]
+    vhost_user_blk: Vec<PathBuf>,
 }
 
 fn main() {
@@ -68,6 +72,11 @@ fn main() {
         vcpus: cli.vcpus,
         serial: cli.serial,
         stop_timeout_ms: cli.stop_timeout_ms,
+        devices: cli
+            .vhost_user_blk
+            .into_iter()
+            .map(|socket| DeviceConfig::VhostUserBlk { socket })
+            .collect(),
     };
     let result = VmConfig::assemble(cli.config.as_deref(), overrides)
         .and_then(|cfg| part_vmm::vmm::run(&cfg));

@@ -21,12 +21,13 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::config::{HostLimits, SerialConfig, VmConfig};
+use crate::config::{DeviceConfig, HostLimits, SerialConfig, VmConfig};
 use crate::devices::{Devices, SerialOut, SocketConsole};
 use crate::error::{Error, Result};
 use crate::exit::ExitReason;
 use crate::memory::GuestRam;
 use crate::vcpu::{ExitSlot, Vcpu};
+use crate::virtio::{DeviceKind, VirtioMmio};
 use crate::{acpi, boot, layout};
 
 /// Most console input part-vmm buffers while the guest is not reading.
@@ -84,6 +85,8 @@ struct Controller {
     input: InputSource,
     pending_input: VecDeque<u8>,
     input_paused: bool,
+    /// vhost-user backend sockets (fd, virtio slot), watched for hang-ups.
+    backends: Vec<(RawFd, usize)>,
     outcome: Option<ExitReason>,
 }
 
@@ -254,6 +257,11 @@ impl MutEventSubscriber for Controller {
             InputSource::Socket { listener, .. } => fds.push(listener.as_raw_fd()),
             InputSource::None => {}
         }
+        for (fd, _) in &self.backends {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::READ_HANG_UP)) {
+                tracing::error!("event loop: cannot watch backend fd {fd}: {e:?}");
+            }
+        }
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 tracing::error!("event loop: cannot watch fd {fd}: {e:?}");
@@ -281,6 +289,12 @@ impl MutEventSubscriber for Controller {
         } else if fd == self.reset_evt.as_raw_fd() {
             let _ = self.reset_evt.read();
             self.finish(ExitReason::Reset { source: "i8042" });
+        } else if let Some(&(_, slot)) = self.backends.iter().find(|(b, _)| *b == fd) {
+            let _ = ops.remove(Events::new_raw(fd, EventSet::READ_HANG_UP));
+            self.backends.retain(|(b, _)| *b != fd);
+            if let Some(dev) = self.devices.virtio.get(slot) {
+                dev.lock().unwrap_or_else(|p| p.into_inner()).backend_gone();
+            }
         } else if fd == self.serial_room.as_raw_fd() {
             let _ = self.serial_room.read();
             self.resume_input(ops);
@@ -382,13 +396,31 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
 
     let ram = GuestRam::new(cfg.memory_mib)?;
     ram.register(&vm)?;
-    let acpi = acpi::write_tables(&ram.memory, cfg.vcpus)?;
+    let virtio = cfg
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            DeviceConfig::VhostUserBlk { socket } => {
+                VirtioMmio::connect(i, DeviceKind::Block, socket, &vm, &ram.memory)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let slots: Vec<(u64, u32)> = virtio.iter().map(|d| (d.base, d.gsi)).collect();
+    let acpi = acpi::write_tables(&ram.memory, cfg.vcpus, &slots)?;
+    let mut cmdline = cfg.cmdline.clone();
+    for i in 0..virtio.len() {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&crate::virtio::cmdline_word(i));
+    }
     let boot = boot::load(
         &ram.memory,
         ram.size,
         &cfg.kernel,
         cfg.initrd.as_deref(),
-        &cfg.cmdline,
+        &cmdline,
         acpi.rsdp,
     )?;
     crate::vcpu::write_boot_tables(&ram.memory)?;
@@ -411,13 +443,21 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     vm.register_irqfd(&ged_irq, layout::GED_GSI)
         .map_err(Error::kvm("KVM_IRQFD (GED)"))?;
     let (out, input) = serial_endpoints(&cfg.serial)?;
-    let devices = Arc::new(Devices::new(
-        serial_irq,
-        serial_room.try_clone().map_err(Error::io("eventfd"))?,
-        out,
-        reset_evt.try_clone().map_err(Error::io("eventfd"))?,
-        ged_irq,
-    ));
+    let backends: Vec<(RawFd, usize)> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.socket_fd(), i))
+        .collect();
+    let devices = Arc::new(
+        Devices::new(
+            serial_irq,
+            serial_room.try_clone().map_err(Error::io("eventfd"))?,
+            out,
+            reset_evt.try_clone().map_err(Error::io("eventfd"))?,
+            ged_irq,
+        )
+        .with_virtio(virtio),
+    );
 
     let exits = ExitSlot::new()?;
     let mut vcpus = Vec::new();
@@ -450,6 +490,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
         input,
         pending_input: VecDeque::new(),
         input_paused: false,
+        backends,
         outcome: None,
     }));
     let mut manager: EventManager<Arc<Mutex<Controller>>> =

@@ -1,0 +1,535 @@
+//! virtio-mmio transport (virtio 1.x, modern only) whose devices are
+//! vhost-user frontends: the device model lives in an I/O partition
+//! (`part-io`, or any vhost-user backend), which maps the guest memfd and
+//! serves the queues; part-vmm only negotiates and wires the fds.
+//!
+//! Data path: the guest's QueueNotify write hits an ioeventfd (no exit) that
+//! is the backend's kick; the backend's call eventfd is an irqfd into the
+//! guest. The VMM is not on it.
+//!
+//! No maintained crate publishes a device-side virtio-mmio register file
+//! (rust-vmm's `virtio-device` is unpublished), so the transport's registers
+//! are implemented here; queues are the backend's business (virtio-queue
+//! there).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Error, Result};
+use crate::layout;
+
+// Register offsets (virtio 1.2, 4.2.2).
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR_ID: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_DRIVER_LOW: u64 = 0x090;
+const QUEUE_DRIVER_HIGH: u64 = 0x094;
+const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG: u64 = 0x100;
+
+const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+/// "PVSR" — partvisor's virtio vendor id.
+const VENDOR: u32 = 0x5253_5650;
+
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Device-specific feature bits 0..24; `VIRTIO_BLK_F_MQ` (12) is hidden so a
+/// block device has exactly one queue.
+const DEVICE_FEATURE_MASK: u64 = (1 << 24) - 1;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+
+/// Device types part-vmm can front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Block,
+}
+
+impl DeviceKind {
+    fn id(self) -> u32 {
+        match self {
+            DeviceKind::Block => 2,
+        }
+    }
+    fn config_size(self) -> u32 {
+        match self {
+            // struct virtio_blk_config, virtio 1.2 5.2.4.
+            DeviceKind::Block => 60,
+        }
+    }
+    fn queues(self) -> usize {
+        1
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Block => "blk",
+        }
+    }
+}
+
+/// Queue size offered to the driver.
+pub const QUEUE_MAX: u16 = 256;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct QueueRegs {
+    num: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+fn set_low(v: &mut u64, x: u32) {
+    *v = (*v & !0xffff_ffff) | u64::from(x);
+}
+fn set_high(v: &mut u64, x: u32) {
+    *v = (*v & 0xffff_ffff) | (u64::from(x) << 32);
+}
+
+/// Guest-physical window and interrupt of virtio-mmio transport `index`.
+pub fn slot(index: usize) -> (u64, u32) {
+    (
+        layout::VIRTIO_MMIO_BASE + index as u64 * layout::VIRTIO_MMIO_SIZE,
+        layout::VIRTIO_GSI_BASE + index as u32,
+    )
+}
+
+/// The cmdline word announcing transport `index` (Linux syntax).
+pub fn cmdline_word(index: usize) -> String {
+    let (base, gsi) = slot(index);
+    format!("virtio_mmio.device=4K@{base:#x}:{gsi}")
+}
+
+/// One virtio-mmio transport fronting one vhost-user backend.
+pub struct VirtioMmio {
+    pub name: String,
+    pub base: u64,
+    pub gsi: u32,
+    kind: DeviceKind,
+    socket: PathBuf,
+    frontend: Frontend,
+    backend_features: u64,
+    config: Vec<u8>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueRegs>,
+    status: u32,
+    config_generation: u32,
+    config_pending: bool,
+    active: bool,
+    broken: bool,
+    kicks: Vec<EventFd>,
+    irq: EventFd,
+    memory: GuestMemoryMmap,
+}
+
+fn vhost_err(socket: &Path, what: &str) -> impl FnOnce(vhost::Error) -> Error {
+    let socket = socket.to_path_buf();
+    let what = what.to_string();
+    move |e| Error::Backend {
+        socket,
+        reason: format!("{what}: {e}"),
+    }
+}
+
+impl VirtioMmio {
+    /// Connects to the backend at `socket`, negotiates what can be
+    /// negotiated before the guest runs, and wires kicks and interrupts.
+    pub fn connect(
+        index: usize,
+        kind: DeviceKind,
+        socket: &Path,
+        vm: &VmFd,
+        memory: &GuestMemoryMmap,
+    ) -> Result<VirtioMmio> {
+        let (base, gsi) = slot(index);
+        let err = |what| vhost_err(socket, what);
+        let mut frontend =
+            Frontend::connect(socket, kind.queues() as u64).map_err(|e| Error::Backend {
+                socket: socket.to_path_buf(),
+                reason: format!("cannot connect (is the I/O partition running?): {e}"),
+            })?;
+        frontend.set_owner().map_err(err("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(err("GET_FEATURES"))?;
+        if backend_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(Error::Backend {
+                socket: socket.to_path_buf(),
+                reason: "backend does not offer VIRTIO_F_VERSION_1 (part-vmm is modern-only)"
+                    .into(),
+            });
+        }
+        let mut config = vec![0u8; kind.config_size() as usize];
+        if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(err("GET_PROTOCOL_FEATURES"))?;
+            let protocol_features = offered
+                & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK);
+            frontend
+                .set_protocol_features(protocol_features)
+                .map_err(err("SET_PROTOCOL_FEATURES"))?;
+            if protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
+                let (_, payload) = frontend
+                    .get_config(
+                        0,
+                        kind.config_size(),
+                        VhostUserConfigFlags::WRITABLE,
+                        &config,
+                    )
+                    .map_err(err("GET_CONFIG"))?;
+                config = payload;
+            }
+        }
+        let kicks = (0..kind.queues())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd")))
+            .collect::<Result<Vec<_>>>()?;
+        for (q, kick) in kicks.iter().enumerate() {
+            vm.register_ioevent(kick, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                .map_err(Error::kvm("KVM_IOEVENTFD (virtio kick)"))?;
+        }
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(Error::kvm("KVM_IRQFD (virtio)"))?;
+        tracing::info!(
+            "virtio-{}{index}: {} at {base:#x} gsi {gsi}, backend features {backend_features:#x}",
+            kind.name(),
+            socket.display()
+        );
+        Ok(VirtioMmio {
+            name: format!("virtio-{}{index}", kind.name()),
+            base,
+            gsi,
+            kind,
+            socket: socket.to_path_buf(),
+            frontend,
+            backend_features,
+            config,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues: vec![QueueRegs::default(); kind.queues()],
+            status: 0,
+            config_generation: 0,
+            config_pending: false,
+            active: false,
+            broken: false,
+            kicks,
+            irq,
+            memory: memory.clone(),
+        })
+    }
+
+    /// The backend connection, watched by the event loop for hang-ups.
+    pub fn socket_fd(&self) -> RawFd {
+        self.frontend.as_raw_fd()
+    }
+
+    /// Features offered to the driver.
+    fn device_features(&self) -> u64 {
+        let mask = (DEVICE_FEATURE_MASK & !VIRTIO_BLK_F_MQ)
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_VERSION_1;
+        self.backend_features & mask
+    }
+
+    /// True when `addr` falls in this transport's window.
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.base..self.base + layout::VIRTIO_MMIO_SIZE).contains(&addr)
+    }
+
+    fn queue(&mut self) -> Option<&mut QueueRegs> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    pub fn read(&mut self, addr: u64, data: &mut [u8]) {
+        let off = addr - self.base;
+        if off >= CONFIG {
+            let start = (off - CONFIG) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.config.get(start + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        let v: u32 = match off {
+            MAGIC_VALUE => MMIO_MAGIC,
+            VERSION => MMIO_VERSION,
+            DEVICE_ID => self.kind.id(),
+            VENDOR_ID => VENDOR,
+            DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device_features() as u32,
+                1 => (self.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            QUEUE_NUM_MAX if (self.queue_sel as usize) < self.queues.len() => u32::from(QUEUE_MAX),
+            QUEUE_READY => self.queue().map_or(0, |q| u32::from(q.ready)),
+            // The backend raises used-ring interrupts itself, so the VMM
+            // cannot know whether one is pending: report VRING always (a
+            // Linux driver ignores an interrupt whose status reads 0), plus
+            // CONFIG when a config change is pending.
+            INTERRUPT_STATUS => INT_VRING | if self.config_pending { INT_CONFIG } else { 0 },
+            STATUS => self.status,
+            CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    pub fn write(&mut self, addr: u64, data: &[u8]) {
+        let off = addr - self.base;
+        if off >= CONFIG {
+            // Block config is read-only for the driver (writeback is not offered).
+            return;
+        }
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        let before_driver_ok = self.status & STATUS_DRIVER_OK == 0;
+        match off {
+            DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => set_low(&mut self.driver_features, v),
+                    1 => set_high(&mut self.driver_features, v),
+                    _ => {}
+                }
+            }
+            QUEUE_SEL => self.queue_sel = v,
+            QUEUE_NUM if before_driver_ok => {
+                if let Some(q) = self.queue() {
+                    q.num = v.min(u32::from(QUEUE_MAX)) as u16;
+                }
+            }
+            QUEUE_READY if before_driver_ok => {
+                if let Some(q) = self.queue() {
+                    q.ready = v == 1;
+                }
+            }
+            QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH
+            | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH
+                if before_driver_ok =>
+            {
+                if let Some(q) = self.queue() {
+                    match off {
+                        QUEUE_DESC_LOW => set_low(&mut q.desc, v),
+                        QUEUE_DESC_HIGH => set_high(&mut q.desc, v),
+                        QUEUE_DRIVER_LOW => set_low(&mut q.driver, v),
+                        QUEUE_DRIVER_HIGH => set_high(&mut q.driver, v),
+                        QUEUE_DEVICE_LOW => set_low(&mut q.device, v),
+                        _ => set_high(&mut q.device, v),
+                    }
+                }
+            }
+            INTERRUPT_ACK => {
+                if v & INT_CONFIG != 0 {
+                    self.config_pending = false;
+                }
+            }
+            STATUS => self.write_status(v),
+            // QueueNotify normally never exits (ioeventfd); a write with a
+            // queue index that matches no ioeventfd lands here and is ignored.
+            QUEUE_NOTIFY => {}
+            _ => tracing::debug!(
+                "{}: write {v:#x} to read-only or unknown register {off:#x}",
+                self.name
+            ),
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let unknown = self.driver_features & !self.device_features();
+            if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                tracing::warn!(
+                    "{}: driver features {:#x} rejected (offered {:#x}; VERSION_1 required)",
+                    self.name,
+                    self.driver_features,
+                    self.device_features()
+                );
+                // FEATURES_OK stays clear: the driver sees the refusal.
+                self.status = v & !STATUS_FEATURES_OK;
+                return;
+            }
+        }
+        let newly_ok = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        self.status = v | (self.status & STATUS_NEEDS_RESET);
+        if newly_ok && !self.broken {
+            if let Err(e) = self.activate() {
+                tracing::error!("{}: activation failed: {e}; device needs reset", self.name);
+                self.mark_needs_reset();
+            }
+        }
+    }
+
+    fn host_addr(&self, gpa: u64, len: usize) -> Option<u64> {
+        let mem = &self.memory;
+        mem.checked_offset(GuestAddress(gpa), len.saturating_sub(1))?;
+        mem.get_host_address(GuestAddress(gpa))
+            .ok()
+            .map(|p| p as u64)
+    }
+
+    /// Hands memory and rings to the backend once the driver is ready.
+    fn activate(&mut self) -> Result<()> {
+        let socket = self.socket.clone();
+        let err = |what| vhost_err(&socket, what);
+        let features =
+            self.driver_features | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES);
+        self.frontend
+            .set_features(features)
+            .map_err(err("SET_FEATURES"))?;
+        let regions = self
+            .memory
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(err("memory region"))?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(err("SET_MEM_TABLE"))?;
+        for (i, q) in self.queues.clone().iter().enumerate() {
+            if !q.ready {
+                continue;
+            }
+            let n = usize::from(q.num);
+            let addr = |gpa: u64, len: usize, what: &str| {
+                self.host_addr(gpa, len).ok_or_else(|| Error::Backend {
+                    socket: socket.clone(),
+                    reason: format!("queue {i}: {what} ring at {gpa:#x} is outside guest RAM"),
+                })
+            };
+            let cfg = VringConfigData {
+                queue_max_size: QUEUE_MAX,
+                queue_size: q.num,
+                flags: 0,
+                desc_table_addr: addr(q.desc, 16 * n, "descriptor")?,
+                used_ring_addr: addr(q.device, 6 + 8 * n, "used")?,
+                avail_ring_addr: addr(q.driver, 6 + 2 * n, "available")?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, q.num)
+                .map_err(err("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_addr(i, &cfg)
+                .map_err(err("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .map_err(err("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(i, &self.irq)
+                .map_err(err("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(i, &self.kicks[i])
+                .map_err(err("SET_VRING_KICK"))?;
+            if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+                self.frontend
+                    .set_vring_enable(i, true)
+                    .map_err(err("SET_VRING_ENABLE"))?;
+            }
+        }
+        self.active = true;
+        tracing::info!(
+            "{}: active, features {:#x}",
+            self.name,
+            self.driver_features
+        );
+        Ok(())
+    }
+
+    /// Driver reset: stop the backend's rings and forget the negotiation.
+    fn reset(&mut self) {
+        if self.active && !self.broken {
+            for i in 0..self.queues.len() {
+                if self.queues[i].ready {
+                    if let Err(e) = self.frontend.get_vring_base(i) {
+                        tracing::warn!("{}: GET_VRING_BASE on reset: {e}", self.name);
+                    }
+                }
+            }
+        }
+        self.active = false;
+        self.status = if self.broken { STATUS_NEEDS_RESET } else { 0 };
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.config_pending = false;
+        self.queues = vec![QueueRegs::default(); self.kind.queues()];
+    }
+
+    fn mark_needs_reset(&mut self) {
+        self.status |= STATUS_NEEDS_RESET;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.config_pending = true;
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!("{}: cannot raise the config interrupt: {e}", self.name);
+        }
+    }
+
+    /// The backend went away: the device needs reset, the VMM keeps running.
+    pub fn backend_gone(&mut self) {
+        if self.broken {
+            return;
+        }
+        self.broken = true;
+        self.active = false;
+        tracing::error!(
+            "{}: vhost-user backend {} disconnected; device needs reset",
+            self.name,
+            self.socket.display()
+        );
+        self.mark_needs_reset();
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+}
