@@ -92,10 +92,11 @@
 //! `cargo bench -p resource-db --features bench` measures durable
 //! transactions/s at 1 and 16 writers (with and without group commit, and
 //! with [`Durability::Relaxed`] for comparison) and the replay time of a
-//! 100,000-entry log. On the project's 2-core machine with other builds
-//! running (load ≈ 2): 2,900 tx/s with 1 writer, 17,500 tx/s with 16 writers
-//! (13 transactions per fsync) against 1,700 tx/s for 16 writers without
-//! batching; replay of 100,000 entries ≈ 0.1 s.
+//! 100,000-entry log. On the project's 2-core machine while other builds
+//! ran (load 2–4; fsync latency varies with their disk traffic), three runs
+//! gave 580–4,400 tx/s with 1 writer and 17,500–27,300 tx/s with 16 writers
+//! (10–13 transactions per fsync), against 345–4,400 tx/s for 16 writers
+//! without batching; replay of 100,000 entries took 0.09–0.17 s.
 //!
 //! ## What it must never do
 //! - Change an owner, a share or a partition record outside a committed
