@@ -12,6 +12,7 @@
 //!   "cmdline": "console=ttyS0",     // optional; at most 64 KiB - 1
 //!   "serial": "stdout",             // "stdout" | "file:PATH" | "socket:PATH" | "none"
 //!   "stop_timeout_ms": 10000,       // polite stop -> forced stop after this long
+//!   "cpu_affinity": [2, 3],         // optional: host CPUs the vCPU threads may run on
 //!   "devices": [                    // virtio-mmio devices, at most 8, in order
 //!     {"type": "vhost-user-blk", "socket": "/run/part-io/p1-disk0.sock"}
 //!   ]
@@ -119,6 +120,10 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     #[serde(default = "default_stop_timeout_ms")]
     pub stop_timeout_ms: u64,
+    /// Host CPUs the vCPU threads are confined to (the partition's dedicated
+    /// CPUs); absent = no confinement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_affinity: Option<Vec<usize>>,
     /// virtio devices, each served by a backend in an I/O partition.
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
@@ -152,6 +157,8 @@ pub struct Overrides {
 pub struct HostLimits {
     pub max_vcpus: u32,
     pub mem_available_mib: u64,
+    /// Configured host CPUs (ids 0..host_cpus).
+    pub host_cpus: usize,
 }
 
 impl VmConfig {
@@ -182,6 +189,7 @@ impl VmConfig {
                 cmdline: String::new(),
                 serial: SerialConfig::Stdout,
                 stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
+                cpu_affinity: None,
                 devices: Vec::new(),
             },
         };
@@ -239,6 +247,19 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return Err(Error::Config("cmdline contains a NUL byte".into()));
         }
+        if let Some(cpus) = &self.cpu_affinity {
+            if cpus.is_empty() {
+                return Err(Error::Config(
+                    "cpu_affinity is empty: list at least one host CPU".into(),
+                ));
+            }
+            if let Some(bad) = cpus.iter().find(|c| **c >= host.host_cpus) {
+                return Err(Error::Config(format!(
+                    "cpu_affinity: host CPU {bad} does not exist (this host has {} CPUs)",
+                    host.host_cpus
+                )));
+            }
+        }
         if self.devices.len() > layout::MAX_VIRTIO_DEVICES {
             return Err(Error::Config(format!(
                 "{} devices: a partition has at most {} virtio devices",
@@ -266,9 +287,12 @@ impl HostLimits {
                     .ok()
             })
             .ok_or_else(|| Error::Memory("/proc/meminfo has no MemAvailable line".into()))?;
+        // SAFETY: sysconf has no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
         Ok(HostLimits {
             max_vcpus: u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX),
             mem_available_mib: kib / 1024,
+            host_cpus: usize::try_from(cpus).unwrap_or(1).max(1),
         })
     }
 }
@@ -280,6 +304,7 @@ mod tests {
     const HOST: HostLimits = HostLimits {
         max_vcpus: 8,
         mem_available_mib: 1024,
+        host_cpus: 2,
     };
 
     fn base() -> VmConfig {
@@ -391,6 +416,19 @@ mod tests {
             .to_string()
             .contains("at most 8"));
         c.devices.clear();
+        c.cpu_affinity = Some(vec![1, 2]);
+        assert!(c
+            .validate(&HOST)
+            .unwrap_err()
+            .to_string()
+            .contains("host CPU 2 does not exist"));
+        c.cpu_affinity = Some(vec![]);
+        assert!(c
+            .validate(&HOST)
+            .unwrap_err()
+            .to_string()
+            .contains("cpu_affinity is empty"));
+        c.cpu_affinity = Some(vec![1]);
         assert!(c.validate(&HOST).is_ok());
     }
 }

@@ -18,6 +18,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod error;
 pub mod exit;

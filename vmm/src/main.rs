@@ -38,6 +38,12 @@ struct Cli {
     /// on SOCKET (repeatable; after the config file's devices).
     #[arg(long, value_name = "SOCKET")]
     vhost_user_blk: Vec<PathBuf>,
+    /// Serve the supervisor's control socket here (see part_vmm::control).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Write a JSON record of how the partition ended here.
+    #[arg(long, value_name = "PATH")]
+    exit_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -78,8 +84,12 @@ fn main() {
             .map(|socket| DeviceConfig::VhostUserBlk { socket })
             .collect(),
     };
+    let opts = part_vmm::vmm::RunOptions {
+        control_socket: cli.control_socket,
+        exit_file: cli.exit_file,
+    };
     let result = VmConfig::assemble(cli.config.as_deref(), overrides)
-        .and_then(|cfg| part_vmm::vmm::run(&cfg));
+        .and_then(|cfg| part_vmm::vmm::run(&cfg, &opts));
     match result {
         Ok(reason) => {
             tracing::info!("exit: {reason}");

@@ -394,6 +394,29 @@ impl Vcpu {
     }
 }
 
+/// Confines the calling thread to the host CPUs in `cpus`.
+pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it
+    // (ids are bounds-checked by CPU_SET against CPU_SETSIZE).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::other(format!(
+                "CPU {c} is beyond CPU_SETSIZE"
+            )));
+        }
+        // SAFETY: `c` < CPU_SETSIZE, checked above.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: pid 0 = the calling thread; `set` is initialised.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Shared by the vCPU threads: the first exit wins and wakes the event loop.
 pub struct ExitSlot {
     reason: std::sync::Mutex<Option<ExitReason>>,

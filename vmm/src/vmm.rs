@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -28,7 +28,7 @@ use crate::exit::ExitReason;
 use crate::memory::GuestRam;
 use crate::vcpu::{ExitSlot, Vcpu};
 use crate::virtio::{DeviceKind, VirtioMmio};
-use crate::{acpi, boot, layout};
+use crate::{acpi, boot, control, layout};
 
 /// Most console input part-vmm buffers while the guest is not reading.
 const MAX_PENDING_INPUT: usize = 64 * 1024;
@@ -87,8 +87,20 @@ struct Controller {
     input_paused: bool,
     /// vhost-user backend sockets (fd, virtio slot), watched for hang-ups.
     backends: Vec<(RawFd, usize)>,
+    /// The supervisor's control socket and its connected clients.
+    control: Option<UnixListener>,
+    control_clients: Vec<ControlClient>,
+    started: std::time::Instant,
     outcome: Option<ExitReason>,
 }
+
+struct ControlClient {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+/// Longest control request line accepted.
+const MAX_CONTROL_LINE: usize = 4096;
 
 impl Controller {
     fn input_fd(&self) -> Option<RawFd> {
@@ -209,6 +221,78 @@ impl Controller {
         }
     }
 
+    fn accept_control(&mut self, ops: &mut EventOps) {
+        let Some(listener) = &self.control else {
+            return;
+        };
+        while let Ok((stream, _)) = listener.accept() {
+            if stream.set_nonblocking(true).is_err()
+                || ops.add(Events::new(&stream, EventSet::IN)).is_err()
+            {
+                continue;
+            }
+            self.control_clients.push(ControlClient {
+                stream,
+                buf: Vec::new(),
+            });
+        }
+    }
+
+    fn control_reply(&self, ok: bool) -> control::Reply {
+        control::Reply {
+            ok,
+            pid: Some(std::process::id()),
+            state: Some(if self.stopping { "stopping" } else { "running" }.into()),
+            uptime_ms: Some(self.started.elapsed().as_millis() as u64),
+            error: None,
+        }
+    }
+
+    fn serve_control(&mut self, i: usize, ops: &mut EventOps) {
+        let mut chunk = [0u8; 1024];
+        let n = match (&self.control_clients[i].stream).read(&mut chunk) {
+            Ok(0) => 0,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            let c = self.control_clients.swap_remove(i);
+            let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
+            return;
+        }
+        self.control_clients[i].buf.extend_from_slice(&chunk[..n]);
+        while let Some(pos) = self.control_clients[i].buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.control_clients[i].buf.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&line);
+            let reply = match control::parse(text.trim()) {
+                Ok(control::Request::Ping) => self.control_reply(true),
+                Ok(control::Request::Stop { force }) => {
+                    if force {
+                        tracing::info!("control: forced stop requested");
+                        self.finish(ExitReason::ForcedStop { timeout_ms: 0 });
+                    } else if !self.stopping {
+                        self.request_stop();
+                    }
+                    self.control_reply(true)
+                }
+                Err(reject) => reject,
+            };
+            let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+            out.push(b'\n');
+            if (&self.control_clients[i].stream).write_all(&out).is_err() {
+                let c = self.control_clients.swap_remove(i);
+                let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
+                return;
+            }
+        }
+        if self.control_clients[i].buf.len() > MAX_CONTROL_LINE {
+            tracing::warn!("control: request line too long; closing the connection");
+            let c = self.control_clients.swap_remove(i);
+            let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
+        }
+    }
+
     fn accept_client(&mut self, ops: &mut EventOps) {
         let InputSource::Socket {
             listener,
@@ -245,6 +329,9 @@ impl MutEventSubscriber for Controller {
             self.serial_room.as_raw_fd(),
             self.stop_timer.as_raw_fd(),
         ];
+        if let Some(l) = &self.control {
+            fds.push(l.as_raw_fd());
+        }
         match &self.input {
             InputSource::Stdin => {
                 // Regular files and /dev/null cannot be polled (EPERM): such
@@ -302,12 +389,16 @@ impl MutEventSubscriber for Controller {
         {
             self.accept_client(ops);
         } else if Some(fd) == self.input_fd() {
-            if events.event_set().contains(EventSet::IN) {
-                self.read_input(fd, ops);
-            } else {
-                // HUP/ERR without data: treat as end of input.
-                self.read_input(fd, ops);
-            }
+            // Readable, or HUP/ERR: read_input treats a 0-byte read as EOF.
+            self.read_input(fd, ops);
+        } else if self.control.as_ref().is_some_and(|l| l.as_raw_fd() == fd) {
+            self.accept_control(ops);
+        } else if let Some(i) = self
+            .control_clients
+            .iter()
+            .position(|c| c.stream.as_raw_fd() == fd)
+        {
+            self.serve_control(i, ops);
         }
     }
 }
@@ -334,7 +425,7 @@ fn serial_endpoints(cfg: &SerialConfig) -> Result<(SerialOut, InputSource)> {
             (SerialOut::File(f), InputSource::None)
         }
         SerialConfig::Socket(p) => {
-            let listener = bind_console(p)?;
+            let listener = bind_socket(p, "serial")?;
             let console = Arc::new(SocketConsole::default());
             (
                 SerialOut::Socket(console.clone()),
@@ -348,17 +439,32 @@ fn serial_endpoints(cfg: &SerialConfig) -> Result<(SerialOut, InputSource)> {
     })
 }
 
-fn bind_console(p: &Path) -> Result<UnixListener> {
+/// Removes a socket file part-vmm created when the run ends, however it ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Listens on a new Unix socket at `p`; an existing file there is an error
+/// (it may belong to another partition).
+fn bind_socket(p: &Path, what: &str) -> Result<UnixListener> {
     if p.exists() {
-        return Err(Error::Serial(format!(
-            "socket {} already exists; remove it or choose another path",
+        return Err(Error::Config(format!(
+            "{what} socket {} already exists; remove it or choose another path",
             p.display()
         )));
     }
-    let l = UnixListener::bind(p)
-        .map_err(|e| Error::Serial(format!("cannot listen on {}: {e}", p.display())))?;
+    let l = UnixListener::bind(p).map_err(|e| {
+        Error::Config(format!(
+            "{what} socket: cannot listen on {}: {e}",
+            p.display()
+        ))
+    })?;
     l.set_nonblocking(true)
-        .map_err(|e| Error::Serial(format!("{}: {e}", p.display())))?;
+        .map_err(Error::io(format!("{what} socket {}", p.display())))?;
     Ok(l)
 }
 
@@ -379,9 +485,39 @@ pub fn check(cfg: &VmConfig) -> Result<Kvm> {
     Ok(kvm)
 }
 
-/// Runs the partition described by `cfg` until it ends.
-pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
+/// Process-level options of one part-vmm run (not part of the partition's
+/// descriptor): where the supervisor talks to it and where it records its end.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub control_socket: Option<std::path::PathBuf>,
+    pub exit_file: Option<std::path::PathBuf>,
+}
+
+/// Runs the partition described by `cfg` until it ends, and records the end
+/// in the exit file if one is configured.
+pub fn run(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
+    let result = run_partition(cfg, opts);
+    if let Some(path) = &opts.exit_file {
+        let reason = match &result {
+            Ok(r) => r.clone(),
+            Err(e) => ExitReason::VmmError {
+                detail: e.to_string(),
+            },
+        };
+        if let Err(e) = control::write_exit_file(path, &control::ExitRecord::new(&reason)) {
+            tracing::error!("cannot write the exit file {}: {e}", path.display());
+        }
+    }
+    result
+}
+
+fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
     let kvm = check(cfg)?;
+    let control = match &opts.control_socket {
+        Some(p) => Some(bind_socket(p, "control")?),
+        None => None,
+    };
+    let _control_file = opts.control_socket.clone().map(RemoveOnDrop);
     let signals = stop_signalfd()?;
     let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
     vm.set_tss_address(0xfffb_d000)
@@ -443,6 +579,10 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     vm.register_irqfd(&ged_irq, layout::GED_GSI)
         .map_err(Error::kvm("KVM_IRQFD (GED)"))?;
     let (out, input) = serial_endpoints(&cfg.serial)?;
+    let _serial_file = match &cfg.serial {
+        SerialConfig::Socket(p) => Some(RemoveOnDrop(p.clone())),
+        _ => None,
+    };
     let backends: Vec<(RawFd, usize)> = virtio
         .iter()
         .enumerate()
@@ -468,9 +608,18 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
     for mut vcpu in vcpus {
         let devices = devices.clone();
         let exits = exits.clone();
+        let affinity = cfg.cpu_affinity.clone();
         std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
+                if let Some(cpus) = affinity {
+                    if let Err(e) = crate::vcpu::pin_current_thread(&cpus) {
+                        exits.post(ExitReason::VmmError {
+                            detail: format!("vcpu {}: cannot pin to CPUs {cpus:?}: {e}", vcpu.id),
+                        });
+                        return;
+                    }
+                }
                 let r = vcpu.run(&devices, &exits.stop);
                 exits.post(r);
             })
@@ -491,6 +640,9 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason> {
         pending_input: VecDeque::new(),
         input_paused: false,
         backends,
+        control,
+        control_clients: Vec::new(),
+        started: std::time::Instant::now(),
         outcome: None,
     }));
     let mut manager: EventManager<Arc<Mutex<Controller>>> =

@@ -345,3 +345,129 @@ fn guest_that_ignores_the_power_button_is_stopped_by_force_after_the_timeout() {
         "stopped after {took:?}, before the timeout"
     );
 }
+
+fn control_request(sock: &std::path::Path, line: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+#[test]
+fn control_socket_answers_ping_stops_the_partition_and_the_exit_file_records_why() {
+    let _l = vm_lock();
+    let dir = scratch("control");
+    let sock = dir.join("control.sock");
+    let exit_file = dir.join("exit.json");
+    let g = guest();
+    let mut child = command(&[
+        "--kernel",
+        g.to_str().unwrap(),
+        "--cmdline",
+        "stay",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "--exit-file",
+        exit_file.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut acc = String::new();
+    read_until(&mut out, &mut acc, "stay: idle");
+    let pong = control_request(&sock, r#"{"op":"ping"}"#);
+    assert_eq!(pong["ok"], true);
+    assert_eq!(pong["state"], "running");
+    assert_eq!(pong["pid"], child.id());
+    let bad = control_request(&sock, r#"{"op":"reboot"}"#);
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("unknown variant"));
+    let stopping = control_request(&sock, r#"{"op":"stop"}"#);
+    assert_eq!(stopping["state"], "stopping");
+    child.stdout = Some(out);
+    let r = wait(child, "control stop");
+    assert_eq!(r.code(), 0, "{}", r.log);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&exit_file).unwrap()).unwrap();
+    assert_eq!(record["reason"], "power-off");
+    assert_eq!(record["status"], 0);
+    assert!(!sock.exists(), "the control socket is removed at exit");
+}
+
+#[test]
+fn control_socket_force_stop_ends_at_once_with_the_forced_status() {
+    let _l = vm_lock();
+    let dir = scratch("control-force");
+    let sock = dir.join("control.sock");
+    let exit_file = dir.join("exit.json");
+    let g = guest();
+    let mut child = command(&[
+        "--kernel",
+        g.to_str().unwrap(),
+        "--cmdline",
+        "stay",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "--exit-file",
+        exit_file.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut acc = String::new();
+    read_until(&mut out, &mut acc, "stay: idle");
+    assert_eq!(
+        control_request(&sock, r#"{"op":"stop","force":true}"#)["ok"],
+        true
+    );
+    child.stdout = Some(out);
+    let r = wait(child, "forced control stop");
+    assert_eq!(r.code(), 74, "{}", r.log);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&exit_file).unwrap()).unwrap();
+    assert_eq!(record["reason"], "forced-stop");
+}
+
+#[test]
+fn vcpu_threads_are_confined_to_the_cpu_affinity() {
+    let _l = vm_lock();
+    let dir = scratch("affinity");
+    let g = guest();
+    let last_cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let cfg = serde_json::json!({
+        "vcpus": 2, "memory_mib": 32, "kernel": g, "cmdline": "stay",
+        "cpu_affinity": [last_cpu]
+    });
+    let path = write_file(&dir, "p.json", cfg.to_string().as_bytes());
+    let mut child = command(&["--config", path.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = child.stdout.take().unwrap();
+    let mut acc = String::new();
+    read_until(&mut out, &mut acc, "stay: idle");
+    let mut vcpus = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        vcpus += 1;
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim();
+        assert_eq!(allowed, last_cpu.to_string(), "{} of part-vmm", comm.trim());
+    }
+    assert_eq!(vcpus, 2);
+    // SAFETY: sending SIGTERM to our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    child.stdout = Some(out);
+    assert_eq!(wait(child, "affinity stop").code(), 0);
+}
