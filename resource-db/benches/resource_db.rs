@@ -159,6 +159,70 @@ fn throughput(
     row
 }
 
+/// The alternative design without a writer thread: each of `writers`
+/// threads has its own SQLite connection (WAL, synchronous=FULL) and commits
+/// the same row changes and audit insert itself (`BEGIN IMMEDIATE` ...
+/// `COMMIT`), serialized by SQLite's write lock. No precondition checks: it
+/// only measures what the store alone gives.
+fn raw_sqlite_writers(dir: &Path, writers: u32, secs: f64) -> f64 {
+    let path = dir.join("raw.db");
+    drop(open(&path, Durability::Full, 1));
+    let host = host();
+    let dur = Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut lat: Vec<u32> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let (path, host) = (&path, &host);
+                s.spawn(move || {
+                    let c = rusqlite::Connection::open(path).expect("open");
+                    c.pragma_update(None, "synchronous", "FULL").expect("pragma");
+                    c.busy_timeout(Duration::from_secs(30)).expect("busy timeout");
+                    let me = name(w).to_string();
+                    let cid = (host.first_vsock_cid + w).to_string();
+                    let mac = MacAddr::from_u64(host.first_mac.to_u64() + u64::from(w)).to_string();
+                    let mut lat = Vec::new();
+                    let mut k = 0u64;
+                    while start.elapsed() < dur {
+                        let owner = if k % 2 == 0 { me.as_str() } else { "available" };
+                        let t = Instant::now();
+                        c.execute_batch("BEGIN IMMEDIATE").expect("begin");
+                        let mut up = c
+                            .prepare_cached("UPDATE units SET owner = ?3 WHERE kind = ?1 AND key = ?2")
+                            .expect("prepare");
+                        up.execute(rusqlite::params!["vsock-cid", cid, owner]).expect("update");
+                        up.execute(rusqlite::params!["mac", mac, owner]).expect("update");
+                        c.prepare_cached("INSERT INTO audit_log(time_unix_ns, actor, record) VALUES (0, 'raw', ?1)")
+                            .expect("prepare")
+                            .execute([format!("{:?}", tx(host, w, k))])
+                            .expect("insert");
+                        c.execute_batch("COMMIT").expect("commit");
+                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                        k += 1;
+                    }
+                    lat
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("writer"))
+            .collect()
+    });
+    let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    println!(
+        "{:<44} {:>7.0} tx/s  {:>5.1} tx/commit  latency p50 {:>5} µs p99 {:>6} µs  ({} tx)",
+        "baseline: 16 SQLite connections, own commits",
+        rate,
+        1.0,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.len()
+    );
+    rate
+}
+
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -239,10 +303,15 @@ fn main() {
         16,
         secs,
     );
+    let raw16 = raw_sqlite_writers(dir, 16, secs);
     println!();
     println!(
         "ratio 16 writers group commit / no batching : {:.2}x",
         full16.rate / full16_nobatch.rate
+    );
+    println!(
+        "ratio 16 writers group commit / 16 connections each committing: {:.2}x",
+        full16.rate / raw16
     );
     println!(
         "ratio 16 writers / 1 writer (full)         : {:.2}x",
