@@ -1,1 +1,46 @@
-//! I/O partition backends (seed 001/004 I/O partitions). Work in progress.
+//! `part-io`: the I/O partition of partvisor.
+//!
+//! An I/O partition owns a device and serves it to other partitions'
+//! guests over memory channels (seed 001's I/O partitions and "virtual
+//! storage switch", seed 004's shared I/O driver in one partition serving
+//! others). In partvisor it is a process of its own serving vhost-user
+//! sockets: a partition monitor (`part-vmm`) hands it the guest's memory as a
+//! sealed memfd plus virtqueue addresses and eventfds, and from then on guest
+//! I/O goes guest → virtqueue → part-io → image → used ring → interrupt
+//! without passing through the monitor.
+//!
+//! This crate implements the block backend, `part-io blk`: one process,
+//! any number of exports (raw image file + vhost-user socket each), each
+//! served to one frontend at a time, with read, write, flush and get-id,
+//! read-only exports, `VIRTIO_RING_F_EVENT_IDX` and indirect descriptors.
+//! It builds on `vhost-user-backend` (protocol handling, vrings, epoll loop)
+//! and `virtio-queue`; see [`blk`] for the device model.
+//!
+//! # What it must never do
+//!
+//! - **Trust a guest address.** Every descriptor is copied out of guest memory
+//!   once and checked against the guest memory table ([`chain`]); every
+//!   request is checked against the disk size (`sector * 512 + len <= size`).
+//!   A bad request completes with `VIRTIO_BLK_S_IOERR` (`UNSUPP` for an unknown
+//!   type); a malformed chain (loop, over-long, bad indirect table, address
+//!   outside guest memory, no status byte) goes back on the used ring with
+//!   length 0 and is counted per export ([`export::ExportStats`]) and logged.
+//! - **Map an unsealed memfd.** `vhost-user-backend` maps memory regions in its
+//!   crate-private request handler, and its only backend hook
+//!   (`VhostUserBackend::update_memory`) runs after mapping. The cleanest
+//!   hook that runs *before* mapping is therefore the socket: [`guard`] sits
+//!   between the frontend and `VhostUserDaemon` and checks every
+//!   `SET_MEM_TABLE` / `ADD_MEM_REG` descriptor for `F_SEAL_SHRINK` and
+//!   `F_SEAL_GROW` (and that the region lies inside the file) before
+//!   forwarding it. A failing region ends that connection with a logged
+//!   error; the export keeps listening.
+//! - **Let one guest stop another's service.** Each export has its own
+//!   listener thread and each connection its own daemon, worker thread and
+//!   counters; guest misbehaviour is answered on that guest's ring and never
+//!   ends the process or another export's connection.
+
+pub mod blk;
+pub mod chain;
+pub mod export;
+pub mod guard;
+pub mod server;

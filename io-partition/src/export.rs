@@ -1,0 +1,287 @@
+//! Block exports: `socket=PATH,image=PATH[,readonly][,id=SERIAL]`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
+
+use crate::chain::Malformed;
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Errors in an `--export` argument or while opening its image.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(
+        "export `{0}`: expected key=value pairs `socket=PATH,image=PATH[,readonly][,id=SERIAL]`"
+    )]
+    Syntax(String),
+    #[error("export `{spec}`: unknown key `{key}` (known: socket, image, readonly, id)")]
+    UnknownKey { spec: String, key: String },
+    #[error("export `{spec}`: `{key}` given twice")]
+    Duplicate { spec: String, key: &'static str },
+    #[error("export `{0}`: missing `socket=PATH`")]
+    MissingSocket(String),
+    #[error("export `{0}`: missing `image=PATH`")]
+    MissingImage(String),
+    #[error("export `{spec}`: id `{id}` is longer than {VIRTIO_BLK_ID_BYTES} bytes")]
+    IdTooLong { spec: String, id: String },
+    #[error("cannot open image {path}: {source}")]
+    OpenImage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("image {0} is not a regular file or block device")]
+    NotAnImage(PathBuf),
+    #[error("image {0} is smaller than one 512-byte sector")]
+    ImageTooSmall(PathBuf),
+    #[error("image {0} is in use (locked by another export or process)")]
+    ImageLocked(PathBuf),
+}
+
+/// A parsed `--export` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// vhost-user socket part-io listens on.
+    pub socket: PathBuf,
+    /// Raw image file (or block device).
+    pub image: PathBuf,
+    /// Export read-only (`VIRTIO_BLK_F_RO`; writes fail with `VIRTIO_BLK_S_IOERR`).
+    pub readonly: bool,
+    /// Serial returned by `VIRTIO_BLK_T_GET_ID` (default: the image's file name, truncated).
+    pub id: Option<String>,
+}
+
+impl FromStr for ExportSpec {
+    type Err = ExportError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut socket = None;
+        let mut image = None;
+        let mut readonly = None;
+        let mut id = None;
+        for item in spec.split(',') {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (item, None),
+            };
+            let dup = |key| ExportError::Duplicate {
+                spec: spec.to_string(),
+                key,
+            };
+            match (key, value) {
+                ("socket", Some(v)) if !v.is_empty() => {
+                    if socket.replace(PathBuf::from(v)).is_some() {
+                        return Err(dup("socket"));
+                    }
+                }
+                ("image", Some(v)) if !v.is_empty() => {
+                    if image.replace(PathBuf::from(v)).is_some() {
+                        return Err(dup("image"));
+                    }
+                }
+                ("readonly", None) | ("readonly", Some("on")) | ("readonly", Some("true")) => {
+                    if readonly.replace(true).is_some() {
+                        return Err(dup("readonly"));
+                    }
+                }
+                ("readonly", Some("off")) | ("readonly", Some("false")) => {
+                    if readonly.replace(false).is_some() {
+                        return Err(dup("readonly"));
+                    }
+                }
+                ("id", Some(v)) => {
+                    if v.len() > VIRTIO_BLK_ID_BYTES as usize {
+                        return Err(ExportError::IdTooLong {
+                            spec: spec.to_string(),
+                            id: v.to_string(),
+                        });
+                    }
+                    if id.replace(v.to_string()).is_some() {
+                        return Err(dup("id"));
+                    }
+                }
+                ("socket" | "image" | "readonly" | "id", _) => {
+                    return Err(ExportError::Syntax(spec.to_string()))
+                }
+                (k, _) => {
+                    return Err(ExportError::UnknownKey {
+                        spec: spec.to_string(),
+                        key: k.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(ExportSpec {
+            socket: socket.ok_or_else(|| ExportError::MissingSocket(spec.to_string()))?,
+            image: image.ok_or_else(|| ExportError::MissingImage(spec.to_string()))?,
+            readonly: readonly.unwrap_or(false),
+            id,
+        })
+    }
+}
+
+/// Per-export counters, shared by all connections of the export.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Requests completed with `VIRTIO_BLK_S_OK`.
+    pub ok: AtomicU64,
+    /// Requests completed with `VIRTIO_BLK_S_IOERR`.
+    pub ioerr: AtomicU64,
+    /// Requests completed with `VIRTIO_BLK_S_UNSUPP`.
+    pub unsupp: AtomicU64,
+    /// Malformed chains, per [`Malformed`] kind.
+    pub malformed: [AtomicU64; Malformed::ALL.len()],
+    /// Connections refused because a memory region failed the seal check.
+    pub refused_regions: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
+}
+
+impl ExportStats {
+    /// Counts one malformed chain of `kind`; returns the new count of that kind.
+    pub fn count_malformed(&self, kind: Malformed) -> u64 {
+        self.malformed[kind.index()].fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// One line with every counter, for logs.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "ok={} ioerr={} unsupp={} refused_regions={} connections={}",
+            self.ok.load(Ordering::Relaxed),
+            self.ioerr.load(Ordering::Relaxed),
+            self.unsupp.load(Ordering::Relaxed),
+            self.refused_regions.load(Ordering::Relaxed),
+            self.connections.load(Ordering::Relaxed),
+        );
+        for kind in Malformed::ALL {
+            s.push_str(&format!(
+                " malformed.{}={}",
+                kind.name(),
+                self.malformed[kind.index()].load(Ordering::Relaxed)
+            ));
+        }
+        s
+    }
+}
+
+/// An opened export: the image and everything a connection needs.
+#[derive(Debug)]
+pub struct Export {
+    /// The spec it was opened from.
+    pub spec: ExportSpec,
+    /// The image, opened read-write unless the export is read-only, and
+    /// `flock`ed (exclusive, or shared when read-only).
+    pub image: File,
+    /// Usable size in bytes: the image size rounded down to whole sectors.
+    /// Every request is checked against it.
+    pub size: u64,
+    /// `VIRTIO_BLK_T_GET_ID` answer, zero-padded.
+    pub id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// Counters.
+    pub stats: ExportStats,
+}
+
+impl Export {
+    /// Opens and locks the image of `spec`.
+    pub fn open(spec: ExportSpec) -> Result<Self, ExportError> {
+        let open_err = |source| ExportError::OpenImage {
+            path: spec.image.clone(),
+            source,
+        };
+        let mut image = OpenOptions::new()
+            .read(true)
+            .write(!spec.readonly)
+            .open(&spec.image)
+            .map_err(open_err)?;
+        let ft = image.metadata().map_err(open_err)?.file_type();
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(ExportError::NotAnImage(spec.image.clone()));
+        }
+        let op = if spec.readonly {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        if unsafe { libc::flock(image.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(ExportError::ImageLocked(spec.image.clone()));
+            }
+            return Err(open_err(e));
+        }
+        let bytes = image.seek(SeekFrom::End(0)).map_err(open_err)?;
+        let size = bytes - bytes % SECTOR_SIZE;
+        if size == 0 {
+            return Err(ExportError::ImageTooSmall(spec.image.clone()));
+        }
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let name = match &spec.id {
+            Some(id) => id.clone(),
+            None => default_id(&spec.image),
+        };
+        let n = name.len().min(id.len());
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Ok(Export {
+            spec,
+            image,
+            size,
+            id,
+            stats: ExportStats::default(),
+        })
+    }
+
+    /// Name used in log lines: the socket path.
+    pub fn name(&self) -> std::path::Display<'_> {
+        self.spec.socket.display()
+    }
+}
+
+fn default_id(image: &Path) -> String {
+    image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_spec_parses() {
+        let s: ExportSpec = "socket=/run/a.sock,image=/img/a.raw,readonly,id=disk-a"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s,
+            ExportSpec {
+                socket: "/run/a.sock".into(),
+                image: "/img/a.raw".into(),
+                readonly: true,
+                id: Some("disk-a".into()),
+            }
+        );
+        let s: ExportSpec = "image=b.raw,socket=b.sock".parse().unwrap();
+        assert!(!s.readonly);
+        assert_eq!(s.id, None);
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        let e = |s: &str| s.parse::<ExportSpec>().unwrap_err().to_string();
+        assert!(e("image=a.raw").contains("missing `socket=PATH`"));
+        assert!(e("socket=a.sock").contains("missing `image=PATH`"));
+        assert!(e("socket=a,image=b,size=3").contains("unknown key `size`"));
+        assert!(e("socket=a,socket=c,image=b").contains("`socket` given twice"));
+        assert!(e("socket=,image=b").contains("expected key=value"));
+        assert!(e("socket=a,image=b,id=123456789012345678901").contains("longer than 20"));
+    }
+}

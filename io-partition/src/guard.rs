@@ -1,0 +1,307 @@
+//! The vhost-user message guard: checks every memory-region descriptor a
+//! frontend sends before the vhost-user library can map it.
+//!
+//! `vhost-user-backend` 0.24 maps `SET_MEM_TABLE` and `ADD_MEM_REG` file
+//! descriptors inside its request handler, `VhostUserHandler`, which is private
+//! to the crate; the only backend callback, `VhostUserBackend::update_memory`,
+//! runs after the regions are mapped and already published to the vrings. So
+//! part-io does not hand the frontend's socket to `VhostUserDaemon` directly:
+//! the daemon connects to a private socket (in a fresh 0700 directory) and the
+//! guard relays messages between the two, frame by frame (12-byte header, body
+//! of the size the header gives, file descriptors attached to the header).
+//! Control messages only: kicks and interrupts go through eventfds and guest
+//! memory is accessed in place, so the guard is not on the data path.
+//!
+//! A memory region passes only if its file descriptor carries the seals
+//! `F_SEAL_SHRINK` and `F_SEAL_GROW` (so the VMM can never shrink it under a
+//! mapping and turn a guest access into SIGBUS in part-io) and the region lies
+//! inside the file. A failing region is logged, counted, and ends the
+//! connection before anything is mapped; other exports are not affected.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::mem::size_of;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserMemory, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
+};
+use vm_memory::ByteValued;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// vhost-user message header: request, flags, size (all u32 LE).
+const HEADER_LEN: usize = 12;
+/// Largest body a vhost-user message may have (`vhost`'s `MAX_MSG_SIZE`).
+const MAX_BODY: usize = 0x1000;
+/// Most file descriptors one message may carry (`vhost`'s limit).
+const MAX_FDS: usize = 32;
+
+/// Why the guard ended a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    #[error("message body of {0} bytes exceeds the vhost-user limit of {MAX_BODY}")]
+    TooLarge(usize),
+    #[error("{0} memory regions but {1} file descriptors in {2}")]
+    FdCount(usize, usize, &'static str),
+    #[error("malformed {0} message body ({1} bytes)")]
+    BadBody(&'static str, usize),
+    #[error(
+        "memory region {index} (guest {gpa:#x}, {size:#x} bytes) refused: \
+         its fd is not sealed against {missing} (F_GET_SEALS = {seals:#x}); \
+         the VMM must create guest memory with MFD_ALLOW_SEALING and add \
+         F_SEAL_SHRINK|F_SEAL_GROW"
+    )]
+    Unsealed {
+        index: usize,
+        gpa: u64,
+        size: u64,
+        seals: i32,
+        missing: &'static str,
+    },
+    #[error(
+        "memory region {index} (guest {gpa:#x}, {size:#x} bytes): cannot read seals: {source}"
+    )]
+    Seals {
+        index: usize,
+        gpa: u64,
+        size: u64,
+        source: io::Error,
+    },
+    #[error(
+        "memory region {index} (guest {gpa:#x}): offset {offset:#x} + size {size:#x} \
+         exceeds the file size {file_size:#x}"
+    )]
+    OutsideFile {
+        index: usize,
+        gpa: u64,
+        offset: u64,
+        size: u64,
+        file_size: u64,
+    },
+    #[error("{0} is refused: part-io does not offer dirty-page logging")]
+    Refused(&'static str),
+}
+
+impl GuardError {
+    /// True if the connection ended because of a memory region check.
+    pub fn is_region_refusal(&self) -> bool {
+        matches!(
+            self,
+            GuardError::Unsealed { .. } | GuardError::Seals { .. } | GuardError::OutsideFile { .. }
+        )
+    }
+}
+
+/// One framed message with its file descriptors.
+struct Message {
+    header: [u8; HEADER_LEN],
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn request(&self) -> u32 {
+        u32::from_le_bytes([
+            self.header[0],
+            self.header[1],
+            self.header[2],
+            self.header[3],
+        ])
+    }
+}
+
+/// Reads one message; `Ok(None)` on a clean end of stream.
+fn recv(sock: &UnixStream, body: Vec<u8>) -> Result<Option<Message>, GuardError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut raw_fds = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: HEADER_LEN,
+    }];
+    let (n, nfds) = loop {
+        // SAFETY: the iovec points at `header`, valid for HEADER_LEN bytes for
+        // the duration of the call; received fds are written into `raw_fds`.
+        match unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) } {
+            Ok(r) => break r,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    };
+    let fds: Vec<OwnedFd> = raw_fds[..nfds]
+        .iter()
+        // SAFETY: the kernel installed these descriptors in our table for us
+        // (SCM_RIGHTS); nothing else owns them.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut reader = sock;
+    if n < HEADER_LEN {
+        reader.read_exact(&mut header[n..])?;
+    }
+    let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    if size > MAX_BODY {
+        return Err(GuardError::TooLarge(size));
+    }
+    let mut body = body;
+    body.clear();
+    body.resize(size, 0);
+    reader.read_exact(&mut body)?;
+    Ok(Some(Message { header, body, fds }))
+}
+
+fn send(sock: &UnixStream, msg: &Message) -> Result<(), GuardError> {
+    let raw: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let bufs: [&[u8]; 2] = [&msg.header, &msg.body];
+    let total = HEADER_LEN + msg.body.len();
+    let n = loop {
+        match sock.send_with_fds(&bufs, &raw) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    };
+    if n < total {
+        // The fds went with the first byte; the rest is plain data.
+        let mut w = sock;
+        let mut all = Vec::with_capacity(total);
+        all.extend_from_slice(&msg.header);
+        all.extend_from_slice(&msg.body);
+        w.write_all(&all[n..])?;
+    }
+    Ok(())
+}
+
+/// Checks one region/fd pair: sealed against shrink and grow, and inside the file.
+pub fn check_region(
+    index: usize,
+    region: &VhostUserMemoryRegion,
+    fd: &OwnedFd,
+) -> Result<(), GuardError> {
+    let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+    // SAFETY: F_GET_SEALS only reads flags of a descriptor we own.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(GuardError::Seals {
+            index,
+            gpa,
+            size,
+            source: io::Error::last_os_error(),
+        });
+    }
+    let missing = match (
+        seals & libc::F_SEAL_SHRINK != 0,
+        seals & libc::F_SEAL_GROW != 0,
+    ) {
+        (true, true) => None,
+        (false, true) => Some("shrinking (F_SEAL_SHRINK)"),
+        (true, false) => Some("growing (F_SEAL_GROW)"),
+        (false, false) => Some("shrinking or growing (F_SEAL_SHRINK|F_SEAL_GROW)"),
+    };
+    if let Some(missing) = missing {
+        return Err(GuardError::Unsealed {
+            index,
+            gpa,
+            size,
+            seals,
+            missing,
+        });
+    }
+    let file = File::from(fd.try_clone()?);
+    let file_size = file.metadata()?.len();
+    let offset = region.mmap_offset;
+    if size == 0 || offset.checked_add(size).is_none_or(|end| end > file_size) {
+        return Err(GuardError::OutsideFile {
+            index,
+            gpa,
+            offset,
+            size,
+            file_size,
+        });
+    }
+    Ok(())
+}
+
+/// Copies a plain-data message struct out of `bytes` (exactly its size; the
+/// body buffer need not be aligned for it).
+fn read_pod<T: ByteValued + Default>(bytes: &[u8]) -> T {
+    let mut v = T::default();
+    v.as_mut_slice().copy_from_slice(bytes);
+    v
+}
+
+/// Checks a frontend-to-backend message; `Ok` means it may be forwarded.
+fn check(msg: &Message) -> Result<(), GuardError> {
+    let req = msg.request();
+    if req == FrontendReq::SET_MEM_TABLE as u32 {
+        let hdr_len = size_of::<VhostUserMemory>();
+        let reg_len = size_of::<VhostUserMemoryRegion>();
+        let bad = || GuardError::BadBody("SET_MEM_TABLE", msg.body.len());
+        let hdr: VhostUserMemory = read_pod(msg.body.get(..hdr_len).ok_or_else(bad)?);
+        let n = hdr.num_regions as usize;
+        if msg.body.len() != hdr_len + n * reg_len {
+            return Err(bad());
+        }
+        if n != msg.fds.len() {
+            return Err(GuardError::FdCount(n, msg.fds.len(), "SET_MEM_TABLE"));
+        }
+        for (i, fd) in msg.fds.iter().enumerate() {
+            let start = hdr_len + i * reg_len;
+            let region: VhostUserMemoryRegion = read_pod(&msg.body[start..start + reg_len]);
+            check_region(i, &region, fd)?;
+        }
+    } else if req == FrontendReq::ADD_MEM_REG as u32 {
+        let bad = || GuardError::BadBody("ADD_MEM_REG", msg.body.len());
+        if msg.body.len() != size_of::<VhostUserSingleMemoryRegion>() {
+            return Err(bad());
+        }
+        let single: VhostUserSingleMemoryRegion = read_pod(&msg.body);
+        if msg.fds.len() != 1 {
+            return Err(GuardError::FdCount(1, msg.fds.len(), "ADD_MEM_REG"));
+        }
+        check_region(0, &single, &msg.fds[0])?;
+    } else if req == FrontendReq::SET_LOG_BASE as u32 {
+        return Err(GuardError::Refused("SET_LOG_BASE"));
+    } else if req == FrontendReq::SET_LOG_FD as u32 {
+        return Err(GuardError::Refused("SET_LOG_FD"));
+    }
+    Ok(())
+}
+
+/// Relays messages between `frontend` and the daemon's end `backend` until
+/// either side closes or a message fails a check; then shuts both down.
+pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError> {
+    let (f2, b2) = (frontend.try_clone()?, backend.try_clone()?);
+    // Replies (and any backend-initiated message) go back unchanged.
+    let replies = std::thread::Builder::new()
+        .name("part-io-guard-reply".into())
+        .spawn(move || {
+            let mut buf = Vec::new();
+            while let Ok(Some(msg)) = recv(&b2, std::mem::take(&mut buf)) {
+                if send(&f2, &msg).is_err() {
+                    break;
+                }
+                buf = msg.body;
+            }
+            let _ = f2.shutdown(Shutdown::Both);
+            let _ = b2.shutdown(Shutdown::Both);
+        })?;
+    let result = (|| {
+        let mut buf = Vec::new();
+        while let Some(msg) = recv(&frontend, std::mem::take(&mut buf))? {
+            check(&msg)?;
+            send(&backend, &msg)?;
+            buf = msg.body;
+        }
+        Ok(())
+    })();
+    let _ = frontend.shutdown(Shutdown::Both);
+    let _ = backend.shutdown(Shutdown::Both);
+    let _ = replies.join();
+    result
+}
