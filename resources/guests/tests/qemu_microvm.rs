@@ -1,201 +1,12 @@
 //! Boots the built test guest in QEMU microvm (KVM) and checks its report.
 //!
-//! Needs `qemu-system-x86_64` (Debian: qemu-system-x86) and /dev/kvm. One
-//! QEMU at a time (the machine has 2 cores). Each boot is bounded by
-//! `PARTVISOR_GUEST_TEST_TIMEOUT_SECS` (default 60); QEMU is killed on timeout.
-//! `PARTVISOR_QEMU_CPU` overrides the `-cpu` model (default
-//! `host,-arch-capabilities`: on the project's nested-KVM machines plain
-//! `-cpu host` aborts QEMU 7.2 with "failed to set MSR 0x10a").
+//! Runner and its environment variables: `common/mod.rs`.
 
-use partvisor_test_guest::report::{Initrd, Probe, Report};
-use partvisor_test_guest::{fnv1a64, guest_elf, probe_low_address, PROBE_WRITE_VALUE};
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use wait_timeout::ChildExt;
+mod common;
 
-/// One QEMU at a time.
-static QEMU: Mutex<()> = Mutex::new(());
-static RUN_ID: AtomicUsize = AtomicUsize::new(0);
-
-/// KVM exit reasons (linux/kvm.h) as QEMU's `kvm_run_exit` trace prints them.
-const KVM_EXIT_SHUTDOWN: u32 = 8;
-const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
-
-struct Boot<'a> {
-    cmdline: &'a str,
-    vcpus: u32,
-    memory_mib: u32,
-    initrd: Option<PathBuf>,
-    stdin: Option<&'a [u8]>,
-    extra_args: &'a [&'a str],
-}
-
-impl Default for Boot<'_> {
-    fn default() -> Self {
-        Boot {
-            cmdline: "",
-            vcpus: 1,
-            memory_mib: 32,
-            initrd: None,
-            stdin: None,
-            extra_args: &[],
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Outcome {
-    /// QEMU's exit status (None if killed on timeout).
-    status: Option<i32>,
-    serial: String,
-    stderr: String,
-    /// KVM exit reasons other than I/O and MMIO, per `kvm_run_exit` trace.
-    special_exits: Vec<u32>,
-    timed_out: bool,
-}
-
-impl Outcome {
-    fn report(&self) -> Report {
-        Report::parse(&self.serial)
-    }
-}
-
-fn timeout() -> Duration {
-    let secs = std::env::var("PARTVISOR_GUEST_TEST_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    Duration::from_secs(secs)
-}
-
-fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-fn boot(b: Boot) -> Outcome {
-    let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
-    let id = RUN_ID.fetch_add(1, Ordering::SeqCst);
-    let trace =
-        std::env::temp_dir().join(format!("partvisor-guest-{}-{id}.trace", std::process::id()));
-    let cpu =
-        std::env::var("PARTVISOR_QEMU_CPU").unwrap_or_else(|_| "host,-arch-capabilities".into());
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", &cpu])
-        .args([
-            "-m",
-            &b.memory_mib.to_string(),
-            "-smp",
-            &b.vcpus.to_string(),
-        ])
-        .args([
-            "-nographic",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .args(["-trace", "kvm_run_exit", "-D"])
-        .arg(&trace)
-        .arg("-kernel")
-        .arg(guest_elf())
-        .args(["-append", b.cmdline]);
-    cmd.args(b.extra_args);
-    if let Some(initrd) = &b.initrd {
-        cmd.arg("-initrd").arg(initrd);
-    }
-    cmd.stdin(if b.stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .expect("qemu-system-x86_64 must be installed (apt-get install qemu-system-x86)");
-    if let (Some(bytes), Some(mut stdin)) = (b.stdin, child.stdin.take()) {
-        stdin.write_all(bytes).unwrap();
-        // Dropping stdin closes it; QEMU keeps running.
-    }
-    let serial = read_all(child.stdout.take().unwrap());
-    // stderr: watch for an emulation failure (QEMU then pauses, never exits).
-    let internal_error = Arc::new(AtomicBool::new(false));
-    let stderr = {
-        let flag = internal_error.clone();
-        let mut err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut all = Vec::new();
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                all.extend_from_slice(&buf[..n]);
-                if String::from_utf8_lossy(&all).contains("KVM internal error") {
-                    flag.store(true, Ordering::SeqCst);
-                }
-            }
-            String::from_utf8_lossy(&all).into_owned()
-        })
-    };
-    let deadline = Instant::now() + timeout();
-    let mut status = None;
-    let mut timed_out = false;
-    loop {
-        if let Some(s) = child.wait_timeout(Duration::from_millis(50)).unwrap() {
-            status = s.code();
-            break;
-        }
-        if internal_error.load(Ordering::SeqCst) {
-            // Give QEMU a moment to finish its register dump.
-            std::thread::sleep(Duration::from_millis(200));
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        if Instant::now() >= deadline {
-            timed_out = true;
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-    }
-    let serial = serial.join().unwrap();
-    let stderr = stderr.join().unwrap();
-    let special_exits = std::fs::read_to_string(&trace)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.rsplit_once("reason ")?.1.trim().parse::<u32>().ok())
-        .filter(|&r| r != 2 && r != 6) // KVM_EXIT_IO, KVM_EXIT_MMIO
-        .collect();
-    let _ = std::fs::remove_file(&trace);
-    let out = Outcome {
-        status,
-        serial,
-        stderr,
-        special_exits,
-        timed_out,
-    };
-    assert!(
-        !out.timed_out || b.cmdline.contains("crash=int3"),
-        "QEMU timed out: {out:#?}"
-    );
-    out
-}
-
-/// QEMU's isa-debug-exit status for guest code N (a process status is 8 bits).
-fn debug_exit_status(code: i32) -> Option<i32> {
-    Some(((code << 1) | 1) & 0xff)
-}
+use common::{boot, debug_exit_status, Boot, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN};
+use partvisor_test_guest::report::{Initrd, Probe};
+use partvisor_test_guest::{fnv1a64, probe_low_address, PROBE_WRITE_VALUE};
 
 #[test]
 fn no_words_reports_and_exits_zero() {
@@ -212,17 +23,24 @@ fn no_words_reports_and_exits_zero() {
 #[test]
 fn cmdline_is_echoed_and_unknown_words_are_warned() {
     let out = boot(Boot {
-        cmdline: "hello  virtio_mmio.device=4K@0xd0000000:5 exit=300",
+        cmdline: "hello  virtio_mmio.device=4K@0xd0000000 blk=frobnicate exit=300",
         ..Boot::default()
     });
     let r = out.report();
     assert_eq!(
         r.cmdline.as_deref(),
-        Some("hello  virtio_mmio.device=4K@0xd0000000:5 exit=300")
+        Some("hello  virtio_mmio.device=4K@0xd0000000 blk=frobnicate exit=300")
     );
+    // The malformed declaration is warned about in the declaration pass,
+    // before the other words.
     assert_eq!(
         r.unknown_words,
-        vec!["hello", "virtio_mmio.device=4K@0xd0000000:5", "exit=300"]
+        vec![
+            "virtio_mmio.device=4K@0xd0000000",
+            "hello",
+            "blk=frobnicate",
+            "exit=300"
+        ]
     );
     assert_eq!(out.status, debug_exit_status(0), "{out:#?}");
 }

@@ -3,6 +3,9 @@
 
 use crate::arch::read_bytes;
 
+/// Most IOAPICs the guest keeps track of.
+pub const MAX_IOAPICS: usize = 4;
+
 /// What the guest learns from the ACPI tables.
 pub struct Platform {
     /// APIC ids of enabled processors, in MADT order.
@@ -13,6 +16,10 @@ pub struct Platform {
     pub lapic: u64,
     /// First IOAPIC's base, if any.
     pub ioapic: Option<u64>,
+    /// Every MADT IOAPIC (up to [`MAX_IOAPICS`]): (base, first GSI).
+    pub ioapics: [(u64, u32); MAX_IOAPICS],
+    /// How many entries of `ioapics` are valid.
+    pub nr_ioapics: usize,
     /// FADT SLEEP_CONTROL_REG, when it is an I/O port.
     pub sleep_port: Option<u16>,
 }
@@ -46,6 +53,8 @@ pub fn parse(rsdp: u64) -> Platform {
         cpus: 0,
         lapic: crate::drivers::lapic::LAPIC_DEFAULT,
         ioapic: None,
+        ioapics: [(0, 0); MAX_IOAPICS],
+        nr_ioapics: 0,
         sleep_port: None,
     };
     let revision = read_bytes::<1>(rsdp + 15)[0];
@@ -95,7 +104,14 @@ fn parse_madt(madt: u64, p: &mut Platform) {
                     p.cpus += 1;
                 }
             }
-            1 if elen >= 12 && p.ioapic.is_none() => p.ioapic = Some(u64::from(u32_at(e + 4))),
+            1 if elen >= 12 => {
+                let base = u64::from(u32_at(e + 4));
+                p.ioapic.get_or_insert(base);
+                if p.nr_ioapics < MAX_IOAPICS {
+                    p.ioapics[p.nr_ioapics] = (base, u32_at(e + 8));
+                    p.nr_ioapics += 1;
+                }
+            }
             _ => {}
         }
         e += u64::from(elen);

@@ -47,6 +47,9 @@ pub const VEC_AP_ONLINE: u8 = 0x21;
 pub const VEC_UART: u8 = 0x24;
 /// GED (ACPI power button), IOAPIC pin 5.
 pub const VEC_GED: u8 = 0x25;
+/// virtio-mmio devices (their IOAPIC pins, edge, active high); the driver
+/// reads each device's InterruptStatus to learn what happened.
+pub const VEC_VIRTIO: u8 = 0x30;
 /// LAPIC spurious vector (no EOI).
 pub const VEC_SPURIOUS: u8 = 0xFF;
 
@@ -63,11 +66,13 @@ pub enum Irq {
     Uart = 3,
     /// Power button.
     Ged = 4,
+    /// virtio-mmio device (any).
+    Virtio = 6,
 }
 
-/// `[total, timer, ap_online, uart, ged, spurious]`, incremented by the
-/// CPL 0 interrupt stubs with `lock inc`.
-pub static IRQ_COUNTS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+/// `[total, timer, ap_online, uart, ged, spurious, virtio]`, incremented by
+/// the CPL 0 interrupt stubs with `lock inc`.
+pub static IRQ_COUNTS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 
 /// Interrupts taken so far, on all CPUs.
 pub fn irq_total() -> u64 {

@@ -23,7 +23,7 @@ use crate::abi::{CALL_TAG, SYS_TRIPLE_FAULT, SYS_WAIT};
 use crate::arch::{
     GDT_TSS0, IO_PORTS, IRQ_COUNTS, KSTACKS, KSTACK_SHIFT, MAX_CPUS, SEL_KCODE32, SEL_KCODE64,
     SEL_KDATA, SEL_UCODE64, SEL_UDATA, TSS_SHIFT, USTACKS, USTACK_SHIFT, VEC_AP_ONLINE, VEC_GED,
-    VEC_SPURIOUS, VEC_TIMER, VEC_UART,
+    VEC_SPURIOUS, VEC_TIMER, VEC_UART, VEC_VIRTIO,
 };
 
 /// Physical page the AP trampoline is copied to (SIPI vector 0x08).
@@ -216,6 +216,7 @@ pvh_entry64:                    /* ESI = slot */
     SET_GATE {vec_uart}, irq_stub_uart, 0
     SET_GATE {vec_ged}, irq_stub_ged, 0
     SET_GATE {vec_spurious}, irq_stub_spurious, 0
+    SET_GATE {vec_virtio}, irq_stub_virtio, 0
     SET_GATE 6, pvh_call_entry, 0
 2:
     lidt pvh_idtr
@@ -315,6 +316,7 @@ pvh_call_entry:
     IRQ_STUB irq_stub_uart, 2, 1
     IRQ_STUB irq_stub_ged, 3, 1
     IRQ_STUB irq_stub_spurious, 4, 0
+    IRQ_STUB irq_stub_virtio, 5, 1
     .popsection
     "#,
     max_cpus = const MAX_CPUS,
@@ -338,6 +340,7 @@ pvh_call_entry:
     vec_uart = const VEC_UART,
     vec_ged = const VEC_GED,
     vec_spurious = const VEC_SPURIOUS,
+    vec_virtio = const VEC_VIRTIO,
     call_tag = const CALL_TAG,
     options(att_syntax)
 );

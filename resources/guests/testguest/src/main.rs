@@ -12,11 +12,13 @@
 mod abi;
 mod acpi;
 mod arch;
+mod blk_pattern;
 mod cpl0;
 mod drivers;
 mod mem;
 mod pvh;
 mod smp;
+mod words;
 mod workloads;
 
 /// CPL 3 entry of every CPU; `slot` 0 is the BSP. Reached by `iretq` from

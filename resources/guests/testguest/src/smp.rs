@@ -116,3 +116,64 @@ pub fn ap_main(slot: usize) -> ! {
     lapic::send_fixed(BSP_APIC_ID.load(Ordering::SeqCst), VEC_AP_ONLINE);
     idle_forever()
 }
+
+/// A bound on waiting that tolerates slow progress: the LAPIC one-shot timer
+/// is armed once for `period_ns`; when it runs down, the wait has timed out
+/// unless [`Watchdog::progress`] was called since it was armed, in which case
+/// it is re-armed. So every wait ends within two periods of the last
+/// progress, and the timer doubles as a clock ([`Watchdog::elapsed_ns`]).
+pub struct Watchdog {
+    fired: u64,
+    period: u32,
+    epochs: u64,
+    progressed: bool,
+}
+
+impl Watchdog {
+    /// Arm the timer (at most `u32::MAX` ns, about 4.29 s, per period).
+    pub fn start(period_ns: u64) -> Watchdog {
+        let period = period_ns.clamp(1, u64::from(u32::MAX)) as u32;
+        let fired = irq_count(Irq::Timer);
+        lapic::timer_oneshot_ns(u64::from(period));
+        Watchdog {
+            fired,
+            period,
+            epochs: 0,
+            progressed: false,
+        }
+    }
+
+    /// Something the waiter waits for happened.
+    pub fn progress(&mut self) {
+        self.progressed = true;
+    }
+
+    /// Whether the bound is exceeded: a whole period without progress.
+    pub fn expired(&mut self) -> bool {
+        if irq_count(Irq::Timer) == self.fired || !lapic::timer_expired() {
+            return false;
+        }
+        if !self.progressed {
+            return true;
+        }
+        self.progressed = false;
+        self.epochs += 1;
+        self.fired = irq_count(Irq::Timer);
+        lapic::timer_oneshot_ns(u64::from(self.period));
+        false
+    }
+
+    /// Nanoseconds since [`Watchdog::start`] (LAPIC timer ticks; the time
+    /// between a period's end and its re-arming is not counted).
+    pub fn elapsed_ns(&self) -> u64 {
+        let left = u64::from(lapic::timer_remaining()).min(u64::from(self.period));
+        self.epochs * u64::from(self.period) + u64::from(self.period) - left
+    }
+
+    /// Stop the timer; returns [`Watchdog::elapsed_ns`].
+    pub fn stop(self) -> u64 {
+        let ns = self.elapsed_ns();
+        lapic::timer_oneshot_ns(0);
+        ns
+    }
+}

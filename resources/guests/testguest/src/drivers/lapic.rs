@@ -5,6 +5,9 @@ use crate::arch::{read32, write32};
 /// Default LAPIC base; the interrupt stubs' EOI write uses this address.
 pub const LAPIC_DEFAULT: u64 = 0xFEE0_0000;
 
+/// Where the first IOAPIC is when no MADT says otherwise.
+pub const IOAPIC_DEFAULT: u64 = 0xFEC0_0000;
+
 const ID: u64 = 0x20;
 const SVR: u64 = 0xF0;
 const ICR_LOW: u64 = 0x300;
@@ -67,6 +70,17 @@ pub fn timer_oneshot_ns(ns: u64) {
 /// from an earlier, cancelled arming does not make this true).
 pub fn timer_expired() -> bool {
     read32(LAPIC_DEFAULT + TIMER_CURRENT) == 0
+}
+
+/// Nanoseconds (timer ticks) left on the one-shot timer armed last.
+pub fn timer_remaining() -> u32 {
+    read32(LAPIC_DEFAULT + TIMER_CURRENT)
+}
+
+/// How many redirection entries (pins) the IOAPIC at `base` has.
+pub fn ioapic_pins(base: u64) -> u32 {
+    write32(base, 1); // IOAPICVER
+    ((read32(base + 0x10) >> 16) & 0xFF) + 1
 }
 
 /// IOAPIC at `base`: route `pin` (edge, active high) to `vector` on `dest`.

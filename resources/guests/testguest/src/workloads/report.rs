@@ -7,12 +7,7 @@ use crate::pvh::StartInfo;
 use crate::say;
 use crate::workloads::{exit, run, Boot};
 
-/// FNV-1a, 64-bit.
-pub fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
+use crate::blk_pattern::fnv1a64;
 
 /// BSP main line: tables, report, APs, then the cmdline words.
 pub fn bsp_main() -> ! {
@@ -76,8 +71,22 @@ pub fn bsp_main() -> ! {
         }
         None => say!("initrd: none"),
     }
+    let mut ioapics = [(0, 0); crate::acpi::MAX_IOAPICS];
+    let nr_ioapics = match &platform {
+        Some(p) if p.nr_ioapics > 0 => {
+            ioapics = p.ioapics;
+            p.nr_ioapics
+        }
+        // No MADT (QEMU microvm with acpi=off): the architectural default.
+        _ => {
+            ioapics[0] = (lapic::IOAPIC_DEFAULT, 0);
+            1
+        }
+    };
     let boot = Boot {
         ram_end,
+        ioapics,
+        nr_ioapics,
         ioapic: platform.as_ref().and_then(|p| p.ioapic),
         sleep_port: platform.as_ref().and_then(|p| p.sleep_port),
         bsp_apic_id,

@@ -1,0 +1,197 @@
+//! Parsers for the virtio cmdline words. Pure `core` code: the host crate
+//! compiles this same file (`partvisor_test_guest::words`) to unit-test it
+//! and to build words, so the guest and its tests cannot disagree.
+
+/// A `virtio_mmio.device=<size>@<base>:<gsi>[:<id>]` declaration (Linux's
+/// syntax; `<size>` and `<base>` take `0x` hex or decimal with an optional
+/// K/M/G suffix, `<gsi>` is decimal, the optional platform-device id is
+/// ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDecl {
+    /// Register window size in bytes.
+    pub size: u64,
+    /// Guest-physical base of the registers.
+    pub base: u64,
+    /// Interrupt (global system interrupt = IOAPIC input).
+    pub gsi: u32,
+}
+
+/// Cmdline key of a device declaration.
+pub const VIRTIO_MMIO_KEY: &str = "virtio_mmio.device";
+/// Cmdline key of the virtio-blk actions.
+pub const BLK_KEY: &str = "blk";
+
+fn number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// A number with an optional binary K/M/G suffix (Linux `memparse`).
+pub fn memparse(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    number(digits)?.checked_mul(1 << shift)
+}
+
+/// Parse the value of a `virtio_mmio.device=` word.
+pub fn parse_virtio_mmio(value: &str) -> Option<VirtioMmioDecl> {
+    let (size, rest) = value.split_once('@')?;
+    let (base, rest) = rest.split_once(':')?;
+    let gsi = match rest.split_once(':') {
+        Some((gsi, id)) => {
+            id.parse::<u32>().ok()?;
+            gsi
+        }
+        None => rest,
+    };
+    let decl = VirtioMmioDecl {
+        size: memparse(size)?,
+        base: memparse(base)?,
+        gsi: gsi.parse().ok()?,
+    };
+    (decl.size >= 0x100 && decl.base.checked_add(decl.size).is_some()).then_some(decl)
+}
+
+/// Malformed requests `blk=bad:<kind>` posts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadKind {
+    /// Two descriptors whose `next` fields point at each other.
+    Loop,
+    /// A chain longer than the queue: an indirect table of twice the queue
+    /// size when VIRTIO_RING_F_INDIRECT_DESC is negotiated, else every ring
+    /// descriptor once with the last linking back to the first.
+    Long,
+    /// An indirect descriptor whose table length is not a multiple of 16
+    /// and whose first entry is itself indirect.
+    Indirect,
+    /// A data descriptor at 1 TiB, outside guest RAM.
+    Oob,
+    /// A read request with no device-writable descriptor (no status byte).
+    NoStatus,
+}
+
+impl BadKind {
+    /// Every kind, in documentation order.
+    pub const ALL: [BadKind; 5] = [
+        BadKind::Loop,
+        BadKind::Long,
+        BadKind::Indirect,
+        BadKind::Oob,
+        BadKind::NoStatus,
+    ];
+
+    /// The word's spelling (`blk=bad:<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BadKind::Loop => "loop",
+            BadKind::Long => "long",
+            BadKind::Indirect => "indirect",
+            BadKind::Oob => "oob",
+            BadKind::NoStatus => "nostatus",
+        }
+    }
+}
+
+/// `blk=bench:<kind>:<ops>` workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchKind {
+    /// 4 KiB reads at random 4 KiB-aligned offsets.
+    RandRead,
+    /// 4 KiB writes at random 4 KiB-aligned offsets.
+    RandWrite,
+    /// 64 KiB reads, consecutive from sector 0 (wrapping at the capacity).
+    SeqRead,
+}
+
+impl BenchKind {
+    /// The word's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchKind::RandRead => "randread",
+            BenchKind::RandWrite => "randwrite",
+            BenchKind::SeqRead => "seqread",
+        }
+    }
+
+    /// Bytes per request.
+    pub fn request_bytes(self) -> u32 {
+        match self {
+            BenchKind::RandRead | BenchKind::RandWrite => 4096,
+            BenchKind::SeqRead => 65536,
+        }
+    }
+}
+
+/// One `blk=` word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlkWord {
+    /// `blk=write:SEED:N`
+    Write {
+        /// Pattern seed.
+        seed: u64,
+        /// 4 KiB blocks from sector 0.
+        blocks: u32,
+    },
+    /// `blk=verify:SEED:N`
+    Verify {
+        /// Pattern seed.
+        seed: u64,
+        /// 4 KiB blocks from sector 0.
+        blocks: u32,
+    },
+    /// `blk=id`
+    Id,
+    /// `blk=expect-ro`
+    ExpectRo,
+    /// `blk=bad:KIND`
+    Bad(BadKind),
+    /// `blk=bench:KIND:OPS`
+    Bench {
+        /// Workload.
+        kind: BenchKind,
+        /// Requests to complete.
+        ops: u32,
+    },
+}
+
+/// Parse the value of a `blk=` word (SEED: decimal or `0x` hex).
+pub fn parse_blk(value: &str) -> Option<BlkWord> {
+    let mut parts = value.split(':');
+    let op = parts.next()?;
+    let a = parts.next();
+    let b = parts.next();
+    if parts.next().is_some() {
+        return None;
+    }
+    let word = match (op, a, b) {
+        ("write", Some(seed), Some(n)) => BlkWord::Write {
+            seed: number(seed)?,
+            blocks: n.parse().ok()?,
+        },
+        ("verify", Some(seed), Some(n)) => BlkWord::Verify {
+            seed: number(seed)?,
+            blocks: n.parse().ok()?,
+        },
+        ("id", None, None) => BlkWord::Id,
+        ("expect-ro", None, None) => BlkWord::ExpectRo,
+        ("bad", Some(kind), None) => BlkWord::Bad(*BadKind::ALL.iter().find(|k| k.name() == kind)?),
+        ("bench", Some(kind), Some(n)) => BlkWord::Bench {
+            kind: [
+                BenchKind::RandRead,
+                BenchKind::RandWrite,
+                BenchKind::SeqRead,
+            ]
+            .into_iter()
+            .find(|k| k.name() == kind)?,
+            ops: n.parse().ok()?,
+        },
+        _ => return None,
+    };
+    Some(word)
+}
