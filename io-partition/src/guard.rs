@@ -305,3 +305,73 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError
     let _ = replies.join();
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd(size: u64, seals: i32) -> OwnedFd {
+        // SAFETY: memfd_create with a valid C string; the fd is owned below.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"guard-test".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: fd was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        File::from(fd.try_clone().unwrap()).set_len(size).unwrap();
+        // SAFETY: plain fcntl on our fd.
+        assert_eq!(
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+            0
+        );
+        fd
+    }
+
+    fn region(size: u64, offset: u64) -> VhostUserMemoryRegion {
+        VhostUserMemoryRegion::new(0x10_0000, size, 0x7f00_0000_0000, offset)
+    }
+
+    const BOTH: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+    #[test]
+    fn sealed_region_inside_the_file_passes() {
+        let fd = memfd(0x20_0000, BOTH);
+        check_region(0, &region(0x10_0000, 0x10_0000), &fd).unwrap();
+        check_region(0, &region(0x20_0000, 0), &fd).unwrap();
+    }
+
+    #[test]
+    fn missing_seals_are_refused_by_name() {
+        for (seals, missing) in [
+            (0, "shrinking or growing"),
+            (libc::F_SEAL_GROW, "shrinking (F_SEAL_SHRINK)"),
+            (libc::F_SEAL_SHRINK, "growing (F_SEAL_GROW)"),
+        ] {
+            let fd = memfd(0x1000, seals);
+            let e = check_region(3, &region(0x1000, 0), &fd).unwrap_err();
+            assert!(e.is_region_refusal());
+            let msg = e.to_string();
+            assert!(msg.contains("region 3") && msg.contains(missing), "{msg}");
+        }
+    }
+
+    #[test]
+    fn region_reaching_past_the_end_of_the_file_is_refused() {
+        let fd = memfd(0x2000, BOTH);
+        for (size, offset) in [(0x3000, 0), (0x1000, 0x1001), (0x1000, u64::MAX), (0, 0)] {
+            let e = check_region(0, &region(size, offset), &fd).unwrap_err();
+            assert!(matches!(e, GuardError::OutsideFile { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_plain_file_without_seal_support_is_refused() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(0x1000).unwrap();
+        let e = check_region(0, &region(0x1000, 0), &OwnedFd::from(f)).unwrap_err();
+        assert!(e.is_region_refusal(), "{e}");
+    }
+}

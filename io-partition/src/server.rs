@@ -6,10 +6,10 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 use vhost_user_backend::VhostUserDaemon;
@@ -68,11 +68,14 @@ impl BoundExport {
         &self.export
     }
 
-    /// Accepts connections forever, one at a time: a frontend that connects
-    /// while another is being served is logged and disconnected. A
-    /// connection that ends (or is refused) never stops the listener.
+    /// Accepts connections forever, one at a time. A frontend that connects
+    /// while another is being served waits up to [`HANDOVER_GRACE`] for the
+    /// previous session to finish tearing down (a VMM that reconnects right
+    /// after a disconnect, or a readiness probe followed by the real
+    /// connection), and is then logged and disconnected. A connection that
+    /// ends (or is refused) never stops the listener.
     pub fn serve(self) {
-        let busy = Arc::new(AtomicBool::new(false));
+        let slot = Arc::new(Slot::default());
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -83,24 +86,64 @@ impl BoundExport {
                     continue;
                 }
             };
-            if busy.swap(true, Ordering::AcqRel) {
+            if !slot.acquire(HANDOVER_GRACE) {
                 warn!(export = %self.export.name(), "refusing a second frontend: the export is already connected");
                 drop(stream);
                 continue;
             }
             let export = self.export.clone();
-            let done = busy.clone();
+            let done = slot.clone();
             let spawned = thread::Builder::new()
                 .name("part-io-conn".into())
                 .spawn(move || {
                     serve_connection(&export, stream);
-                    done.store(false, Ordering::Release);
+                    done.release();
                 });
             if let Err(e) = spawned {
                 error!(export = %self.export.name(), "cannot start a connection thread: {e}");
-                busy.store(false, Ordering::Release);
+                slot.release();
             }
         }
+    }
+}
+
+/// How long a new frontend waits for the previous session of its export to end.
+pub const HANDOVER_GRACE: Duration = Duration::from_secs(2);
+
+/// The one connection slot of an export.
+#[derive(Default)]
+struct Slot {
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the slot, waiting up to `grace` for it; false if still busy.
+    fn acquire(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        let mut busy = self.lock();
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            busy = self
+                .freed
+                .wait_timeout(busy, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *busy = true;
+        true
+    }
+
+    fn release(&self) {
+        *self.lock() = false;
+        self.freed.notify_all();
     }
 }
 
