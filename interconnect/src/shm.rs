@@ -37,6 +37,8 @@ pub(crate) const GEO: RingGeometry = RingGeometry {
 const CTRL_LEN: usize = 24;
 const CTRL_EXPOSE: u8 = 1;
 const CTRL_CLOSE: u8 = 2;
+/// How often an idle, spinning receiver looks at the control socket.
+const CTRL_INTERVAL: Duration = Duration::from_micros(200);
 /// Most buffers a peer may expose to us on one connection.
 const MAX_PEER_BUFS: usize = 65536;
 
@@ -78,6 +80,7 @@ pub(crate) struct ShmLink {
     peer_bufs: HashMap<u64, Arc<Mapping>>,
     close_pending: bool,
     closed: bool,
+    last_ctrl: Instant,
 }
 
 fn finish(sock: UnixStream, local: LocalSide, mut fds: Vec<OwnedFd>) -> Result<ShmLink> {
@@ -112,6 +115,7 @@ fn finish(sock: UnixStream, local: LocalSide, mut fds: Vec<OwnedFd>) -> Result<S
         peer_bufs: HashMap::new(),
         close_pending: false,
         closed: false,
+        last_ctrl: Instant::now(),
     })
 }
 
@@ -244,6 +248,7 @@ impl ShmLink {
 
     /// Reads pending control messages. Returns an event if the link ended.
     fn drain_ctrl(&mut self) -> Option<LinkEvent> {
+        self.last_ctrl = Instant::now();
         loop {
             let mut b = [0u8; CTRL_LEN];
             match scm::recv(&self.sock, &mut b) {
@@ -354,11 +359,6 @@ impl Link for ShmLink {
         if self.closed {
             return None;
         }
-        if !self.close_pending {
-            if let Some(ev) = self.drain_ctrl() {
-                return Some(ev);
-            }
-        }
         let mut buf = [0u8; 72];
         loop {
             let n = match self.rx.try_pop(&mut buf) {
@@ -367,6 +367,18 @@ impl Link for ShmLink {
                     if self.close_pending {
                         self.closed = true;
                         return Some(LinkEvent::Closed);
+                    }
+                    // The control socket is read only when the ring is idle
+                    // (and at most every CTRL_INTERVAL while spinning), so
+                    // the polling fast path makes no system call. Messages
+                    // that need an fd first force a read (see below).
+                    if self.last_ctrl.elapsed() >= CTRL_INTERVAL {
+                        if let Some(ev) = self.drain_ctrl() {
+                            return Some(ev);
+                        }
+                        if self.close_pending {
+                            continue;
+                        }
                     }
                     return None;
                 }

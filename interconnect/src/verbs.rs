@@ -306,7 +306,12 @@ impl Context {
         pd.inner.live_qps.fetch_add(1, Ordering::AcqRel);
         for cq in [&send_cq.inner, &recv_cq.inner] {
             cq.users.fetch_add(1, Ordering::AcqRel);
-            lock(&cq.qps).push(Arc::downgrade(&qp));
+            let mut list = lock(&cq.qps);
+            list.retain(|w| {
+                w.upgrade()
+                    .is_some_and(|q| !q.destroyed.load(Ordering::Acquire))
+            });
+            list.push(Arc::downgrade(&qp));
         }
         lock(&self.inner.qps).push(Arc::downgrade(&qp));
         Ok(Qp { inner: qp })
@@ -724,11 +729,7 @@ impl Cq {
             return Err(IcError::CqOverflow);
         }
         let deadline = now_ns() + 2_000_000;
-        let qps: Vec<Arc<QpInner>> = lock(&self.inner.qps)
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for qp in &qps {
+        for qp in lock(&self.inner.qps).iter().filter_map(Weak::upgrade) {
             qp.app_poll_deadline.store(deadline, Ordering::Relaxed);
             qp.try_progress();
         }
