@@ -143,7 +143,9 @@ impl InitError {
             InitError::NoVersion1 => "device does not offer VIRTIO_F_VERSION_1",
             InitError::FeaturesRejected => "device cleared FEATURES_OK",
             InitError::QueueUnavailable => "queue 0 missing or already ready",
-            InitError::Busy => "driver memory in use",
+            InitError::Busy => {
+                "an earlier device never finished its reset, its buffers stay reserved"
+            }
         }
     }
 }
@@ -284,10 +286,12 @@ impl Blk {
         };
         t.activate_queue(size, q.rings());
         let capacity = t.config_u64(0);
-        let size_max = if features & F_SIZE_MAX != 0 {
-            t.config_u32(8) as usize
-        } else {
-            MAX_REQUEST
+        // qemu-storage-daemon's vhost-user-blk offers SIZE_MAX with a
+        // size_max of 0; like Linux, read 0 as "no limit".
+        let size_max = match t.config_u32(8) as usize {
+            0 => MAX_REQUEST,
+            v if features & F_SIZE_MAX != 0 => v,
+            _ => MAX_REQUEST,
         };
         let seg_max = if features & F_SEG_MAX != 0 {
             t.config_u32(12) as usize
@@ -636,6 +640,11 @@ impl Drop for Blk {
         // reset does not complete, keep the memory (a later init fails Busy).
         if reset(&self.t) {
             DMA_TAKEN.store(false, Ordering::Release);
+        } else {
+            crate::say!(
+                "warn: blk: device status 0x{:02x} 1 s after a reset; its buffers stay reserved",
+                self.t.status()
+            );
         }
     }
 }
