@@ -1,10 +1,13 @@
 //! Benchmark: durable transactions/s at 1 and 16 concurrent writers, with
-//! and without group commit and with relaxed durability for comparison; and
-//! replay time of a 100,000-entry audit log against reading the live tables.
+//! group commit, without batching, and against the design without a writer
+//! thread (16 SQLite connections committing on their own); relaxed
+//! durability for comparison; and replay time of a 100,000-entry audit log
+//! against reading the live tables. Configurations run interleaved for
+//! several rounds so that changes in the machine's load hit all of them.
 //!
 //! `cargo bench -p resource-db --features bench`
-//! Environment: `BENCH_SECS` (per throughput run, default 3),
-//! `REPLAY_ENTRIES` (default 100000), `BENCH_DIR` (default: a temp dir).
+//! Environment: `BENCH_SECS` (per run, default 3), `BENCH_ROUNDS` (default
+//! 3), `REPLAY_ENTRIES` (default 100000), `BENCH_DIR` (default: temp dir).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -121,42 +124,40 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// One measured run.
 struct Row {
-    label: String,
     rate: f64,
     per_commit: f64,
+    p50_us: u32,
+    p99_us: u32,
 }
 
+impl Row {
+    fn new(lat: &[u32], secs: f64, commits: u64) -> Row {
+        let n = lat.len() as f64;
+        Row {
+            rate: n / secs,
+            per_commit: n / commits.max(1) as f64,
+            p50_us: percentile(lat, 0.5),
+            p99_us: percentile(lat, 0.99),
+        }
+    }
+}
+
+/// Throughput of the database with `writers` threads calling `transact`.
 fn throughput(
-    dir: &Path,
-    label: &str,
+    path: &Path,
     durability: Durability,
     max_batch: usize,
     writers: u32,
     secs: f64,
 ) -> Row {
-    let path = dir.join(format!("{}.db", label.replace([' ', ','], "_")));
-    let db = open(&path, durability, max_batch);
+    let db = open(path, durability, max_batch);
     let base = db.stats();
     let (lat, t) = drive(&db, writers, Duration::from_secs_f64(secs), u64::MAX);
-    let n = lat.len() as u64;
-    let s = db.stats();
-    let commits = s.commits - base.commits;
+    let commits = db.stats().commits - base.commits;
     db.check_invariants().expect("invariants");
-    let row = Row {
-        label: label.into(),
-        rate: n as f64 / t,
-        per_commit: n as f64 / commits.max(1) as f64,
-    };
-    println!(
-        "{:<44} {:>7.0} tx/s  {:>5.1} tx/commit  latency p50 {:>5} µs p99 {:>6} µs  ({n} tx)",
-        row.label,
-        row.rate,
-        row.per_commit,
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99)
-    );
-    row
+    Row::new(&lat, t, commits)
 }
 
 /// The alternative design without a writer thread: each of `writers`
@@ -164,16 +165,15 @@ fn throughput(
 /// the same row changes and audit insert itself (`BEGIN IMMEDIATE` ...
 /// `COMMIT`), serialized by SQLite's write lock. No precondition checks: it
 /// only measures what the store alone gives.
-fn raw_sqlite_writers(dir: &Path, writers: u32, secs: f64) -> f64 {
-    let path = dir.join("raw.db");
-    drop(open(&path, Durability::Full, 1));
+fn raw_sqlite_writers(path: &Path, writers: u32, secs: f64) -> Row {
+    drop(open(path, Durability::Full, 1));
     let host = host();
     let dur = Duration::from_secs_f64(secs);
     let start = Instant::now();
     let mut lat: Vec<u32> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..writers)
             .map(|w| {
-                let (path, host) = (&path, &host);
+                let host = &host;
                 s.spawn(move || {
                     let c = rusqlite::Connection::open(path).expect("open");
                     c.pragma_update(None, "synchronous", "FULL").expect("pragma");
@@ -209,18 +209,10 @@ fn raw_sqlite_writers(dir: &Path, writers: u32, secs: f64) -> f64 {
             .flat_map(|h| h.join().expect("writer"))
             .collect()
     });
-    let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed().as_secs_f64();
     lat.sort_unstable();
-    println!(
-        "{:<44} {:>7.0} tx/s  {:>5.1} tx/commit  latency p50 {:>5} µs p99 {:>6} µs  ({} tx)",
-        "baseline: 16 SQLite connections, own commits",
-        rate,
-        1.0,
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        lat.len()
-    );
-    rate
+    let n = lat.len() as u64;
+    Row::new(&lat, elapsed, n)
 }
 
 fn load() -> String {
@@ -262,70 +254,97 @@ fn main() {
     );
     println!("each transaction: 2 ownership changes + 1 audit entry; WAL journal\n");
 
-    println!("== durable transactions/s ({secs} s per run) ==");
-    let full1 = throughput(
-        dir,
-        "full (fsync per commit), 1 writer",
-        Durability::Full,
-        256,
-        1,
-        secs,
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    println!(
+        "== transactions/s: {rounds} interleaved rounds of {secs} s per configuration; median [min-max] =="
     );
-    let full16 = throughput(
-        dir,
-        "full, 16 writers, group commit",
-        Durability::Full,
-        256,
-        16,
-        secs,
-    );
-    let full16_nobatch = throughput(
-        dir,
-        "full, 16 writers, no batching (max_batch=1)",
-        Durability::Full,
-        1,
-        16,
-        secs,
-    );
-    let rel1 = throughput(
-        dir,
-        "relaxed (no fsync at commit), 1 writer",
-        Durability::Relaxed,
-        256,
-        1,
-        secs,
-    );
-    let rel16 = throughput(
-        dir,
-        "relaxed, 16 writers, group commit",
-        Durability::Relaxed,
-        256,
-        16,
-        secs,
-    );
-    let raw16 = raw_sqlite_writers(dir, 16, secs);
+    type Mode = Option<(Durability, usize)>;
+    let configs: [(&str, Mode, u32); 6] = [
+        (
+            "full durability, 1 writer",
+            Some((Durability::Full, 256)),
+            1,
+        ),
+        (
+            "full, 16 writers, group commit",
+            Some((Durability::Full, 256)),
+            16,
+        ),
+        (
+            "full, 16 writers, no batching (max_batch=1)",
+            Some((Durability::Full, 1)),
+            16,
+        ),
+        ("baseline: 16 SQLite connections, own commits", None, 16),
+        (
+            "relaxed durability, 1 writer",
+            Some((Durability::Relaxed, 256)),
+            1,
+        ),
+        (
+            "relaxed, 16 writers, group commit",
+            Some((Durability::Relaxed, 256)),
+            16,
+        ),
+    ];
+    let mut runs: Vec<Vec<Row>> = configs.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (_, mode, writers)) in configs.iter().enumerate() {
+            let file = dir.join(format!("round{round}-config{i}.db"));
+            let row = match mode {
+                Some((durability, max_batch)) => {
+                    throughput(&file, *durability, *max_batch, *writers, secs)
+                }
+                None => raw_sqlite_writers(&file, *writers, secs),
+            };
+            runs[i].push(row);
+        }
+    }
+    let median = |v: &mut Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut medians = Vec::new();
+    for ((label, _, _), rows) in configs.iter().zip(&runs) {
+        let mut rates: Vec<f64> = rows.iter().map(|r| r.rate).collect();
+        let m = median(&mut rates);
+        let mut per: Vec<f64> = rows.iter().map(|r| r.per_commit).collect();
+        let mut p50: Vec<f64> = rows.iter().map(|r| f64::from(r.p50_us)).collect();
+        let mut p99: Vec<f64> = rows.iter().map(|r| f64::from(r.p99_us)).collect();
+        println!(
+            "{label:<46} {m:>7.0} tx/s [{:>6.0}-{:<6.0}] {:>5.1} tx/commit  p50 {:>5.0} µs  p99 {:>6.0} µs",
+            rates[0],
+            rates[rates.len() - 1],
+            median(&mut per),
+            median(&mut p50),
+            median(&mut p99),
+        );
+        medians.push(m);
+    }
     println!();
     println!(
-        "ratio 16 writers group commit / no batching : {:.2}x",
-        full16.rate / full16_nobatch.rate
+        "ratio 16 writers group commit / no batching      : {:.2}x",
+        medians[1] / medians[2]
     );
     println!(
-        "ratio 16 writers group commit / 16 connections each committing: {:.2}x",
-        full16.rate / raw16
+        "ratio 16 writers group commit / 16 connections   : {:.2}x",
+        medians[1] / medians[3]
     );
     println!(
-        "ratio 16 writers / 1 writer (full)         : {:.2}x",
-        full16.rate / full1.rate
+        "ratio 16 writers / 1 writer (full)               : {:.2}x",
+        medians[1] / medians[0]
     );
     println!(
-        "ratio relaxed / full, 1 writer             : {:.2}x",
-        rel1.rate / full1.rate
+        "ratio relaxed / full, 1 writer                   : {:.2}x",
+        medians[4] / medians[0]
     );
     println!(
-        "ratio relaxed / full, 16 writers           : {:.2}x",
-        rel16.rate / full16.rate
+        "ratio relaxed / full, 16 writers                 : {:.2}x",
+        medians[5] / medians[1]
     );
-    let _ = (full16.per_commit, rel16.per_commit);
 
     println!("\n== replay of a {entries}-entry audit log ==");
     let path = dir.join("replay.db");

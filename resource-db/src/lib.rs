@@ -90,13 +90,15 @@
 //! reported is in the log; `CRASH_KILLS`, `CRASH_SEED`).
 //!
 //! `cargo bench -p resource-db --features bench` measures durable
-//! transactions/s at 1 and 16 writers (with and without group commit, and
-//! with [`Durability::Relaxed`] for comparison) and the replay time of a
-//! 100,000-entry log. On the project's 2-core machine while other builds
-//! ran (load 2–4; fsync latency varies with their disk traffic), three runs
-//! gave 580–4,400 tx/s with 1 writer and 17,500–27,300 tx/s with 16 writers
-//! (10–13 transactions per fsync), against 345–4,400 tx/s for 16 writers
-//! without batching; replay of 100,000 entries took 0.09–0.17 s.
+//! transactions/s at 1 and 16 writers (with group commit, without batching,
+//! and against 16 SQLite connections committing on their own), relaxed
+//! durability for comparison, and the replay time of a 100,000-entry log.
+//! On the project's 2-core machine while other builds ran (load 2-3; fsync
+//! latency varies with their disk traffic), medians of 3 interleaved rounds:
+//! 2,600 tx/s with 1 writer; 27,700 tx/s with 16 writers and group commit
+//! (13 transactions per fsync, p99 latency 2 ms), against 2,000 tx/s
+//! without batching and 1,000 tx/s with 16 connections; replay of 100,000
+//! entries 0.11 s.
 //!
 //! ## What it must never do
 //! - Change an owner, a share or a partition record outside a committed

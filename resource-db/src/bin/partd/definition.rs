@@ -1,0 +1,289 @@
+//! Partition definitions: what an operator asks for (`partctl create FILE`,
+//! TOML on disk, JSON on the wire), how partd validates it, what it demands
+//! from the resource database and the part-vmm descriptor built from it.
+
+use std::path::{Path, PathBuf};
+
+use part_vmm::config::{SerialConfig, VmConfig};
+use resource_db::{Demand, HostConfig, PartitionId};
+use serde::{Deserialize, Serialize};
+
+/// Largest vCPU count part-vmm accepts (xAPIC ids).
+const MAX_VCPUS: u32 = part_vmm::config::MAX_XAPIC_VCPUS;
+/// part-vmm's command line limit is 64 KiB including the NUL.
+const MAX_CMDLINE: usize = 64 * 1024 - 1;
+/// Longest polite-stop timeout a definition may ask for.
+const MAX_STOP_TIMEOUT_S: u64 = 3600;
+/// Shared-pool share given to a partition that names neither `cpus` nor
+/// `cpu_share`: a tenth of a CPU per vCPU.
+pub const DEFAULT_SHARE_MILLI_PER_VCPU: u32 = 100;
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+fn default_stop_timeout_s() -> u64 {
+    10
+}
+
+/// A partition definition. Unknown keys are refused so a typo never
+/// silently changes a partition.
+///
+/// ```toml
+/// name = "web"
+/// vcpus = 2
+/// memory_mib = 64
+/// kernel = "guest.elf"        # relative to the file's folder (partctl resolves it)
+/// initrd = "initrd.img"       # optional
+/// cmdline = "stay"            # optional
+/// cpus = [1]                  # dedicated host CPUs, or:
+/// cpu_share = 0.5             # share of the shared pool, in CPUs
+/// stop_timeout_s = 10         # polite stop -> forced stop (part-vmm's own timer)
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    pub name: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpus: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_share: Option<f64>,
+    #[serde(default = "default_stop_timeout_s")]
+    pub stop_timeout_s: u64,
+}
+
+/// Why a definition was refused; each message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("definition is not valid: {0}")]
+    Parse(String),
+    #[error(transparent)]
+    Name(#[from] resource_db::Rejection),
+    #[error("vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u32),
+    #[error("memory_mib 0: a partition needs at least 1 MiB")]
+    Memory,
+    #[error("{key} {path}: must be an absolute path (partctl resolves relative paths against the definition file's folder)")]
+    RelativePath { key: &'static str, path: String },
+    #[error("{key} {path}: cannot read it: {source}")]
+    Unreadable {
+        key: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{key} {path}: not a regular file")]
+    NotAFile { key: &'static str, path: String },
+    #[error("cmdline: {0}")]
+    Cmdline(&'static str),
+    #[error("cpus: host CPU {0} is not managed by partd (managed: {1:?})")]
+    UnknownCpu(u32, Vec<u32>),
+    #[error("cpus: host CPU {0} is listed twice")]
+    DuplicateCpu(u32),
+    #[error("give either cpus (dedicated) or cpu_share (shared pool), not both")]
+    CpusAndShare,
+    #[error("cpu_share {0}: must be a number of CPUs greater than 0 and at most vcpus ({1}), e.g. 0.5")]
+    Share(f64, u32),
+    #[error("stop_timeout_s {0}: must be between 1 and {MAX_STOP_TIMEOUT_S}")]
+    StopTimeout(u64),
+}
+
+impl Definition {
+    /// Parses and validates a JSON definition against the host.
+    pub fn from_json(value: serde_json::Value, host: &HostConfig) -> Result<Self, DefinitionError> {
+        let def: Definition =
+            serde_json::from_value(value).map_err(|e| DefinitionError::Parse(e.to_string()))?;
+        def.validate(host)?;
+        Ok(def)
+    }
+
+    /// The validated partition name.
+    pub fn id(&self) -> Result<PartitionId, DefinitionError> {
+        Ok(PartitionId::new(&self.name)?)
+    }
+
+    fn validate(&self, host: &HostConfig) -> Result<(), DefinitionError> {
+        self.id()?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(DefinitionError::Vcpus(self.vcpus));
+        }
+        if self.memory_mib == 0 {
+            return Err(DefinitionError::Memory);
+        }
+        check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd)?;
+        }
+        if self.cmdline.len() > MAX_CMDLINE {
+            return Err(DefinitionError::Cmdline("longer than 65535 bytes"));
+        }
+        if self.cmdline.contains('\0') {
+            return Err(DefinitionError::Cmdline("contains a NUL byte"));
+        }
+        for (i, cpu) in self.cpus.iter().enumerate() {
+            if !host.cpus.contains(cpu) {
+                return Err(DefinitionError::UnknownCpu(*cpu, host.cpus.clone()));
+            }
+            if self.cpus[..i].contains(cpu) {
+                return Err(DefinitionError::DuplicateCpu(*cpu));
+            }
+        }
+        if let Some(share) = self.cpu_share {
+            if !self.cpus.is_empty() {
+                return Err(DefinitionError::CpusAndShare);
+            }
+            if !share.is_finite() || share <= 0.0 || share > f64::from(self.vcpus) {
+                return Err(DefinitionError::Share(share, self.vcpus));
+            }
+        }
+        if self.stop_timeout_s == 0 || self.stop_timeout_s > MAX_STOP_TIMEOUT_S {
+            return Err(DefinitionError::StopTimeout(self.stop_timeout_s));
+        }
+        Ok(())
+    }
+
+    /// Shared-pool share in milli-CPUs (0 for a partition with dedicated CPUs).
+    pub fn share_milli(&self) -> u32 {
+        if !self.cpus.is_empty() {
+            return 0;
+        }
+        match self.cpu_share {
+            // Validated: 0 < share <= vcpus <= 254, so this fits.
+            Some(s) => ((s * 1000.0).round() as u32).max(1),
+            None => DEFAULT_SHARE_MILLI_PER_VCPU.saturating_mul(self.vcpus),
+        }
+    }
+
+    /// What starting this partition takes from the resource database.
+    pub fn demand(&self) -> Demand {
+        Demand {
+            memory_mib: self.memory_mib,
+            dedicated_cpus: self.cpus.clone(),
+            cpu_share_milli: self.share_milli(),
+            ..Demand::default()
+        }
+    }
+
+    /// The part-vmm descriptor: exactly what was granted. `affinity` is the
+    /// set of host CPUs the vCPU threads may run on.
+    pub fn descriptor(&self, console: &Path, affinity: Vec<u32>) -> VmConfig {
+        VmConfig {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            serial: SerialConfig::Socket(console.to_owned()),
+            stop_timeout_ms: self.stop_timeout_s.saturating_mul(1000),
+            cpu_affinity: if affinity.is_empty() {
+                None
+            } else {
+                Some(affinity.into_iter().map(|c| c as usize).collect())
+            },
+            devices: Vec::new(),
+        }
+    }
+}
+
+fn check_file(key: &'static str, path: &Path) -> Result<(), DefinitionError> {
+    let shown = path.display().to_string();
+    if !path.is_absolute() {
+        return Err(DefinitionError::RelativePath { key, path: shown });
+    }
+    let meta = std::fs::metadata(path).map_err(|source| DefinitionError::Unreadable {
+        key,
+        path: shown.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(DefinitionError::NotAFile { key, path: shown });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostConfig {
+        HostConfig {
+            cpus: vec![0, 1],
+            shared_pool_cpus: vec![0, 1],
+            memory_budget_mib: 1024,
+            ..HostConfig::empty()
+        }
+    }
+
+    fn kernel() -> String {
+        // Any readable regular file will do for validation.
+        std::env::current_exe().unwrap().display().to_string()
+    }
+
+    fn parse(extra: serde_json::Value) -> Result<Definition, DefinitionError> {
+        let mut v = serde_json::json!({"name": "p1", "memory_mib": 32, "kernel": kernel()});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        Definition::from_json(v, &host())
+    }
+
+    #[test]
+    fn minimal_definition_gets_defaults_and_a_share_per_vcpu() {
+        let d = parse(serde_json::json!({"vcpus": 2})).unwrap();
+        assert_eq!((d.vcpus, d.stop_timeout_s), (2, 10));
+        assert_eq!(d.demand().cpu_share_milli, 200);
+        assert_eq!(d.demand().memory_mib, 32);
+        assert!(d.demand().dedicated_cpus.is_empty());
+    }
+
+    #[test]
+    fn dedicated_cpus_become_demand_and_affinity() {
+        let d = parse(serde_json::json!({"cpus": [1]})).unwrap();
+        assert_eq!(d.demand().dedicated_cpus, vec![1]);
+        assert_eq!(d.demand().cpu_share_milli, 0);
+        let cfg = d.descriptor(Path::new("/s/console.sock"), vec![1]);
+        assert_eq!(cfg.cpu_affinity, Some(vec![1]));
+        assert_eq!(
+            cfg.serial,
+            SerialConfig::Socket(PathBuf::from("/s/console.sock"))
+        );
+    }
+
+    #[test]
+    fn each_bad_key_is_named() {
+        let cases = [
+            (serde_json::json!({"name": "Bad Name"}), "invalid partition name"),
+            (serde_json::json!({"vcpus": 0}), "vcpus 0"),
+            (serde_json::json!({"memory_mib": 0}), "memory_mib 0"),
+            (serde_json::json!({"kernel": "rel/k"}), "absolute path"),
+            (serde_json::json!({"kernel": "/nonexistent/k"}), "cannot read"),
+            (serde_json::json!({"kernel": "/"}), "not a regular file"),
+            (serde_json::json!({"cpus": [7]}), "host CPU 7"),
+            (serde_json::json!({"cpus": [1, 1]}), "listed twice"),
+            (serde_json::json!({"cpus": [1], "cpu_share": 0.5}), "not both"),
+            (serde_json::json!({"cpu_share": 0.0}), "cpu_share 0"),
+            (serde_json::json!({"cpu_share": 3.0}), "cpu_share 3"),
+            (serde_json::json!({"stop_timeout_s": 0}), "stop_timeout_s 0"),
+            (serde_json::json!({"memory_mb": 3}), "unknown field `memory_mb`"),
+            (serde_json::json!({"vcpus": "two"}), "invalid type"),
+            (serde_json::json!({"cmdline": "a\u{0}b"}), "NUL"),
+        ];
+        for (extra, want) in cases {
+            let e = parse(extra.clone()).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn share_in_cpus_converts_to_milli() {
+        let d = parse(serde_json::json!({"cpu_share": 0.25})).unwrap();
+        assert_eq!(d.share_milli(), 250);
+    }
+}
