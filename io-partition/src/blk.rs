@@ -144,11 +144,10 @@ impl BlkBackend {
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
         if let Err(e) = queue.iter(&*mem) {
-            // The avail index is more than a queue ahead of us: the driver is
-            // broken and the queue unusable until reset. Nothing is read.
-            let n = self.export.stats.count_malformed(Malformed::BadHead);
+            // Nothing is read from a ring in this state; the driver must reset.
+            let n = self.export.stats.count_malformed(Malformed::BadAvailIndex);
             if n.is_power_of_two() {
-                warn!(export = %self.export.name(), "queue is unusable until reset: {e} (seen {n} times)");
+                warn!(export = %self.export.name(), "queue unusable until reset: {e} ({n} kicks so far)");
             }
             return Ok(());
         }
@@ -159,6 +158,18 @@ impl BlkBackend {
             let head = chain.head_index();
             let len = match self.handle_chain(&mem, desc_table, queue_size, head) {
                 Completion::Status { len } => len,
+                Completion::Malformed(Malformed::BadHead) => {
+                    // No used entry can name a head outside the queue.
+                    let n = self.export.stats.count_malformed(Malformed::BadHead);
+                    if n <= 8 || n.is_power_of_two() {
+                        warn!(
+                            export = %self.export.name(),
+                            "malformed descriptor chain (head {head}): {}; dropped, no used entry possible ({n} so far)",
+                            Malformed::BadHead.name()
+                        );
+                    }
+                    continue;
+                }
                 Completion::Malformed(kind) => {
                     let n = self.export.stats.count_malformed(kind);
                     if n <= 8 || n.is_power_of_two() {
@@ -171,10 +182,9 @@ impl BlkBackend {
                     0
                 }
             };
-            // Fails only for a head index outside the queue, which the guest
-            // cannot be told about on the used ring; it was counted above.
-            if queue.add_used(&*mem, head, len).is_ok() {
-                added = true;
+            match queue.add_used(&*mem, head, len) {
+                Ok(()) => added = true,
+                Err(e) => warn!(export = %self.export.name(), "cannot add used entry: {e}"),
             }
         }
         if added {

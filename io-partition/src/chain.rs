@@ -32,11 +32,14 @@ pub enum Malformed {
     BadAddress,
     /// The chain does not end in a device-writable descriptor for the status byte.
     NoStatus,
+    /// The available ring's index is more than a queue size ahead of the
+    /// device: the queue is unusable until the driver resets it.
+    BadAvailIndex,
 }
 
 impl Malformed {
     /// All kinds, in counter order.
-    pub const ALL: [Malformed; 7] = [
+    pub const ALL: [Malformed; 8] = [
         Malformed::BadHead,
         Malformed::BadIndex,
         Malformed::Loop,
@@ -44,6 +47,7 @@ impl Malformed {
         Malformed::BadIndirect,
         Malformed::BadAddress,
         Malformed::NoStatus,
+        Malformed::BadAvailIndex,
     ];
 
     /// Index of this kind in [`Malformed::ALL`].
@@ -61,6 +65,7 @@ impl Malformed {
             Malformed::BadIndirect => "bad_indirect",
             Malformed::BadAddress => "bad_address",
             Malformed::NoStatus => "no_status",
+            Malformed::BadAvailIndex => "bad_avail_index",
         }
     }
 }

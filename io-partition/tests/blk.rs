@@ -209,7 +209,17 @@ fn malformed_chains_get_zero_length_used_entries_and_other_export_keeps_working(
     // is counted and the queue moves on.
     bad.push_avail(QSIZE + 3);
     assert_eq!(bad.write_sectors(0, &pattern(2, 512)), OK);
-    p.wait_log("): bad_head; returned with length 0");
+    p.wait_log("): bad_head; dropped, no used entry possible");
+    // An available index more than a queue size ahead leaves the ring
+    // unusable until reset: nothing is read from it, nothing is completed,
+    // and the other guest carries on.
+    let used_before = bad.used_idx();
+    let bogus = used_before.wrapping_add(QSIZE + 5);
+    vm_memory::Bytes::write_obj(&bad.mem, bogus, GuestAddress(AVAIL + 2)).unwrap();
+    bad.kick();
+    p.wait_log("queue unusable until reset");
+    assert_eq!(bad.used_idx(), used_before);
+    assert_eq!(good.write_sectors(9, &pattern(9, 512)), OK);
     // Per-export counters, printed when the frontend goes away.
     drop(bad);
     let log = p.wait_log("disconnected;");
