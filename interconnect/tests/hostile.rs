@@ -138,3 +138,59 @@ fn raw_syscall_peer_forging_ring_indices_is_cut_off() {
     assert!(ev.starts_with("PeerLost") && ev.contains("ring"), "{ev}");
     assert_eq!(s.srv.distinct("rw", 0, 4096), "{17}");
 }
+
+#[test]
+fn raw_tcp_peer_cannot_reach_unregistered_read_only_or_revoked_memory() {
+    let path = dir_path();
+    let _dir = DirectoryServer::serve(&path).unwrap();
+    let mut srv = Proc::spawn(&path, "svc-host", None);
+    let rw = srv.reg("rw", 4096, "lw,rw,rr", 0x11);
+    let ro = srv.reg("ro", 4096, "rr", 0x22);
+    let dead = srv.reg("dead", 4096, "lw,rw,rr", 0x33);
+    let secret = srv.reg("secret", 4096, "lw", 0x44);
+    srv.ok("dereg dead");
+    srv.ok("listen svc cli");
+    srv.send("accept 10000");
+    let ep = DirectoryClient::new(&path).resolve("cli", "svc").unwrap();
+    let addr = ep.tcp_addr.unwrap();
+    let mut h = Proc::hostile();
+    let refused = h.cmd(&format!("hello_tcp {addr} intruder svc"));
+    assert!(
+        refused.starts_with("err refused") && refused.contains("not on the allowlist"),
+        "{refused}"
+    );
+    h.ok(&format!("hello_tcp {addr} cli svc"));
+    assert_eq!(srv.answer(Duration::from_secs(10)), "ok cli");
+    let status = |h: &mut Proc, c: &str| -> String { h.ok(c)[1].clone() };
+    for forged in [rw ^ 1, rw.wrapping_add(1), 0, u32::MAX] {
+        if [rw, ro, secret].contains(&forged) {
+            continue;
+        }
+        assert_eq!(status(&mut h, &format!("write {forged} 0 16")), "3");
+        assert_eq!(status(&mut h, &format!("read {forged} 0 16")), "3");
+    }
+    assert_eq!(status(&mut h, &format!("write {ro} 0 16")), "3");
+    assert_eq!(status(&mut h, &format!("write {secret} 0 16")), "3");
+    assert_eq!(status(&mut h, &format!("read {secret} 0 16")), "3");
+    assert_eq!(status(&mut h, &format!("write {dead} 0 16")), "3");
+    assert_eq!(status(&mut h, &format!("read {dead} 0 16")), "3");
+    assert_eq!(status(&mut h, &format!("write {rw} 4090 16")), "3");
+    assert_eq!(
+        status(&mut h, &format!("read {rw} {} 16", u64::MAX - 8)),
+        "3"
+    );
+    assert_eq!(srv.distinct("rw", 0, 4096), "{17}");
+    assert_eq!(srv.distinct("ro", 0, 4096), "{34}");
+    assert_eq!(srv.distinct("dead", 0, 4096), "{51}");
+    assert_eq!(srv.distinct("secret", 0, 4096), "{68}");
+    assert_eq!(status(&mut h, &format!("write {rw} 8 16")), "0");
+    assert_eq!(srv.distinct("rw", 8, 16), "{238}");
+    assert_eq!(srv.distinct("rw", 24, 4072), "{17}");
+    // A payload announcement beyond the protocol's limit ends the connection.
+    h.ok("lie_len");
+    let ev = srv.ok("event 5000").join(" ");
+    assert!(
+        ev.starts_with("PeerLost") && ev.contains("oversized"),
+        "{ev}"
+    );
+}

@@ -146,3 +146,39 @@ fn status_strings_tell_the_user_what_happened() {
     assert!(WcStatus::LocalLength.to_string().contains("too small"));
     assert!(WcStatus::Flushed.to_string().contains("destroyed"));
 }
+
+#[test]
+fn standalone_directory_binary_serves_lookups_with_allowlist() {
+    use std::io::BufRead;
+    let path = std::env::temp_dir().join(format!("ic-dir-bin-{}.sock", std::process::id()));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ic-directory"))
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("ic-directory: serving"), "{line}");
+    let server = ctx_with("server", &path);
+    let _l = server.listen("svc", &["alice"]).unwrap();
+    let dir = DirectoryClient::new(&path);
+    assert_eq!(dir.resolve("alice", "svc").unwrap().name, "svc");
+    assert!(matches!(
+        dir.resolve("mallory", "svc"),
+        Err(IcError::Refused(_))
+    ));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+fn ctx_with(name: &str, dir: &std::path::Path) -> Context {
+    Context::open(
+        name,
+        Arc::new(DirectoryClient::new(dir)),
+        ContextOptions::default(),
+    )
+    .unwrap()
+}

@@ -8,6 +8,8 @@
 //! * `window_rw`: try to get write access to the target's read window.
 //! * `answer_wrong`: answer the target's next request with a wrong sequence.
 //! * `forge_tail`: write an impossible producer index into our ring.
+//! * `hello_tcp <addr> <from> <to>`, then `write`/`read` (payload inline) and
+//!   `lie_len`: the same over a raw TCP stream.
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -245,13 +247,110 @@ impl Raw {
     }
 }
 
-fn cmd(raw: &mut Option<Raw>, line: &str) -> Result<String, String> {
+/// The same attacks over a raw TCP stream (hand-framed messages).
+struct RawTcp {
+    s: std::net::TcpStream,
+    seq: u64,
+}
+
+impl RawTcp {
+    fn hello(addr: &str, from: &str, to: &str) -> Result<RawTcp, String> {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let hello = format!(r#"{{"from":"{from}","to":"{to}","transport":"Tcp"}}"#);
+        s.write_all(&(hello.len() as u32).to_le_bytes())
+            .map_err(|e| e.to_string())?;
+        s.write_all(hello.as_bytes()).map_err(|e| e.to_string())?;
+        let mut l = [0u8; 4];
+        s.read_exact(&mut l).map_err(|e| e.to_string())?;
+        let mut v = vec![0u8; u32::from_le_bytes(l).min(4096) as usize];
+        s.read_exact(&mut v).map_err(|e| e.to_string())?;
+        let reply = String::from_utf8_lossy(&v).to_string();
+        if !reply.contains("\"ok\":true") {
+            return Err(format!("refused: {reply}"));
+        }
+        Ok(RawTcp { s, seq: 0 })
+    }
+
+    fn request(&mut self, m: [u8; 64], payload: &[u8]) -> String {
+        use std::io::Read;
+        if self
+            .s
+            .write_all(&m)
+            .and_then(|_| self.s.write_all(payload))
+            .is_err()
+        {
+            return "err write".into();
+        }
+        loop {
+            let mut h = [0u8; 64];
+            if let Err(e) = self.s.read_exact(&mut h) {
+                return format!("err no response: {e}");
+            }
+            let len = u64::from_le_bytes(h[32..40].try_into().unwrap_or([0; 8]));
+            if h[40..48] == [0xff; 8] {
+                let mut d = vec![0u8; len.min(64 << 20) as usize];
+                if self.s.read_exact(&mut d).is_err() {
+                    return "err short data".into();
+                }
+            }
+            if h[0] == 4 {
+                return format!(
+                    "ok {} {}",
+                    u64::from_le_bytes(h[8..16].try_into().unwrap_or([0; 8])),
+                    h[2]
+                );
+            }
+        }
+    }
+}
+
+fn cmd_tcp(raw: &mut RawTcp, a: &[&str]) -> Result<String, String> {
+    let n = |i: usize| {
+        a.get(i)
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or(format!("arg {i}"))
+    };
+    raw.seq += 1;
+    match a.first().copied() {
+        Some("write") => {
+            let m = msg(2, raw.seq, n(1)? as u32, n(2)?, n(3)?, 0, 0, 0);
+            Ok(raw.request(m, &vec![0xee; n(3)? as usize]))
+        }
+        Some("read") => {
+            let m = msg(3, raw.seq, n(1)? as u32, n(2)?, n(3)?, 0, 0, 0);
+            Ok(raw.request(m, &[]))
+        }
+        Some("lie_len") => {
+            // Announce a payload larger than any message may be.
+            let m = msg(1, raw.seq, 0, 0, u64::MAX / 2, 0, 0, 0);
+            raw.s.write_all(&m).map_err(|e| e.to_string())?;
+            Ok("ok".into())
+        }
+        other => Err(format!("unknown tcp command {other:?}")),
+    }
+}
+
+fn cmd(raw: &mut Option<Raw>, tcp: &mut Option<RawTcp>, line: &str) -> Result<String, String> {
     let a: Vec<&str> = line.split_whitespace().collect();
     let n = |i: usize| {
         a.get(i)
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or(format!("arg {i}"))
     };
+    if a.first() == Some(&"hello_tcp") {
+        *tcp = Some(RawTcp::hello(
+            a.get(1).ok_or("addr")?,
+            a.get(2).ok_or("from")?,
+            a.get(3).ok_or("to")?,
+        )?);
+        return Ok("ok".into());
+    }
+    if let Some(t) = tcp.as_mut() {
+        return cmd_tcp(t, &a);
+    }
     if a.first() == Some(&"hello") {
         *raw = Some(Raw::hello(
             a.get(1).ok_or("path")?,
@@ -331,13 +430,14 @@ fn cmd(raw: &mut Option<Raw>, line: &str) -> Result<String, String> {
 
 pub fn main(_args: &[String]) -> i32 {
     let mut raw = None;
+    let mut tcp = None;
     let mut out = std::io::stdout();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         if line.trim() == "exit" {
             break;
         }
-        let r = cmd(&mut raw, line.trim()).unwrap_or_else(|e| format!("err {e}"));
+        let r = cmd(&mut raw, &mut tcp, line.trim()).unwrap_or_else(|e| format!("err {e}"));
         let _ = writeln!(out, "{r}");
         let _ = out.flush();
     }
