@@ -63,6 +63,22 @@ pub struct Outcome {
     /// KVM exit reasons other than I/O and MMIO, per `kvm_run_exit` trace.
     pub special_exits: Vec<u32>,
     pub timed_out: bool,
+    /// CPU time QEMU used (user + system, all threads), in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// User + system time of this process's reaped children, in clock ticks
+/// (`cutime` + `cstime` of /proc/self/stat).
+fn children_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the parenthesised command name; cutime and cstime are
+    // fields 16 and 17 (1-based), i.e. 13 and 14 after "(comm) ".
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f[13] + f[14]
 }
 
 impl Outcome {
@@ -89,6 +105,8 @@ fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String
 
 pub fn boot(b: Boot) -> Outcome {
     let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    // Only this QEMU is reaped while the lock is held.
+    let ticks_before = children_cpu_ticks();
     let id = RUN_ID.fetch_add(1, Ordering::SeqCst);
     let trace =
         std::env::temp_dir().join(format!("partvisor-guest-{}-{id}.trace", std::process::id()));
@@ -185,12 +203,14 @@ pub fn boot(b: Boot) -> Outcome {
         .filter(|&r| r != 2 && r != 6) // KVM_EXIT_IO, KVM_EXIT_MMIO
         .collect();
     let _ = std::fs::remove_file(&trace);
+    let cpu_ticks = children_cpu_ticks() - ticks_before;
     let out = Outcome {
         status,
         serial,
         stderr,
         special_exits,
         timed_out,
+        cpu_ticks,
     };
     assert!(
         !out.timed_out || b.cmdline.contains("crash=int3"),
