@@ -31,8 +31,13 @@ use vmm_sys_util::event::{
 use crate::chain::{ChainWalker, Malformed, Segment};
 use crate::export::{Export, SECTOR_SIZE};
 
-/// Largest queue a frontend may configure.
-pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Largest queue a frontend may configure (`SET_VRING_NUM`).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Data segments per request advertised in `seg_max`. A request is then at
+/// most `SEG_MAX + 2` descriptors (header and status), which fits any queue
+/// of 128 entries or more; Linux sizes indirect tables by `seg_max`, not by
+/// the queue size, and a chain longer than the queue is refused as malformed.
+pub const SEG_MAX: u32 = 126;
 /// Number of request queues.
 pub const NUM_QUEUES: usize = 1;
 /// Size of the virtio-blk request header (`type`, `reserved`, `sector`).
@@ -88,7 +93,7 @@ impl BlkBackend {
         put(
             &mut config,
             offset_of!(virtio_blk_config, seg_max),
-            &(u32::from(MAX_QUEUE_SIZE) - 2).to_le_bytes(),
+            &SEG_MAX.to_le_bytes(),
         );
         put(
             &mut config,
@@ -294,9 +299,9 @@ impl BlkBackend {
                 self.iovecs.0.clear();
                 match res {
                     Ok(()) if write => (VIRTIO_BLK_S_OK, 0),
-                    // `len` is bounded by the chain length, which fits u32
-                    // (at most MAX_QUEUE_SIZE descriptors of u32 bytes each
-                    // could exceed it: clamp the reported count).
+                    // The used length is 32-bit; a (legal but absurd) read
+                    // of 4 GiB or more reports the largest value that still
+                    // leaves room for the status byte.
                     Ok(()) => (VIRTIO_BLK_S_OK, u32::try_from(len).unwrap_or(u32::MAX - 1)),
                     Err(e) => {
                         warn!(export = %self.export.name(), "image I/O failed at offset {offset}: {e}");

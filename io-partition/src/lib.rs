@@ -1,13 +1,21 @@
 //! `part-io`: the I/O partition of partvisor.
 //!
-//! An I/O partition owns a device and serves it to other partitions'
-//! guests over memory channels (seed 001's I/O partitions and "virtual
-//! storage switch", seed 004's shared I/O driver in one partition serving
-//! others). In partvisor it is a process of its own serving vhost-user
-//! sockets: a partition monitor (`part-vmm`) hands it the guest's memory as a
-//! sealed memfd plus virtqueue addresses and eventfds, and from then on guest
-//! I/O goes guest → virtqueue → part-io → image → used ring → interrupt
-//! without passing through the monitor.
+//! Seed 001 (`001_70c93164bd0e16fb.txt`): guest partitions have no I/O of
+//! their own; "all I/O is performed by I/O hardware mapped to I/O
+//! partitions ... that use memory channels to communicate with their client
+//! partitions", and an I/O partition runs a "virtual storage switch
+//! (provides channel server endpoints for storage channels)"; request
+//! "completion/failure status is queued by the server partition and
+//! de-queued by the client partition". Seed 004 (`004_76be1754bd46629e.txt`)
+//! moves data "from one kernel memory space of one partition directly to the
+//! kernel memory space of [a] second partition" through one adapter and its
+//! driver: a shared I/O driver in one partition serving the others.
+//!
+//! In partvisor an I/O partition is this process, serving vhost-user
+//! sockets: a partition monitor (`part-vmm`) hands it the guest's memory as
+//! a sealed memfd plus virtqueue addresses and eventfds, and from then on
+//! guest I/O goes guest → virtqueue → part-io → image → used ring →
+//! interrupt, without passing through the monitor.
 //!
 //! This crate implements the block backend, `part-io blk`: one process,
 //! any number of exports (raw image file + vhost-user socket each), each

@@ -52,8 +52,15 @@ fn write_then_read_back_lands_in_the_image_file() {
 fn config_space_reports_capacity_in_sectors() {
     let p = start(1, &[]);
     let mut d = connect(&p, 0);
-    let cap = d.config(0, 8);
-    assert_eq!(u64::from_le_bytes(cap.try_into().unwrap()), IMG_SIZE / 512);
+    let c = d.config(0, 36);
+    let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+    assert_eq!(
+        u64::from_le_bytes(c[..8].try_into().unwrap()),
+        IMG_SIZE / 512
+    );
+    assert_eq!(u32_at(12), 126, "seg_max");
+    assert_eq!(u32_at(20), 512, "blk_size");
+    assert_eq!(u16::from_le_bytes([c[34], c[35]]), 1, "num_queues");
     assert_ne!(d.features & (1 << VIRTIO_BLK_F_FLUSH), 0);
     assert_eq!(d.features & (1 << VIRTIO_BLK_F_RO), 0);
 }
