@@ -8,7 +8,7 @@
 //! "completion/failure status is queued by the server partition and
 //! de-queued by the client partition". Seed 004 (`004_76be1754bd46629e.txt`)
 //! moves data "from one kernel memory space of one partition directly to the
-//! kernel memory space of [a] second partition" through one adapter and its
+//! kernel memory space of \[a\] second partition" through one adapter and its
 //! driver: a shared I/O driver in one partition serving the others.
 //!
 //! In partvisor an I/O partition is this process, serving vhost-user
