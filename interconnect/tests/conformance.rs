@@ -338,6 +338,30 @@ pub fn killed_peer_mid_transfer_flushes_and_does_not_hang(p: &mut Pair) {
     assert!(p.cli.ok("state").join(" ").starts_with("in error"));
 }
 
+pub fn idle_connection_blocks_instead_of_spinning(p: &mut Pair) {
+    // Traffic first, so the spin budget has grown, then silence.
+    p.srv.reg("r", 4096, "lw", 0);
+    p.srv.ok("recv r 0 64 1");
+    p.cli.reg("s", 4096, "none", 1);
+    p.cli.ok("post send s 0 8 1");
+    assert_eq!(p.cli.poll(1, 5000).len(), 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let (s0, c0) = (p.srv.cpu_ms(), p.cli.cpu_ms());
+    std::thread::sleep(Duration::from_millis(1500));
+    let (s1, c1) = (p.srv.cpu_ms(), p.cli.cpu_ms());
+    assert!(
+        s1 - s0 < 150 && c1 - c0 < 150,
+        "idle peers used {} ms and {} ms of CPU in 1.5 s",
+        s1 - s0,
+        c1 - c0
+    );
+    // and the blocked side still wakes up for the next message
+    p.srv.ok("recv r 0 64 2");
+    p.cli.ok("post send s 0 8 2");
+    assert_eq!(p.cli.poll(1, 5000), ["2,ok,Send,8,-"]);
+    assert_eq!(p.srv.poll(2, 5000).len(), 2);
+}
+
 pub fn bulk_transfer_checksum_matches(p: &mut Pair, total: u64) {
     let chunk = 4u64 << 20;
     p.srv.reg("r", 16 * chunk, "lw", 0);
@@ -371,7 +395,8 @@ macro_rules! suite {
                 local_errors_complete_in_order_without_touching_the_wire, send_waits_for_a_posted_receive,
                 unsignaled_sends_complete_silently_unless_they_fail, cq_notification_fires_once_per_arming,
                 peer_destroying_its_qp_terminates_ours_and_flushes, closing_the_access_layer_tells_the_peer,
-                port_reset_clears_the_ports_queue_pairs, killed_peer_mid_transfer_flushes_and_does_not_hang);
+                port_reset_clears_the_ports_queue_pairs, killed_peer_mid_transfer_flushes_and_does_not_hang,
+                idle_connection_blocks_instead_of_spinning);
 
             #[test]
             fn allowlist_refuses_unlisted_peer_at_directory_and_at_endpoint() {
