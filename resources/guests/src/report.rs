@@ -42,6 +42,30 @@ pub enum Probe {
     },
 }
 
+/// One `blk: bench <kind> <ops> ops in <us> us` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkBench {
+    /// `randread`, `randwrite` or `seqread`.
+    pub kind: String,
+    /// Requests completed.
+    pub ops: u64,
+    /// Wall time in microseconds (LAPIC timer).
+    pub us: u64,
+}
+
+impl BlkBench {
+    /// Requests per second.
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 * 1e6 / self.us.max(1) as f64
+    }
+
+    /// Megabytes (10^6 bytes) per second for `bytes_per_op`-sized requests
+    /// (4096 for randread/randwrite, 65536 for seqread).
+    pub fn mb_per_s(&self, bytes_per_op: u64) -> f64 {
+        (self.ops * bytes_per_op) as f64 / self.us.max(1) as f64
+    }
+}
+
 /// A parsed report. Fields stay empty/`None` when their line is absent.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -65,6 +89,8 @@ pub struct Report {
     pub unknown_words: Vec<String>,
     /// `echo: 0x<hh>` bytes.
     pub echoed: Vec<u8>,
+    /// `blk: bench` lines in order.
+    pub blk_benches: Vec<BlkBench>,
     /// `exit: <code>`.
     pub exit: Option<u32>,
     /// Every line, for anything else.
@@ -130,6 +156,17 @@ impl Report {
             } else if let Some(v) = line.strip_prefix("echo: 0x") {
                 if let Ok(b) = u8::from_str_radix(v, 16) {
                     r.echoed.push(b);
+                }
+            } else if let Some(v) = line.strip_prefix("blk: bench ") {
+                let f: Vec<&str> = v.split(' ').collect();
+                if let [kind, ops, "ops", "in", us, "us"] = f[..] {
+                    if let (Ok(ops), Ok(us)) = (ops.parse(), us.parse()) {
+                        r.blk_benches.push(BlkBench {
+                            kind: kind.to_string(),
+                            ops,
+                            us,
+                        });
+                    }
                 }
             } else if let Some(v) = line.strip_prefix("exit: ") {
                 r.exit = v.parse().ok();
@@ -199,6 +236,32 @@ mod tests {
         );
         assert_eq!(r.echoed, vec![0x61]);
         assert_eq!(r.exit, Some(7));
+    }
+
+    #[test]
+    fn blk_bench_lines_parse_into_rates() {
+        let r = Report::parse(
+            "blk: bench randread 20000 ops in 500000 us\n\
+             blk: bench seqread 2000 ops in 40000 us\n\
+             blk: bench randread failed (ioerr)\n",
+        );
+        assert_eq!(
+            r.blk_benches,
+            vec![
+                BlkBench {
+                    kind: "randread".into(),
+                    ops: 20000,
+                    us: 500_000
+                },
+                BlkBench {
+                    kind: "seqread".into(),
+                    ops: 2000,
+                    us: 40_000
+                }
+            ]
+        );
+        assert_eq!(r.blk_benches[0].iops(), 40_000.0);
+        assert_eq!(r.blk_benches[1].mb_per_s(65536), 3276.8);
     }
 
     #[test]

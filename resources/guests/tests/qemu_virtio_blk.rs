@@ -358,15 +358,13 @@ fn bench_words_report_their_ops_and_a_time() {
         &raw(&image),
         "",
     );
-    for (kind, ops) in [("randread", 300), ("randwrite", 300), ("seqread", 40)] {
-        let lines = lines_with(&out, &format!("blk: bench {kind} {ops} ops in "));
-        assert_eq!(lines.len(), 1, "{kind}: {out:#?}");
-        let us: u64 = lines[0]
-            .rsplit_once(" in ")
-            .and_then(|(_, t)| t.strip_suffix(" us"))
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_else(|| panic!("{}", lines[0]));
-        assert!(us > 0, "{}", lines[0]);
-    }
+    let benches = out.report().blk_benches;
+    let got: Vec<(&str, u64)> = benches.iter().map(|b| (b.kind.as_str(), b.ops)).collect();
+    assert_eq!(
+        got,
+        [("randread", 300), ("randwrite", 300), ("seqread", 40)],
+        "{out:#?}"
+    );
+    assert!(benches.iter().all(|b| b.us > 0), "{benches:?}");
     assert_eq!(out.status, debug_exit_status(0), "{out:#?}");
 }
