@@ -604,3 +604,15 @@ fn tcp_across_two_network_namespaces_joined_by_veth_passes_the_suite() {
         "the traffic must have crossed the veth ({crossed} bytes seen)"
     );
 }
+
+#[test]
+fn location_transparency_picks_shm_for_a_peer_on_the_same_host() {
+    let path = dir_path();
+    let _dir = interconnect::DirectoryServer::serve(&path).unwrap();
+    let mut srv = Proc::spawn(&path, "svc-host", None);
+    let mut cli = Proc::spawn(&path, "cli", None);
+    srv.ok("listen svc cli");
+    srv.send("accept 10000");
+    assert_eq!(cli.ok("connect svc auto"), ["Some(Shm)"]);
+    assert_eq!(srv.answer(Duration::from_secs(10)), "ok cli");
+}

@@ -182,3 +182,25 @@ fn ctx_with(name: &str, dir: &std::path::Path) -> Context {
     )
     .unwrap()
 }
+
+#[test]
+fn completion_queue_overflow_is_reported_not_silently_dropped() {
+    let c = ctx("a");
+    let pd = c.alloc_pd().unwrap();
+    let cq = c.create_cq(1).unwrap();
+    let buf = pd.alloc_buffer(4096).unwrap();
+    let mr = pd.reg_mr(&buf, 0, 4096, Access::LOCAL_WRITE).unwrap();
+    let qp = c.create_qp(&pd, &cq, &cq, QpCaps::default()).unwrap();
+    qp.post_recv(RecvWr {
+        wr_id: 1,
+        sge: mr.sge(0, 64),
+    })
+    .unwrap();
+    qp.post_recv(RecvWr {
+        wr_id: 2,
+        sge: mr.sge(64, 64),
+    })
+    .unwrap();
+    drop(qp); // two flushed completions into a CQ of depth 1
+    assert!(matches!(cq.poll(4), Err(IcError::CqOverflow)));
+}
