@@ -195,3 +195,71 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     std::fs::File::create(&p).unwrap().write_all(data).unwrap();
     p
 }
+
+/// The `part-io` binary beside `part-vmm`, built on demand when this test
+/// binary runs alone (`cargo test -p part-vmm`).
+pub fn part_io() -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _b = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let path = Path::new(part_vmm()).with_file_name("part-io");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "part-io", "--bin", "part-io"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build -p part-io");
+        assert!(st.success(), "cargo build -p part-io failed");
+    }
+    assert!(path.exists(), "{} missing after the build", path.display());
+    path
+}
+
+/// A backend process killed when dropped.
+pub struct Backend {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Backend {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Waits until every socket in `socks` exists (the backend listens).
+pub fn wait_for_sockets(socks: &[&Path]) {
+    let start = Instant::now();
+    while !socks.iter().all(|s| s.exists()) {
+        assert!(
+            start.elapsed() < deadline(),
+            "backend sockets {socks:?} never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts `part-io blk` with one `--export` per spec, logging to `dir`.
+pub fn start_part_io(dir: &Path, exports: &[String]) -> Backend {
+    let log = dir.join("part-io.log");
+    let mut c = Command::new(part_io());
+    c.arg("blk");
+    for e in exports {
+        c.arg("--export").arg(e);
+    }
+    let child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .env("NO_COLOR", "1")
+        .spawn()
+        .expect("spawn part-io");
+    Backend { child, log }
+}
