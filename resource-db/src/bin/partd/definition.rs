@@ -89,7 +89,9 @@ pub enum DefinitionError {
     DuplicateCpu(u32),
     #[error("give either cpus (dedicated) or cpu_share (shared pool), not both")]
     CpusAndShare,
-    #[error("cpu_share {0}: must be a number of CPUs greater than 0 and at most vcpus ({1}), e.g. 0.5")]
+    #[error(
+        "cpu_share {0}: must be a number of CPUs greater than 0 and at most vcpus ({1}), e.g. 0.5"
+    )]
     Share(f64, u32),
     #[error("stop_timeout_s {0}: must be between 1 and {MAX_STOP_TIMEOUT_S}")]
     StopTimeout(u64),
@@ -259,19 +261,31 @@ mod tests {
     #[test]
     fn each_bad_key_is_named() {
         let cases = [
-            (serde_json::json!({"name": "Bad Name"}), "invalid partition name"),
+            (
+                serde_json::json!({"name": "Bad Name"}),
+                "invalid partition name",
+            ),
             (serde_json::json!({"vcpus": 0}), "vcpus 0"),
             (serde_json::json!({"memory_mib": 0}), "memory_mib 0"),
             (serde_json::json!({"kernel": "rel/k"}), "absolute path"),
-            (serde_json::json!({"kernel": "/nonexistent/k"}), "cannot read"),
+            (
+                serde_json::json!({"kernel": "/nonexistent/k"}),
+                "cannot read",
+            ),
             (serde_json::json!({"kernel": "/"}), "not a regular file"),
             (serde_json::json!({"cpus": [7]}), "host CPU 7"),
             (serde_json::json!({"cpus": [1, 1]}), "listed twice"),
-            (serde_json::json!({"cpus": [1], "cpu_share": 0.5}), "not both"),
+            (
+                serde_json::json!({"cpus": [1], "cpu_share": 0.5}),
+                "not both",
+            ),
             (serde_json::json!({"cpu_share": 0.0}), "cpu_share 0"),
             (serde_json::json!({"cpu_share": 3.0}), "cpu_share 3"),
             (serde_json::json!({"stop_timeout_s": 0}), "stop_timeout_s 0"),
-            (serde_json::json!({"memory_mb": 3}), "unknown field `memory_mb`"),
+            (
+                serde_json::json!({"memory_mb": 3}),
+                "unknown field `memory_mb`",
+            ),
             (serde_json::json!({"vcpus": "two"}), "invalid type"),
             (serde_json::json!({"cmdline": "a\u{0}b"}), "NUL"),
         ];

@@ -1,1 +1,260 @@
-fn main() {}
+//! # partd: the partvisor coordinator daemon
+//!
+//! The command side of seed 001 (`001_70c93164bd0e16fb.txt`: the control
+//! partition that is the one writer of the resource database, the command
+//! partition operators talk to, watchdogs over the partition monitors). It
+//! serves an HTTP/JSON API on a Unix socket (`resources/api/`), applies
+//! every ownership and state change as one resource-db transaction, spawns
+//! one `part-vmm` per running partition with a sealed descriptor of exactly
+//! what was granted, pings each monitor's control socket, and after its own
+//! restart re-attaches to monitors that kept running (pid + start time +
+//! control socket), so a partd crash never disturbs a guest.
+//!
+//! State dir (`--state-dir`, default `/var/lib/partvisor`): `resources.db`
+//! (the resource database), `partd.sock` (the API), and per partition
+//! `partitions/<name>/` with `control.sock`, `console.sock`, `exit.json`
+//! (how the monitor ended), `vmm.json` (pid + start time) and `vmm.log`.
+//!
+//! What it must never do:
+//! - change an owner or a state outside a resource-db transaction, or grant
+//!   a partition's resources in more than one transaction;
+//! - release a partition's resources while its monitor may still run;
+//! - kill or stop a guest because partd itself stops or restarts;
+//! - serve a uid that is not root, partd's own or allowlisted.
+
+mod api;
+mod coordinator;
+mod definition;
+mod process;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use resource_db::{Db, HostConfig};
+
+/// partvisor coordinator daemon: serves the partd API, starts and
+/// supervises partition monitors.
+#[derive(Parser, Debug)]
+#[command(name = "partd", version)]
+struct Args {
+    /// State directory (resource database, API socket, per-partition files).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/partvisor")]
+    state_dir: PathBuf,
+    /// API socket (default: <state-dir>/partd.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Group that owns the API socket (mode 0660).
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
+    /// Also serve this uid (repeatable); root and partd's own uid always are.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uid: Vec<u32>,
+    /// part-vmm binary (default: next to partd, else `part-vmm` on PATH).
+    #[arg(long, value_name = "PATH")]
+    vmm: Option<PathBuf>,
+    /// Interval between pings of each monitor's control socket.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    ping_interval_ms: u64,
+    /// How long one ping may take.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    ping_timeout_ms: u64,
+    /// A running partition whose monitor has not answered for this long
+    /// becomes `unresponsive`.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    unresponsive_after_ms: u64,
+    /// Memory budget in MiB, used when the resource database is created
+    /// (default: 3/4 of MemTotal). Fixed afterwards.
+    #[arg(long, value_name = "MIB")]
+    memory_budget_mib: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PartdError {
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("resource database: {0}")]
+    Db(#[from] resource_db::Error),
+    #[error("API socket {path}: {reason}")]
+    Socket { path: PathBuf, reason: String },
+    #[error("group {0}: no such group")]
+    Group(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PARTVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("partd: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("partd: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn default_vmm() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("part-vmm")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("part-vmm"))
+}
+
+fn open_db(args: &Args) -> Result<Db, PartdError> {
+    let path = args.state_dir.join("resources.db");
+    let host = if path.exists() {
+        let stored = Db::stored_host_config(&path)?;
+        if let Some(m) = args.memory_budget_mib {
+            if m != stored.memory_budget_mib {
+                tracing::warn!(
+                    "--memory-budget-mib {m} ignored: {} was created with {} MiB",
+                    path.display(),
+                    stored.memory_budget_mib
+                );
+            }
+        }
+        stored
+    } else {
+        let mut host = HostConfig::discover()?;
+        if let Some(m) = args.memory_budget_mib {
+            host.memory_budget_mib = m;
+        }
+        host
+    };
+    Ok(Db::open(&path, host)?)
+}
+
+fn bind(path: &Path, group: Option<&str>) -> Result<UnixListenerStd, PartdError> {
+    let fail = |reason: String| PartdError::Socket {
+        path: path.to_owned(),
+        reason,
+    };
+    // Only one partd runs per state dir (the database lock guarantees it), so
+    // a socket file left here is a dead partd's.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("cannot remove the old socket: {e}"))),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| fail(format!("chmod 0660: {e}")))?;
+    if let Some(g) = group {
+        let gid = nix::unistd::Group::from_name(g)
+            .map_err(|e| fail(format!("looking up group {g}: {e}")))?
+            .ok_or_else(|| PartdError::Group(g.to_owned()))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| fail(format!("chgrp {g}: {e}")))?;
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(listener)
+}
+
+type UnixListenerStd = std::os::unix::net::UnixListener;
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, state) {
+            tracing::warn!("sd_notify: {e}");
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), PartdError> {
+    std::fs::create_dir_all(args.state_dir.join("partitions")).map_err(|source| {
+        PartdError::StateDir {
+            path: args.state_dir.clone(),
+            source,
+        }
+    })?;
+    let db = open_db(&args)?;
+    let settings = coordinator::Settings {
+        state_dir: args.state_dir.clone(),
+        vmm: args.vmm.clone().unwrap_or_else(default_vmm),
+        ping_interval: Duration::from_millis(args.ping_interval_ms.max(10)),
+        ping_timeout: Duration::from_millis(args.ping_timeout_ms.max(10)),
+        unresponsive_after: Duration::from_millis(args.unresponsive_after_ms.max(10)),
+    };
+    let coord = coordinator::Coordinator::new(db, settings);
+    let (adopted, finished) = coord
+        .recover()
+        .await
+        .map_err(|e| PartdError::Runtime(format!("recovering partitions: {e}")))?;
+    if adopted + finished > 0 {
+        tracing::info!(
+            "recovery: re-attached {adopted} monitor(s), {finished} ended while partd was down"
+        );
+    }
+
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("partd.sock"));
+    let listener = bind(&socket, args.group.as_deref())?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| PartdError::Runtime(format!("API socket: {e}")))?;
+    let mut allowed: BTreeSet<u32> = args.allow_uid.iter().copied().collect();
+    allowed.insert(0);
+    allowed.insert(nix::unistd::getuid().as_raw());
+    let app = api::router(api::Api {
+        coord,
+        allowed: Arc::new(allowed),
+    });
+    tracing::info!("partd serving {}", socket.display());
+    notify(&[sd_notify::NotifyState::Ready]);
+
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot watch SIGTERM: {e}");
+                    std::future::pending::<()>().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!(
+            "partd stopping; partitions keep running and are re-attached at the next start"
+        );
+        notify(&[sd_notify::NotifyState::Stopping]);
+    };
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<api::Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| PartdError::Runtime(format!("serving the API: {e}")))?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! partd's HTTP/JSON API on a Unix socket (resources/api/partd.openapi.yaml).
+//!
+//! Every connection's peer uid (SO_PEERCRED) is checked against root,
+//! partd's own uid and the allowlist; others get 403. Bodies are parsed by
+//! partd itself so every malformed request gets a 4xx with a JSON message.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::net::UnixListener;
+
+use crate::coordinator::{CoordError, Coordinator};
+
+/// The peer of one API connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    /// `None` when the kernel would not say (never on Linux).
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(c) => Peer {
+                uid: Some(c.uid()),
+                pid: c.pid(),
+            },
+            Err(_) => Peer {
+                uid: None,
+                pid: None,
+            },
+        }
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct Api {
+    pub coord: Arc<Coordinator>,
+    /// uids served: root, partd's own uid and the configured allowlist.
+    pub allowed: Arc<BTreeSet<u32>>,
+}
+
+/// An error reply: `{"error": "..."}` with a status.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<CoordError> for ApiError {
+    fn from(e: CoordError) -> Self {
+        let status = match &e {
+            CoordError::Invalid(_) => StatusCode::BAD_REQUEST,
+            CoordError::NotFound(_) => StatusCode::NOT_FOUND,
+            CoordError::Conflict(_) | CoordError::Capacity { .. } => StatusCode::CONFLICT,
+            CoordError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            CoordError::Db(_) | CoordError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+/// Parses a JSON body strictly (unknown fields are refused by the types).
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes, empty_ok: bool) -> Result<T, ApiError> {
+    if body.is_empty() && empty_ok {
+        return serde_json::from_str("{}").map_err(|e| bad_request(format!("request body: {e}")));
+    }
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("request body is not valid: {e}")))
+}
+
+async fn check_peer(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
+    match peer.and_then(|p| p.uid) {
+        Some(uid) if api.allowed.contains(&uid) => next.run(req).await,
+        Some(uid) => {
+            tracing::warn!(
+                "refused API request from uid {uid} (pid {:?}): not root, partd's uid or allowlisted",
+                peer.and_then(|p| p.pid)
+            );
+            ApiError(
+                StatusCode::FORBIDDEN,
+                format!("uid {uid} may not use partd; ask an administrator to add it with partd --allow-uid {uid}"),
+            )
+            .into_response()
+        }
+        None => ApiError(
+            StatusCode::FORBIDDEN,
+            "cannot identify the connecting user".into(),
+        )
+        .into_response(),
+    }
+}
+
+/// The API's routes.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/partitions", get(list).post(create))
+        .route("/v1/partitions/{name}", get(show).delete(destroy))
+        .route("/v1/partitions/{name}/start", post(start))
+        .route("/v1/partitions/{name}/stop", post(stop))
+        .route("/v1/resources", get(resources))
+        .route("/v1/log", get(log))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such API path; see resources/api/partd.openapi.yaml".into(),
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            check_peer,
+        ))
+        .with_state(api)
+}
+
+async fn list(State(api): State<Api>) -> Result<Response, ApiError> {
+    Ok(Json(api.coord.list()?).into_response())
+}
+
+async fn create(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+    let value: serde_json::Value = parse_body(&body, false)?;
+    if !value.is_object() {
+        return Err(bad_request(
+            "request body must be a JSON object (a partition definition)",
+        ));
+    }
+    let view = api.coord.create(value).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn show(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let id = Coordinator::parse_id(&name)?;
+    Ok(Json(api.coord.view(&id)?).into_response())
+}
+
+async fn destroy(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let id = Coordinator::parse_id(&name)?;
+    api.coord.destroy(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {}
+
+async fn start(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = Coordinator::parse_id(&name)?;
+    let _: StartBody = parse_body(&body, true)?;
+    Ok(Json(api.coord.start(&id).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    timeout_s: Option<u64>,
+}
+
+async fn stop(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = Coordinator::parse_id(&name)?;
+    let b: StopBody = parse_body(&body, true)?;
+    if b.timeout_s.is_some_and(|t| t > 3600) {
+        return Err(bad_request("timeout_s: at most 3600"));
+    }
+    let view = api
+        .coord
+        .stop(&id, b.force, b.timeout_s.map(Duration::from_secs))
+        .await?;
+    Ok(Json(view).into_response())
+}
+
+async fn resources(State(api): State<Api>) -> Result<Response, ApiError> {
+    Ok(Json(api.coord.free()?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    partition: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn log(State(api): State<Api>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+    let id = match &q.partition {
+        Some(p) => Some(Coordinator::parse_id(p)?),
+        None => None,
+    };
+    let entries = api.coord.log(id.as_ref(), q.limit.unwrap_or(100))?;
+    Ok(Json(entries).into_response())
+}

@@ -1,0 +1,797 @@
+//! The coordinator: partition life cycle on top of the resource database.
+//!
+//! Every state change and every grant or release is one transaction. A start
+//! grants everything (plan_grant) and moves the partition to `starting` in
+//! the same transaction; the release and the final state (`stopped` or
+//! `failed`) are one transaction committed only after the VMM process is
+//! gone. One supervisor task per VMM pings its control socket and waits for
+//! its end.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use part_vmm::control::{ExitRecord, Request};
+use resource_db::{
+    Change, Db, Error as DbError, FreeCapacity, Holdings, LogEntry, Owner, PartitionId,
+    PartitionRecord, PartitionState, Rejection, ResourceId, TxId,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::definition::{Definition, DefinitionError};
+use crate::process::{self, Ended, PartitionFiles, VmmProcess, VmmRecord};
+
+/// The actor name partd uses in the audit log.
+const ACTOR: &str = "partd";
+/// How often a plan made from a stale snapshot is made again.
+const PLAN_ATTEMPTS: usize = 8;
+/// How long a start waits for the monitor's first answer.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+/// Grace after a forced stop before partd sends SIGKILL.
+const FORCE_GRACE: Duration = Duration::from_secs(3);
+
+/// Errors of the coordinator, mapped to HTTP statuses by the API layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no partition named {0}; `partctl list` shows the defined ones")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("cannot start {name}: {reason}; nothing was allocated (`partctl resources` shows what is free)")]
+    Capacity { name: String, reason: String },
+    #[error("{0}")]
+    Timeout(String),
+    #[error("resource database: {0}")]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DefinitionError> for CoordError {
+    fn from(e: DefinitionError) -> Self {
+        CoordError::Invalid(e.to_string())
+    }
+}
+
+/// Supervision settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub vmm: PathBuf,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub unresponsive_after: Duration,
+}
+
+/// A partition as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartitionView {
+    pub name: String,
+    pub state: PartitionState,
+    pub definition: serde_json::Value,
+    pub holdings: Holdings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitRecord>,
+}
+
+/// The running monitor of a partition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmmView {
+    pub pid: u32,
+    pub start_time: u64,
+    pub control_socket: PathBuf,
+    pub console_socket: PathBuf,
+}
+
+/// Where a live VMM is in its life, as the supervisor sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Answering,
+    Ended(PartitionState),
+}
+
+/// A VMM partd supervises.
+struct Live {
+    record: VmmRecord,
+    files: PartitionFiles,
+    stop_requested: AtomicBool,
+    killed_by_partd: AtomicBool,
+    phase: watch::Sender<Phase>,
+}
+
+/// The coordinator. Cheap to share (`Arc`).
+pub struct Coordinator {
+    db: Arc<Db>,
+    settings: Settings,
+    live: Mutex<HashMap<PartitionId, Arc<Live>>>,
+    locks: Mutex<HashMap<PartitionId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn stale(e: &DbError) -> bool {
+    matches!(
+        e.rejection(),
+        Some(
+            Rejection::StaleOwner { .. }
+                | Rejection::StaleShare { .. }
+                | Rejection::StaleState { .. }
+        )
+    )
+}
+
+fn is_active(s: PartitionState) -> bool {
+    matches!(
+        s,
+        PartitionState::Starting
+            | PartitionState::Running
+            | PartitionState::Stopping
+            | PartitionState::Unresponsive
+    )
+}
+
+fn state_name(s: PartitionState) -> &'static str {
+    match s {
+        PartitionState::Defined => "defined",
+        PartitionState::Starting => "starting",
+        PartitionState::Running => "running",
+        PartitionState::Stopping => "stopping",
+        PartitionState::Stopped => "stopped",
+        PartitionState::Failed => "failed",
+        PartitionState::Unresponsive => "unresponsive",
+    }
+}
+
+impl Coordinator {
+    pub fn new(db: Db, settings: Settings) -> Arc<Self> {
+        Arc::new(Coordinator {
+            db: Arc::new(db),
+            settings,
+            live: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn files(&self, id: &PartitionId) -> PartitionFiles {
+        PartitionFiles::new(&self.settings.state_dir, id.as_str())
+    }
+
+    fn lock_of(&self, id: &PartitionId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.clone()).or_default().clone()
+    }
+
+    fn live_of(&self, id: &PartitionId) -> Option<Arc<Live>> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.get(id).cloned()
+    }
+
+    async fn transact(&self, changes: Vec<Change>) -> Result<TxId, DbError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || db.transact(ACTOR, &changes))
+            .await
+            .unwrap_or(Err(DbError::WriterGone))
+    }
+
+    fn record(&self, id: &PartitionId) -> Result<PartitionRecord, CoordError> {
+        self.db
+            .partition(id)?
+            .ok_or_else(|| CoordError::NotFound(id.to_string()))
+    }
+
+    /// Moves `id` to `to` if it is in one of `from`; returns whether it did.
+    async fn transition(
+        &self,
+        id: &PartitionId,
+        from: &[PartitionState],
+        to: PartitionState,
+    ) -> Result<bool, CoordError> {
+        for _ in 0..PLAN_ATTEMPTS {
+            let rec = self.record(id)?;
+            if !from.contains(&rec.state) {
+                return Ok(false);
+            }
+            let change = Change::SetState {
+                partition: id.clone(),
+                before: rec.state,
+                after: to,
+            };
+            match self.transact(vec![change]).await {
+                Ok(_) => return Ok(true),
+                Err(e) if stale(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CoordError::Internal(format!(
+            "{id}: state kept changing; try again"
+        )))
+    }
+
+    pub fn parse_id(name: &str) -> Result<PartitionId, CoordError> {
+        PartitionId::new(name).map_err(|e| CoordError::Invalid(e.to_string()))
+    }
+
+    // ----- reads -----
+
+    pub fn view(&self, id: &PartitionId) -> Result<PartitionView, CoordError> {
+        let rec = self.record(id)?;
+        self.view_of(rec)
+    }
+
+    fn view_of(&self, rec: PartitionRecord) -> Result<PartitionView, CoordError> {
+        let files = self.files(&rec.id);
+        let vmm = self.live_of(&rec.id).map(|l| VmmView {
+            pid: l.record.pid,
+            start_time: l.record.start_time,
+            control_socket: files.control(),
+            console_socket: files.console(),
+        });
+        let last_exit = if vmm.is_none() {
+            process::read_json::<ExitRecord>(&files.exit_file())
+        } else {
+            None
+        };
+        Ok(PartitionView {
+            name: rec.id.to_string(),
+            state: rec.state,
+            definition: serde_json::from_str(&rec.definition)
+                .unwrap_or(serde_json::Value::String(rec.definition.clone())),
+            holdings: self.db.holdings(&rec.id)?,
+            vmm,
+            last_exit,
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<PartitionView>, CoordError> {
+        let recs = self.db.view().partitions()?;
+        recs.into_iter().map(|r| self.view_of(r)).collect()
+    }
+
+    pub fn free(&self) -> Result<FreeCapacity, CoordError> {
+        Ok(self.db.free()?)
+    }
+
+    pub fn log(
+        &self,
+        partition: Option<&PartitionId>,
+        limit: u64,
+    ) -> Result<Vec<LogEntry>, CoordError> {
+        let last = self.db.view().last_txid()?;
+        let from = TxId(1);
+        let mut entries = self.db.log(from, last.0)?;
+        if let Some(p) = partition {
+            let needle = Owner::partition(p).to_string();
+            entries.retain(|e| {
+                serde_json::to_string(&e.record)
+                    .map(|s| s.contains(&format!("\"{needle}\"")))
+                    .unwrap_or(false)
+            });
+        }
+        let skip = entries
+            .len()
+            .saturating_sub(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(entries.split_off(skip))
+    }
+
+    // ----- life cycle -----
+
+    pub async fn create(&self, body: serde_json::Value) -> Result<PartitionView, CoordError> {
+        let host = self.db.view().host().clone();
+        let def = Definition::from_json(body, &host)?;
+        let id = def.id()?;
+        let lock = self.lock_of(&id);
+        let _g = lock.lock().await;
+        let definition =
+            serde_json::to_string(&def).map_err(|e| CoordError::Internal(e.to_string()))?;
+        let change = Change::Create {
+            record: PartitionRecord {
+                id: id.clone(),
+                definition,
+                state: PartitionState::Defined,
+            },
+        };
+        match self.transact(vec![change]).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.rejection(), Some(Rejection::PartitionExists { .. })) => {
+                return Err(CoordError::Conflict(format!(
+                    "partition {id} already exists; `partctl destroy {id}` it first or pick another name"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.view(&id)
+    }
+
+    pub async fn destroy(&self, id: &PartitionId) -> Result<(), CoordError> {
+        let lock = self.lock_of(id);
+        let _g = lock.lock().await;
+        for _ in 0..PLAN_ATTEMPTS {
+            let rec = self.record(id)?;
+            if is_active(rec.state) {
+                return Err(CoordError::Conflict(format!(
+                    "partition {id} is {}; `partctl stop {id}` it first",
+                    state_name(rec.state)
+                )));
+            }
+            let snap = self.db.snapshot()?;
+            let mut changes = snap.plan_release(id);
+            changes.push(Change::Destroy { record: rec });
+            match self.transact(changes).await {
+                Ok(_) => {
+                    let files = self.files(id);
+                    let _ = std::fs::remove_dir_all(&files.dir);
+                    return Ok(());
+                }
+                Err(e)
+                    if stale(&e)
+                        || matches!(e.rejection(), Some(Rejection::StaleRecord { .. })) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CoordError::Internal(format!(
+            "{id}: kept changing during destroy; try again"
+        )))
+    }
+
+    /// Grants, spawns and waits until the monitor answers (or ends).
+    pub async fn start(self: &Arc<Self>, id: &PartitionId) -> Result<PartitionView, CoordError> {
+        let lock = self.lock_of(id);
+        let guard = lock.lock().await;
+        let rec = self.record(id)?;
+        if is_active(rec.state) {
+            return Err(CoordError::Conflict(format!(
+                "partition {id} is already {}",
+                state_name(rec.state)
+            )));
+        }
+        let value: serde_json::Value = serde_json::from_str(&rec.definition)
+            .map_err(|e| CoordError::Internal(format!("stored definition of {id}: {e}")))?;
+        // Files may have gone since `create`: check again.
+        let def = Definition::from_json(value, self.db.view().host())
+            .map_err(|e| CoordError::Conflict(format!("cannot start {id}: {e}")))?;
+
+        // One transaction: everything the partition needs + `starting`.
+        let mut affinity = Vec::new();
+        let mut granted = false;
+        for _ in 0..PLAN_ATTEMPTS {
+            let snap = self.db.snapshot()?;
+            let rec = self.record(id)?;
+            let mut changes =
+                snap.plan_grant(id, &def.demand())
+                    .map_err(|r| CoordError::Capacity {
+                        name: id.to_string(),
+                        reason: r.to_string(),
+                    })?;
+            changes.push(Change::SetState {
+                partition: id.clone(),
+                before: rec.state,
+                after: PartitionState::Starting,
+            });
+            affinity = if def.cpus.is_empty() {
+                let host = snap.host();
+                host.cpus
+                    .iter()
+                    .copied()
+                    .filter(|c| matches!(snap.owner(&ResourceId::Cpu(*c)), Ok(Owner::SharedPool)))
+                    .collect()
+            } else {
+                def.cpus.clone()
+            };
+            match self.transact(changes).await {
+                Ok(_) => {
+                    granted = true;
+                    break;
+                }
+                Err(e) if stale(&e) => continue,
+                Err(e) => {
+                    if let Some(r) = e.rejection() {
+                        if matches!(
+                            r,
+                            Rejection::OverCapacity { .. }
+                                | Rejection::Insufficient { .. }
+                                | Rejection::Unavailable { .. }
+                        ) {
+                            return Err(CoordError::Capacity {
+                                name: id.to_string(),
+                                reason: r.to_string(),
+                            });
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        if !granted {
+            return Err(CoordError::Internal(format!(
+                "{id}: resources kept changing while planning; try again"
+            )));
+        }
+
+        let files = self.files(id);
+        let spawned = files.clear_run_files().and_then(|()| {
+            let cfg = def.descriptor(&files.console(), affinity);
+            process::spawn(&self.settings.vmm, id.as_str(), &cfg, &files)
+        });
+        let (proc_, record) = match spawned {
+            Ok(x) => x,
+            Err(e) => {
+                let reason = ExitRecord {
+                    pid: 0,
+                    reason: "spawn-failed".into(),
+                    status: -1,
+                    detail: e.to_string(),
+                };
+                let _ = process::write_json_atomic(&files.exit_file(), &reason);
+                self.release(id, PartitionState::Failed).await?;
+                return Err(CoordError::Internal(format!("cannot start {id}: {e}")));
+            }
+        };
+        if let Err(e) = process::write_json_atomic(&files.vmm_record(), &record) {
+            tracing::warn!(
+                "{id}: cannot write {}: {e}; a restarted partd will not find this VMM",
+                files.vmm_record().display()
+            );
+        }
+        let live = self.register(id, record, files, false);
+        let mut phase = live.phase.subscribe();
+        self.supervise(id.clone(), Arc::clone(&live), proc_);
+        drop(guard);
+
+        let waited =
+            tokio::time::timeout(START_DEADLINE, phase.wait_for(|p| *p != Phase::Starting)).await;
+        match waited {
+            Ok(Ok(p)) => {
+                let p = p.clone();
+                if let Phase::Ended(state) = p {
+                    let view = self.view(id)?;
+                    let why = view
+                        .last_exit
+                        .as_ref()
+                        .map(|r| r.detail.clone())
+                        .unwrap_or_default();
+                    return Err(CoordError::Conflict(format!(
+                        "partition {id} ended while starting ({}): {why}; see {}",
+                        state_name(state),
+                        self.files(id).vmm_log().display()
+                    )));
+                }
+                self.view(id)
+            }
+            Ok(Err(_)) => self.view(id),
+            Err(_) => Err(CoordError::Timeout(format!(
+                "partition {id}: its monitor did not answer within {} s; it stays `starting` (see {})",
+                START_DEADLINE.as_secs(),
+                self.files(id).vmm_log().display()
+            ))),
+        }
+    }
+
+    fn register(
+        &self,
+        id: &PartitionId,
+        record: VmmRecord,
+        files: PartitionFiles,
+        stopping: bool,
+    ) -> Arc<Live> {
+        let (phase, _) = watch::channel(Phase::Starting);
+        let live = Arc::new(Live {
+            record,
+            files,
+            stop_requested: AtomicBool::new(stopping),
+            killed_by_partd: AtomicBool::new(false),
+            phase,
+        });
+        let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(id.clone(), Arc::clone(&live));
+        live
+    }
+
+    /// Polite (or forced) stop; returns once the monitor is gone and the
+    /// resources are released.
+    pub async fn stop(
+        &self,
+        id: &PartitionId,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> Result<PartitionView, CoordError> {
+        let live = {
+            let lock = self.lock_of(id);
+            let _g = lock.lock().await;
+            let rec = self.record(id)?;
+            if !is_active(rec.state) {
+                return Err(CoordError::Conflict(format!(
+                    "partition {id} is {}, not running",
+                    state_name(rec.state)
+                )));
+            }
+            let Some(live) = self.live_of(id) else {
+                return Err(CoordError::Internal(format!(
+                    "partition {id} is {} but partd supervises no monitor for it",
+                    state_name(rec.state)
+                )));
+            };
+            live.stop_requested.store(true, Ordering::SeqCst);
+            self.transition(
+                id,
+                &[
+                    PartitionState::Starting,
+                    PartitionState::Running,
+                    PartitionState::Unresponsive,
+                ],
+                PartitionState::Stopping,
+            )
+            .await?;
+            live
+        };
+        let mut phase = live.phase.subscribe();
+        let ended = |phase: &mut watch::Receiver<Phase>, d: Duration| {
+            let mut phase = phase.clone();
+            async move {
+                tokio::time::timeout(d, phase.wait_for(|p| matches!(p, Phase::Ended(_))))
+                    .await
+                    .is_ok()
+            }
+        };
+        let control = live.files.control();
+        let t = self.settings.ping_timeout;
+        if !force {
+            let polite = process::control(&control, &Request::Stop { force: false }, t).await;
+            if polite.is_err() {
+                // Not answering: SIGTERM is part-vmm's other polite stop.
+                process::signal(&live.record, Signal::SIGTERM);
+            }
+            let def_timeout = self
+                .record(id)
+                .ok()
+                .and_then(|r| serde_json::from_str::<Definition>(&r.definition).ok())
+                .map(|d| Duration::from_secs(d.stop_timeout_s))
+                .unwrap_or(Duration::from_secs(10));
+            let wait = timeout.unwrap_or(def_timeout + Duration::from_secs(2));
+            if ended(&mut phase, wait).await {
+                return self.view(id);
+            }
+        }
+        if process::control(&control, &Request::Stop { force: true }, t)
+            .await
+            .is_ok()
+            && ended(&mut phase, FORCE_GRACE).await
+        {
+            return self.view(id);
+        }
+        live.killed_by_partd.store(true, Ordering::SeqCst);
+        process::signal(&live.record, Signal::SIGKILL);
+        if ended(&mut phase, Duration::from_secs(10)).await {
+            return self.view(id);
+        }
+        Err(CoordError::Timeout(format!(
+            "partition {id}: monitor pid {} did not end after SIGKILL",
+            live.record.pid
+        )))
+    }
+
+    // ----- supervision -----
+
+    fn supervise(self: &Arc<Self>, id: PartitionId, live: Arc<Live>, mut proc_: VmmProcess) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut last_ok = Instant::now();
+            let mut answered = false;
+            loop {
+                // Until the first answer, poll fast: that is the start latency.
+                let interval = if answered {
+                    me.settings.ping_interval
+                } else {
+                    Duration::from_millis(5)
+                };
+                tokio::select! {
+                    ended = proc_.wait() => {
+                        let state = me.finish(&id, &live, Some(ended)).await;
+                        live.phase.send_replace(Phase::Ended(state));
+                        return;
+                    }
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let ping = process::control(
+                    &live.files.control(),
+                    &Request::Ping,
+                    me.settings.ping_timeout,
+                )
+                .await;
+                match ping {
+                    Ok(reply) if reply.ok => {
+                        last_ok = Instant::now();
+                        answered = true;
+                        if !live.stop_requested.load(Ordering::SeqCst) {
+                            let lock = me.lock_of(&id);
+                            let _g = lock.lock().await;
+                            if let Err(e) = me
+                                .transition(
+                                    &id,
+                                    &[PartitionState::Starting, PartitionState::Unresponsive],
+                                    PartitionState::Running,
+                                )
+                                .await
+                            {
+                                tracing::warn!("{id}: cannot record `running`: {e}");
+                            }
+                        }
+                        live.phase.send_if_modified(|p| {
+                            if *p == Phase::Starting {
+                                *p = Phase::Answering;
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                    }
+                    _ => {
+                        if last_ok.elapsed() >= me.settings.unresponsive_after {
+                            let lock = me.lock_of(&id);
+                            let _g = lock.lock().await;
+                            match me
+                                .transition(
+                                    &id,
+                                    &[PartitionState::Running],
+                                    PartitionState::Unresponsive,
+                                )
+                                .await
+                            {
+                                Ok(true) => tracing::warn!(
+                                    "{id}: monitor pid {} has not answered for {} ms: unresponsive",
+                                    live.record.pid,
+                                    last_ok.elapsed().as_millis()
+                                ),
+                                Ok(false) => {}
+                                Err(e) => tracing::warn!("{id}: cannot record `unresponsive`: {e}"),
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// The monitor is gone: record why, release everything and set the final
+    /// state, in one transaction.
+    async fn finish(&self, id: &PartitionId, live: &Live, ended: Option<Ended>) -> PartitionState {
+        let lock = self.lock_of(id);
+        let _g = lock.lock().await;
+        let files = &live.files;
+        let stop_requested = live.stop_requested.load(Ordering::SeqCst);
+        let killed = live.killed_by_partd.load(Ordering::SeqCst);
+        let recorded = process::read_json::<ExitRecord>(&files.exit_file())
+            .filter(|r| r.pid == live.record.pid);
+        let exit = match recorded {
+            Some(r) => r,
+            None => {
+                let (status, detail) = match ended {
+                    Some(Ended::Exited(code)) => (code, format!("part-vmm exited with status {code} without an exit record (see {})", files.vmm_log().display())),
+                    Some(Ended::Signaled(sig)) if killed => (128 + sig, format!("part-vmm did not respond and was killed by partd (signal {sig})")),
+                    Some(Ended::Signaled(sig)) => (128 + sig, format!("part-vmm was killed by signal {sig}")),
+                    Some(Ended::Unknown) | None if killed => (-1, "part-vmm did not respond and was killed by partd".to_string()),
+                    Some(Ended::Unknown) | None => (-1, "part-vmm ended without an exit record (killed by a signal?) while partd was not watching it".to_string()),
+                };
+                let r = ExitRecord {
+                    pid: live.record.pid,
+                    reason: if killed {
+                        "killed-by-partd".into()
+                    } else {
+                        "no-exit-record".into()
+                    },
+                    status,
+                    detail,
+                };
+                if let Err(e) = process::write_json_atomic(&files.exit_file(), &r) {
+                    tracing::warn!("{id}: cannot write {}: {e}", files.exit_file().display());
+                }
+                r
+            }
+        };
+        let clean = exit.status == 0;
+        let stopped_on_request =
+            stop_requested && (clean || exit.reason == "forced-stop" || killed);
+        let state = if clean || stopped_on_request {
+            PartitionState::Stopped
+        } else {
+            PartitionState::Failed
+        };
+        tracing::info!(
+            "{id}: monitor pid {} ended: {} -> {}",
+            live.record.pid,
+            exit.detail,
+            state_name(state)
+        );
+        if let Err(e) = self.release(id, state).await {
+            tracing::error!("{id}: cannot release its resources: {e}");
+        }
+        let _ = std::fs::remove_file(files.vmm_record());
+        let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(id);
+        state
+    }
+
+    /// Releases everything `id` holds and sets `state`, in one transaction.
+    async fn release(&self, id: &PartitionId, state: PartitionState) -> Result<(), CoordError> {
+        for _ in 0..PLAN_ATTEMPTS {
+            let rec = self.record(id)?;
+            let snap = self.db.snapshot()?;
+            let mut changes = snap.plan_release(id);
+            if rec.state != state {
+                changes.push(Change::SetState {
+                    partition: id.clone(),
+                    before: rec.state,
+                    after: state,
+                });
+            }
+            if changes.is_empty() {
+                return Ok(());
+            }
+            match self.transact(changes).await {
+                Ok(_) => return Ok(()),
+                Err(e) if stale(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CoordError::Internal(format!(
+            "{id}: kept changing during release"
+        )))
+    }
+
+    /// After a partd (re)start: re-attach to live monitors, finish the ones
+    /// that ended while partd was down. Returns (adopted, finished).
+    pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), CoordError> {
+        let mut adopted = 0;
+        let mut finished = 0;
+        for rec in self.db.view().partitions()? {
+            if !is_active(rec.state) {
+                continue;
+            }
+            let id = rec.id.clone();
+            let files = self.files(&id);
+            let record = process::read_json::<VmmRecord>(&files.vmm_record());
+            let stopping = rec.state == PartitionState::Stopping;
+            match record.as_ref().and_then(process::adopt) {
+                Some(proc_) => {
+                    let record = record.unwrap_or(VmmRecord {
+                        pid: 0,
+                        start_time: 0,
+                    });
+                    tracing::info!(
+                        "{id}: re-attached to monitor pid {} ({})",
+                        record.pid,
+                        state_name(rec.state)
+                    );
+                    let live = self.register(&id, record, files, stopping);
+                    self.supervise(id, live, proc_);
+                    adopted += 1;
+                }
+                None => {
+                    let record = record.unwrap_or(VmmRecord {
+                        pid: 0,
+                        start_time: 0,
+                    });
+                    let live = Live {
+                        record,
+                        files,
+                        stop_requested: AtomicBool::new(stopping),
+                        killed_by_partd: AtomicBool::new(false),
+                        phase: watch::channel(Phase::Starting).0,
+                    };
+                    self.finish(&id, &live, None).await;
+                    finished += 1;
+                }
+            }
+        }
+        Ok((adopted, finished))
+    }
+}

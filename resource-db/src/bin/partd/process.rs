@@ -1,0 +1,359 @@
+//! One part-vmm process: spawning it with its sealed descriptor, finding it
+//! again after a partd restart (pid + start time), talking to its control
+//! socket and waiting for its end.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use part_vmm::config::VmConfig;
+use part_vmm::control::{Reply, Request};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// The descriptor's fd number in part-vmm.
+const DESCRIPTOR_FD: i32 = 3;
+
+/// Errors of this layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot build the descriptor memfd: {0}")]
+    Memfd(String),
+    #[error("cannot open {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {vmm}: {source} (give the monitor's path with partd --vmm PATH)")]
+    Spawn {
+        vmm: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {reason}")]
+    Control { path: PathBuf, reason: String },
+}
+
+/// Files of one partition in the state dir.
+#[derive(Clone, Debug)]
+pub struct PartitionFiles {
+    pub dir: PathBuf,
+}
+
+impl PartitionFiles {
+    pub fn new(state_dir: &Path, name: &str) -> Self {
+        PartitionFiles {
+            dir: state_dir.join("partitions").join(name),
+        }
+    }
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
+    pub fn exit_file(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+    pub fn vmm_record(&self) -> PathBuf {
+        self.dir.join("vmm.json")
+    }
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+
+    /// Removes what a previous run left (sockets, records), keeping the log.
+    pub fn clear_run_files(&self) -> Result<(), ProcessError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| ProcessError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        for p in [
+            self.control(),
+            self.console(),
+            self.exit_file(),
+            self.vmm_record(),
+        ] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(ProcessError::Io { path: p, source }),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What partd records about a VMM it started, so that a restarted partd can
+/// tell the same process from a later one with a reused pid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmRecord {
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat` (clock ticks after boot).
+    pub start_time: u64,
+}
+
+/// Writes `value` as JSON to `path` atomically.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        serde_json::to_writer(&mut f, value)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads a JSON file, `None` if absent or unparsable.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Start time of a live (not zombie) process, from `/proc/<pid>/stat`.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses; the
+    // fields after its last ')' start at field 3 (state).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // Field 22 is the 20th after the state (field 3).
+    fields.nth(18)?.parse().ok()
+}
+
+/// A running part-vmm and how its end is observed.
+pub enum VmmProcess {
+    /// Started by this partd: its exit status is known.
+    Child(tokio::process::Child),
+    /// Started by an earlier partd: watched through a pidfd.
+    Adopted(AsyncFd<OwnedFd>),
+}
+
+/// How a VMM process ended, as far as partd saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Exit status of a child.
+    Exited(i32),
+    /// A child killed by a signal.
+    Signaled(i32),
+    /// An adopted process ended (its status went to its new parent).
+    Unknown,
+}
+
+impl VmmProcess {
+    /// Waits until the process has ended.
+    pub async fn wait(&mut self) -> Ended {
+        match self {
+            VmmProcess::Child(c) => match c.wait().await {
+                Ok(st) => match (st.code(), st.signal()) {
+                    (Some(code), _) => Ended::Exited(code),
+                    (None, Some(sig)) => Ended::Signaled(sig),
+                    _ => Ended::Unknown,
+                },
+                Err(_) => Ended::Unknown,
+            },
+            VmmProcess::Adopted(fd) => {
+                // A pidfd becomes readable when its process ends.
+                loop {
+                    match fd.readable().await {
+                        Ok(mut guard) => {
+                            guard.retain_ready();
+                            return Ended::Unknown;
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens a pidfd for `pid` and checks it is still the process that started
+/// at `start_time`.
+pub fn adopt(record: &VmmRecord) -> Option<VmmProcess> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, record.pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let fd = i32::try_from(fd).ok()?;
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Checked after opening: the pidfd now pins this very process.
+    if start_time(record.pid) != Some(record.start_time) {
+        return None;
+    }
+    // SAFETY: `owned` is an open pidfd moved into the AsyncFd, which owns it
+    // (and so keeps it open and unchanged) until the AsyncFd is dropped.
+    unsafe { AsyncFd::register(owned) }
+        .ok()
+        .map(VmmProcess::Adopted)
+}
+
+/// Writes `cfg` into a memfd sealed against writes, growing and shrinking.
+fn sealed_descriptor(name: &str, cfg: &VmConfig) -> Result<memfd::Memfd, ProcessError> {
+    let err = |e: &dyn std::fmt::Display| ProcessError::Memfd(e.to_string());
+    let json = serde_json::to_vec(cfg).map_err(|e| err(&e))?;
+    let mfd = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .close_on_exec(true)
+        .create(format!("partvisor-descriptor-{name}"))
+        .map_err(|e| err(&e))?;
+    mfd.as_file().write_all(&json).map_err(|e| err(&e))?;
+    mfd.add_seals(&[
+        memfd::FileSeal::SealShrink,
+        memfd::FileSeal::SealGrow,
+        memfd::FileSeal::SealWrite,
+    ])
+    .map_err(|e| err(&e))?;
+    mfd.add_seal(memfd::FileSeal::SealSeal)
+        .map_err(|e| err(&e))?;
+    Ok(mfd)
+}
+
+/// Starts part-vmm for partition `name` in its own session (so it outlives
+/// partd), with the descriptor on fd 3, its control socket, console socket
+/// and exit file in `files.dir`, and stderr appended to `vmm.log`.
+pub fn spawn(
+    vmm: &Path,
+    name: &str,
+    cfg: &VmConfig,
+    files: &PartitionFiles,
+) -> Result<(VmmProcess, VmmRecord), ProcessError> {
+    let mfd = sealed_descriptor(name, cfg)?;
+    let log_path = files.vmm_log();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|source| ProcessError::Io {
+            path: log_path,
+            source,
+        })?;
+    let src = mfd.as_file().as_raw_fd();
+    let mut cmd = tokio::process::Command::new(vmm);
+    cmd.arg("--config")
+        .arg(format!("/proc/self/fd/{DESCRIPTOR_FD}"))
+        .arg("--control-socket")
+        .arg(files.control())
+        .arg("--exit-file")
+        .arg(files.exit_file())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only async-signal-safe functions (setsid, dup2, fcntl) on descriptors
+    // that exist in the child; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if src == DESCRIPTOR_FD {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it instead.
+                if libc::fcntl(src, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(src, DESCRIPTOR_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        vmm: vmm.to_owned(),
+        source,
+    })?;
+    drop(mfd);
+    let pid = child.id().unwrap_or(0);
+    let record = VmmRecord {
+        pid,
+        start_time: start_time(pid).unwrap_or(0),
+    };
+    Ok((VmmProcess::Child(child), record))
+}
+
+/// Sends one control request and reads its reply, within `timeout`.
+pub async fn control(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ProcessError> {
+    let fail = |reason: String| ProcessError::Control {
+        path: path.to_owned(),
+        reason,
+    };
+    let exchange = async {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        let (r, mut w) = stream.into_split();
+        let mut line = serde_json::to_string(req).map_err(|e| fail(e.to_string()))?;
+        line.push('\n');
+        w.write_all(line.as_bytes())
+            .await
+            .map_err(|e| fail(format!("cannot send: {e}")))?;
+        let mut reply = String::new();
+        BufReader::new(r)
+            .read_line(&mut reply)
+            .await
+            .map_err(|e| fail(format!("cannot read the reply: {e}")))?;
+        serde_json::from_str::<Reply>(&reply).map_err(|e| fail(format!("bad reply: {e}")))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(fail(format!("no reply within {} ms", timeout.as_millis()))),
+    }
+}
+
+/// Sends `signal` to `record`'s process if it is still that process.
+pub fn signal(record: &VmmRecord, signal: nix::sys::signal::Signal) -> bool {
+    if start_time(record.pid) != Some(record.start_time) {
+        return false;
+    }
+    let Ok(pid) = i32::try_from(record.pid) else {
+        return false;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_this_process_is_stable_and_dead_pids_have_none() {
+        let me = std::process::id();
+        let a = start_time(me).unwrap();
+        assert!(a > 0);
+        assert_eq!(start_time(me), Some(a));
+        // pid_max is at most 2^22; this pid never exists.
+        assert_eq!(start_time(u32::MAX - 1), None);
+    }
+
+    #[test]
+    fn sealed_descriptor_refuses_writes_and_reads_back() {
+        let cfg = VmConfig::from_json(r#"{"kernel": "/k", "memory_mib": 8}"#).unwrap();
+        let mfd = sealed_descriptor("t", &cfg).unwrap();
+        let seals = mfd.seals().unwrap();
+        assert!(seals.contains(&memfd::FileSeal::SealWrite));
+        assert!(seals.contains(&memfd::FileSeal::SealSeal));
+        let path = format!("/proc/self/fd/{}", mfd.as_file().as_raw_fd());
+        let back = VmConfig::from_json(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        assert!(std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"x"))
+            .is_err());
+    }
+}
