@@ -497,9 +497,11 @@ impl VhostUserBackendMut for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let start = (offset as usize).min(self.config.len());
-        let end = start.saturating_add(size as usize).min(self.config.len());
-        self.config[start..end].to_vec()
+        // Exactly `size` bytes (frontends check the reply length); fields
+        // beyond the ones part-io fills read as zero.
+        (offset..offset.saturating_add(size))
+            .map(|i| self.config.get(i as usize).copied().unwrap_or(0))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
