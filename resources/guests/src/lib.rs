@@ -174,9 +174,19 @@ mod tests {
             parse_blk("bench:seqread:100"),
             Some(BlkWord::Bench {
                 kind: BenchKind::SeqRead,
-                ops: 100
+                ops: 100,
+                depth: words::MAX_DEPTH
             })
         );
+        assert_eq!(
+            parse_blk("bench:randwrite:7:1"),
+            Some(BlkWord::Bench {
+                kind: BenchKind::RandWrite,
+                ops: 7,
+                depth: 1
+            })
+        );
+        assert_eq!(parse_blk("use:1"), Some(BlkWord::Use { index: 1 }));
         for bad in [
             "",
             "write:7",
@@ -185,6 +195,11 @@ mod tests {
             "bad:worse",
             "bench:seqwrite:1",
             "verify:x:1",
+            "bench:randread:1:0",
+            "bench:randread:1:17",
+            "bench:randread:1:2:3",
+            "use",
+            "use:x",
         ] {
             assert_eq!(parse_blk(bad), None, "{bad}");
         }

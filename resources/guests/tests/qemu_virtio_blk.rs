@@ -368,3 +368,70 @@ fn bench_words_report_their_ops_and_a_time() {
     assert!(benches.iter().all(|b| b.us > 0), "{benches:?}");
     assert_eq!(out.status, debug_exit_status(0), "{out:#?}");
 }
+
+#[test]
+fn use_word_switches_between_two_disks() {
+    let (a, b) = (Image::zeroed("two-a", 1), Image::zeroed("two-b", 1));
+    let args = [
+        "-global".to_string(),
+        "virtio-mmio.force-legacy=false".to_string(),
+        "-drive".to_string(),
+        format!("{},if=none,id=d0", raw(&a)),
+        "-device".to_string(),
+        "virtio-blk-device,drive=d0,serial=disk-a".to_string(),
+        "-drive".to_string(),
+        format!("{},if=none,id=d1", raw(&b)),
+        "-device".to_string(),
+        "virtio-blk-device,drive=d1,serial=disk-b".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = boot(Boot {
+        machine: "microvm,acpi=off",
+        cmdline: "blk=id blk=write:1:1 blk=use:1 blk=id blk=verify:1:1 blk=use:2",
+        extra_args: &args,
+        ..Boot::default()
+    });
+    // QEMU declares both (in its own order); device 0 got the write, so
+    // device 1 fails to verify it.
+    assert_eq!(lines_with(&out, "virtio: ").len(), 2, "{out:#?}");
+    let mut ids = lines_with(&out, "blk: id ");
+    ids.sort();
+    assert_eq!(ids, ["blk: id disk-a", "blk: id disk-b"], "{out:#?}");
+    assert_eq!(
+        lines_with(&out, "blk: using device 1 at 0x").len(),
+        1,
+        "{out:#?}"
+    );
+    assert!(has_line(&out, "blk: verify failed at block 0"), "{out:#?}");
+    assert!(has_line(&out, "blk: no virtio-blk device 2"), "{out:#?}");
+    // The first failure decides the exit code.
+    assert_eq!(out.report().exit, Some(EXIT_BLK_VERIFY), "{out:#?}");
+}
+
+/// null-co delays every request by 20 ms and serves them concurrently, so
+/// the bench clock and the queue depth can be checked against it: 4
+/// requests one at a time take at least 80 ms; 32 requests 16 at a time at
+/// least 40 ms and far less than 32 x 20 ms; neither more than QEMU ran.
+#[test]
+fn bench_clock_and_queue_depth_match_a_device_of_known_latency() {
+    let started = std::time::Instant::now();
+    let out = boot_blk(
+        "microvm,acpi=off",
+        "blk=bench:randread:4:1 blk=bench:randread:32:16",
+        "driver=null-co,size=1M,latency-ns=20000000",
+        "",
+    );
+    let wall_us = started.elapsed().as_micros() as u64;
+    let b = out.report().blk_benches;
+    assert_eq!(b.len(), 2, "{out:#?}");
+    assert!(
+        (80_000..wall_us).contains(&b[0].us),
+        "{b:?}, wall {wall_us} us"
+    );
+    assert!(
+        (40_000..wall_us).contains(&b[1].us),
+        "{b:?}, wall {wall_us} us"
+    );
+    assert!(b[1].us < 320_000, "16 in flight: {b:?}");
+    assert_eq!(out.status, debug_exit_status(0), "{out:#?}");
+}

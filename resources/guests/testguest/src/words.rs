@@ -151,14 +151,26 @@ pub enum BlkWord {
     ExpectRo,
     /// `blk=bad:KIND`
     Bad(BadKind),
-    /// `blk=bench:KIND:OPS`
+    /// `blk=bench:KIND:OPS[:DEPTH]`
     Bench {
         /// Workload.
         kind: BenchKind,
         /// Requests to complete.
         ops: u32,
+        /// Requests in flight at most (1..=[`MAX_DEPTH`], default
+        /// [`MAX_DEPTH`]).
+        depth: u32,
+    },
+    /// `blk=use:N`: the following words drive the N-th (from 0) declared
+    /// virtio-blk device.
+    Use {
+        /// Index among the declared block devices.
+        index: u32,
     },
 }
+
+/// Most requests the driver keeps in flight.
+pub const MAX_DEPTH: u32 = 16;
 
 /// Parse the value of a `blk=` word (SEED: decimal or `0x` hex).
 pub fn parse_blk(value: &str) -> Option<BlkWord> {
@@ -166,7 +178,8 @@ pub fn parse_blk(value: &str) -> Option<BlkWord> {
     let op = parts.next()?;
     let a = parts.next();
     let b = parts.next();
-    if parts.next().is_some() {
+    let c = parts.next();
+    if parts.next().is_some() || (c.is_some() && op != "bench") {
         return None;
     }
     let word = match (op, a, b) {
@@ -190,6 +203,13 @@ pub fn parse_blk(value: &str) -> Option<BlkWord> {
             .into_iter()
             .find(|k| k.name() == kind)?,
             ops: n.parse().ok()?,
+            depth: match c {
+                None => MAX_DEPTH,
+                Some(d) => Some(d.parse().ok()?).filter(|d| (1..=MAX_DEPTH).contains(d))?,
+            },
+        },
+        ("use", Some(n), None) => BlkWord::Use {
+            index: n.parse().ok()?,
         },
         _ => return None,
     };

@@ -17,7 +17,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Requests in flight at most.
-pub const QUEUE_DEPTH: usize = 16;
+pub const QUEUE_DEPTH: usize = crate::words::MAX_DEPTH as usize;
 /// Largest request (bytes of data).
 pub const MAX_REQUEST: usize = 65536;
 /// Data buffers are handed out in 4 KiB blocks.

@@ -6,8 +6,8 @@
 use crate::arch::VEC_VIRTIO;
 use crate::blk_pattern::{block_ok, fill_block, BLOCK_SIZE, SECTORS_PER_BLOCK};
 use crate::drivers::virtio_blk::{
-    completions, Blk, Completions, Done, SubmitError, WaitError, F_FLUSH, F_RO, S_IOERR, S_OK,
-    S_UNSUPP, S_UNWRITTEN, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    completions, Blk, Completions, Done, SubmitError, WaitError, F_FLUSH, F_RO, QUEUE_DEPTH,
+    S_IOERR, S_OK, S_UNSUPP, S_UNWRITTEN, T_FLUSH, T_GET_ID, T_IN, T_OUT,
 };
 use crate::drivers::virtio_mmio::{
     Transport, DEVICE_BLOCK, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, MAGIC, VERSION_MODERN,
@@ -58,6 +58,8 @@ impl core::fmt::Display for StatusName {
 /// Declared devices and the live block driver.
 pub struct Devices {
     decls: [Option<Transport>; MAX_DEVICES],
+    /// Which declared block device `blk=` words drive (`blk=use:N`).
+    selected: usize,
     blk: Option<Blk>,
 }
 
@@ -66,6 +68,7 @@ impl Devices {
     pub fn new() -> Devices {
         Devices {
             decls: [None; MAX_DEVICES],
+            selected: 0,
             blk: None,
         }
     }
@@ -114,10 +117,7 @@ impl Devices {
     /// The block driver, initialised on first use (prints `blk: ready`).
     fn blk(&mut self, boot: &Boot) -> Result<&mut Blk, u32> {
         if self.blk.is_none() {
-            let Some(t) = self.decls.iter().flatten().copied().find(|t| {
-                let p = t.probe();
-                p.magic == MAGIC && p.version == VERSION_MODERN && p.device_id == DEVICE_BLOCK
-            }) else {
+            let Some(t) = self.block_device(self.selected) else {
                 say!("blk: no usable virtio-blk device");
                 return Err(EXIT_NO_DEVICE);
             };
@@ -144,9 +144,37 @@ impl Devices {
         self.blk.as_mut().ok_or(EXIT_INIT)
     }
 
+    /// The `index`-th declared modern virtio-blk transport.
+    fn block_device(&self, index: usize) -> Option<Transport> {
+        self.decls
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|t| {
+                let p = t.probe();
+                p.magic == MAGIC && p.version == VERSION_MODERN && p.device_id == DEVICE_BLOCK
+            })
+            .nth(index)
+    }
+
     /// Run one `blk=` word. `Err(code)` is the exit code of its failure
     /// (already reported).
     pub fn run(&mut self, boot: &Boot, word: BlkWord) -> Result<(), u32> {
+        if let BlkWord::Use { index } = word {
+            // Reset the device in use; the next word initialises the new one.
+            self.blk = None;
+            self.selected = index as usize;
+            return match self.block_device(self.selected) {
+                Some(t) => {
+                    say!("blk: using device {index} at 0x{:08x}", t.base);
+                    Ok(())
+                }
+                None => {
+                    say!("blk: no virtio-blk device {index}");
+                    Err(EXIT_NO_DEVICE)
+                }
+            };
+        }
         let blk = self.blk(boot)?;
         let result = match word {
             BlkWord::Write { seed, blocks } => write(blk, seed, blocks),
@@ -154,7 +182,8 @@ impl Devices {
             BlkWord::Id => id(blk),
             BlkWord::ExpectRo => expect_ro(blk),
             BlkWord::Bad(kind) => bad(blk, kind),
-            BlkWord::Bench { kind, ops } => bench(blk, kind, ops),
+            BlkWord::Bench { kind, ops, depth } => bench(blk, kind, ops, depth as usize),
+            BlkWord::Use { .. } => Ok(()),
         };
         if let Err(stop) = result {
             // Requests may still be in flight or the device be broken: reset
@@ -204,21 +233,22 @@ struct Req {
     len: usize,
 }
 
-/// Run `ops` requests with up to `QUEUE_DEPTH` in flight. `prepare(op,
+/// Run `ops` requests with up to `depth` (at most `QUEUE_DEPTH`) in flight. `prepare(op,
 /// buffer)` describes request `op` (and fills its buffer for a write);
 /// `finish(op, buffer, status)` checks it.
 fn pipeline(
     blk: &mut Blk,
     ops: u32,
+    depth: usize,
     wd: &mut Watchdog,
     mut prepare: impl FnMut(u32, &mut crate::drivers::virtio_blk::Buffer) -> Req,
     mut finish: impl FnMut(u32, &crate::drivers::virtio_blk::Buffer, u8) -> Result<(), Stop>,
 ) -> Result<(), Stop> {
-    let mut slot_op = [0u32; crate::drivers::virtio_blk::QUEUE_DEPTH];
+    let mut slot_op = [0u32; QUEUE_DEPTH];
     let mut comps: Completions = completions();
     let (mut next, mut done) = (0u32, 0u32);
     while done < ops {
-        while next < ops {
+        while next < ops && blk.in_flight() < depth {
             let Some(slot) = blk.free_slot() else { break };
             let req = prepare(next, blk.buffer(slot));
             match blk.submit(slot, req.kind, req.sector, req.len) {
@@ -272,6 +302,7 @@ fn single(blk: &mut Blk, kind: u32, sector: u64, len: usize) -> Result<u8, Stop>
     let r = pipeline(
         blk,
         1,
+        1,
         &mut wd,
         |_, _| Req { kind, sector, len },
         |_, _, s| {
@@ -289,6 +320,7 @@ fn write(blk: &mut Blk, seed: u64, blocks: u32) -> Result<(), Stop> {
     let r = pipeline(
         blk,
         blocks,
+        QUEUE_DEPTH,
         &mut wd,
         |op, buf| {
             fill_block(seed, u64::from(op), &mut buf[0]);
@@ -335,6 +367,7 @@ fn verify(blk: &mut Blk, seed: u64, blocks: u32) -> Result<(), Stop> {
     let r = pipeline(
         blk,
         blocks,
+        QUEUE_DEPTH,
         &mut wd,
         |op, _| Req {
             kind: T_IN,
@@ -469,7 +502,7 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
-fn bench(blk: &mut Blk, kind: BenchKind, ops: u32) -> Result<(), Stop> {
+fn bench(blk: &mut Blk, kind: BenchKind, ops: u32, depth: usize) -> Result<(), Stop> {
     let unit = u64::from(kind.request_bytes()) / 512;
     let units = blk.capacity / unit;
     if units == 0 {
@@ -481,6 +514,7 @@ fn bench(blk: &mut Blk, kind: BenchKind, ops: u32) -> Result<(), Stop> {
     let r = pipeline(
         blk,
         ops,
+        depth,
         &mut wd,
         |op, _| match kind {
             BenchKind::RandRead | BenchKind::RandWrite => Req {
