@@ -256,23 +256,9 @@ fn guest_memfd_seals(pid: u32) -> i32 {
 #[test]
 fn idle_guest_sleeps_is_memfd_backed_and_stops_politely_on_sigterm() {
     let _l = vm_lock();
-    let g = guest();
-    let mut child = command(&[
-        "--kernel",
-        g.to_str().unwrap(),
-        "--cmdline",
-        "stay",
-        "--vcpus",
-        "2",
-        "--stop-timeout-ms",
-        "20000",
-    ])
-    .spawn()
-    .unwrap();
-    let pid = child.id();
-    let mut out = child.stdout.take().unwrap();
-    let mut acc = String::new();
-    read_until(&mut out, &mut acc, "stay: idle");
+    let mut cmd = guest_command("stay", &["--vcpus", "2", "--stop-timeout-ms", "20000"]);
+    let mut vm = Running::start(&mut cmd, "stay: idle");
+    let pid = vm.pid();
 
     let seals = guest_memfd_seals(pid);
     assert_eq!(seals & libc::F_SEAL_GROW, libc::F_SEAL_GROW);
@@ -291,13 +277,11 @@ fn idle_guest_sleeps_is_memfd_backed_and_stops_politely_on_sigterm() {
         share * 100.0
     );
 
-    // SAFETY: sending SIGTERM to our own child.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    vm.signal(libc::SIGTERM);
     let stopped = Instant::now();
-    read_until(&mut out, &mut acc, "stop: power button");
-    child.stdout = Some(out);
-    let r = wait(child, "polite stop");
-    assert_eq!(r.code(), 0, "serial:\n{acc}{}\nlog:\n{}", r.serial, r.log);
+    vm.read_until("stop: power button");
+    let r = vm.finish("polite stop");
+    assert_eq!(r.code(), 0, "serial:\n{}\nlog:\n{}", r.serial, r.log);
     assert!(stopped.elapsed() < Duration::from_secs(20));
     assert!(
         r.exit_line().contains("reason=power-off status=0"),
@@ -312,29 +296,15 @@ fn idle_guest_sleeps_is_memfd_backed_and_stops_politely_on_sigterm() {
 #[test]
 fn guest_that_ignores_the_power_button_is_stopped_by_force_after_the_timeout() {
     let _l = vm_lock();
-    let g = guest();
     // While waiting for serial input the guest does not listen to the GED.
-    let mut child = command(&[
-        "--kernel",
-        g.to_str().unwrap(),
-        "--cmdline",
-        "echo=1",
-        "--stop-timeout-ms",
-        "700",
-    ])
-    .stdin(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut acc = String::new();
-    read_until(&mut out, &mut acc, "echo: ready");
+    let mut cmd = guest_command("echo=1", &["--stop-timeout-ms", "700"]);
+    cmd.stdin(Stdio::piped());
+    let vm = Running::start(&mut cmd, "echo: ready");
     let signalled = Instant::now();
-    // SAFETY: sending SIGTERM to our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    child.stdout = Some(out);
-    let r = wait(child, "forced stop");
+    vm.signal(libc::SIGTERM);
+    let r = vm.finish("forced stop");
     let took = signalled.elapsed();
-    assert_eq!(r.code(), 74, "serial:\n{acc}\nlog:\n{}", r.log);
+    assert_eq!(r.code(), 74, "serial:\n{}\nlog:\n{}", r.serial, r.log);
     assert!(
         r.exit_line().contains("reason=forced-stop status=74"),
         "{}",
@@ -360,35 +330,20 @@ fn control_request(sock: &std::path::Path, line: &str) -> serde_json::Value {
 fn control_socket_answers_ping_stops_the_partition_and_the_exit_file_records_why() {
     let _l = vm_lock();
     let dir = scratch("control");
-    let sock = dir.join("control.sock");
-    let exit_file = dir.join("exit.json");
-    let g = guest();
-    let mut child = command(&[
-        "--kernel",
-        g.to_str().unwrap(),
-        "--cmdline",
-        "stay",
-        "--control-socket",
-        sock.to_str().unwrap(),
-        "--exit-file",
-        exit_file.to_str().unwrap(),
-    ])
-    .spawn()
-    .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut acc = String::new();
-    read_until(&mut out, &mut acc, "stay: idle");
+    let (sock, exit_file) = (dir.join("control.sock"), dir.join("exit.json"));
+    let (s, e) = (sock.to_str().unwrap(), exit_file.to_str().unwrap());
+    let mut cmd = guest_command("stay", &["--control-socket", s, "--exit-file", e]);
+    let vm = Running::start(&mut cmd, "stay: idle");
     let pong = control_request(&sock, r#"{"op":"ping"}"#);
     assert_eq!(pong["ok"], true);
     assert_eq!(pong["state"], "running");
-    assert_eq!(pong["pid"], child.id());
+    assert_eq!(pong["pid"], vm.pid());
     let bad = control_request(&sock, r#"{"op":"reboot"}"#);
     assert_eq!(bad["ok"], false);
     assert!(bad["error"].as_str().unwrap().contains("unknown variant"));
     let stopping = control_request(&sock, r#"{"op":"stop"}"#);
     assert_eq!(stopping["state"], "stopping");
-    child.stdout = Some(out);
-    let r = wait(child, "control stop");
+    let r = vm.finish("control stop");
     assert_eq!(r.code(), 0, "{}", r.log);
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&exit_file).unwrap()).unwrap();
@@ -401,30 +356,15 @@ fn control_socket_answers_ping_stops_the_partition_and_the_exit_file_records_why
 fn control_socket_force_stop_ends_at_once_with_the_forced_status() {
     let _l = vm_lock();
     let dir = scratch("control-force");
-    let sock = dir.join("control.sock");
-    let exit_file = dir.join("exit.json");
-    let g = guest();
-    let mut child = command(&[
-        "--kernel",
-        g.to_str().unwrap(),
-        "--cmdline",
-        "stay",
-        "--control-socket",
-        sock.to_str().unwrap(),
-        "--exit-file",
-        exit_file.to_str().unwrap(),
-    ])
-    .spawn()
-    .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut acc = String::new();
-    read_until(&mut out, &mut acc, "stay: idle");
+    let (sock, exit_file) = (dir.join("control.sock"), dir.join("exit.json"));
+    let (s, e) = (sock.to_str().unwrap(), exit_file.to_str().unwrap());
+    let mut cmd = guest_command("stay", &["--control-socket", s, "--exit-file", e]);
+    let vm = Running::start(&mut cmd, "stay: idle");
     assert_eq!(
         control_request(&sock, r#"{"op":"stop","force":true}"#)["ok"],
         true
     );
-    child.stdout = Some(out);
-    let r = wait(child, "forced control stop");
+    let r = vm.finish("forced control stop");
     assert_eq!(r.code(), 74, "{}", r.log);
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&exit_file).unwrap()).unwrap();
@@ -442,13 +382,11 @@ fn vcpu_threads_are_confined_to_the_cpu_affinity() {
         "cpu_affinity": [last_cpu]
     });
     let path = write_file(&dir, "p.json", cfg.to_string().as_bytes());
-    let mut child = command(&["--config", path.to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut out = child.stdout.take().unwrap();
-    let mut acc = String::new();
-    read_until(&mut out, &mut acc, "stay: idle");
+    let vm = Running::start(
+        &mut command(&["--config", path.to_str().unwrap()]),
+        "stay: idle",
+    );
+    let pid = vm.pid();
     let mut vcpus = 0;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let t = t.unwrap().path();
@@ -466,8 +404,6 @@ fn vcpu_threads_are_confined_to_the_cpu_affinity() {
         assert_eq!(allowed, last_cpu.to_string(), "{} of part-vmm", comm.trim());
     }
     assert_eq!(vcpus, 2);
-    // SAFETY: sending SIGTERM to our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    child.stdout = Some(out);
-    assert_eq!(wait(child, "affinity stop").code(), 0);
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.finish("affinity stop").code(), 0);
 }

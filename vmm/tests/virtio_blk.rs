@@ -53,16 +53,8 @@ fn blk_arg(sock: &Path) -> [String; 2] {
 }
 
 fn run_with_disk(sock: &Path, cmdline: &str) -> Run {
-    let g = guest();
     let a = blk_arg(sock);
-    run(&[
-        "--kernel",
-        g.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-        &a[0],
-        &a[1],
-    ])
+    run_guest(cmdline, &[&a[0], &a[1]])
 }
 
 #[test]
@@ -265,33 +257,22 @@ fn backend_killed_while_the_guest_idles_leaves_part_vmm_running_and_stoppable() 
         &[format!("socket={},image={}", sock.display(), img.display())],
     );
     wait_for_sockets(&[&sock]);
-    let g = guest();
     let a = blk_arg(&sock);
-    let mut child = command(&[
-        "--kernel",
-        g.to_str().unwrap(),
-        "--cmdline",
-        "blk=write:5:8 stay",
-        &a[0],
-        &a[1],
-    ])
-    .spawn()
-    .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut acc = String::new();
-    read_until(&mut out, &mut acc, "stay: idle");
+    let vm = Running::start(
+        &mut guest_command("blk=write:5:8 stay", &[&a[0], &a[1]]),
+        "stay: idle",
+    );
     backend.child.kill().unwrap();
     backend.child.wait().unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    let mut vm = vm;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        vm.child.try_wait().unwrap().is_none(),
         "part-vmm must survive its backend"
     );
-    // SAFETY: sending SIGTERM to our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    child.stdout = Some(out);
-    let r = wait(child, "stop after backend loss");
-    assert_eq!(r.code(), 0, "serial:\n{acc}{}\nlog:\n{}", r.serial, r.log);
+    vm.signal(libc::SIGTERM);
+    let r = vm.finish("stop after backend loss");
+    assert_eq!(r.code(), 0, "serial:\n{}\nlog:\n{}", r.serial, r.log);
     assert!(
         r.log.contains("virtio-blk0: vhost-user backend") && r.log.contains("device needs reset"),
         "{}",

@@ -263,3 +263,55 @@ pub fn start_part_io(dir: &Path, exports: &[String]) -> Backend {
         .expect("spawn part-io");
     Backend { child, log }
 }
+
+/// part-vmm with the test guest, `cmdline` and extra flags, not yet started.
+pub fn guest_command(cmdline: &str, extra: &[&str]) -> Command {
+    let g = guest();
+    let mut args = vec!["--kernel", g.to_str().unwrap(), "--cmdline", cmdline];
+    args.extend_from_slice(extra);
+    command(&args)
+}
+
+/// A running part-vmm whose serial output is read line by line.
+pub struct Running {
+    pub child: Child,
+    /// Serial output read so far.
+    pub serial: String,
+    out: std::process::ChildStdout,
+}
+
+impl Running {
+    /// Spawns `cmd` and reads its serial output until a line starts with `until`.
+    pub fn start(cmd: &mut Command, until: &str) -> Running {
+        let mut child = cmd.spawn().expect("spawn part-vmm");
+        let out = child.stdout.take().expect("piped stdout");
+        let mut r = Running {
+            child,
+            serial: String::new(),
+            out,
+        };
+        r.read_until(until);
+        r
+    }
+
+    pub fn read_until(&mut self, prefix: &str) {
+        read_until(&mut self.out, &mut self.serial, prefix);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Waits for the exit; the returned serial holds everything read.
+    pub fn finish(mut self, what: &str) -> Run {
+        self.child.stdout = Some(self.out);
+        let mut r = wait(self.child, what);
+        r.serial = self.serial + &r.serial;
+        r
+    }
+}
