@@ -194,15 +194,13 @@ fn one_part_io_serves_two_guests_and_malformed_chains_from_one_do_not_disturb_th
     let log = backend.log_text();
     let a_line = log
         .lines()
-        .filter(|l| l.contains("frontend disconnected") && l.contains("a.sock"))
-        .last()
+        .rfind(|l| l.contains("frontend disconnected") && l.contains("a.sock"))
         .unwrap_or_else(|| panic!("no disconnect line for a.sock:\n{log}"));
     assert!(!a_line.contains("malformed.loop=0"), "{a_line}");
     assert!(!a_line.contains("malformed.bad_address=0"), "{a_line}");
     let b_line = log
         .lines()
-        .filter(|l| l.contains("frontend disconnected") && l.contains("b.sock"))
-        .last()
+        .rfind(|l| l.contains("frontend disconnected") && l.contains("b.sock"))
         .unwrap_or_else(|| panic!("no disconnect line for b.sock:\n{log}"));
     for field in [
         "loop",
