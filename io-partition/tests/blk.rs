@@ -399,3 +399,31 @@ fn requests_are_served_whatever_their_descriptor_framing() {
     assert_eq!(status, IOERR);
     assert_eq!(read_file_range(&img(&p, 0), 100 * 512, 512), vec![0u8; 512]);
 }
+
+#[test]
+fn buffer_spanning_two_guest_memory_regions_is_served() {
+    let p = start(1, &[]);
+    let mem = guest_memory_two_regions();
+    let mut d = Device::connect(&sock(p.dir.path(), 0), mem, false).unwrap();
+    let split = (MEM_SIZE / 2) as u64;
+    let data = pattern(0x55, 2048);
+    let buf = GuestAddress(split - 1024);
+    vm_memory::Bytes::write_slice(&d.mem, &data, buf).unwrap();
+    d.write_header(VIRTIO_BLK_T_OUT, 40);
+    d.desc(0, HDR, 16, NEXT, 1);
+    d.desc(1, buf.0, 2048, NEXT, 2);
+    d.desc(2, STATUS, 1, WRITE, 0);
+    d.post(0);
+    assert_eq!(d.wait_used(), (0, 1));
+    assert_eq!(read_file_range(&img(&p, 0), 40 * 512, 2048), data);
+    // Read it back into a buffer straddling the split the other way.
+    let buf2 = GuestAddress(split - 512);
+    vm_memory::Bytes::write_slice(&d.mem, &[0u8; 2048], buf2).unwrap();
+    d.write_header(VIRTIO_BLK_T_IN, 40);
+    d.desc(1, buf2.0, 2048, WRITE | NEXT, 2);
+    d.post(0);
+    assert_eq!(d.wait_used(), (0, 2049));
+    let mut back = vec![0u8; 2048];
+    vm_memory::Bytes::read_slice(&d.mem, &mut back, buf2).unwrap();
+    assert_eq!(back, data);
+}

@@ -169,6 +169,34 @@ pub fn guest_memory(seals: i32) -> GuestMemoryMmap<()> {
     .unwrap()
 }
 
+/// Guest memory in two regions of one sealed memfd, mapped separately and
+/// adjacent in guest physical space (split at `MEM_SIZE / 2`).
+pub fn guest_memory_two_regions() -> GuestMemoryMmap<()> {
+    let one = guest_memory(SEALED);
+    let file = one
+        .find_region(GuestAddress(0))
+        .unwrap()
+        .file_offset()
+        .unwrap()
+        .file()
+        .try_clone()
+        .unwrap();
+    let half = MEM_SIZE / 2;
+    GuestMemoryMmap::from_ranges_with_files([
+        (
+            GuestAddress(0),
+            half,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        ),
+        (
+            GuestAddress(half as u64),
+            half,
+            Some(FileOffset::new(file, half as u64)),
+        ),
+    ])
+    .unwrap()
+}
+
 pub const SEALED: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 
 /// A virtio-blk device as seen from the frontend.
@@ -222,10 +250,11 @@ impl Device {
         )?;
         // Ask for an ack of every request, so a refused SET_MEM_TABLE fails here.
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let region = VhostUserMemoryRegionInfo::from_guest_region(
-            mem.find_region(GuestAddress(0)).unwrap(),
-        )?;
-        fe.set_mem_table(&[region])?;
+        let regions = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()?;
+        fe.set_mem_table(&regions)?;
         fe.set_vring_num(0, QSIZE)?;
         fe.set_vring_addr(
             0,
