@@ -1,0 +1,328 @@
+//! # partctl: the partvisor operations console
+//!
+//! The operator's side of seed 001's command partition
+//! (`001_70c93164bd0e16fb.txt`): `partctl` turns commands into requests on
+//! `partd`'s HTTP/JSON API (Unix socket, `resources/api/partd.openapi.yaml`)
+//! and prints tables for people or JSON (`--json`) for scripts. This library
+//! holds what the binary and the end-to-end tests share: the socket
+//! location rules, the API client, definition loading (TOML, relative paths
+//! resolved against the file's folder) and the reply types.
+//!
+//! What it must never do: change anything itself. Every change goes through
+//! partd, the one writer of the resource database; partctl reads no state
+//! files and holds no resources.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+
+pub use resource_db::{FreeCapacity, Holdings, LogEntry, PartitionState};
+
+/// Default state dir of a system partd.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/partvisor";
+
+/// Errors of partctl, each saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach partd at {socket}: {source}; is partd running? (start it with `partd --state-dir DIR`, give --socket/PARTD_SOCKET, or use `partctl --dev`)")]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to partd at {socket}: {reason}")]
+    Protocol { socket: PathBuf, reason: String },
+    /// partd refused the request; `message` is its explanation.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("{path}: {reason}")]
+    Definition { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A monitor partd supervises.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmmView {
+    pub pid: u32,
+    pub start_time: u64,
+    pub control_socket: PathBuf,
+    pub console_socket: PathBuf,
+}
+
+/// How a monitor ended (part-vmm's exit record, or partd's when it left none).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExitView {
+    pub pid: u32,
+    pub reason: String,
+    pub status: i32,
+    pub detail: String,
+}
+
+/// A partition as partd reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartitionView {
+    pub name: String,
+    pub state: PartitionState,
+    pub definition: serde_json::Value,
+    pub holdings: Holdings,
+    #[serde(default)]
+    pub vmm: Option<VmmView>,
+    #[serde(default)]
+    pub last_exit: Option<ExitView>,
+}
+
+/// The socket to use: `--socket`, else `PARTD_SOCKET`, else the default
+/// state dir's.
+pub fn resolve_socket(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_owned();
+    }
+    match std::env::var_os("PARTD_SOCKET") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => Path::new(DEFAULT_STATE_DIR).join("partd.sock"),
+    }
+}
+
+/// The newcomer's state dir: `$XDG_STATE_HOME/partvisor` or
+/// `$HOME/.local/state/partvisor`.
+pub fn dev_state_dir() -> Result<PathBuf, CtlError> {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("partvisor"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| CtlError::Other("--dev needs $HOME (or $XDG_STATE_HOME)".into()))?;
+    Ok(PathBuf::from(home).join(".local/state/partvisor"))
+}
+
+/// Reads a TOML definition and resolves its relative `kernel`/`initrd`
+/// paths against the file's folder; returns it as JSON for partd.
+pub fn load_definition(path: &Path) -> Result<serde_json::Value, CtlError> {
+    let fail = |reason: String| CtlError::Definition {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    let mut value = serde_json::to_value(&table).map_err(|e| fail(e.to_string()))?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+    let base = std::path::absolute(&base).map_err(|e| fail(format!("resolving paths: {e}")))?;
+    for key in ["kernel", "initrd"] {
+        if let Some(serde_json::Value::String(s)) = value.get(key) {
+            let p = Path::new(s);
+            if p.is_relative() {
+                let joined = base.join(p);
+                value[key] = serde_json::Value::String(joined.display().to_string());
+            }
+        }
+    }
+    Ok(value)
+}
+
+/// A client of one partd socket. Each request uses its own connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    /// Sends one request; returns the status and the JSON reply (`null` for
+    /// an empty body). Does not turn error statuses into errors.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, serde_json::Value), CtlError> {
+        let proto = |reason: String| CtlError::Protocol {
+            socket: self.socket.clone(),
+            reason,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| CtlError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| proto(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let bytes = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| proto(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "partd")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| proto(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| proto(e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| proto(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        let value = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or_else(|_| {
+                serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() })
+            })
+        };
+        Ok((status, value))
+    }
+
+    /// Sends one request and turns an error status into [`CtlError::Api`].
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, CtlError> {
+        let (status, value) = self.raw(method, path, body).await?;
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message = value
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("partd answered {status}"));
+        Err(CtlError::Api {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<PartitionView>, CtlError> {
+        decode(self.call(Method::GET, "/v1/partitions", None).await?)
+    }
+
+    pub async fn show(&self, name: &str) -> Result<PartitionView, CtlError> {
+        decode(
+            self.call(Method::GET, &format!("/v1/partitions/{name}"), None)
+                .await?,
+        )
+    }
+
+    pub async fn create(&self, definition: &serde_json::Value) -> Result<PartitionView, CtlError> {
+        decode(
+            self.call(Method::POST, "/v1/partitions", Some(definition))
+                .await?,
+        )
+    }
+
+    pub async fn start(&self, name: &str) -> Result<PartitionView, CtlError> {
+        decode(
+            self.call(
+                Method::POST,
+                &format!("/v1/partitions/{name}/start"),
+                Some(&serde_json::json!({})),
+            )
+            .await?,
+        )
+    }
+
+    pub async fn stop(
+        &self,
+        name: &str,
+        force: bool,
+        timeout_s: Option<u64>,
+    ) -> Result<PartitionView, CtlError> {
+        let mut body = serde_json::json!({ "force": force });
+        if let Some(t) = timeout_s {
+            body["timeout_s"] = t.into();
+        }
+        decode(
+            self.call(
+                Method::POST,
+                &format!("/v1/partitions/{name}/stop"),
+                Some(&body),
+            )
+            .await?,
+        )
+    }
+
+    pub async fn destroy(&self, name: &str) -> Result<(), CtlError> {
+        self.call(Method::DELETE, &format!("/v1/partitions/{name}"), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn resources(&self) -> Result<FreeCapacity, CtlError> {
+        decode(self.call(Method::GET, "/v1/resources", None).await?)
+    }
+
+    pub async fn log(&self, name: Option<&str>, limit: u64) -> Result<Vec<LogEntry>, CtlError> {
+        let path = match name {
+            Some(n) => format!("/v1/log?partition={n}&limit={limit}"),
+            None => format!("/v1/log?limit={limit}"),
+        };
+        decode(self.call(Method::GET, &path, None).await?)
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(v: serde_json::Value) -> Result<T, CtlError> {
+    serde_json::from_value(v)
+        .map_err(|e| CtlError::Other(format!("unexpected reply from partd: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_kernel_resolves_against_the_files_folder() {
+        let dir = std::env::temp_dir().join(format!("partctl-def-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.toml");
+        std::fs::write(
+            &f,
+            "name = \"p\"\nmemory_mib = 16\nkernel = \"k.elf\"\ninitrd = \"/abs/i\"\ncpus = [1]\n",
+        )
+        .unwrap();
+        let v = load_definition(&f).unwrap();
+        assert_eq!(v["kernel"], dir.join("k.elf").display().to_string());
+        assert_eq!(v["initrd"], "/abs/i");
+        assert_eq!(v["cpus"], serde_json::json!([1]));
+        std::fs::write(&f, "name = \n").unwrap();
+        let e = load_definition(&f).unwrap_err().to_string();
+        assert!(e.starts_with(&f.display().to_string()), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn socket_flag_beats_the_environment_and_the_default() {
+        assert_eq!(
+            resolve_socket(Some(Path::new("/x.sock"))),
+            PathBuf::from("/x.sock")
+        );
+    }
+}
