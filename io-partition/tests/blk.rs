@@ -427,3 +427,20 @@ fn buffer_spanning_two_guest_memory_regions_is_served() {
     vm_memory::Bytes::read_slice(&d.mem, &mut back, buf2).unwrap();
     assert_eq!(back, data);
 }
+
+#[test]
+fn image_io_error_completes_with_ioerr_and_the_device_keeps_working() {
+    let p = start(1, &[]);
+    let mut d = connect(&p, 0);
+    // Someone truncates the image under part-io: a read past the new end
+    // hits end-of-file.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img(&p, 0))
+        .unwrap()
+        .set_len(IMG_SIZE / 2)
+        .unwrap();
+    assert_eq!(d.read_sectors(IMG_SIZE / 512 - 8, 4096).0, IOERR);
+    p.wait_log("image I/O failed");
+    assert_eq!(d.read_sectors(0, 512).0, OK);
+}
