@@ -1,14 +1,13 @@
 //! TCP transport: the same messages as shm, with payloads inline on the
-//! stream. A reader thread parses frames into an inbox; the target's progress
-//! engine applies RDMA writes and reads from there, exactly as for shm.
+//! stream. The socket is non-blocking and read by whoever drives progress
+//! (the polling application or the QP's engine thread): no reader thread,
+//! no hand-off. The target's progress engine applies RDMA writes and reads
+//! exactly as for shm.
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use channels::Doorbell;
 
@@ -18,30 +17,34 @@ use crate::types::{Transport, MAX_MESSAGE};
 use crate::wire::{Kind, Msg, MSG_LEN, RESP_WITH_DATA};
 use crate::{IcError, Result};
 
-/// Bytes of payload the reader may hold before it stops reading (backpressure).
-const INBOX_CAP: u64 = 64 << 20;
-
-struct Inbox {
-    q: Mutex<VecDeque<LinkEvent>>,
-    bytes: AtomicU64,
-    bell: Doorbell,
-}
-
-impl Inbox {
-    fn push(&self, ev: LinkEvent) {
-        self.q
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(ev);
-        let _ = self.bell.notify();
-    }
-}
+/// Staging buffer for socket reads.
+const RBUF: usize = 256 << 10;
+/// Payload bytes we buffer while our own send is blocked, before calling the
+/// peer hostile.
+const PENDING_CAP: u64 = 256 << 20;
+/// How long a send may stay blocked on a peer that does not read.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) struct TcpLink {
     stream: TcpStream,
-    inbox: Arc<Inbox>,
-    reader: Option<JoinHandle<()>>,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    /// A message whose payload is still arriving: (header, payload, filled).
+    partial: Option<(Msg, Vec<u8>, usize)>,
+    /// Events read while a send was blocked (so two peers sending to each
+    /// other never deadlock).
+    pending: VecDeque<LinkEvent>,
+    pending_bytes: u64,
+    /// Never rung by the peer: the first wait fd must be an eventfd.
+    idle_bell: Doorbell,
     closed: bool,
+}
+
+enum ReadOutcome {
+    Progress,
+    WouldBlock,
+    End(LinkEvent),
 }
 
 fn write_frame(s: &mut TcpStream, b: &[u8]) -> Result<()> {
@@ -73,68 +76,19 @@ fn start(stream: TcpStream) -> Result<TcpLink> {
         .set_read_timeout(None)
         .map_err(|e| IcError::io("set_read_timeout", e))?;
     stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| IcError::io("set_write_timeout", e))?;
-    let inbox = Arc::new(Inbox {
-        q: Mutex::new(VecDeque::new()),
-        bytes: AtomicU64::new(0),
-        bell: Doorbell::new()?,
-    });
-    let rs = stream
-        .try_clone()
-        .map_err(|e| IcError::io("dup socket", e))?;
-    let ib = inbox.clone();
-    let reader = std::thread::Builder::new()
-        .name("ic-tcp-rx".into())
-        .spawn(move || reader_loop(rs, ib))
-        .map_err(|e| IcError::io("spawn tcp reader", e))?;
+        .set_nonblocking(true)
+        .map_err(|e| IcError::io("set_nonblocking", e))?;
     Ok(TcpLink {
         stream,
-        inbox,
-        reader: Some(reader),
+        rbuf: vec![0u8; RBUF],
+        rstart: 0,
+        rend: 0,
+        partial: None,
+        pending: VecDeque::new(),
+        pending_bytes: 0,
+        idle_bell: Doorbell::new()?,
         closed: false,
     })
-}
-
-fn reader_loop(mut s: TcpStream, inbox: Arc<Inbox>) {
-    loop {
-        let mut h = [0u8; MSG_LEN];
-        if let Err(e) = s.read_exact(&mut h) {
-            inbox.push(LinkEvent::Lost(format!("connection broken: {e}")));
-            return;
-        }
-        let Some(m) = Msg::decode(&h) else {
-            inbox.push(LinkEvent::Lost("peer sent an undecodable message".into()));
-            return;
-        };
-        if m.kind == Kind::Close {
-            inbox.push(LinkEvent::Closed);
-            return;
-        }
-        let data = if m.carries_payload() {
-            if m.len > MAX_MESSAGE {
-                inbox.push(LinkEvent::Lost(
-                    "peer announced an oversized payload".into(),
-                ));
-                return;
-            }
-            while inbox.bytes.load(Ordering::Acquire) > INBOX_CAP {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            let mut v = vec![0u8; m.len as usize];
-            if let Err(e) = s.read_exact(&mut v) {
-                inbox.push(LinkEvent::Lost(format!(
-                    "connection broken mid-payload: {e}"
-                )));
-                return;
-            }
-            inbox.bytes.fetch_add(m.len, Ordering::AcqRel);
-            InData::Bytes(v)
-        } else {
-            InData::None
-        };
-        inbox.push(LinkEvent::Msg(m, data));
-    }
 }
 
 pub(crate) fn connect(addr: SocketAddr, hello: &Hello, timeout: Duration) -> Result<TcpLink> {
@@ -176,6 +130,140 @@ pub(crate) fn accept(mut s: TcpStream, name: &str, allow: &[String]) -> Result<(
     Ok((start(s)?, hello.from))
 }
 
+impl TcpLink {
+    /// Parses one complete message out of what has been read, if any.
+    fn parse_one(&mut self) -> Option<LinkEvent> {
+        loop {
+            if let Some((m, mut v, filled)) = self.partial.take() {
+                let take = (v.len() - filled).min(self.rend - self.rstart);
+                v[filled..filled + take]
+                    .copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
+                self.rstart += take;
+                if filled + take == v.len() {
+                    return Some(LinkEvent::Msg(m, InData::Bytes(v)));
+                }
+                self.partial = Some((m, v, filled + take));
+                return None;
+            }
+            if self.rend - self.rstart < MSG_LEN {
+                return None;
+            }
+            let hdr = &self.rbuf[self.rstart..self.rstart + MSG_LEN];
+            self.rstart += MSG_LEN;
+            let Some(m) = Msg::decode(hdr) else {
+                return Some(LinkEvent::Lost("peer sent an undecodable message".into()));
+            };
+            if m.kind == Kind::Close {
+                return Some(LinkEvent::Closed);
+            }
+            if !m.carries_payload() {
+                return Some(LinkEvent::Msg(m, InData::None));
+            }
+            if m.len > MAX_MESSAGE {
+                return Some(LinkEvent::Lost(
+                    "peer announced an oversized payload".into(),
+                ));
+            }
+            self.partial = Some((m, vec![0u8; m.len as usize], 0));
+        }
+    }
+
+    /// One non-blocking read: big payloads go straight into their buffer.
+    fn read_more(&mut self) -> ReadOutcome {
+        let r = match &mut self.partial {
+            Some((_, v, filled)) if self.rstart == self.rend && v.len() - *filled >= RBUF / 2 => {
+                match self.stream.read(&mut v[*filled..]) {
+                    Ok(n) if n > 0 => {
+                        *filled += n;
+                        return ReadOutcome::Progress;
+                    }
+                    other => other,
+                }
+            }
+            _ => {
+                if self.rstart > 0 {
+                    self.rbuf.copy_within(self.rstart..self.rend, 0);
+                    self.rend -= self.rstart;
+                    self.rstart = 0;
+                }
+                let end = self.rend;
+                match self.stream.read(&mut self.rbuf[end..]) {
+                    Ok(n) if n > 0 => {
+                        self.rend += n;
+                        return ReadOutcome::Progress;
+                    }
+                    other => other,
+                }
+            }
+        };
+        match r {
+            Ok(_) => ReadOutcome::End(LinkEvent::Lost(
+                "peer hung up without closing (process died?)".into(),
+            )),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => ReadOutcome::WouldBlock,
+            Err(e) if e.kind() == ErrorKind::Interrupted => ReadOutcome::Progress,
+            Err(e) => ReadOutcome::End(LinkEvent::Lost(format!("connection broken: {e}"))),
+        }
+    }
+
+    fn next_event(&mut self) -> Option<LinkEvent> {
+        loop {
+            if let Some(ev) = self.parse_one() {
+                return Some(ev);
+            }
+            match self.read_more() {
+                ReadOutcome::Progress => continue,
+                ReadOutcome::WouldBlock => return None,
+                ReadOutcome::End(ev) => return Some(ev),
+            }
+        }
+    }
+
+    /// While our write is blocked, keep reading so the peer's write can finish.
+    fn absorb_incoming(&mut self) -> std::result::Result<(), String> {
+        while let Some(ev) = self.next_event() {
+            if let LinkEvent::Msg(_, InData::Bytes(v)) = &ev {
+                self.pending_bytes += v.len() as u64;
+            }
+            let end = !matches!(ev, LinkEvent::Msg(..));
+            self.pending.push_back(ev);
+            if end {
+                break;
+            }
+            if self.pending_bytes > PENDING_CAP {
+                return Err("peer floods us while not reading".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all_nb(&mut self, mut b: &[u8]) -> std::result::Result<(), String> {
+        let start = Instant::now();
+        while !b.is_empty() {
+            match self.stream.write(b) {
+                Ok(0) => return Err("tcp write returned 0".into()),
+                Ok(n) => b = &b[n..],
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.absorb_incoming()?;
+                    if start.elapsed() > SEND_TIMEOUT {
+                        return Err("peer stopped reading".into());
+                    }
+                    let mut p = libc::pollfd {
+                        fd: self.stream.as_raw_fd(),
+                        events: libc::POLLOUT | libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 10) };
+                }
+                Err(e) => return Err(format!("tcp write: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Link for TcpLink {
     fn transport(&self) -> Transport {
         Transport::Tcp
@@ -193,10 +281,12 @@ impl Link for TcpLink {
                 (Some(map), off, len)
             }
         };
-        msg.len = if map.is_some() { len } else { msg.len };
+        if map.is_some() {
+            msg.len = len;
+        }
         let h = msg.encode();
-        let r = match map {
-            None => self.stream.write_all(&h),
+        match map {
+            None => self.write_all_nb(&h),
             Some(map) => {
                 if !map.check_range(off, len) {
                     return Err("source outside buffer".into());
@@ -210,27 +300,28 @@ impl Link for TcpLink {
                     let mut v = Vec::with_capacity(MSG_LEN + payload.len());
                     v.extend_from_slice(&h);
                     v.extend_from_slice(payload);
-                    self.stream.write_all(&v)
+                    self.write_all_nb(&v)
                 } else {
-                    self.stream
-                        .write_all(&h)
-                        .and_then(|_| self.stream.write_all(payload))
+                    self.write_all_nb(&h)?;
+                    self.write_all_nb(payload)
                 }
             }
-        };
-        r.map_err(|e| format!("tcp write: {e}"))
+        }
     }
 
     fn try_recv(&mut self) -> Option<LinkEvent> {
-        let ev = self
-            .inbox
-            .q
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front();
-        if let Some(LinkEvent::Msg(_, InData::Bytes(v))) = &ev {
-            self.inbox.bytes.fetch_sub(v.len() as u64, Ordering::AcqRel);
+        if let Some(ev) = self.pending.pop_front() {
+            match &ev {
+                LinkEvent::Msg(_, InData::Bytes(v)) => self.pending_bytes -= v.len() as u64,
+                LinkEvent::Msg(..) => {}
+                LinkEvent::Closed | LinkEvent::Lost(_) => self.closed = true,
+            }
+            return Some(ev);
         }
+        if self.closed {
+            return None;
+        }
+        let ev = self.next_event();
         if matches!(ev, Some(LinkEvent::Closed | LinkEvent::Lost(_))) {
             self.closed = true;
         }
@@ -248,23 +339,14 @@ impl Link for TcpLink {
     fn arm(&self, _sleeping: bool) {}
 
     fn wait_fds(&self) -> Vec<RawFd> {
-        vec![self.inbox.bell.fd().as_raw_fd()]
+        vec![self.idle_bell.fd().as_raw_fd(), self.stream.as_raw_fd()]
     }
 
     fn close(&mut self) {
         if !self.closed {
-            let _ = self.stream.write_all(&Msg::new(Kind::Close, 0).encode());
+            let _ = self.write_all_nb(&Msg::new(Kind::Close, 0).encode());
         }
         self.closed = true;
         let _ = self.stream.shutdown(Shutdown::Both);
-    }
-}
-
-impl Drop for TcpLink {
-    fn drop(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
     }
 }

@@ -960,9 +960,10 @@ impl QpInner {
                 break;
             }
             if now_ns() < self.app_poll_deadline.load(Ordering::Relaxed) {
-                // The application is polling and drives progress itself: stay
-                // off the CPU, but keep an eye on the peer's socket.
-                poll_fds(&fds[1..], Duration::from_millis(1));
+                // The application is polling and drives progress itself:
+                // stay off its CPU; look in every millisecond (peer death,
+                // control messages) or when woken for shutdown.
+                poll_fds(&[self.wake.fd().as_raw_fd()], Duration::from_millis(1));
                 self.try_progress();
                 continue;
             }

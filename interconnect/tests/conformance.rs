@@ -338,6 +338,26 @@ pub fn killed_peer_mid_transfer_flushes_and_does_not_hang(p: &mut Pair) {
     assert!(p.cli.ok("state").join(" ").starts_with("in error"));
 }
 
+pub fn simultaneous_large_writes_in_both_directions_do_not_deadlock(p: &mut Pair) {
+    let len = MAX_MESSAGE;
+    let rs = p.srv.reg("t", len, "lw,rw", 0);
+    let rc = p.cli.reg("t", len, "lw,rw", 0);
+    p.srv.reg("s", len, "none", 0x51);
+    p.cli.reg("s", len, "none", 0x52);
+    for i in 0..3 {
+        p.srv.send(&format!("post write s 0 {len} {i} {rc} 0"));
+        p.cli.send(&format!("post write s 0 {len} {i} {rs} 0"));
+    }
+    for _ in 0..3 {
+        assert_eq!(p.srv.answer(Duration::from_secs(30)), "ok");
+        assert_eq!(p.cli.answer(Duration::from_secs(30)), "ok");
+    }
+    assert_eq!(p.srv.poll(3, 30000).len(), 3);
+    assert_eq!(p.cli.poll(3, 30000).len(), 3);
+    assert_eq!(p.srv.distinct("t", 0, len), "{82}");
+    assert_eq!(p.cli.distinct("t", 0, len), "{81}");
+}
+
 pub fn idle_connection_blocks_instead_of_spinning(p: &mut Pair) {
     // Traffic first, so the spin budget has grown, then silence.
     p.srv.reg("r", 4096, "lw", 0);
@@ -396,7 +416,7 @@ macro_rules! suite {
                 unsignaled_sends_complete_silently_unless_they_fail, cq_notification_fires_once_per_arming,
                 peer_destroying_its_qp_terminates_ours_and_flushes, closing_the_access_layer_tells_the_peer,
                 port_reset_clears_the_ports_queue_pairs, killed_peer_mid_transfer_flushes_and_does_not_hang,
-                idle_connection_blocks_instead_of_spinning);
+                idle_connection_blocks_instead_of_spinning, simultaneous_large_writes_in_both_directions_do_not_deadlock);
 
             #[test]
             fn allowlist_refuses_unlisted_peer_at_directory_and_at_endpoint() {
