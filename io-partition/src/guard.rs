@@ -367,6 +367,85 @@ mod tests {
         }
     }
 
+    fn message(req: FrontendReq, body: Vec<u8>, fds: Vec<OwnedFd>) -> Message {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&(req as u32).to_le_bytes());
+        header[4..8].copy_from_slice(&1u32.to_le_bytes());
+        header[8..].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        Message { header, body, fds }
+    }
+
+    fn mem_table(regions: &[VhostUserMemoryRegion]) -> Vec<u8> {
+        let mut body = VhostUserMemory::new(regions.len() as u32)
+            .as_slice()
+            .to_vec();
+        for r in regions {
+            body.extend_from_slice(r.as_slice());
+        }
+        body
+    }
+
+    #[test]
+    fn mem_table_messages_are_checked_region_by_region() {
+        let good = memfd(0x2000, BOTH);
+        let bad = memfd(0x2000, 0);
+        let r = region(0x2000, 0);
+        let dup = |f: &OwnedFd| f.try_clone().unwrap();
+        let ok = message(
+            FrontendReq::SET_MEM_TABLE,
+            mem_table(&[r, r]),
+            vec![dup(&good), dup(&good)],
+        );
+        check(&ok).unwrap();
+        // The second region's fd is unsealed.
+        let m = message(
+            FrontendReq::SET_MEM_TABLE,
+            mem_table(&[r, r]),
+            vec![dup(&good), dup(&bad)],
+        );
+        assert!(matches!(
+            check(&m),
+            Err(GuardError::Unsealed { index: 1, .. })
+        ));
+        // Fewer fds than regions.
+        let m = message(
+            FrontendReq::SET_MEM_TABLE,
+            mem_table(&[r, r]),
+            vec![dup(&good)],
+        );
+        assert!(matches!(check(&m), Err(GuardError::FdCount(2, 1, _))));
+        // Body length disagreeing with num_regions.
+        let mut body = mem_table(&[r]);
+        body.truncate(20);
+        let m = message(FrontendReq::SET_MEM_TABLE, body, vec![dup(&good)]);
+        assert!(matches!(check(&m), Err(GuardError::BadBody(..))));
+        // ADD_MEM_REG goes through the same check.
+        let single = VhostUserSingleMemoryRegion::new(0x10_0000, 0x2000, 0x7f00_0000_0000, 0);
+        let m = message(
+            FrontendReq::ADD_MEM_REG,
+            single.as_slice().to_vec(),
+            vec![dup(&bad)],
+        );
+        assert!(matches!(
+            check(&m),
+            Err(GuardError::Unsealed { index: 0, .. })
+        ));
+        let m = message(
+            FrontendReq::ADD_MEM_REG,
+            single.as_slice().to_vec(),
+            vec![dup(&good)],
+        );
+        check(&m).unwrap();
+        // Dirty logging is never offered, so its fds are never taken.
+        let m = message(FrontendReq::SET_LOG_BASE, vec![0; 16], vec![dup(&good)]);
+        assert!(matches!(
+            check(&m),
+            Err(GuardError::Refused("SET_LOG_BASE"))
+        ));
+        // Other requests pass untouched.
+        check(&message(FrontendReq::GET_FEATURES, vec![], vec![])).unwrap();
+    }
+
     #[test]
     fn a_plain_file_without_seal_support_is_refused() {
         let f = tempfile::tempfile().unwrap();

@@ -444,3 +444,23 @@ fn image_io_error_completes_with_ioerr_and_the_device_keeps_working() {
     p.wait_log("image I/O failed");
     assert_eq!(d.read_sectors(0, 512).0, OK);
 }
+
+#[test]
+fn garbage_from_a_frontend_ends_only_its_own_connection() {
+    use std::io::Write;
+    let p = start(2, &[]);
+    let mut good = connect(&p, 1);
+    // A header announcing a 1 MiB body, then an unknown request code.
+    for msg in [
+        [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0x10, 0].to_vec(),
+        [0xff, 0xff, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0].to_vec(),
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(sock(p.dir.path(), 0)).unwrap();
+        s.write_all(&msg).unwrap();
+        drop(s);
+        assert_eq!(good.write_sectors(0, &pattern(1, 512)), OK);
+    }
+    p.wait_log("exceeds the vhost-user limit");
+    let mut retry = connect(&p, 0);
+    assert_eq!(retry.write_sectors(0, &pattern(2, 512)), OK);
+}
