@@ -1,0 +1,343 @@
+//! partd + partctl + part-vmm + the test guest, end to end (issue 5).
+//! Guest-booting tests take `vm_lock()` so only one runs at a time.
+
+use std::time::Duration;
+
+use partvisor_e2e::{alive, kill, vm_lock, wait_console, wait_gone, Partd};
+use resource_db::{Change, LogRecord, Owner, PartitionId, PartitionState, ResourceId};
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn pid_of(v: &serde_json::Value) -> u32 {
+    v["vmm"]["pid"]
+        .as_u64()
+        .expect("a running partition has a monitor pid") as u32
+}
+
+fn console_of(v: &serde_json::Value) -> std::path::PathBuf {
+    v["vmm"]["console_socket"]
+        .as_str()
+        .expect("console socket")
+        .into()
+}
+
+#[test]
+fn start_boots_the_guest_and_stop_returns_every_resource_to_available() {
+    let _vm = vm_lock();
+    let partd = Partd::start(&[]);
+    let def = partd.definition("web", "vcpus = 2\nmemory_mib = 64\ncpu_share = 0.5");
+    let view = partd.view();
+    let free_before = view.free().unwrap();
+
+    let created = partd.ctl_json(&["create", def.to_str().unwrap()]);
+    assert_eq!(created["state"], "defined");
+
+    let started = partd.ctl_json(&["start", "web"]);
+    assert_eq!(started["state"], "running");
+    let pid = pid_of(&started);
+    assert!(alive(pid));
+    let console = wait_console(&console_of(&started), "stay: idle", BOOT);
+    assert!(console.contains("cpus: 2 (madt)"), "{console}");
+    assert!(console.contains("cmdline: stay"), "{console}");
+
+    // list and show (JSON) report it running with what it holds.
+    let list = partd.ctl_json(&["list"]);
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["name"], "web");
+    assert_eq!(rows[0]["state"], "running");
+    assert_eq!(rows[0]["holdings"]["cpu_share_milli"], 500);
+    let show = partd.ctl_json(&["show", "web"]);
+    assert_eq!(show["holdings"]["memory"][0]["len_mib"], 64);
+    assert_eq!(show["vmm"]["pid"], pid);
+    // The table forms name the same facts.
+    let table = partd.ctl_ok(&["list"]);
+    assert!(
+        table.contains("web") && table.contains("running") && table.contains("shared 0.500"),
+        "{table}"
+    );
+
+    // The resource database agrees, read through its own read API.
+    let web = PartitionId::new("web").unwrap();
+    let held = view.holdings(&web).unwrap();
+    assert_eq!((held.memory_mib(), held.cpu_share_milli), (64, 500));
+    let extent = held.memory[0];
+    assert_eq!(
+        view.owner(&ResourceId::Memory(extent)).unwrap(),
+        Owner::partition(&web)
+    );
+    assert_eq!(
+        view.partition(&web).unwrap().unwrap().state,
+        PartitionState::Running
+    );
+
+    // Everything was granted in ONE transaction, together with `starting`.
+    let log = view.log(resource_db::TxId(1), 1000).unwrap();
+    let grants: Vec<&Vec<Change>> = log
+        .iter()
+        .filter_map(|e| match &e.record {
+            LogRecord::Transaction { changes } => Some(changes),
+            _ => None,
+        })
+        .filter(|c| {
+            c.iter().any(|x| {
+                matches!(
+                    x,
+                    Change::SetState {
+                        after: PartitionState::Starting,
+                        ..
+                    }
+                )
+            })
+        })
+        .collect();
+    assert_eq!(grants.len(), 1);
+    assert!(grants[0].iter().any(|c| matches!(
+        c,
+        Change::Transfer {
+            resource: ResourceId::Memory(_),
+            ..
+        }
+    )));
+    assert!(grants[0].iter().any(|c| matches!(
+        c,
+        Change::Share {
+            after_milli: 500,
+            ..
+        }
+    )));
+
+    // A second start is refused; a destroy of a running partition too.
+    let again = partd.ctl(&["start", "web"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+    let destroy = partd.ctl(&["destroy", "web"]);
+    assert!(!destroy.status.success());
+    assert!(String::from_utf8_lossy(&destroy.stderr).contains("stop web"));
+
+    let stopped = partd.ctl_json(&["stop", "web"]);
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["last_exit"]["reason"], "power-off");
+    assert!(!alive(pid));
+    assert!(view.holdings(&web).unwrap().is_empty());
+    assert_eq!(
+        view.owner(&ResourceId::Memory(extent)).unwrap(),
+        Owner::Available
+    );
+    assert_eq!(view.free().unwrap(), free_before);
+    view.check_invariants().unwrap();
+    view.check_replay().unwrap();
+
+    // The audit log records every transition, in order.
+    let states: Vec<(PartitionState, PartitionState)> = view
+        .log(resource_db::TxId(1), 1000)
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.record {
+            LogRecord::Transaction { changes } => Some(changes.clone()),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|c| match c {
+            Change::SetState { before, after, .. } => Some((before, after)),
+            _ => None,
+        })
+        .collect();
+    use PartitionState::*;
+    assert_eq!(
+        states,
+        vec![
+            (Defined, Starting),
+            (Starting, Running),
+            (Running, Stopping),
+            (Stopping, Stopped)
+        ]
+    );
+
+    partd.ctl_ok(&["destroy", "web"]);
+    assert_eq!(partd.ctl_json(&["list"]), serde_json::json!([]));
+    let gone = partd.ctl(&["show", "web"]);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no partition named web"));
+}
+
+#[test]
+fn more_partitions_than_capacity_are_refused_and_allocate_nothing() {
+    let _vm = vm_lock();
+    // 160 MiB budget: one 96 MiB partition fits, a second does not.
+    let partd = Partd::start(&["--memory-budget-mib", "160"]);
+    let a = partd.definition("a", "memory_mib = 96\ncpus = [1]");
+    let b = partd.definition("b", "memory_mib = 96");
+    let c = partd.definition("c", "memory_mib = 16\ncpus = [1]");
+    let d = partd.definition("d", "memory_mib = 16\nvcpus = 2\ncpu_share = 1.5");
+    for f in [&a, &b, &c, &d] {
+        partd.ctl_ok(&["create", f.to_str().unwrap()]);
+    }
+    let started = partd.ctl_json(&["start", "a"]);
+    assert_eq!(started["state"], "running");
+    let view = partd.view();
+    let free_after_a = view.free().unwrap();
+    let log_len = view.last_txid().unwrap();
+
+    for (name, want) in [
+        ("b", "not enough memory MiB: 96 requested, 64 free"),
+        ("c", "cpu 1 is held by a"),
+        ("d", "not enough shared pool milli-CPUs"),
+    ] {
+        let out = partd.ctl(&["start", name]);
+        assert!(!out.status.success(), "{name} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(want) && err.contains("nothing was allocated"),
+            "{name}: {err}"
+        );
+        let id = PartitionId::new(name).unwrap();
+        assert!(view.holdings(&id).unwrap().is_empty());
+        assert_eq!(
+            view.partition(&id).unwrap().unwrap().state,
+            PartitionState::Defined
+        );
+    }
+    assert_eq!(view.free().unwrap(), free_after_a);
+    assert_eq!(
+        view.last_txid().unwrap(),
+        log_len,
+        "a refused start committed something"
+    );
+
+    let stopped = partd.ctl_json(&["stop", "a", "--force"]);
+    assert_eq!(stopped["state"], "stopped");
+    // Now b fits.
+    assert_eq!(partd.ctl_json(&["start", "b"])["state"], "running");
+    partd.ctl_json(&["stop", "b", "--force"]);
+    view.check_invariants().unwrap();
+}
+
+#[test]
+fn vcpu_threads_of_a_partition_with_dedicated_cpus_have_that_affinity() {
+    let _vm = vm_lock();
+    let partd = Partd::start(&[]);
+    let def = partd.definition("pinned", "vcpus = 2\nmemory_mib = 32\ncpus = [1]");
+    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    let v = partd.ctl_json(&["start", "pinned"]);
+    let pid = pid_of(&v);
+    wait_console(&console_of(&v), "stay: idle", BOOT);
+    let mut vcpus = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        if comm.trim().starts_with("vcpu") {
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            vcpus.push((comm.trim().to_string(), allowed));
+        }
+    }
+    vcpus.sort();
+    assert_eq!(
+        vcpus,
+        vec![
+            ("vcpu0".to_string(), "1".to_string()),
+            ("vcpu1".to_string(), "1".to_string())
+        ]
+    );
+    let held = partd
+        .view()
+        .holdings(&PartitionId::new("pinned").unwrap())
+        .unwrap();
+    assert_eq!(held.cpus, vec![1]);
+    partd.ctl_json(&["stop", "pinned"]);
+}
+
+#[test]
+fn partd_restart_reattaches_running_guests_and_fails_one_killed_meanwhile() {
+    let _vm = vm_lock();
+    let mut partd = Partd::start(&[]);
+    let mut pids = Vec::new();
+    for name in ["one", "two", "three"] {
+        let def = partd.definition(name, "memory_mib = 32");
+        partd.ctl_ok(&["create", def.to_str().unwrap()]);
+        let v = partd.ctl_json(&["start", name]);
+        wait_console(&console_of(&v), "stay: idle", BOOT);
+        pids.push(pid_of(&v));
+    }
+    let old_partd = partd.pid();
+    partd.kill9();
+    assert!(!alive(old_partd));
+    // The guests keep running without partd; one monitor dies meanwhile.
+    assert!(pids.iter().all(|p| alive(*p)));
+    kill(pids[2], libc::SIGKILL);
+    wait_gone(pids[2], Duration::from_secs(10));
+
+    partd.restart();
+    for (name, pid) in [("one", pids[0]), ("two", pids[1])] {
+        let v = partd.ctl_json(&["show", name]);
+        assert_eq!(v["state"], "running", "{name}: {v}");
+        assert_eq!(pid_of(&v), pid, "{name} re-attached to another pid");
+    }
+    let three = partd.ctl_json(&["show", "three"]);
+    assert_eq!(three["state"], "failed");
+    assert_eq!(three["last_exit"]["reason"], "no-exit-record");
+    assert!(three["last_exit"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("while partd was not watching"));
+    let view = partd.view();
+    assert!(view
+        .holdings(&PartitionId::new("three").unwrap())
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        view.holdings(&PartitionId::new("one").unwrap())
+            .unwrap()
+            .memory_mib(),
+        32
+    );
+    assert!(partd
+        .log()
+        .contains("re-attached 2 monitor(s), 1 ended while partd was down"));
+
+    // Still supervised: stop works on both and their ends are recorded.
+    for (name, pid) in [("one", pids[0]), ("two", pids[1])] {
+        let v = partd.ctl_json(&["stop", name]);
+        assert_eq!(v["state"], "stopped", "{name}: {v}");
+        assert_eq!(v["last_exit"]["reason"], "power-off");
+        wait_gone(pid, Duration::from_secs(5));
+    }
+    let free = view.free().unwrap();
+    assert_eq!(free.memory_mib.free, free.memory_mib.total);
+    assert_eq!(free.shared_pool_milli.free, free.shared_pool_milli.total);
+    view.check_invariants().unwrap();
+    // A failed partition can be started again.
+    let again = partd.ctl_json(&["start", "three"]);
+    assert_eq!(again["state"], "running");
+    partd.ctl_json(&["stop", "three", "--force"]);
+}
+
+#[test]
+fn sigstopped_monitor_becomes_unresponsive_and_stop_force_ends_it() {
+    let _vm = vm_lock();
+    let partd = Partd::start(&["--ping-timeout-ms", "200", "--unresponsive-after-ms", "600"]);
+    let def = partd.definition("hung", "memory_mib = 32");
+    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    let v = partd.ctl_json(&["start", "hung"]);
+    let pid = pid_of(&v);
+    wait_console(&console_of(&v), "stay: idle", BOOT);
+    kill(pid, libc::SIGSTOP);
+    let t0 = std::time::Instant::now();
+    partd.wait_state("hung", "unresponsive", Duration::from_secs(10));
+    eprintln!("unresponsive after {:?}", t0.elapsed());
+    let v = partd.ctl_json(&["stop", "hung", "--force"]);
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["last_exit"]["reason"], "killed-by-partd");
+    wait_gone(pid, Duration::from_secs(5));
+    assert!(partd
+        .view()
+        .holdings(&PartitionId::new("hung").unwrap())
+        .unwrap()
+        .is_empty());
+}
