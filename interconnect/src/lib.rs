@@ -66,8 +66,11 @@
 //! validated range in, the initiator copies it out — two copies, the price of
 //! never exposing remote-readable MRs directly, which would make revocation
 //! impossible. Known exposure: a buffer once used as a send source stays
-//! readable by that peer (it was sending that buffer's content to it
-//! anyway); keep per-peer send buffers if that matters.
+//! readable by that peer while the buffer exists (it was sending that
+//! buffer's content to it anyway); when the buffer is dropped the peer is
+//! told to unmap it, which an honest peer does and a hostile one may ignore
+//! (keeping a read-only view of pages the owner no longer uses). Keep
+//! per-peer send buffers if that matters.
 //!
 //! Every memfd received is checked for `F_SEAL_SHRINK | F_SEAL_GROW` and its
 //! size before it is mapped ([`channels::SealedMemfd::from_received`]), so a

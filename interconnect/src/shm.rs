@@ -12,7 +12,7 @@
 //! same way (read-only, sealed) the first time they are used; the target
 //! copies straight out of them into its own memory: one copy. READ data is
 //! copied by the target into its window and by the initiator out of it.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -37,6 +37,7 @@ pub(crate) const GEO: RingGeometry = RingGeometry {
 const CTRL_LEN: usize = 24;
 const CTRL_EXPOSE: u8 = 1;
 const CTRL_CLOSE: u8 = 2;
+const CTRL_UNEXPOSE: u8 = 3;
 /// How often an idle, spinning receiver looks at the control socket.
 const CTRL_INTERVAL: Duration = Duration::from_micros(200);
 /// Most buffers a peer may expose to us on one connection.
@@ -76,7 +77,8 @@ pub(crate) struct ShmLink {
     window: Mapping,
     window_busy: bool,
     peer_window: Arc<Mapping>,
-    exposed: HashSet<u64>,
+    /// Our buffers the peer has a read-only mapping of.
+    exposed: HashMap<u64, std::sync::Weak<crate::alloc::BufInner>>,
     peer_bufs: HashMap<u64, Arc<Mapping>>,
     close_pending: bool,
     closed: bool,
@@ -111,7 +113,7 @@ fn finish(sock: UnixStream, local: LocalSide, mut fds: Vec<OwnedFd>) -> Result<S
         window: local.win,
         window_busy: false,
         peer_window,
-        exposed: HashSet::new(),
+        exposed: HashMap::new(),
         peer_bufs: HashMap::new(),
         close_pending: false,
         closed: false,
@@ -246,6 +248,23 @@ impl ShmLink {
         }
     }
 
+    /// Tells the peer to unmap our buffers that no longer exist here (their
+    /// memory is freed once the peer lets go). Runs whenever a new buffer is
+    /// exposed, so the number of mappings tracks the live buffers.
+    fn forget_dropped_buffers(&mut self) -> std::result::Result<(), String> {
+        let dead: Vec<u64> = self
+            .exposed
+            .iter()
+            .filter(|(_, w)| w.strong_count() == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            self.ctrl(CTRL_UNEXPOSE, id, 0, None)?;
+            self.exposed.remove(&id);
+        }
+        Ok(())
+    }
+
     /// Reads pending control messages. Returns an event if the link ended.
     fn drain_ctrl(&mut self) -> Option<LinkEvent> {
         self.last_ctrl = Instant::now();
@@ -275,6 +294,9 @@ impl ShmLink {
                                     )));
                                 }
                             }
+                        }
+                        (CTRL_UNEXPOSE, 0) => {
+                            self.peer_bufs.remove(&id);
                         }
                         (CTRL_CLOSE, 0) => {
                             // Stop reading: the hang-up that follows is not a loss.
@@ -322,9 +344,10 @@ impl Link for ShmLink {
             OutData::None => {}
             OutData::Source { buf, off, .. } => {
                 let id = buf.inner.id;
-                if !self.exposed.contains(&id) {
+                if !self.exposed.contains_key(&id) {
+                    self.forget_dropped_buffers()?;
                     self.ctrl(CTRL_EXPOSE, id, buf.len(), Some(buf.inner.memfd.fd()))?;
-                    self.exposed.insert(id);
+                    self.exposed.insert(id, Arc::downgrade(&buf.inner));
                 }
                 msg.src_id = id;
                 msg.src_off = off;

@@ -358,6 +358,29 @@ pub fn simultaneous_large_writes_in_both_directions_do_not_deadlock(p: &mut Pair
     assert_eq!(p.cli.distinct("t", 0, len), "{81}");
 }
 
+pub fn dropped_send_buffers_are_unmapped_by_the_peer(p: &mut Pair) {
+    p.srv.reg("r", 4096, "lw", 0);
+    let base: u64 = p.srv.ok("maps")[0].parse().unwrap();
+    for i in 0..5 {
+        p.srv.ok(&format!("recv r 0 64 {i}"));
+        p.cli.reg(&format!("b{i}"), 4096, "none", i);
+        p.cli.ok(&format!("post send b{i} 0 8 {i}"));
+        assert_eq!(p.cli.poll(1, 5000).len(), 1);
+        p.cli.ok(&format!("drop b{i}"));
+    }
+    assert_eq!(p.srv.poll(5, 5000).len(), 5);
+    let after: u64 = p.srv.ok("maps")[0].parse().unwrap();
+    // shm: each new exposure first retires the dropped ones, so only the
+    // last buffer is still mapped (until the next exposure or the end of the
+    // connection); tcp never maps peer memory.
+    let expect_extra = if p.t == Transport::Shm { 1 } else { 0 };
+    assert_eq!(
+        after,
+        base + expect_extra,
+        "peer still maps our dropped buffers"
+    );
+}
+
 pub fn idle_connection_blocks_instead_of_spinning(p: &mut Pair) {
     // Traffic first, so the spin budget has grown, then silence.
     p.srv.reg("r", 4096, "lw", 0);
@@ -416,7 +439,8 @@ macro_rules! suite {
                 unsignaled_sends_complete_silently_unless_they_fail, cq_notification_fires_once_per_arming,
                 peer_destroying_its_qp_terminates_ours_and_flushes, closing_the_access_layer_tells_the_peer,
                 port_reset_clears_the_ports_queue_pairs, killed_peer_mid_transfer_flushes_and_does_not_hang,
-                idle_connection_blocks_instead_of_spinning, simultaneous_large_writes_in_both_directions_do_not_deadlock);
+                idle_connection_blocks_instead_of_spinning, simultaneous_large_writes_in_both_directions_do_not_deadlock,
+                dropped_send_buffers_are_unmapped_by_the_peer);
 
             #[test]
             fn allowlist_refuses_unlisted_peer_at_directory_and_at_endpoint() {

@@ -158,6 +158,22 @@ impl Peer {
                 self.mrs.insert(a[1].to_string(), (buf, mr));
                 Ok(r)
             }
+            "drop" => {
+                let (_, mr) = self
+                    .mrs
+                    .remove(a.get(1).copied().ok_or("tag")?)
+                    .ok_or("no region")?;
+                let _ = mr.deregister();
+                Ok("ok".into())
+            }
+            "maps" => {
+                // mappings of interconnect buffers in this process
+                let maps = std::fs::read_to_string("/proc/self/maps").map_err(|x| x.to_string())?;
+                Ok(format!(
+                    "ok {}",
+                    maps.lines().filter(|l| l.contains("memfd:ic-buf-")).count()
+                ))
+            }
             "dereg" => {
                 self.mr(a.get(1).ok_or("tag")?)?.1.deregister().map_err(e)?;
                 Ok("ok".into())
