@@ -1,0 +1,203 @@
+//! partd's API boundary: who may use it (SO_PEERCRED) and what malformed
+//! requests get. No guest is booted here.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use partvisor_e2e::{bins, Partd};
+
+/// Sends raw bytes as one HTTP exchange; returns (status, body) or `None`
+/// when partd closed the connection without a status line.
+fn exchange(socket: &Path, raw: &[u8]) -> Option<(u16, String)> {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+fn request(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: partd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(socket, raw.as_bytes()).unwrap_or_else(|| panic!("{method} {path}: no reply"))
+}
+
+#[test]
+fn malformed_requests_get_4xx_with_a_message_and_partd_keeps_serving() {
+    let partd = Partd::start(&[]);
+    let s = partd.socket.as_path();
+    let kernel = partvisor_e2e::guest().display().to_string();
+    let cases: Vec<(&str, &str, String, u16, &str)> = vec![
+        ("POST", "/v1/partitions", "{bad".into(), 400, "not valid"),
+        (
+            "POST",
+            "/v1/partitions",
+            "[1, 2]".into(),
+            400,
+            "JSON object",
+        ),
+        ("POST", "/v1/partitions", "".into(), 400, "not valid"),
+        (
+            "POST",
+            "/v1/partitions",
+            format!(r#"{{"name": "x", "memory_mib": "lots", "kernel": "{kernel}"}}"#),
+            400,
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/v1/partitions",
+            format!(r#"{{"name": "x", "memory_mib": 8, "kernel": "{kernel}", "colour": 1}}"#),
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/v1/partitions",
+            format!(r#"{{"name": "../etc", "memory_mib": 8, "kernel": "{kernel}"}}"#),
+            400,
+            "invalid partition name",
+        ),
+        (
+            "POST",
+            "/v1/partitions",
+            r#"{"name": "x", "memory_mib": 8, "kernel": "relative/k"}"#.into(),
+            400,
+            "absolute path",
+        ),
+        (
+            "GET",
+            "/v1/partitions/Bad%20Name",
+            String::new(),
+            400,
+            "invalid partition name",
+        ),
+        (
+            "GET",
+            "/v1/partitions/..%2Fetc",
+            String::new(),
+            400,
+            "invalid partition name",
+        ),
+        (
+            "GET",
+            "/v1/partitions/absent",
+            String::new(),
+            404,
+            "no partition named absent",
+        ),
+        (
+            "POST",
+            "/v1/partitions/absent/stop",
+            r#"{"force": "yes"}"#.into(),
+            400,
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/v1/partitions/absent/stop",
+            r#"{"forse": true}"#.into(),
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/partitions/absent/start",
+            "{}".into(),
+            404,
+            "no partition named",
+        ),
+        ("GET", "/v1/log?limit=many", String::new(), 400, "limit"),
+        (
+            "GET",
+            "/v2/anything",
+            String::new(),
+            404,
+            "no such API path",
+        ),
+    ];
+    for (method, path, body, want, msg) in &cases {
+        let (status, reply) = request(s, method, path, body);
+        assert_eq!(status, *want, "{method} {path} {body}: {reply}");
+        assert!(
+            reply.contains(msg),
+            "{method} {path}: {reply:?} lacks {msg:?}"
+        );
+    }
+    // Not HTTP at all: a 400 or a closed connection, never a hang or a crash.
+    if let Some((status, _)) = exchange(s, b"\x00\x01\x02 garbage\r\n\r\n") {
+        assert_eq!(status, 400);
+    }
+    // A client that connects and says nothing does not block the others.
+    let _idle = UnixStream::connect(s).unwrap();
+    let (status, body) = request(s, "GET", "/v1/partitions", "");
+    assert_eq!((status, body.as_str()), (200, "[]"));
+    // And nothing was created by any of it.
+    assert!(partd.view().partitions().unwrap().is_empty());
+}
+
+fn run_as(uid: u32, gid: u32, partd: &Partd, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&bins().partctl)
+        .arg("--socket")
+        .arg(&partd.socket)
+        .args(args)
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
+#[test]
+fn allowlisted_uid_is_served_and_another_uid_gets_403() {
+    // The socket is 0660 with group `nogroup`; both uids run in that group
+    // so they reach the socket and partd's own uid check decides.
+    let gid = 65534;
+    let partd = Partd::start(&["--group", "nogroup", "--allow-uid", "4242"]);
+    std::fs::set_permissions(partd.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let meta = std::fs::metadata(&partd.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+
+    let ok = run_as(4242, gid, &partd, &["--json", "list"]);
+    assert!(
+        ok.status.success(),
+        "allowlisted uid refused: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&ok.stdout).unwrap(),
+        serde_json::json!([])
+    );
+
+    let refused = run_as(4343, gid, &partd, &["list"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("uid 4343 may not use partd"), "{err}");
+    assert!(partd.log().contains("refused API request from uid 4343"));
+
+    // A uid outside the socket's group cannot even connect.
+    let outside = run_as(4242, 4242, &partd, &["list"]);
+    assert!(!outside.status.success());
+    assert!(String::from_utf8_lossy(&outside.stderr).contains("cannot reach partd"));
+
+    // root (this test) is always served.
+    assert_eq!(partd.ctl_json(&["list"]), serde_json::json!([]));
+}
