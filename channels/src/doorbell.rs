@@ -106,6 +106,10 @@ impl Waiter {
         }
     }
 
+    fn grow(&mut self) {
+        self.spin = (self.spin * 2 + Duration::from_micros(1)).min(self.max_spin);
+    }
+
     /// Current spin budget.
     pub fn spin_budget(&self) -> Duration {
         self.spin
@@ -129,7 +133,7 @@ impl Waiter {
         let start = Instant::now();
         loop {
             if ready() {
-                self.spin = (self.spin * 2 + Duration::from_micros(1)).min(self.max_spin);
+                self.grow();
                 return Ok(WaitOutcome::Spun);
             }
             if start.elapsed() >= self.spin {
@@ -137,12 +141,15 @@ impl Waiter {
             }
             std::hint::spin_loop();
         }
-        self.spin /= 2;
         arm(true);
         if ready() {
+            // Arrived while arming: still no system call made.
             arm(false);
-            return Ok(WaitOutcome::Woken);
+            self.grow();
+            return Ok(WaitOutcome::Spun);
         }
+        // About to block: spinning did not pay off this time.
+        self.spin = (self.spin / 2).max(self.max_spin / 64);
         let mut pfds: Vec<libc::pollfd> = fds
             .iter()
             .map(|f| libc::pollfd {
