@@ -234,6 +234,21 @@ impl Devices {
         self.ged_irq.write(1)
     }
 
+    /// GED events raised and not yet read by the guest.
+    pub fn ged_pending(&self) -> u32 {
+        self.ged_pending.load(Ordering::SeqCst)
+    }
+
+    /// Pulses the GED interrupt again for events the guest has not read: an
+    /// edge that arrived while the guest had the pin masked is lost.
+    pub fn ged_repulse(&self) -> io::Result<bool> {
+        if self.ged_pending() == 0 {
+            return Ok(false);
+        }
+        self.ged_irq.write(1)?;
+        Ok(true)
+    }
+
     fn note_unassigned(&self, kind: &str, addr: u64, len: usize, write: bool, value: u32) {
         let (counter, what) = match (kind, write) {
             ("mmio", false) => (&self.unassigned.mmio_reads, "read"),
@@ -432,6 +447,21 @@ mod tests {
         assert_eq!(u32::from_le_bytes(buf), layout::GED_EVENT_POWER_BUTTON);
         d.mmio_read(layout::GED_MMIO, &mut buf);
         assert_eq!(u32::from_le_bytes(buf), 0);
+    }
+
+    #[test]
+    fn ged_interrupt_is_resent_only_while_the_event_is_unread() {
+        let (d, ged, _) = devices();
+        assert!(!d.ged_repulse().unwrap(), "nothing pending, nothing sent");
+        d.ged_raise(layout::GED_EVENT_POWER_BUTTON).unwrap();
+        assert!(d.ged_repulse().unwrap());
+        assert_eq!(ged.read().unwrap(), 2, "raise + one re-pulse");
+        let mut buf = [0u8; 4];
+        d.mmio_read(layout::GED_MMIO, &mut buf);
+        assert!(
+            !d.ged_repulse().unwrap(),
+            "read by the guest: no more pulses"
+        );
     }
 
     #[test]

@@ -30,6 +30,13 @@ use crate::vcpu::{ExitSlot, Vcpu};
 use crate::virtio::{DeviceKind, VirtioMmio};
 use crate::{acpi, boot, control, layout};
 
+/// How often an unread power-button event is signalled again.
+const GED_REPULSE_MS: u64 = 500;
+
+fn timerfd() -> Result<TimerFd> {
+    TimerFd::new().map_err(|e| Error::io("timerfd")(std::io::Error::from_raw_os_error(e.errno())))
+}
+
 /// Most console input part-vmm buffers while the guest is not reading.
 const MAX_PENDING_INPUT: usize = 64 * 1024;
 
@@ -80,6 +87,8 @@ struct Controller {
     reset_evt: EventFd,
     serial_room: EventFd,
     stop_timer: TimerFd,
+    /// Re-pulses the power-button interrupt until the guest reads the GED.
+    ged_timer: TimerFd,
     stop_timeout_ms: u64,
     stopping: bool,
     input: InputSource,
@@ -132,6 +141,10 @@ impl Controller {
         );
         if let Err(e) = self.devices.ged_raise(layout::GED_EVENT_POWER_BUTTON) {
             tracing::error!("cannot raise the power-button interrupt: {e}");
+        }
+        let period = Duration::from_millis(GED_REPULSE_MS);
+        if let Err(e) = self.ged_timer.reset(period, Some(period)) {
+            tracing::warn!("cannot arm the GED re-pulse timer: {e}");
         }
         if let Err(e) = self
             .stop_timer
@@ -328,6 +341,7 @@ impl MutEventSubscriber for Controller {
             self.reset_evt.as_raw_fd(),
             self.serial_room.as_raw_fd(),
             self.stop_timer.as_raw_fd(),
+            self.ged_timer.as_raw_fd(),
         ];
         if let Some(l) = &self.control {
             fds.push(l.as_raw_fd());
@@ -373,6 +387,15 @@ impl MutEventSubscriber for Controller {
             self.finish(ExitReason::ForcedStop {
                 timeout_ms: self.stop_timeout_ms,
             });
+        } else if fd == self.ged_timer.as_raw_fd() {
+            let _ = self.ged_timer.wait();
+            match self.devices.ged_repulse() {
+                Ok(true) => tracing::debug!("power button not acknowledged yet; interrupt re-sent"),
+                Ok(false) => {
+                    let _ = self.ged_timer.clear();
+                }
+                Err(e) => tracing::warn!("cannot re-send the GED interrupt: {e}"),
+            }
         } else if fd == self.reset_evt.as_raw_fd() {
             let _ = self.reset_evt.read();
             self.finish(ExitReason::Reset { source: "i8042" });
@@ -632,8 +655,8 @@ fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
         signals,
         reset_evt,
         serial_room,
-        stop_timer: TimerFd::new()
-            .map_err(|e| Error::io("timerfd")(std::io::Error::from_raw_os_error(e.errno())))?,
+        stop_timer: timerfd()?,
+        ged_timer: timerfd()?,
         stop_timeout_ms: cfg.stop_timeout_ms,
         stopping: false,
         input,
