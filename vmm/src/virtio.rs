@@ -16,7 +16,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -206,6 +208,11 @@ impl VirtioMmio {
             frontend
                 .set_protocol_features(protocol_features)
                 .map_err(err("SET_PROTOCOL_FEATURES"))?;
+            if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every request is acknowledged, so a refusal (e.g. of an
+                // unsealed memory table) is reported by the request itself.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
             if protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
                 let (_, payload) = frontend
                     .get_config(
