@@ -13,7 +13,7 @@ const GEO: RingGeometry = RingGeometry {
     slots: 256,
     slot_size: 24,
 };
-const N: u64 = 200_000;
+const N: u64 = 50_000;
 const ENV: &str = "CHANNELS_TEST_PRODUCER_SOCKET";
 
 fn producer(path: &str) {
@@ -31,10 +31,15 @@ fn producer(path: &str) {
         if p.consumer_sleeping() {
             bell.notify().unwrap();
         }
-        // Pause now and then so the consumer's spin budget runs out and it
-        // must block on the doorbell.
-        if i % 20_000 == 19_999 {
-            std::thread::sleep(Duration::from_millis(30));
+        // A short gap after every message lets the consumer catch up and
+        // find the ring empty (the spinning case); a long pause every 5 000
+        // messages outlasts its spin budget (the blocking case).
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_micros(3) {
+            std::hint::spin_loop();
+        }
+        if i % 5_000 == 4_999 {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
