@@ -226,22 +226,18 @@ async fn run(args: Args) -> Result<(), PartdError> {
         coord,
         allowed: Arc::new(allowed),
     });
+    // Signal handlers exist before READY, so an early SIGTERM is a clean stop.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| PartdError::Runtime(format!("cannot watch SIGTERM: {e}")))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| PartdError::Runtime(format!("cannot watch SIGINT: {e}")))?;
     tracing::info!("partd serving {}", socket.display());
     notify(&[sd_notify::NotifyState::Ready]);
 
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!("cannot watch SIGTERM: {e}");
-                    std::future::pending::<()>().await;
-                    return;
-                }
-            };
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
         tracing::info!(
             "partd stopping; partitions keep running and are re-attached at the next start"
