@@ -14,7 +14,8 @@
 //!   "stop_timeout_ms": 10000,       // polite stop -> forced stop after this long
 //!   "cpu_affinity": [2, 3],         // optional: host CPUs the vCPU threads may run on
 //!   "devices": [                    // virtio-mmio devices, at most 8, in order
-//!     {"type": "vhost-user-blk", "socket": "/run/part-io/p1-disk0.sock"}
+//!     {"type": "vhost-user-blk", "socket": "/run/part-io/p1-disk0.sock"},
+//!     {"type": "vhost-user-net", "socket": "/run/part-io/sw0-p1.sock"}
 //!   ]
 //! }
 //! ```
@@ -136,6 +137,9 @@ pub enum DeviceConfig {
     /// virtio-blk whose device model is the vhost-user backend listening on
     /// `socket` (part-io blk, qemu-storage-daemon, ...).
     VhostUserBlk { socket: PathBuf },
+    /// virtio-net whose device model is the vhost-user backend on `socket`
+    /// (a port of a part-io net switch).
+    VhostUserNet { socket: PathBuf },
 }
 
 /// Values given on the command line; each overrides the file's.

@@ -38,6 +38,11 @@ struct Cli {
     /// on SOCKET (repeatable; after the config file's devices).
     #[arg(long, value_name = "SOCKET")]
     vhost_user_blk: Vec<PathBuf>,
+    /// Adds a virtio-net device served by the vhost-user backend (a port of
+    /// a part-io net switch) listening on SOCKET (repeatable; after the blk
+    /// devices).
+    #[arg(long, value_name = "SOCKET")]
+    vhost_user_net: Vec<PathBuf>,
     /// Serve the supervisor's control socket here (see part_vmm::control).
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -82,6 +87,11 @@ fn main() {
             .vhost_user_blk
             .into_iter()
             .map(|socket| DeviceConfig::VhostUserBlk { socket })
+            .chain(
+                cli.vhost_user_net
+                    .into_iter()
+                    .map(|socket| DeviceConfig::VhostUserNet { socket }),
+            )
             .collect(),
     };
     let opts = part_vmm::vmm::RunOptions {

@@ -72,20 +72,25 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// Device-specific feature bits 0..24; `VIRTIO_BLK_F_MQ` (12) is hidden so a
-/// block device has exactly one queue.
+/// Device-specific feature bits 0..24.
 const DEVICE_FEATURE_MASK: u64 = (1 << 24) - 1;
+/// Hidden so a block device has exactly one queue.
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+/// Hidden so a net device has exactly one queue pair and no control queue
+/// (CTRL_VQ, CTRL_RX, CTRL_VLAN, GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR).
+const VIRTIO_NET_CTRL_FEATURES: u64 = 0x00fe_0000;
 
 /// Device types part-vmm can front.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
     Block,
+    Net,
 }
 
 impl DeviceKind {
     fn id(self) -> u32 {
         match self {
+            DeviceKind::Net => 1,
             DeviceKind::Block => 2,
         }
     }
@@ -93,14 +98,28 @@ impl DeviceKind {
         match self {
             // struct virtio_blk_config, virtio 1.2 5.2.4.
             DeviceKind::Block => 60,
+            // mac[6], status, max_virtqueue_pairs, mtu (virtio 1.2 5.1.4).
+            DeviceKind::Net => 12,
         }
     }
     fn queues(self) -> usize {
-        1
+        match self {
+            DeviceKind::Block => 1,
+            // receiveq, transmitq.
+            DeviceKind::Net => 2,
+        }
+    }
+    /// Device-specific features part-vmm never passes through.
+    fn hidden_features(self) -> u64 {
+        match self {
+            DeviceKind::Block => VIRTIO_BLK_F_MQ,
+            DeviceKind::Net => VIRTIO_NET_CTRL_FEATURES,
+        }
     }
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Block => "blk",
+            DeviceKind::Net => "net",
         }
     }
 }
@@ -122,6 +141,17 @@ fn set_low(v: &mut u64, x: u32) {
 }
 fn set_high(v: &mut u64, x: u32) {
     *v = (*v & 0xffff_ffff) | (u64::from(x) << 32);
+}
+
+/// The backend's features as offered to the driver: device bits minus the
+/// hidden ones, indirect descriptors, event index and VERSION_1; never the
+/// vhost-user-only bit, packed rings or platform/IOMMU bits.
+pub fn offered_features(kind: DeviceKind, backend: u64) -> u64 {
+    let mask = (DEVICE_FEATURE_MASK & !kind.hidden_features())
+        | VIRTIO_RING_F_INDIRECT_DESC
+        | VIRTIO_RING_F_EVENT_IDX
+        | VIRTIO_F_VERSION_1;
+    backend & mask
 }
 
 /// Guest-physical window and interrupt of virtio-mmio transport `index`.
@@ -272,11 +302,7 @@ impl VirtioMmio {
 
     /// Features offered to the driver.
     fn device_features(&self) -> u64 {
-        let mask = (DEVICE_FEATURE_MASK & !VIRTIO_BLK_F_MQ)
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_F_VERSION_1;
-        self.backend_features & mask
+        offered_features(self.kind, self.backend_features)
     }
 
     /// True when `addr` falls in this transport's window.
@@ -538,5 +564,32 @@ impl VirtioMmio {
 
     pub fn status(&self) -> u32 {
         self.status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offered_features_hide_queue_count_control_and_vhost_only_bits() {
+        let all = u64::MAX;
+        let blk = offered_features(DeviceKind::Block, all);
+        assert_eq!(blk & VIRTIO_BLK_F_MQ, 0);
+        assert_ne!(blk & VIRTIO_F_VERSION_1, 0);
+        assert_eq!(blk & VHOST_USER_F_PROTOCOL_FEATURES, 0);
+        assert_eq!(blk & (1 << 34), 0, "packed rings are not offered");
+        let net = offered_features(DeviceKind::Net, all);
+        assert_eq!(net & (1 << 22), 0, "VIRTIO_NET_F_MQ hidden");
+        assert_eq!(net & (1 << 17), 0, "VIRTIO_NET_F_CTRL_VQ hidden");
+        assert_ne!(net & (1 << 5), 0, "VIRTIO_NET_F_MAC passes");
+        assert_eq!(offered_features(DeviceKind::Net, 1 << 5), 1 << 5);
+    }
+
+    #[test]
+    fn slots_and_cmdline_words_follow_the_layout() {
+        assert_eq!(slot(0), (0xd000_0000, 16));
+        assert_eq!(slot(3), (0xd000_3000, 19));
+        assert_eq!(cmdline_word(1), "virtio_mmio.device=4K@0xd0001000:17");
     }
 }

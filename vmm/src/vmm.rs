@@ -563,6 +563,9 @@ fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
             DeviceConfig::VhostUserBlk { socket } => {
                 VirtioMmio::connect(i, DeviceKind::Block, socket, &vm, &ram.memory)
             }
+            DeviceConfig::VhostUserNet { socket } => {
+                VirtioMmio::connect(i, DeviceKind::Net, socket, &vm, &ram.memory)
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     let slots: Vec<(u64, u32)> = virtio.iter().map(|d| (d.base, d.gsi)).collect();
