@@ -258,6 +258,7 @@ impl Context {
                 q: Mutex::new(VecDeque::with_capacity(depth.min(4096))),
                 overflow: AtomicBool::new(false),
                 armed: AtomicBool::new(false),
+                fire_pending: AtomicBool::new(false),
                 bell: Doorbell::new()?,
                 callback: Mutex::new(None),
                 qps: Mutex::new(Vec::new()),
@@ -675,6 +676,7 @@ pub(crate) struct CqInner {
     q: Mutex<VecDeque<WorkCompletion>>,
     overflow: AtomicBool,
     armed: AtomicBool,
+    fire_pending: AtomicBool,
     bell: Doorbell,
     callback: Mutex<Option<Callback>>,
     qps: Mutex<Vec<Weak<QpInner>>>,
@@ -693,6 +695,15 @@ impl CqInner {
             q.push_back(wc);
         }
         if self.armed.swap(false, Ordering::AcqRel) {
+            // Fired later, by `notify_pending`, once no lock is held: the
+            // callback may poll this CQ or post to the QP.
+            self.fire_pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Runs an armed notification that became due. Called with no lock held.
+    fn notify_pending(&self) {
+        if self.fire_pending.swap(false, Ordering::AcqRel) {
             self.fire();
         }
     }
@@ -729,10 +740,17 @@ impl Cq {
             return Err(IcError::CqOverflow);
         }
         let deadline = now_ns() + 2_000_000;
-        for qp in lock(&self.inner.qps).iter().filter_map(Weak::upgrade) {
+        // Not under the list lock: progress may run the notification
+        // callback, which may poll this CQ again.
+        let qps: Vec<Arc<QpInner>> = lock(&self.inner.qps)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for qp in qps {
             qp.app_poll_deadline.store(deadline, Ordering::Relaxed);
             qp.try_progress();
         }
+        self.inner.notify_pending();
         let mut q = lock(&self.inner.q);
         let n = max.min(q.len());
         out.extend(q.drain(..n));
@@ -750,8 +768,10 @@ impl Cq {
         }
     }
 
-    /// Sets the function called (from the progress engine's thread) when an
-    /// armed notification fires.
+    /// Sets the function called when an armed notification fires: from the
+    /// progress engine's thread, or from inside a `poll`/`post_*` call that
+    /// made progress. It runs with no interconnect lock held, so it may poll
+    /// this CQ, re-arm it and post work requests.
     pub fn set_callback(&self, cb: impl Fn() + Send + Sync + 'static) {
         *lock(&self.inner.callback) = Some(Arc::new(cb));
     }
@@ -892,12 +912,16 @@ impl Qp {
     /// this call fails only for a full queue, a bad argument or a QP that
     /// was never connected.
     pub fn post_send(&self, wr: SendWr) -> Result<()> {
-        self.inner.post_send(wr)
+        let r = self.inner.post_send(wr);
+        self.inner.notify_cqs();
+        r
     }
 
     /// Posts a receive work request.
     pub fn post_recv(&self, wr: RecvWr) -> Result<()> {
-        self.inner.post_recv(wr)
+        let r = self.inner.post_recv(wr);
+        self.inner.notify_cqs();
+        r
     }
 
     /// Destroys the QP: its peer is told, its outstanding work requests
@@ -991,16 +1015,28 @@ impl QpInner {
     }
 
     fn progress_blocking(&self) -> bool {
-        let mut st = lock(&self.st);
-        self.progress(&mut st)
+        let worked = {
+            let mut st = lock(&self.st);
+            self.progress(&mut st)
+        };
+        self.notify_cqs();
+        worked
     }
 
     pub(crate) fn try_progress(&self) -> bool {
-        match self.st.try_lock() {
+        let worked = match self.st.try_lock() {
             Ok(mut st) => self.progress(&mut st),
             Err(std::sync::TryLockError::Poisoned(p)) => self.progress(&mut p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => false,
-        }
+        };
+        self.notify_cqs();
+        worked
+    }
+
+    /// Fires CQ notifications that became due while the QP lock was held.
+    fn notify_cqs(&self) {
+        self.scq.notify_pending();
+        self.rcq.notify_pending();
     }
 
     fn wc(
@@ -1517,6 +1553,7 @@ impl QpInner {
                 st.state = QpState::Destroyed;
             }
         }
+        self.notify_cqs();
         self.stop.store(true, Ordering::Release);
         let _ = self.wake.notify();
         if let Some(h) = lock(&self.engine).take() {

@@ -204,3 +204,74 @@ fn completion_queue_overflow_is_reported_not_silently_dropped() {
     drop(qp); // two flushed completions into a CQ of depth 1
     assert!(matches!(cq.poll(4), Err(IcError::CqOverflow)));
 }
+
+#[test]
+fn completion_callback_may_poll_rearm_and_post_without_deadlock() {
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+    let dir: Arc<dyn Directory> = Arc::new(MemDirectory::default());
+    let srv = Context::open("srv", dir.clone(), ContextOptions::default()).unwrap();
+    let cli = Context::open("cli", dir, ContextOptions::default()).unwrap();
+    let (spd, scq) = (srv.alloc_pd().unwrap(), srv.create_cq(64).unwrap());
+    let sqp = Arc::new(srv.create_qp(&spd, &scq, &scq, QpCaps::default()).unwrap());
+    let sbuf = spd.alloc_buffer(4096).unwrap();
+    let smr = spd.reg_mr(&sbuf, 0, 4096, Access::LOCAL_WRITE).unwrap();
+    sqp.post_recv(RecvWr {
+        wr_id: 0,
+        sge: smr.sge(0, 64),
+    })
+    .unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let slot: Arc<OnceLock<Arc<Qp>>> = Arc::new(OnceLock::new());
+    let _ = slot.set(sqp.clone());
+    let (cq2, got2, slot2, mr2) = (scq.clone(), got.clone(), slot.clone(), smr.clone());
+    scq.set_callback(move || {
+        // A typical handler: drain the CQ, repost the receive, re-arm.
+        for wc in cq2.poll(16).unwrap() {
+            got2.lock().unwrap().push(wc.wr_id);
+            let qp = slot2.get().unwrap();
+            qp.post_recv(RecvWr {
+                wr_id: wc.wr_id + 1,
+                sge: mr2.sge(0, 64),
+            })
+            .unwrap();
+        }
+        cq2.req_notify();
+    });
+    scq.req_notify();
+    let listener = srv.listen("svc", &["cli"]).unwrap();
+    let sqp2 = sqp.clone();
+    let acceptor = std::thread::spawn(move || {
+        listener
+            .accept(&sqp2, Duration::from_secs(10))
+            .map(|_| listener)
+    });
+    let (cpd, ccq) = (cli.alloc_pd().unwrap(), cli.create_cq(64).unwrap());
+    let cqp = cli.create_qp(&cpd, &ccq, &ccq, QpCaps::default()).unwrap();
+    cli.connect(&cqp, "svc", Some(Transport::Shm), Duration::from_secs(10))
+        .unwrap();
+    let _listener = acceptor.join().unwrap().unwrap();
+    let cbuf = cpd.alloc_buffer(4096).unwrap();
+    let cmr = cpd.reg_mr(&cbuf, 0, 4096, Access::NONE).unwrap();
+    for i in 0..3 {
+        let wr = SendWr {
+            wr_id: i,
+            opcode: Opcode::Send,
+            sge: cmr.sge(0, 8),
+            remote: None,
+            imm: None,
+            signaled: true,
+        };
+        cqp.post_send(wr).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        *got.lock().unwrap(),
+        [0, 1, 2],
+        "each receive handled by the callback, reposted from inside it"
+    );
+    assert_eq!(ccq.poll(8).unwrap().len(), 3);
+}
