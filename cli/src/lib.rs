@@ -73,6 +73,9 @@ pub struct PartitionView {
     pub vmm: Option<VmmView>,
     #[serde(default)]
     pub last_exit: Option<ExitView>,
+    /// Only in the reply to a start: where partd's time went (microseconds).
+    #[serde(default)]
+    pub start_timings: Option<serde_json::Value>,
 }
 
 /// The socket to use: `--socket`, else `PARTD_SOCKET`, else the default

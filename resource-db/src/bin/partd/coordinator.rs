@@ -80,6 +80,25 @@ pub struct PartitionView {
     pub vmm: Option<VmmView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<ExitRecord>,
+    /// Only in the reply to a start: where its time went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timings: Option<StartTimings>,
+}
+
+/// Where the time of one start went, in microseconds.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct StartTimings {
+    /// Checks, planning and the grant transaction (durable).
+    pub grant_us: u64,
+    /// Descriptor memfd, state files and fork/exec of part-vmm.
+    pub spawn_us: u64,
+    /// From the spawn until the monitor first answered a ping: the
+    /// monitor's own share (exec, KVM setup, control socket).
+    pub monitor_us: u64,
+    /// Recording `running` (durable) and building the reply.
+    pub running_us: u64,
+    /// The whole start inside partd.
+    pub total_us: u64,
 }
 
 /// The running monitor of a partition.
@@ -106,6 +125,8 @@ struct Live {
     stop_requested: AtomicBool,
     killed_by_partd: AtomicBool,
     phase: watch::Sender<Phase>,
+    /// When the monitor first answered a ping.
+    first_answer: Mutex<Option<Instant>>,
 }
 
 /// The coordinator. Cheap to share (`Arc`).
@@ -246,6 +267,7 @@ impl Coordinator {
             holdings: self.db.holdings(&rec.id)?,
             vmm,
             last_exit,
+            start_timings: None,
         })
     }
 
@@ -345,6 +367,7 @@ impl Coordinator {
 
     /// Grants, spawns and waits until the monitor answers (or ends).
     pub async fn start(self: &Arc<Self>, id: &PartitionId) -> Result<PartitionView, CoordError> {
+        let t0 = Instant::now();
         let lock = self.lock_of(id);
         let guard = lock.lock().await;
         let rec = self.record(id)?;
@@ -417,6 +440,7 @@ impl Coordinator {
             )));
         }
 
+        let t_granted = Instant::now();
         let files = self.files(id);
         let spawned = files.clear_run_files().and_then(|()| {
             let cfg = def.descriptor(&files.console(), affinity);
@@ -442,6 +466,7 @@ impl Coordinator {
                 files.vmm_record().display()
             );
         }
+        let t_spawned = Instant::now();
         let live = self.register(id, record, files, false);
         let mut phase = live.phase.subscribe();
         self.supervise(id.clone(), Arc::clone(&live), proc_);
@@ -465,7 +490,21 @@ impl Coordinator {
                         self.files(id).vmm_log().display()
                     )));
                 }
-                self.view(id)
+                let mut view = self.view(id)?;
+                let first = live
+                    .first_answer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or(t_spawned);
+                let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+                view.start_timings = Some(StartTimings {
+                    grant_us: us(t_granted - t0),
+                    spawn_us: us(t_spawned - t_granted),
+                    monitor_us: us(first.saturating_duration_since(t_spawned)),
+                    running_us: us(first.elapsed()),
+                    total_us: us(t0.elapsed()),
+                });
+                Ok(view)
             }
             Ok(Err(_)) => self.view(id),
             Err(_) => Err(CoordError::Timeout(format!(
@@ -490,6 +529,7 @@ impl Coordinator {
             stop_requested: AtomicBool::new(stopping),
             killed_by_partd: AtomicBool::new(false),
             phase,
+            first_answer: Mutex::new(None),
         });
         let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(id.clone(), Arc::clone(&live));
@@ -591,7 +631,7 @@ impl Coordinator {
                 let interval = if answered {
                     me.settings.ping_interval
                 } else {
-                    Duration::from_millis(5)
+                    Duration::from_millis(1)
                 };
                 tokio::select! {
                     ended = proc_.wait() => {
@@ -610,6 +650,11 @@ impl Coordinator {
                 match ping {
                     Ok(reply) if reply.ok => {
                         last_ok = Instant::now();
+                        if !answered {
+                            let mut first =
+                                live.first_answer.lock().unwrap_or_else(|p| p.into_inner());
+                            *first = Some(Instant::now());
+                        }
                         answered = true;
                         if !live.stop_requested.load(Ordering::SeqCst) {
                             let lock = me.lock_of(&id);
@@ -758,7 +803,21 @@ impl Coordinator {
             }
             let id = rec.id.clone();
             let files = self.files(&id);
-            let record = process::read_json::<VmmRecord>(&files.vmm_record());
+            let mut record = process::read_json::<VmmRecord>(&files.vmm_record());
+            if record.is_none() {
+                // partd died between spawning the monitor and recording it:
+                // the monitor itself says who it is.
+                let ping =
+                    process::control(&files.control(), &Request::Ping, self.settings.ping_timeout)
+                        .await;
+                if let Some(pid) = ping.ok().and_then(|r| r.pid) {
+                    record =
+                        process::start_time(pid).map(|start_time| VmmRecord { pid, start_time });
+                    if let Some(r) = &record {
+                        let _ = process::write_json_atomic(&files.vmm_record(), r);
+                    }
+                }
+            }
             let stopping = rec.state == PartitionState::Stopping;
             match record.as_ref().and_then(process::adopt) {
                 Some(proc_) => {
@@ -786,6 +845,7 @@ impl Coordinator {
                         stop_requested: AtomicBool::new(stopping),
                         killed_by_partd: AtomicBool::new(false),
                         phase: watch::channel(Phase::Starting).0,
+                        first_answer: Mutex::new(None),
                     };
                     self.finish(&id, &live, None).await;
                     finished += 1;
