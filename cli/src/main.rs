@@ -395,18 +395,20 @@ async fn attach_console(client: &Client, name: &str) -> Result<(), CtlError> {
         let mut buf = [0u8; 256];
         loop {
             match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                // No more input: keep showing the output until the guest ends.
+                Ok(0) | Err(_) => return,
                 Ok(n) => {
                     if let Some(pos) = buf[..n].iter().position(|b| *b == 0x1d) {
                         let _ = writer.write_all(&buf[..pos]);
                         break;
                     }
                     if writer.write_all(&buf[..n]).is_err() {
-                        break;
+                        return;
                     }
                 }
             }
         }
+        // Ctrl-]: detach.
         let _ = writer.shutdown(std::net::Shutdown::Both);
     });
     let copied = tokio::task::spawn_blocking(move || {

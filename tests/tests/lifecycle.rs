@@ -341,3 +341,39 @@ fn sigstopped_monitor_becomes_unresponsive_and_stop_force_ends_it() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn console_shows_the_guest_until_it_stops() {
+    let _vm = vm_lock();
+    let partd = Partd::start(&[]);
+    let def = partd.definition("talk", "memory_mib = 32");
+    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    let v = partd.ctl_json(&["start", "talk"]);
+    wait_console(&console_of(&v), "stay: idle", BOOT);
+    let console = std::process::Command::new(&partvisor_e2e::bins().partctl)
+        .arg("--socket")
+        .arg(&partd.socket)
+        .args(["console", "talk"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it attach and receive the backlog, then stop the guest.
+    std::thread::sleep(Duration::from_millis(300));
+    partd.ctl_json(&["stop", "talk"]);
+    let out = console.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("partvisor-testguest 1"), "{text}");
+    assert!(text.contains("stay: idle"), "{text}");
+    assert!(text.contains("stop: power button"), "{text}");
+    // A stopped partition has no console.
+    let none = partd.ctl(&["console", "talk"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no console"));
+}
