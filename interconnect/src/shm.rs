@@ -83,6 +83,7 @@ pub(crate) struct ShmLink {
     close_pending: bool,
     closed: bool,
     last_ctrl: Instant,
+    idle_polls: u32,
 }
 
 fn finish(sock: UnixStream, local: LocalSide, mut fds: Vec<OwnedFd>) -> Result<ShmLink> {
@@ -118,6 +119,7 @@ fn finish(sock: UnixStream, local: LocalSide, mut fds: Vec<OwnedFd>) -> Result<S
         close_pending: false,
         closed: false,
         last_ctrl: Instant::now(),
+        idle_polls: 0,
     })
 }
 
@@ -395,7 +397,8 @@ impl Link for ShmLink {
                     // (and at most every CTRL_INTERVAL while spinning), so
                     // the polling fast path makes no system call. Messages
                     // that need an fd first force a read (see below).
-                    if self.last_ctrl.elapsed() >= CTRL_INTERVAL {
+                    self.idle_polls = self.idle_polls.wrapping_add(1);
+                    if self.idle_polls % 32 == 0 && self.last_ctrl.elapsed() >= CTRL_INTERVAL {
                         if let Some(ev) = self.drain_ctrl() {
                             return Some(ev);
                         }

@@ -709,13 +709,27 @@ impl CqInner {
     }
 
     /// Runs the callback, then rings the eventfd (so a waiter woken by the
-    /// eventfd sees the callback's effects).
+    /// eventfd sees the callback's effects). A notification that becomes due
+    /// while a callback runs on this thread (the callback re-armed and more
+    /// completions arrived) runs after it returns, in a loop, not nested:
+    /// the stack stays flat however long a callback keeps re-arming.
     fn fire(&self) {
-        let cb = lock(&self.callback).clone();
-        if let Some(cb) = cb {
-            cb();
+        thread_local!(static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+        if IN_CALLBACK.with(|c| c.replace(true)) {
+            self.fire_pending.store(true, Ordering::Release);
+            return;
         }
-        let _ = self.bell.notify();
+        loop {
+            let cb = lock(&self.callback).clone();
+            if let Some(cb) = cb {
+                cb();
+            }
+            let _ = self.bell.notify();
+            if !self.fire_pending.swap(false, Ordering::AcqRel) {
+                break;
+            }
+        }
+        IN_CALLBACK.with(|c| c.set(false));
     }
 }
 
@@ -742,11 +756,20 @@ impl Cq {
         let deadline = now_ns() + 2_000_000;
         // Not under the list lock: progress may run the notification
         // callback, which may poll this CQ again.
-        let qps: Vec<Arc<QpInner>> = lock(&self.inner.qps)
+        // (Up to four QPs without allocating: the polling fast path.)
+        let mut few: [Option<Arc<QpInner>>; 4] = Default::default();
+        let mut more = Vec::new();
+        for (i, qp) in lock(&self.inner.qps)
             .iter()
             .filter_map(Weak::upgrade)
-            .collect();
-        for qp in qps {
+            .enumerate()
+        {
+            match few.get_mut(i) {
+                Some(slot) => *slot = Some(qp),
+                None => more.push(qp),
+            }
+        }
+        for qp in few.iter().flatten().chain(more.iter()) {
             qp.app_poll_deadline.store(deadline, Ordering::Relaxed);
             qp.try_progress();
         }
