@@ -331,6 +331,12 @@ fn sigstopped_monitor_becomes_unresponsive_and_stop_force_ends_it() {
     let t0 = std::time::Instant::now();
     partd.wait_state("hung", "unresponsive", Duration::from_secs(10));
     eprintln!("unresponsive after {:?}", t0.elapsed());
+    // It recovers when the monitor answers again...
+    kill(pid, libc::SIGCONT);
+    partd.wait_state("hung", "running", Duration::from_secs(10));
+    // ...and a monitor that hangs again is found again.
+    kill(pid, libc::SIGSTOP);
+    partd.wait_state("hung", "unresponsive", Duration::from_secs(10));
     let v = partd.ctl_json(&["stop", "hung", "--force"]);
     assert_eq!(v["state"], "stopped");
     assert_eq!(v["last_exit"]["reason"], "killed-by-partd");
@@ -376,4 +382,72 @@ fn console_shows_the_guest_until_it_stops() {
     let none = partd.ctl(&["console", "talk"]);
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("no console"));
+}
+
+#[test]
+fn stop_timeout_forces_a_guest_that_ignores_the_power_button() {
+    let _vm = vm_lock();
+    let partd = Partd::start(&[]);
+    // `echo=N` waits for serial input and does not listen to the power button.
+    let def = partd.path().join("deaf.toml");
+    std::fs::write(
+        &def,
+        format!(
+            "name = \"deaf\"\nmemory_mib = 32\nkernel = \"{}\"\ncmdline = \"echo=4\"\nstop_timeout_s = 60\n",
+            partvisor_e2e::guest().display()
+        ),
+    )
+    .unwrap();
+    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    let v = partd.ctl_json(&["start", "deaf"]);
+    wait_console(&console_of(&v), "echo: ready", BOOT);
+    let t0 = std::time::Instant::now();
+    let v = partd.ctl_json(&["stop", "deaf", "--timeout", "1"]);
+    let took = t0.elapsed();
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["last_exit"]["reason"], "forced-stop");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "forced after {took:?}"
+    );
+    assert!(partd
+        .view()
+        .holdings(&PartitionId::new("deaf").unwrap())
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn guest_crash_marks_the_partition_failed_with_its_reason_and_releases_it() {
+    let _vm = vm_lock();
+    let partd = Partd::start(&[]);
+    let def = partd.path().join("crash.toml");
+    std::fs::write(
+        &def,
+        format!(
+            "name = \"crash\"\nmemory_mib = 32\nkernel = \"{}\"\ncmdline = \"crash=triple\"\n",
+            partvisor_e2e::guest().display()
+        ),
+    )
+    .unwrap();
+    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    // The guest may die before or after its monitor first answers: start
+    // reports either `running` or that it ended while starting.
+    let out = partd.ctl(&["start", "crash"]);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("ended while starting") && err.contains("triple-fault"),
+            "{err}"
+        );
+    }
+    let v = partd.wait_state("crash", "failed", Duration::from_secs(30));
+    assert_eq!(v["last_exit"]["reason"], "triple-fault");
+    assert_eq!(v["last_exit"]["status"], 72);
+    let view = partd.view();
+    assert!(view
+        .holdings(&PartitionId::new("crash").unwrap())
+        .unwrap()
+        .is_empty());
+    view.check_invariants().unwrap();
 }
