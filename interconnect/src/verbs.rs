@@ -714,11 +714,13 @@ impl CqInner {
     /// completions arrived) runs after it returns, in a loop, not nested:
     /// the stack stays flat however long a callback keeps re-arming.
     fn fire(&self) {
-        thread_local!(static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
-        if IN_CALLBACK.with(|c| c.replace(true)) {
+        thread_local!(static IN_CALLBACK: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) });
+        let me = self as *const CqInner as usize;
+        if IN_CALLBACK.with(|c| c.borrow().contains(&me)) {
             self.fire_pending.store(true, Ordering::Release);
             return;
         }
+        IN_CALLBACK.with(|c| c.borrow_mut().push(me));
         loop {
             let cb = lock(&self.callback).clone();
             if let Some(cb) = cb {
@@ -729,7 +731,7 @@ impl CqInner {
                 break;
             }
         }
-        IN_CALLBACK.with(|c| c.set(false));
+        IN_CALLBACK.with(|c| c.borrow_mut().retain(|&p| p != me));
     }
 }
 
