@@ -37,6 +37,38 @@ fn start_boots_the_guest_and_stop_returns_every_resource_to_available() {
     let pid = pid_of(&started);
     assert!(alive(pid));
     let console = wait_console(&console_of(&started), "stay: idle", BOOT);
+    // The monitor runs from a sealed memfd descriptor of exactly the grant.
+    let fd3 = std::fs::read_link(format!("/proc/{pid}/fd/3")).unwrap();
+    assert!(
+        fd3.to_string_lossy()
+            .starts_with("/memfd:partvisor-descriptor-web"),
+        "{fd3:?}"
+    );
+    let desc = std::fs::File::open(format!("/proc/{pid}/fd/3")).unwrap();
+    // SAFETY: F_GET_SEALS on an open descriptor owned by this scope.
+    let seals = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&desc), libc::F_GET_SEALS) };
+    assert_eq!(
+        seals & (libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL),
+        libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL
+    );
+    let cfg =
+        part_vmm::config::VmConfig::from_json(&std::io::read_to_string(desc).unwrap()).unwrap();
+    assert_eq!(
+        (cfg.vcpus, cfg.memory_mib, cfg.cmdline.as_str()),
+        (2, 64, "stay")
+    );
+    let pool: Vec<usize> = partd
+        .view()
+        .host()
+        .shared_pool_cpus
+        .iter()
+        .map(|c| *c as usize)
+        .collect();
+    assert_eq!(
+        cfg.cpu_affinity,
+        Some(pool),
+        "shared partitions run on the pool's CPUs"
+    );
     assert!(console.contains("cpus: 2 (madt)"), "{console}");
     assert!(console.contains("cmdline: stay"), "{console}");
 
@@ -153,6 +185,18 @@ fn start_boots_the_guest_and_stop_returns_every_resource_to_available() {
             (Stopping, Stopped)
         ]
     );
+
+    // partctl log shows the same audit entries, filtered to the partition.
+    let entries = partd.ctl_json(&["log", "web"]);
+    let entries = entries.as_array().unwrap();
+    assert_eq!(
+        entries.len(),
+        5,
+        "create, grant, running, stopping, release"
+    );
+    assert!(entries.iter().all(|e| e["actor"] == "partd"));
+    let table = partd.ctl_ok(&["log", "web"]);
+    assert!(table.contains("web: starting -> running"), "{table}");
 
     partd.ctl_ok(&["destroy", "web"]);
     assert_eq!(partd.ctl_json(&["list"]), serde_json::json!([]));
