@@ -2,9 +2,9 @@
 
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tracing::{error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -24,12 +24,11 @@ use vm_memory::{
     GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{ChainWalker, Malformed, Segment};
 use crate::export::{Export, SECTOR_SIZE};
+use crate::server::{Endpoint, ExitFds};
 
 /// Largest queue a frontend may configure (`SET_VRING_NUM`).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -55,7 +54,7 @@ pub struct BlkBackend {
     config: Vec<u8>,
     walker: ChainWalker,
     iovecs: IoVecs,
-    exit_fds: Mutex<Vec<RawFd>>,
+    exit_fds: ExitFds,
 }
 
 /// Scratch iovecs pointing into guest memory, reused for every request.
@@ -112,30 +111,7 @@ impl BlkBackend {
             config,
             walker: ChainWalker::new(MAX_QUEUE_SIZE),
             iovecs: IoVecs(Vec::with_capacity(usize::from(MAX_QUEUE_SIZE) * 2)),
-            exit_fds: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Closes the consumer ends of the worker exit eventfds handed out by
-    /// [`VhostUserBackendMut::exit_event`].
-    ///
-    /// `vhost-user-backend` 0.24 turns them into raw fds for its epoll set and
-    /// never closes them; without this every connection would leak one fd,
-    /// and a frontend reconnecting in a loop could exhaust the process's fd
-    /// table for every export.
-    ///
-    /// # Safety
-    ///
-    /// Call only after the `VhostUserDaemon` that used this backend has been
-    /// dropped (its worker threads are joined then), so nothing uses the fds.
-    pub unsafe fn close_exit_fds(&mut self) {
-        let fds = self
-            .exit_fds
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for fd in fds.drain(..) {
-            // SAFETY: per this function's contract the fd is owned by nobody.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            exit_fds: ExitFds::default(),
         }
     }
 
@@ -505,14 +481,8 @@ impl VhostUserBackendMut for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => {
-                self.exit_fds
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .push(pair.0.as_raw_fd());
-                Some(pair)
-            }
+        match self.exit_fds.create() {
+            Ok(pair) => Some(pair),
             Err(e) => {
                 error!(export = %self.export.name(), "cannot create the worker exit eventfd: {e}");
                 None
@@ -561,5 +531,37 @@ impl VhostUserBackendMut for BlkBackend {
             }
         }
         Ok(())
+    }
+}
+
+impl Endpoint for Export {
+    type Backend = BlkBackend;
+
+    fn socket(&self) -> &std::path::Path {
+        &self.spec.socket
+    }
+
+    fn kind(&self) -> &'static str {
+        "blk"
+    }
+
+    fn new_backend(self: &Arc<Self>, _mem: &crate::server::Mem) -> BlkBackend {
+        BlkBackend::new(self.clone())
+    }
+
+    fn count_connection(&self) -> u64 {
+        self.stats.connections.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn count_refused_region(&self) {
+        self.stats.refused_regions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> String {
+        self.stats.summary()
+    }
+
+    fn exit_fds(backend: &mut BlkBackend) -> &mut ExitFds {
+        &mut backend.exit_fds
     }
 }

@@ -138,6 +138,23 @@ impl ChainWalker {
         queue_size: u16,
         head: u16,
     ) -> Result<(), Malformed> {
+        self.walk_segments(mem, desc_table, queue_size, head)?;
+        match self.segments.last() {
+            Some(last) if last.write && last.len > 0 => Ok(()),
+            _ => Err(Malformed::NoStatus),
+        }
+    }
+
+    /// Like [`ChainWalker::walk`], without requiring a final status byte:
+    /// for devices (net) whose chains are all-readable or all-writable and
+    /// whose caller checks the directions itself.
+    pub fn walk_segments<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        desc_table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+    ) -> Result<(), Malformed> {
         self.segments.clear();
         if head >= queue_size || usize::from(queue_size) > self.visited.len() * 64 {
             return Err(Malformed::BadHead);
@@ -212,10 +229,7 @@ impl ChainWalker {
             }
             idx = desc.next();
         }
-        match self.segments.last() {
-            Some(last) if last.write && last.len > 0 => Ok(()),
-            _ => Err(Malformed::NoStatus),
-        }
+        Ok(())
     }
 }
 

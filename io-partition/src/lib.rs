@@ -51,4 +51,6 @@ pub mod blk;
 pub mod chain;
 pub mod export;
 pub mod guard;
+pub mod net;
 pub mod server;
+pub mod tap;

@@ -1,23 +1,95 @@
-//! Listening sockets and connections: one listener per export, one
-//! connection at a time per export, every export in its own threads.
+//! Listening sockets and connections: one listener per endpoint (a blk
+//! export or a net switch port), one connection at a time per endpoint,
+//! every endpoint in its own threads.
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
-use crate::blk::BlkBackend;
-use crate::export::Export;
 use crate::guard;
+
+/// Guest memory as the vhost-user daemon publishes it.
+pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// What the listener needs from a served thing (a blk export, a net port).
+pub trait Endpoint: Send + Sync + 'static {
+    /// The device model serving one connection.
+    type Backend: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static;
+    /// The vhost-user socket path.
+    fn socket(&self) -> &Path;
+    /// Name used in log lines: the socket path.
+    fn name(&self) -> std::path::Display<'_> {
+        self.socket().display()
+    }
+    /// Short device kind for thread names (`blk`, `net`).
+    fn kind(&self) -> &'static str;
+    /// A fresh device for one connection; `mem` is the memory the daemon
+    /// will publish to it (the same `GuestMemoryAtomic`).
+    fn new_backend(self: &Arc<Self>, mem: &Mem) -> Self::Backend;
+    /// Counts a new connection; returns its number.
+    fn count_connection(&self) -> u64;
+    /// Counts a connection refused by the memory-region check.
+    fn count_refused_region(&self);
+    /// One line with every counter, for logs.
+    fn summary(&self) -> String;
+    /// Called after a connection's daemon is gone (its worker is joined).
+    fn disconnected(&self) {}
+    /// The backend's worker exit eventfds (see [`ExitFds`]).
+    fn exit_fds(backend: &mut Self::Backend) -> &mut ExitFds;
+}
+
+/// The consumer ends of the worker exit eventfds a backend hands out in
+/// `VhostUserBackendMut::exit_event`.
+///
+/// `vhost-user-backend` 0.24 turns them into raw fds for its epoll set and
+/// never closes them; without this every connection would leak one fd, and a
+/// frontend reconnecting in a loop could exhaust the process's fd table for
+/// every endpoint.
+#[derive(Debug, Default)]
+pub struct ExitFds(Mutex<Vec<RawFd>>);
+
+impl ExitFds {
+    /// A new exit eventfd pair; the consumer's fd is remembered for
+    /// [`ExitFds::close_all`].
+    pub fn create(&self) -> io::Result<(EventConsumer, EventNotifier)> {
+        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(pair.0.as_raw_fd());
+        Ok(pair)
+    }
+
+    /// Closes every remembered consumer fd.
+    ///
+    /// # Safety
+    ///
+    /// Call only after the `VhostUserDaemon` that used these fds has been
+    /// dropped (its worker threads are joined then), so nothing uses them.
+    pub unsafe fn close_all(&mut self) {
+        let fds = self
+            .0
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for fd in fds.drain(..) {
+            // SAFETY: per this function's contract the fd is owned by nobody.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
 
 /// Errors setting up an export's socket or serving one connection.
 #[derive(Debug, thiserror::Error)]
@@ -36,16 +108,21 @@ pub enum ServeError {
     Guard(guard::GuardError),
 }
 
-/// An export bound to its listening socket, ready to serve.
-pub struct BoundExport {
-    export: Arc<Export>,
+/// An endpoint bound to its listening socket, ready to serve.
+pub struct Bound<E: Endpoint> {
+    export: Arc<E>,
     listener: UnixListener,
 }
 
 /// Binds the listening socket of `export`. A stale socket at the path is
 /// replaced; any other file there is an error.
-pub fn bind(export: Export) -> Result<BoundExport, ServeError> {
-    let path = export.spec.socket.clone();
+pub fn bind<E: Endpoint>(export: E) -> Result<Bound<E>, ServeError> {
+    bind_shared(Arc::new(export))
+}
+
+/// [`bind`] for an endpoint that is already shared (a switch port).
+pub fn bind_shared<E: Endpoint>(export: Arc<E>) -> Result<Bound<E>, ServeError> {
+    let path = export.socket().to_path_buf();
     if let Ok(meta) = fs::symlink_metadata(&path) {
         if !meta.file_type().is_socket() {
             return Err(ServeError::NotASocket(path));
@@ -56,15 +133,12 @@ pub fn bind(export: Export) -> Result<BoundExport, ServeError> {
         })?;
     }
     let listener = UnixListener::bind(&path).map_err(|source| ServeError::Bind { path, source })?;
-    Ok(BoundExport {
-        export: Arc::new(export),
-        listener,
-    })
+    Ok(Bound { export, listener })
 }
 
-impl BoundExport {
-    /// The export.
-    pub fn export(&self) -> &Arc<Export> {
+impl<E: Endpoint> Bound<E> {
+    /// The endpoint.
+    pub fn export(&self) -> &Arc<E> {
         &self.export
     }
 
@@ -147,41 +221,47 @@ impl Slot {
     }
 }
 
-fn serve_connection(export: &Arc<Export>, frontend: UnixStream) {
-    let n = export.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
+fn serve_connection<E: Endpoint>(export: &Arc<E>, frontend: UnixStream) {
+    let n = export.count_connection();
     info!(export = %export.name(), "frontend connected (connection {n})");
     match run_connection(export, frontend) {
         Ok(()) => {
-            info!(export = %export.name(), "frontend disconnected; {}", export.stats.summary())
+            info!(export = %export.name(), "frontend disconnected; {}", export.summary())
         }
         Err(e) => {
-            error!(export = %export.name(), "connection failed: {e}; {}", export.stats.summary())
+            error!(export = %export.name(), "connection failed: {e}; {}", export.summary())
         }
     }
 }
 
 /// Serves one frontend with a fresh device: a `VhostUserDaemon` behind the
 /// [`guard`] relay.
-fn run_connection(export: &Arc<Export>, frontend: UnixStream) -> Result<(), ServeError> {
-    let backend = Arc::new(RwLock::new(BlkBackend::new(export.clone())));
-    let result = session(export, backend.clone(), frontend);
+fn run_connection<E: Endpoint>(export: &Arc<E>, frontend: UnixStream) -> Result<(), ServeError> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(RwLock::new(export.new_backend(&mem)));
+    let result = session(export, backend.clone(), mem, frontend);
     // `session` dropped the daemon, which joined its vring worker.
+    export.disconnected();
     let mut backend = backend
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     // SAFETY: the daemon that used these fds is dropped and its worker joined.
-    unsafe { backend.close_exit_fds() };
+    unsafe { E::exit_fds(&mut backend).close_all() };
     result
 }
 
-fn session(
-    export: &Arc<Export>,
-    backend: Arc<RwLock<BlkBackend>>,
+fn session<E: Endpoint>(
+    export: &Arc<E>,
+    backend: Arc<RwLock<E::Backend>>,
+    mem: Mem,
     frontend: UnixStream,
 ) -> Result<(), ServeError> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new(format!("part-io-blk-{}", export.name()), backend, mem)
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    let mut daemon = VhostUserDaemon::new(
+        format!("part-io-{}-{}", export.kind(), export.name()),
+        backend,
+        mem,
+    )
+    .map_err(|e| ServeError::Daemon(e.to_string()))?;
 
     // The daemon talks only to the guard, over a socket in a private directory.
     let dir = tempfile::Builder::new()
@@ -205,7 +285,7 @@ fn session(
     let daemon_result = daemon.wait();
     match guard_result {
         Err(e) if e.is_region_refusal() => {
-            export.stats.refused_regions.fetch_add(1, Ordering::Relaxed);
+            export.count_refused_region();
             Err(ServeError::Refused(e))
         }
         Err(e) => Err(ServeError::Guard(e)),

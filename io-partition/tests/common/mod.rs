@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -52,12 +54,20 @@ impl PartIo {
     /// the harness' temp dir are the caller's business) and waits until every
     /// socket is listening.
     pub fn spawn(dir: tempfile::TempDir, exports: &[String]) -> PartIo {
+        let mut args = vec!["blk".to_string()];
+        for e in exports {
+            args.push("--export".into());
+            args.push(e.clone());
+        }
+        PartIo::spawn_args(dir, &args, exports.len())
+    }
+
+    /// Starts `part-io ARGS...` and waits until `ready` " serving " lines
+    /// (one per export or port) are logged.
+    pub fn spawn_args(dir: tempfile::TempDir, args: &[String], ready: usize) -> PartIo {
         let log = dir.path().join("part-io.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_part-io"));
-        cmd.arg("blk");
-        for e in exports {
-            cmd.arg("--export").arg(e);
-        }
+        cmd.args(args);
         let child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -68,7 +78,7 @@ impl PartIo {
         let mut p = PartIo { child, log, dir };
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if p.log().matches(" serving ").count() == exports.len() {
+            if p.log().matches(" serving ").count() == ready {
                 return p;
             }
             if let Some(status) = p.child.try_wait().unwrap() {
