@@ -331,3 +331,15 @@ pub fn wait_gone(pid: u32, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits up to 10 s for `pid` to end; whether it did.
+pub fn wait_gone_quietly(pid: u32) -> bool {
+    let t0 = Instant::now();
+    while alive(pid) {
+        if t0.elapsed() > Duration::from_secs(10) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}

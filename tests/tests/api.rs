@@ -201,3 +201,49 @@ fn allowlisted_uid_is_served_and_another_uid_gets_403() {
     // root (this test) is always served.
     assert_eq!(partd.ctl_json(&["list"]), serde_json::json!([]));
 }
+
+#[test]
+fn dev_mode_starts_a_personal_partd_under_home_and_reuses_it() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(&bins().partctl)
+            .arg("--dev")
+            .args(args)
+            .env("HOME", home.path())
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("PARTD_SOCKET")
+            .output()
+            .unwrap()
+    };
+    let first = run(&["--json", "list"]);
+    let err = String::from_utf8_lossy(&first.stderr).into_owned();
+    // Whatever happens below, end the partd this test started.
+    let pid: Option<u32> = err
+        .split("started partd (pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok());
+    struct Reap(Option<u32>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Some(p) = self.0 {
+                partvisor_e2e::kill(p, libc::SIGTERM);
+                let _ = partvisor_e2e::wait_gone_quietly(p);
+            }
+        }
+    }
+    let _reap = Reap(pid);
+    assert!(first.status.success(), "{err}");
+    assert!(pid.is_some(), "no partd started: {err}");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&first.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let state = home.path().join(".local/state/partvisor");
+    assert!(state.join("partd.sock").exists());
+    assert!(state.join("resources.db").exists());
+    // The second call finds it running and starts no other.
+    let second = run(&["list"]);
+    assert!(second.status.success());
+    assert!(!String::from_utf8_lossy(&second.stderr).contains("started partd"));
+}
