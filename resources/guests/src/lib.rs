@@ -13,9 +13,14 @@
 //! checks its CPL 0 code ([`cpl0_check`]) and exports its path
 //! ([`guest_elf`]), its constants, a parser for its report
 //! ([`report::Report`]), and — compiled from the guest's own source files —
-//! its cmdline-word parsers ([`words`]) and the checksummed block pattern
+//! its cmdline-word parsers ([`words`]), the checksummed block pattern
 //! `blk=write` puts on a virtio-blk disk ([`blk_pattern`]), so a test can
-//! check an image file from the host.
+//! check an image file from the host, and the Ethernet frames of the
+//! `net=` words ([`net_frame`]: build, parse, receiver accounting), so a
+//! test can inject a frame through a TAP device and check what a guest
+//! sent. The `net=send` / `net=recv` pair is seed 001's partitions talking
+//! through the I/O partition's virtual Ethernet switch, flow-controlled so
+//! that a switch that drops frames for a full ring never has to.
 //!
 //! It must never share compiler flags, profiles or wrappers with the host
 //! build, and the guest must never run anything but its tiny, checked `.cpl0`
@@ -26,6 +31,8 @@ use std::path::Path;
 #[path = "../testguest/src/blk_pattern.rs"]
 pub mod blk_pattern;
 pub mod cpl0_check;
+#[path = "../testguest/src/net_frame.rs"]
+pub mod net_frame;
 pub mod report;
 #[path = "../testguest/src/words.rs"]
 pub mod words;
@@ -72,6 +79,18 @@ pub const EXIT_BLK_TIMEOUT: u32 = 14;
 pub const EXIT_BLK_NOT_REFUSED: u32 = 15;
 /// Exit code: the device set DEVICE_NEEDS_RESET during normal I/O.
 pub const EXIT_BLK_NEEDS_RESET: u32 = 16;
+
+/// Exit code: a `net=` word found no modern virtio-net device.
+pub const EXIT_NET_NO_DEVICE: u32 = 20;
+/// Exit code: the virtio-net device could not be initialised.
+pub const EXIT_NET_INIT: u32 = 21;
+/// Exit code: `net=recv` saw lost, damaged or duplicated frames.
+pub const EXIT_NET_VERIFY: u32 = 22;
+/// Exit code: a `net=` wait ran out (peer silent, no progress).
+pub const EXIT_NET_TIMEOUT: u32 = 23;
+/// Exit code: the virtio-net device needs a reset or returned a buffer
+/// that was never posted.
+pub const EXIT_NET_DEVICE: u32 = 24;
 
 /// The first address `probe=unassigned` touches for a given end of RAM.
 pub fn probe_low_address(ram_end: u64) -> u64 {

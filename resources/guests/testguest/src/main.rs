@@ -16,6 +16,7 @@ mod blk_pattern;
 mod cpl0;
 mod drivers;
 mod mem;
+mod net_frame;
 mod pvh;
 mod smp;
 mod words;

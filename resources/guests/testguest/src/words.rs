@@ -20,6 +20,8 @@ pub struct VirtioMmioDecl {
 pub const VIRTIO_MMIO_KEY: &str = "virtio_mmio.device";
 /// Cmdline key of the virtio-blk actions.
 pub const BLK_KEY: &str = "blk";
+/// Cmdline key of the virtio-net actions.
+pub const NET_KEY: &str = "net";
 
 fn number(s: &str) -> Option<u64> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -212,6 +214,167 @@ pub fn parse_blk(value: &str) -> Option<BlkWord> {
             index: n.parse().ok()?,
         },
         _ => return None,
+    };
+    Some(word)
+}
+
+/// Default `net=send` window (frames sent and not yet acknowledged).
+pub const DEFAULT_WINDOW: u32 = 32;
+/// Largest `net=send` window (it must stay below the receiver's ring).
+pub const MAX_WINDOW: u32 = 128;
+/// Longest `net=expect-none` listen.
+pub const MAX_LISTEN_MS: u32 = 600_000;
+/// Longest `net=recv` slow-receiver delay.
+pub const MAX_DELAY_US: u32 = 1_000_000;
+
+/// One `net=` word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetWord {
+    /// `net=mac`: initialise the device, print its MAC.
+    Mac,
+    /// `net=use:N`: later words drive the N-th declared virtio-net device.
+    Use {
+        /// Index among the declared net devices.
+        index: u32,
+    },
+    /// `net=send:PEER_MAC:N:SIZE[:W]`
+    Send {
+        /// Receiver's MAC.
+        peer: [u8; 6],
+        /// Data frames.
+        frames: u32,
+        /// Bytes per frame (60..=1514).
+        size: u32,
+        /// Frames unacknowledged at most (1..=[`MAX_WINDOW`]).
+        window: u32,
+    },
+    /// `net=recv:N[:DELAY_US]`
+    Recv {
+        /// Data frames to receive.
+        frames: u32,
+        /// Slow receiver: hold each batch of buffers this long before
+        /// giving them back to the device (and acknowledging).
+        delay_us: u32,
+    },
+    /// `net=expect-none:MS`
+    ExpectNone {
+        /// How long to listen.
+        ms: u32,
+    },
+    /// `net=spoof:N`
+    Spoof {
+        /// Frames to send.
+        frames: u32,
+    },
+    /// `net=ping:PEER_MAC:N`
+    Ping {
+        /// The `net=pong` guest's MAC.
+        peer: [u8; 6],
+        /// Round trips.
+        rounds: u32,
+    },
+    /// `net=pong:N`
+    Pong {
+        /// Round trips to answer.
+        rounds: u32,
+    },
+    /// `net=recv-any:N`
+    RecvAny {
+        /// Frames to print.
+        frames: u32,
+    },
+    /// `net=broadcast:N`
+    Broadcast {
+        /// Frames to send.
+        frames: u32,
+    },
+}
+
+/// Parse the value of a `net=` word. MACs are `xx:xx:xx:xx:xx:xx` (their
+/// colons are part of the word) or `xx-xx-xx-xx-xx-xx`.
+pub fn parse_net(value: &str) -> Option<NetWord> {
+    let (op, rest) = match value.split_once(':') {
+        Some((op, rest)) => (op, Some(rest)),
+        None => (value, None),
+    };
+    // A leading MAC: 17 characters.
+    fn with_mac(rest: Option<&str>) -> Option<([u8; 6], &str)> {
+        let rest = rest?;
+        let mac = crate::net_frame::parse_mac(rest.get(..17)?)?;
+        Some((mac, rest.get(17..)?.strip_prefix(':')?))
+    }
+    let mut nums = [0u32; 3];
+    let count = |s: &str, nums: &mut [u32; 3]| -> Option<usize> {
+        let mut n = 0;
+        for part in s.split(':') {
+            *nums.get_mut(n)? = part.parse().ok()?;
+            n += 1;
+        }
+        Some(n)
+    };
+    let word = match op {
+        "mac" if rest.is_none() => NetWord::Mac,
+        "use" => match count(rest?, &mut nums)? {
+            1 => NetWord::Use { index: nums[0] },
+            _ => return None,
+        },
+        "send" => {
+            let (peer, tail) = with_mac(rest)?;
+            let n = count(tail, &mut nums)?;
+            let window = match n {
+                2 => DEFAULT_WINDOW,
+                3 => nums[2],
+                _ => return None,
+            };
+            let size = nums[1];
+            let len_ok =
+                (crate::net_frame::MIN_LEN..=crate::net_frame::MAX_LEN).contains(&(size as usize));
+            if !len_ok || !(1..=MAX_WINDOW).contains(&window) {
+                return None;
+            }
+            NetWord::Send {
+                peer,
+                frames: nums[0],
+                size,
+                window,
+            }
+        }
+        "recv" => match count(rest?, &mut nums)? {
+            1 => NetWord::Recv {
+                frames: nums[0],
+                delay_us: 0,
+            },
+            2 if nums[1] <= MAX_DELAY_US => NetWord::Recv {
+                frames: nums[0],
+                delay_us: nums[1],
+            },
+            _ => return None,
+        },
+        "ping" => {
+            let (peer, tail) = with_mac(rest)?;
+            match count(tail, &mut nums)? {
+                1 => NetWord::Ping {
+                    peer,
+                    rounds: nums[0],
+                },
+                _ => return None,
+            }
+        }
+        _ => {
+            let n = count(rest?, &mut nums)?;
+            if n != 1 {
+                return None;
+            }
+            let v = nums[0];
+            match op {
+                "expect-none" if v <= MAX_LISTEN_MS => NetWord::ExpectNone { ms: v },
+                "spoof" => NetWord::Spoof { frames: v },
+                "pong" => NetWord::Pong { rounds: v },
+                "recv-any" => NetWord::RecvAny { frames: v },
+                "broadcast" => NetWord::Broadcast { frames: v },
+                _ => return None,
+            }
+        }
     };
     Some(word)
 }

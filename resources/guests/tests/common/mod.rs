@@ -107,6 +107,46 @@ pub fn boot(b: Boot) -> Outcome {
     let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     // Only this QEMU is reaped while the lock is held.
     let ticks_before = children_cpu_ticks();
+    let running = start(&b);
+    let mut out = running.finish();
+    out.cpu_ticks = children_cpu_ticks() - ticks_before;
+    assert!(
+        !out.timed_out || b.cmdline.contains("crash=int3"),
+        "QEMU timed out: {out:#?}"
+    );
+    out
+}
+
+/// Two guests at once (e.g. the two ends of a network link); both must end
+/// within the timeout. `cpu_ticks` of each outcome is both QEMUs' total.
+pub fn boot_pair(a: Boot, b: Boot) -> (Outcome, Outcome) {
+    let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let ticks_before = children_cpu_ticks();
+    let ra = start(&a);
+    let rb = start(&b);
+    let mut oa = ra.finish();
+    let mut ob = rb.finish();
+    let ticks = children_cpu_ticks() - ticks_before;
+    oa.cpu_ticks = ticks;
+    ob.cpu_ticks = ticks;
+    assert!(
+        !oa.timed_out && !ob.timed_out,
+        "QEMU timed out: {oa:#?} {ob:#?}"
+    );
+    (oa, ob)
+}
+
+/// A QEMU started by [`start`].
+pub struct Running {
+    child: std::process::Child,
+    trace: PathBuf,
+    serial: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+    internal_error: Arc<AtomicBool>,
+}
+
+/// Start QEMU for `b` (callers hold [`QEMU`]).
+fn start(b: &Boot) -> Running {
     let id = RUN_ID.fetch_add(1, Ordering::SeqCst);
     let trace =
         std::env::temp_dir().join(format!("partvisor-guest-{}-{id}.trace", std::process::id()));
@@ -172,51 +212,66 @@ pub fn boot(b: Boot) -> Outcome {
             String::from_utf8_lossy(&all).into_owned()
         })
     };
-    let deadline = Instant::now() + timeout();
-    let mut status = None;
-    let mut timed_out = false;
-    loop {
-        if let Some(s) = child.wait_timeout(Duration::from_millis(50)).unwrap() {
-            status = s.code();
-            break;
-        }
-        if internal_error.load(Ordering::SeqCst) {
-            // Give QEMU a moment to finish its register dump.
-            std::thread::sleep(Duration::from_millis(200));
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        if Instant::now() >= deadline {
-            timed_out = true;
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-    }
-    let serial = serial.join().unwrap();
-    let stderr = stderr.join().unwrap();
-    let special_exits = std::fs::read_to_string(&trace)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.rsplit_once("reason ")?.1.trim().parse::<u32>().ok())
-        .filter(|&r| r != 2 && r != 6) // KVM_EXIT_IO, KVM_EXIT_MMIO
-        .collect();
-    let _ = std::fs::remove_file(&trace);
-    let cpu_ticks = children_cpu_ticks() - ticks_before;
-    let out = Outcome {
-        status,
+    Running {
+        child,
+        trace,
         serial,
         stderr,
-        special_exits,
-        timed_out,
-        cpu_ticks,
-    };
-    assert!(
-        !out.timed_out || b.cmdline.contains("crash=int3"),
-        "QEMU timed out: {out:#?}"
-    );
-    out
+        internal_error,
+    }
+}
+
+impl Running {
+    /// Wait for QEMU to end (killed after the timeout or an emulation
+    /// failure) and collect what it printed. `cpu_ticks` is left 0.
+    fn finish(self) -> Outcome {
+        let Running {
+            mut child,
+            trace,
+            serial,
+            stderr,
+            internal_error,
+        } = self;
+        let deadline = Instant::now() + timeout();
+        let mut status = None;
+        let mut timed_out = false;
+        loop {
+            if let Some(s) = child.wait_timeout(Duration::from_millis(50)).unwrap() {
+                status = s.code();
+                break;
+            }
+            if internal_error.load(Ordering::SeqCst) {
+                // Give QEMU a moment to finish its register dump.
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            if Instant::now() >= deadline {
+                timed_out = true;
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+        }
+        let serial = serial.join().unwrap();
+        let stderr = stderr.join().unwrap();
+        let special_exits = std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.rsplit_once("reason ")?.1.trim().parse::<u32>().ok())
+            .filter(|&r| r != 2 && r != 6) // KVM_EXIT_IO, KVM_EXIT_MMIO
+            .collect();
+        let _ = std::fs::remove_file(&trace);
+        Outcome {
+            status,
+            serial,
+            stderr,
+            special_exits,
+            timed_out,
+            cpu_ticks: 0,
+        }
+    }
 }
 
 /// QEMU's isa-debug-exit status for guest code N (a process status is 8 bits).

@@ -9,3 +9,4 @@ pub mod platform;
 pub mod serial;
 pub mod virtio_blk;
 pub mod virtio_mmio;
+pub mod virtio_net;

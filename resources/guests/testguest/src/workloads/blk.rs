@@ -146,13 +146,19 @@ impl Devices {
 
     /// The `index`-th declared modern virtio-blk transport.
     fn block_device(&self, index: usize) -> Option<Transport> {
+        self.device(DEVICE_BLOCK, index)
+    }
+
+    /// The `index`-th (from 0, in declaration order) declared modern
+    /// virtio-mmio transport with device id `device_id`.
+    pub fn device(&self, device_id: u32, index: usize) -> Option<Transport> {
         self.decls
             .iter()
             .flatten()
             .copied()
             .filter(|t| {
                 let p = t.probe();
-                p.magic == MAGIC && p.version == VERSION_MODERN && p.device_id == DEVICE_BLOCK
+                p.magic == MAGIC && p.version == VERSION_MODERN && p.device_id == device_id
             })
             .nth(index)
     }

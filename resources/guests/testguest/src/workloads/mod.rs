@@ -4,11 +4,12 @@
 
 pub mod actions;
 pub mod blk;
+pub mod net;
 pub mod report;
 
 use crate::drivers::{lapic, platform};
 use crate::say;
-use crate::words::{parse_blk, parse_virtio_mmio, BLK_KEY, VIRTIO_MMIO_KEY};
+use crate::words::{parse_blk, parse_net, parse_virtio_mmio, BLK_KEY, NET_KEY, VIRTIO_MMIO_KEY};
 
 /// What bring-up learned, for the actions.
 pub struct Boot {
@@ -51,11 +52,12 @@ pub fn exit(code: u32) -> ! {
 /// Interpret the cmdline words, then exit: first every
 /// `virtio_mmio.device=` declaration (wherever it is: QEMU appends them),
 /// then the other words in order. The exit code is the first failure's
-/// (see `blk`), else the last `exit=N`, else 0.
+/// (see `blk` and `net`), else the last `exit=N`, else 0.
 pub fn run(cmdline: &str, boot: &Boot) -> ! {
     let mut code = 0;
     let mut failure = None;
     let mut devices = blk::Devices::new();
+    let mut net = net::NetState::new();
     for word in cmdline.split_ascii_whitespace() {
         if let Some((VIRTIO_MMIO_KEY, value)) = word.split_once('=') {
             match parse_virtio_mmio(value) {
@@ -70,6 +72,14 @@ pub fn run(cmdline: &str, boot: &Boot) -> ! {
             Some((BLK_KEY, value)) => match parse_blk(value) {
                 Some(w) => {
                     if let Err(c) = devices.run(boot, w) {
+                        failure.get_or_insert(c);
+                    }
+                }
+                None => say!("warn: unknown word {word}"),
+            },
+            Some((NET_KEY, value)) => match parse_net(value) {
+                Some(w) => {
+                    if let Err(c) = net.run(boot, &devices, w) {
                         failure.get_or_insert(c);
                     }
                 }
@@ -91,6 +101,7 @@ pub fn run(cmdline: &str, boot: &Boot) -> ! {
             _ => say!("warn: unknown word {word}"),
         }
     }
+    drop(net);
     drop(devices);
     exit(failure.unwrap_or(code))
 }

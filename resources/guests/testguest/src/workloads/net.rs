@@ -1,0 +1,645 @@
+//! The `net=` actions on a virtio-net device: flow-controlled bulk transfer
+//! with cumulative acknowledgements (`send` / `recv`), round trips (`ping` /
+//! `pong`), listening (`expect-none`, `recv-any`) and odd senders
+//! (`spoof`, `broadcast`). Frame format: `net_frame.rs`. Report lines and
+//! exit codes are listed in resources/guests/README.md.
+//!
+//! Every wait sleeps in HLT and is bounded by the LAPIC one-shot timer,
+//! which is also the clock ([`Clock`]).
+
+use crate::arch::{irq_total, VEC_VIRTIO};
+use crate::drivers::lapic;
+use crate::drivers::virtio_mmio::Transport;
+use crate::drivers::virtio_net::{DeviceError, Net, DEVICE_NET};
+use crate::net_frame::{
+    build, ethertype, parse, Frame, Kind, Mac, NotOurs, SeqTracker, BROADCAST, BROADCAST_LEN,
+    SMALL_LEN, SPOOF_SOURCE,
+};
+use crate::say;
+use crate::words::NetWord;
+use crate::workloads::blk::Devices;
+use crate::workloads::Boot;
+
+/// Exit code: a `net=` word found no modern virtio-net device.
+pub const EXIT_NO_DEVICE: u32 = 20;
+/// Exit code: the device could not be initialised.
+pub const EXIT_INIT: u32 = 21;
+/// Exit code: `net=recv` saw lost, damaged or duplicated frames.
+pub const EXIT_VERIFY: u32 = 22;
+/// Exit code: a bounded wait ran out (peer silent, no progress).
+pub const EXIT_TIMEOUT: u32 = 23;
+/// Exit code: the device needs a reset or returned a buffer never posted.
+pub const EXIT_DEVICE: u32 = 24;
+
+/// How long a sender or receiver waits for its peer to appear.
+const PEER_NS: u64 = 10_000_000_000;
+/// Hello retransmission interval while looking for the peer.
+const HELLO_NS: u64 = 20_000_000;
+/// A transfer in progress must advance within this time.
+const PROGRESS_NS: u64 = 2_000_000_000;
+/// A sender whose acks stall this long asks for one (a hello).
+const POKE_NS: u64 = 200_000_000;
+/// `recv-any` waits this long for each frame.
+const ANY_NS: u64 = 10_000_000_000;
+/// Transmit buffers get this long to be completed before a word ends.
+const DRAIN_NS: u64 = 2_000_000_000;
+/// Longest single timer arming.
+const MAX_ARM_NS: u64 = 1_000_000_000;
+/// Frames taken from the receive ring per batch.
+const BATCH: usize = 64;
+/// `expect-none` prints at most this many frames.
+const SHOW_MAX: u32 = 16;
+
+/// Monotonic nanoseconds from the LAPIC one-shot timer (1 GHz under KVM),
+/// re-armed for each sleep and at least once a second.
+struct Clock {
+    base: u64,
+    armed: u64,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        lapic::timer_oneshot_ns(MAX_ARM_NS);
+        Clock {
+            base: 0,
+            armed: MAX_ARM_NS,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.base + self.armed - u64::from(lapic::timer_remaining()).min(self.armed)
+    }
+
+    /// Make sure the timer fires by `deadline` (and within a second).
+    fn arm_until(&mut self, deadline: u64) {
+        let now = self.now();
+        if lapic::timer_expired() || deadline < self.base + self.armed {
+            let ns = deadline.saturating_sub(now).clamp(1_000, MAX_ARM_NS);
+            self.base = now;
+            self.armed = ns;
+            lapic::timer_oneshot_ns(ns);
+        }
+    }
+}
+
+impl Drop for Clock {
+    fn drop(&mut self) {
+        lapic::timer_oneshot_ns(0);
+    }
+}
+
+/// One received frame, decoded before its buffer goes back.
+#[derive(Clone, Copy)]
+struct Event {
+    desc: u16,
+    dst: [u8; 6],
+    src: [u8; 6],
+    ethertype: u16,
+    len: usize,
+    frame: Result<Frame, NotOurs>,
+}
+
+const NO_EVENT: Event = Event {
+    desc: 0,
+    dst: [0; 6],
+    src: [0; 6],
+    ethertype: 0,
+    len: 0,
+    frame: Err(NotOurs::Length),
+};
+
+impl Event {
+    /// An intact frame of ours of `kind` (from `from`, if given).
+    fn ours(&self, kind: Kind, from: Option<[u8; 6]>) -> Option<Frame> {
+        let f = self.frame.ok()?;
+        (f.intact && f.kind == kind && from.is_none_or(|m| m == f.src)).then_some(f)
+    }
+
+    fn show(&self) {
+        let ours = match self.frame {
+            Ok(f) => Some(f),
+            Err(_) => None,
+        };
+        match ours {
+            Some(f) => say!(
+                "net: frame src={} dst={} type=0x{:04x} len={} pvnf={}:{}:{}",
+                Mac(self.src),
+                Mac(self.dst),
+                self.ethertype,
+                self.len,
+                f.kind.name(),
+                f.seq,
+                if f.intact { "ok" } else { "bad" }
+            ),
+            None => say!(
+                "net: frame src={} dst={} type=0x{:04x} len={}",
+                Mac(self.src),
+                Mac(self.dst),
+                self.ethertype,
+                self.len
+            ),
+        }
+    }
+}
+
+/// Why a word stopped.
+enum Fail {
+    Timeout,
+    Device(DeviceError),
+}
+
+/// A live device with its clock: the waiting and sending primitives.
+struct Link<'a> {
+    net: &'a mut Net,
+    clock: Clock,
+    events: [Event; BATCH],
+}
+
+impl Link<'_> {
+    fn mac(&self) -> [u8; 6] {
+        self.net.mac
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// Queue one frame of ours; false if no transmit buffer is free.
+    fn send(&mut self, dst: [u8; 6], src: [u8; 6], kind: Kind, seq: u64, len: usize) -> bool {
+        self.net
+            .send(|buf| build(buf, dst, src, kind, seq, len).unwrap_or(0))
+    }
+
+    /// Sleep until frames arrive (returns how many, in `self.events`),
+    /// a transmit buffer completes or `until` passes (returns 0), or
+    /// `deadline` passes (timeout). With `hold` the receive buffers are not
+    /// given back (call [`Link::give_back`]).
+    fn next_batch(&mut self, until: u64, deadline: u64, hold: bool) -> Result<usize, Fail> {
+        loop {
+            let seen = irq_total();
+            let tx_before = self.net.tx_in_flight();
+            self.net.service();
+            let mut n = 0;
+            while n < BATCH {
+                let Some(rx) = self.net.recv() else { break };
+                let f = self.net.frame(rx);
+                let mut dst = [0u8; 6];
+                let mut src = [0u8; 6];
+                if f.len() >= 12 {
+                    dst.copy_from_slice(&f[0..6]);
+                    src.copy_from_slice(&f[6..12]);
+                }
+                self.events[n] = Event {
+                    desc: rx.desc,
+                    dst,
+                    src,
+                    ethertype: ethertype(f),
+                    len: f.len(),
+                    frame: parse(f),
+                };
+                if !hold {
+                    self.net.recycle(rx.desc);
+                }
+                n += 1;
+            }
+            self.net.flush();
+            if let Some(e) = self.net.error() {
+                return Err(Fail::Device(e));
+            }
+            if n > 0 {
+                return Ok(n);
+            }
+            let now = self.clock.now();
+            if now >= deadline {
+                return Err(Fail::Timeout);
+            }
+            if now >= until || self.net.tx_in_flight() < tx_before {
+                return Ok(0);
+            }
+            if self.net.arm() {
+                continue;
+            }
+            self.clock.arm_until(until.min(deadline));
+            crate::abi::wait(seen);
+        }
+    }
+
+    /// Give the receive buffers of the last `n` events back.
+    fn give_back(&mut self, n: usize) {
+        for i in 0..n {
+            let d = self.events[i].desc;
+            self.net.recycle(d);
+        }
+        self.net.flush();
+    }
+
+    /// Sleep until `t` without taking frames (transmit completions are
+    /// still reaped).
+    fn sleep_until(&mut self, t: u64) -> Result<(), Fail> {
+        loop {
+            let seen = irq_total();
+            self.net.service();
+            if let Some(e) = self.net.error() {
+                return Err(Fail::Device(e));
+            }
+            if self.clock.now() >= t {
+                return Ok(());
+            }
+            self.clock.arm_until(t);
+            crate::abi::wait(seen);
+        }
+    }
+
+    /// Wait until every queued frame has been transmitted.
+    fn drain(&mut self) -> Result<(), Fail> {
+        let deadline = self.now() + DRAIN_NS;
+        while self.net.tx_in_flight() > 0 {
+            self.next_batch(deadline, deadline, false).inspect_err(|e| {
+                if let Fail::Timeout = e {
+                    say!(
+                        "net: timeout: {} frames not transmitted",
+                        self.net.tx_in_flight()
+                    );
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Send `n` frames of `kind` (seq 0..n) to `dst` from `src`.
+    fn burst(&mut self, dst: [u8; 6], src: [u8; 6], kind: Kind, n: u32) -> Result<(), Fail> {
+        let mut sent = 0u32;
+        let mut deadline = self.now() + PROGRESS_NS;
+        while sent < n {
+            while sent < n && self.send(dst, src, kind, u64::from(sent), BROADCAST_LEN) {
+                sent += 1;
+                deadline = self.now() + PROGRESS_NS;
+            }
+            self.net.flush();
+            if sent < n {
+                self.next_batch(deadline, deadline, false).inspect_err(|e| {
+                    if let Fail::Timeout = e {
+                        say!("net: timeout: transmit ring stuck after {sent} frames");
+                    }
+                })?;
+            }
+        }
+        self.drain()
+    }
+
+    /// Send hellos to `peer` until it answers with an ack.
+    fn find_peer(&mut self, peer: [u8; 6]) -> Result<(), Fail> {
+        let deadline = self.now() + PEER_NS;
+        let mut next_hello = self.now();
+        loop {
+            if self.now() >= next_hello {
+                let me = self.mac();
+                self.send(peer, me, Kind::Hello, 0, SMALL_LEN);
+                self.net.flush();
+                next_hello = self.now() + HELLO_NS;
+            }
+            let n = self
+                .next_batch(next_hello, deadline, false)
+                .inspect_err(|e| {
+                    if let Fail::Timeout = e {
+                        say!("net: no answer from {}", Mac(peer));
+                    }
+                })?;
+            if self.events[..n]
+                .iter()
+                .any(|e| e.ours(Kind::Ack, Some(peer)).is_some())
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The selected device and its live driver.
+pub struct NetState {
+    selected: usize,
+    net: Option<Net>,
+}
+
+impl NetState {
+    /// No device initialised yet.
+    pub fn new() -> NetState {
+        NetState {
+            selected: 0,
+            net: None,
+        }
+    }
+
+    fn device(&mut self, boot: &Boot, devices: &Devices) -> Result<&mut Net, u32> {
+        if self.net.is_none() {
+            let Some(t) = devices.device(DEVICE_NET, self.selected) else {
+                say!("net: no usable virtio-net device");
+                return Err(EXIT_NO_DEVICE);
+            };
+            self.net = Some(init(boot, t)?);
+        }
+        self.net.as_mut().ok_or(EXIT_INIT)
+    }
+
+    /// Run one `net=` word. `Err(code)` is the exit code of its failure
+    /// (already reported).
+    pub fn run(&mut self, boot: &Boot, devices: &Devices, word: NetWord) -> Result<(), u32> {
+        if let NetWord::Use { index } = word {
+            self.net = None;
+            self.selected = index as usize;
+            return match devices.device(DEVICE_NET, self.selected) {
+                Some(t) => {
+                    say!("net: using device {index} at 0x{:08x}", t.base);
+                    Ok(())
+                }
+                None => {
+                    say!("net: no virtio-net device {index}");
+                    Err(EXIT_NO_DEVICE)
+                }
+            };
+        }
+        let net = self.device(boot, devices)?;
+        let mut link = Link {
+            net,
+            clock: Clock::start(),
+            events: [NO_EVENT; BATCH],
+        };
+        let result = match word {
+            NetWord::Mac | NetWord::Use { .. } => Ok(()),
+            NetWord::Send {
+                peer,
+                frames,
+                size,
+                window,
+            } => send(&mut link, peer, frames, size as usize, u64::from(window)),
+            NetWord::Recv { frames, delay_us } => recv(&mut link, frames, delay_us),
+            NetWord::ExpectNone { ms } => expect_none(&mut link, ms),
+            NetWord::Spoof { frames } => link
+                .burst(BROADCAST, SPOOF_SOURCE, Kind::Spoof, frames)
+                .map(|()| say!("net: spoofed {frames} frames"))
+                .map_err(Stop::Fail),
+            NetWord::Broadcast { frames } => {
+                let me = link.mac();
+                link.burst(BROADCAST, me, Kind::Broadcast, frames)
+                    .map(|()| say!("net: broadcast {frames} frames"))
+                    .map_err(Stop::Fail)
+            }
+            NetWord::Ping { peer, rounds } => ping(&mut link, peer, rounds),
+            NetWord::Pong { rounds } => pong(&mut link, rounds),
+            NetWord::RecvAny { frames } => recv_any(&mut link, frames),
+        };
+        let code = match result {
+            Ok(()) => return Ok(()),
+            Err(Stop::Fail(Fail::Timeout)) => EXIT_TIMEOUT,
+            Err(Stop::Fail(Fail::Device(DeviceError::NeedsReset))) => {
+                say!("net: device needs reset");
+                EXIT_DEVICE
+            }
+            Err(Stop::Fail(Fail::Device(DeviceError::UnknownBuffer(q)))) => {
+                say!("net: device returned a buffer that was not posted (queue {q})");
+                EXIT_DEVICE
+            }
+            Err(Stop::Verify) => {
+                // The device is fine; keep it.
+                return Err(EXIT_VERIFY);
+            }
+        };
+        drop(link);
+        // Frames may still be queued or the device be broken: reset it
+        // (drop); the next word initialises it again.
+        self.net = None;
+        Err(code)
+    }
+}
+
+fn init(boot: &Boot, t: Transport) -> Result<Net, u32> {
+    if !boot.route_gsi(t.gsi, VEC_VIRTIO) {
+        say!("net: init failed: gsi {} is on no IOAPIC", t.gsi);
+        return Err(EXIT_INIT);
+    }
+    let net = Net::init(t).map_err(|e| {
+        say!("net: init failed: {}", e.describe());
+        EXIT_INIT
+    })?;
+    say!(
+        "net: ready mac={} queue={} features=0x{:016x}",
+        Mac(net.mac),
+        net.rx_size(),
+        net.features
+    );
+    if net.tx_size() != net.rx_size() {
+        say!("net: transmit queue={}", net.tx_size());
+    }
+    Ok(net)
+}
+
+/// How a word ended early.
+enum Stop {
+    Fail(Fail),
+    /// `recv` finished but saw loss or damage (already reported).
+    Verify,
+}
+
+impl From<Fail> for Stop {
+    fn from(f: Fail) -> Stop {
+        Stop::Fail(f)
+    }
+}
+
+fn send(link: &mut Link, peer: [u8; 6], frames: u32, size: usize, window: u64) -> Result<(), Stop> {
+    link.find_peer(peer)?;
+    let me = link.mac();
+    let n = u64::from(frames);
+    let t0 = link.now();
+    let (mut next, mut acked, mut pokes) = (0u64, 0u64, 0u32);
+    let mut deadline = t0 + PROGRESS_NS;
+    let mut poke_at = t0 + POKE_NS;
+    while acked < n {
+        while next < n && next - acked < window && link.send(peer, me, Kind::Data, next, size) {
+            next += 1;
+        }
+        link.net.flush();
+        let got = link.next_batch(poke_at, deadline, false).inspect_err(|e| {
+            if let Fail::Timeout = e {
+                say!("net: timeout: sent {next} acked {acked}");
+            }
+        })?;
+        for e in &link.events[..got] {
+            if let Some(f) = e.ours(Kind::Ack, Some(peer)) {
+                if f.seq > acked && f.seq <= next {
+                    acked = f.seq;
+                    deadline = link.now() + PROGRESS_NS;
+                    poke_at = link.now() + POKE_NS;
+                }
+            }
+        }
+        if got == 0 && link.now() >= poke_at {
+            // Acks stalled: ask the receiver to repeat its last one.
+            link.send(peer, me, Kind::Hello, next, SMALL_LEN);
+            link.net.flush();
+            pokes += 1;
+            poke_at = link.now() + POKE_NS;
+        }
+    }
+    let us = (link.now() - t0) / 1000;
+    say!("net: sent {frames} frames");
+    say!("net: send {frames} frames {size} bytes in {us} us");
+    if pokes > 0 {
+        say!("net: acks solicited {pokes} times");
+    }
+    Ok(())
+}
+
+fn recv(link: &mut Link, frames: u32, delay_us: u32) -> Result<(), Stop> {
+    let hold = delay_us > 0;
+    let mut t = SeqTracker::new(u64::from(frames));
+    let (mut last_ack, mut max_ahead) = (0u64, 0u64);
+    let mut peer: Option<[u8; 6]> = None;
+    let mut deadline = link.now() + PEER_NS;
+    let me = link.mac();
+    while !t.done() {
+        let got = link.next_batch(deadline, deadline, hold).inspect_err(|e| {
+            if let Fail::Timeout = e {
+                say!("net: timeout: received {} of {frames} data frames", t.ok);
+            }
+        })?;
+        for i in 0..got {
+            let e = link.events[i];
+            let Ok(f) = e.frame else { continue };
+            match f.kind {
+                Kind::Hello if f.intact => {
+                    // Only what was already acknowledged: an ack means the
+                    // buffers are free again.
+                    link.send(f.src, me, Kind::Ack, last_ack, SMALL_LEN);
+                }
+                Kind::Data => {
+                    deadline = link.now() + PROGRESS_NS;
+                    peer.get_or_insert(f.src);
+                    max_ahead = max_ahead.max(f.seq.saturating_sub(last_ack));
+                    t.on_data(f.seq, f.intact);
+                }
+                _ => {}
+            }
+        }
+        if hold && got > 0 {
+            let until = link.now() + u64::from(delay_us) * 1000;
+            link.sleep_until(until)?;
+            link.give_back(got);
+        }
+        if let Some(p) = peer {
+            if t.next > last_ack {
+                link.send(p, me, Kind::Ack, t.next, SMALL_LEN);
+                last_ack = t.next;
+            }
+        }
+        link.net.flush();
+    }
+    link.drain()?;
+    say!(
+        "net: received {} frames ok lost={} bad={} dup={}",
+        t.ok,
+        t.lost,
+        t.bad,
+        t.dup
+    );
+    say!("net: window max_ahead={max_ahead}");
+    if !t.perfect() {
+        return Err(Stop::Verify);
+    }
+    Ok(())
+}
+
+fn expect_none(link: &mut Link, ms: u32) -> Result<(), Stop> {
+    let end = link.now() + u64::from(ms) * 1_000_000;
+    let mut count = 0u32;
+    loop {
+        let got = link.next_batch(end, u64::MAX, false)?;
+        if got == 0 && link.now() >= end {
+            break;
+        }
+        for e in &link.events[..got] {
+            if count < SHOW_MAX {
+                e.show();
+            }
+            count += 1;
+        }
+    }
+    say!("net: received {count} frames");
+    Ok(())
+}
+
+fn recv_any(link: &mut Link, frames: u32) -> Result<(), Stop> {
+    let mut count = 0u32;
+    while count < frames {
+        let deadline = link.now() + ANY_NS;
+        let got = link.next_batch(deadline, deadline, false).inspect_err(|e| {
+            if let Fail::Timeout = e {
+                say!("net: timeout: received {count} of {frames} frames");
+            }
+        })?;
+        for e in &link.events[..got] {
+            if count < frames {
+                e.show();
+                count += 1;
+            }
+        }
+    }
+    say!("net: received {count} frames");
+    Ok(())
+}
+
+fn ping(link: &mut Link, peer: [u8; 6], rounds: u32) -> Result<(), Stop> {
+    link.find_peer(peer)?;
+    let me = link.mac();
+    let t0 = link.now();
+    for i in 0..u64::from(rounds) {
+        if !link.send(peer, me, Kind::Ping, i, SMALL_LEN) {
+            link.drain()?;
+            link.send(peer, me, Kind::Ping, i, SMALL_LEN);
+        }
+        link.net.flush();
+        let deadline = link.now() + PROGRESS_NS;
+        'round: loop {
+            let got = link.next_batch(deadline, deadline, false).inspect_err(|e| {
+                if let Fail::Timeout = e {
+                    say!("net: timeout: round trip {i}");
+                }
+            })?;
+            for e in &link.events[..got] {
+                if e.ours(Kind::Pong, Some(peer)).is_some_and(|f| f.seq == i) {
+                    break 'round;
+                }
+            }
+        }
+    }
+    let us = (link.now() - t0) / 1000;
+    say!("net: rtt {rounds} round trips in {us} us");
+    Ok(())
+}
+
+fn pong(link: &mut Link, rounds: u32) -> Result<(), Stop> {
+    let me = link.mac();
+    let mut count = 0u32;
+    let mut deadline = link.now() + PEER_NS;
+    while count < rounds {
+        let got = link.next_batch(deadline, deadline, false).inspect_err(|e| {
+            if let Fail::Timeout = e {
+                say!("net: timeout: ponged {count} of {rounds}");
+            }
+        })?;
+        for i in 0..got {
+            let e = link.events[i];
+            if let Some(f) = e.ours(Kind::Hello, None) {
+                link.send(f.src, me, Kind::Ack, 0, SMALL_LEN);
+            } else if let Some(f) = e.ours(Kind::Ping, None) {
+                link.send(f.src, me, Kind::Pong, f.seq, SMALL_LEN);
+                count += 1;
+                deadline = link.now() + PROGRESS_NS;
+            }
+        }
+        link.net.flush();
+    }
+    link.drain()?;
+    say!("net: ponged {rounds} round trips");
+    Ok(())
+}
