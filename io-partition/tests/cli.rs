@@ -101,3 +101,53 @@ fn one_image_in_two_writable_exports_is_refused() {
     assert_eq!(code, 1);
     assert!(err.contains("is in use"), "{err}");
 }
+
+#[test]
+fn bad_net_ports_are_usage_or_one_line_errors() {
+    let (code, err) = run(&["net", "--port", "socket=/tmp/x.sock,mac=02:00:00:00:00"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not a MAC address"), "{err}");
+    let (code, err) = run(&["net", "--port", "socket=/tmp/x.sock,mac=ff:ff:ff:ff:ff:ff"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("needs a unicast MAC"), "{err}");
+    let (code, _) = run(&["net"]);
+    assert_eq!(code, 2, "at least one port");
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = |s: &str, m: &str| format!("socket={},mac={m}", dir.path().join(s).display());
+    let (code, err) = run(&[
+        "net",
+        "--port",
+        &port("a.sock", "02:00:00:00:00:01"),
+        "--port",
+        &port("b.sock", "02:00:00:00:00:01"),
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("MAC 02:00:00:00:00:01 is given to two ports"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("a.sock").exists(),
+        "nothing bound on failure"
+    );
+
+    let (code, err) = run(&[
+        "net",
+        "--port",
+        &port("no/such/dir/a.sock", "02:00:00:00:00:01"),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot listen on socket"), "{err}");
+
+    let (code, err) = run(&[
+        "net",
+        "--port",
+        &port("a.sock", "02:00:00:00:00:01"),
+        "--tap",
+        "name/with/slash",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("tap interface name"), "{err}");
+}
