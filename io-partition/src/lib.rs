@@ -17,18 +17,29 @@
 //! guest I/O goes guest → virtqueue → part-io → image → used ring →
 //! interrupt, without passing through the monitor.
 //!
-//! This crate implements the block backend, `part-io blk`: one process,
-//! any number of exports (raw image file + vhost-user socket each), each
-//! served to one frontend at a time, with read, write, flush and get-id,
-//! read-only exports, `VIRTIO_RING_F_EVENT_IDX` and indirect descriptors.
-//! It builds on `vhost-user-backend` (protocol handling, vrings, epoll loop)
-//! and `virtio-queue`; see [`blk`] for the device model.
+//! This crate implements two backends, both built on `vhost-user-backend`
+//! (protocol handling, vrings, epoll loop) and `virtio-queue`, and served by
+//! the same listener ([`server`]) behind the same memory guard ([`guard`]):
+//!
+//! - `part-io blk` ([`blk`]), the virtual storage switch: one process, any
+//!   number of exports (raw image file + vhost-user socket each), each served
+//!   to one frontend at a time, with read, write, flush and get-id, read-only
+//!   exports, `VIRTIO_RING_F_EVENT_IDX` and indirect descriptors.
+//! - `part-io net` ([`net`]), seed 001's "Virtual Ethernet switch (provides
+//!   channel server endpoints for network channels)", which "needs access to
+//!   the packet header to determine the target partition" and then "copies
+//!   the packet" to it: one process
+//!   is one L2 learning switch whose ports are vhost-user-net devices (one
+//!   socket each, the MAC the resource map assigned to the partition), with
+//!   an optional TAP uplink ([`tap`]) so that the I/O partition, not the
+//!   guests, owns the path to the outside.
 //!
 //! # What it must never do
 //!
 //! - **Trust a guest address.** Every descriptor is copied out of guest memory
 //!   once and checked against the guest memory table ([`chain`]); every
-//!   request is checked against the disk size (`sector * 512 + len <= size`).
+//!   block request is checked against the disk size (`sector * 512 + len <=
+//!   size`), every frame against its buffer and the 1514-byte limit.
 //!   A bad request completes with `VIRTIO_BLK_S_IOERR` (`UNSUPP` for an unknown
 //!   type); a malformed chain (loop, over-long, bad indirect table, address
 //!   outside guest memory, no status byte) goes back on the used ring with
@@ -42,10 +53,15 @@
 //!   `F_SEAL_GROW` (and that the region lies inside the file) before
 //!   forwarding it. A failing region ends that connection with a logged
 //!   error; the export keeps listening.
-//! - **Let one guest stop another's service.** Each export has its own
-//!   listener thread and each connection its own daemon, worker thread and
-//!   counters; guest misbehaviour is answered on that guest's ring and never
-//!   ends the process or another export's connection.
+//! - **Let one guest stop another's service.** Each export or port has its
+//!   own listener thread and each connection its own daemon, worker thread
+//!   and counters; guest misbehaviour is answered on that guest's ring and
+//!   never ends the process or another connection. In the switch, a sender
+//!   never waits for a receiver: a frame for a full receive ring is dropped
+//!   and counted.
+//! - **Let a guest speak for another.** A switch port only forwards frames
+//!   whose source MAC is the one it was given; frames from other switches
+//!   (other processes) are never seen.
 
 pub mod blk;
 pub mod chain;
