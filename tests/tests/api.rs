@@ -141,6 +141,10 @@ fn malformed_requests_get_4xx_with_a_message_and_partd_keeps_serving() {
     if let Some((status, _)) = exchange(s, b"\x00\x01\x02 garbage\r\n\r\n") {
         assert_eq!(status, 400);
     }
+    // A body larger than 1 MiB is refused.
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(1 << 20));
+    let (status, reply) = request(s, "POST", "/v1/partitions", &big);
+    assert_eq!(status, 413, "{reply}");
     // A client that connects and says nothing does not block the others.
     let _idle = UnixStream::connect(s).unwrap();
     let (status, body) = request(s, "GET", "/v1/partitions", "");
@@ -246,4 +250,39 @@ fn dev_mode_starts_a_personal_partd_under_home_and_reuses_it() {
     let second = run(&["list"]);
     assert!(second.status.success());
     assert!(!String::from_utf8_lossy(&second.stderr).contains("started partd"));
+}
+
+#[test]
+fn slow_clients_time_out_instead_of_holding_partd() {
+    let partd = Partd::start(&["--request-timeout-ms", "300"]);
+    let s = partd.socket.as_path();
+    // A body that never arrives: 408 after the request timeout.
+    let t0 = std::time::Instant::now();
+    let (status, reply) = exchange(
+        s,
+        b"POST /v1/partitions HTTP/1.1\r\nHost: p\r\nContent-Length: 100\r\n\r\n{\"name\"",
+    )
+    .expect("a reply to a stalled body");
+    assert_eq!(status, 408, "{reply}");
+    assert!(reply.contains("not received within 300 ms"), "{reply}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // A head that never ends: the connection is closed, no request is served.
+    let t0 = std::time::Instant::now();
+    let mut c = UnixStream::connect(s).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /v1/partitions HTTP/1.1\r\nHost: p\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "head timeout not enforced"
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    // partd still serves.
+    assert_eq!(request(s, "GET", "/v1/partitions", "").0, 200);
 }

@@ -8,16 +8,22 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::convert::Infallible;
+
 use axum::body::Bytes;
-use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
+use axum::http::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
+use tower::ServiceExt;
 
 use crate::coordinator::{CoordError, Coordinator};
 
@@ -29,9 +35,10 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+impl Peer {
+    /// SO_PEERCRED of a connected stream.
+    fn of(stream: &UnixStream) -> Peer {
+        match stream.peer_cred() {
             Ok(c) => Peer {
                 uid: Some(c.uid()),
                 pid: c.pid(),
@@ -41,6 +48,102 @@ impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
                 pid: None,
             },
         }
+    }
+}
+
+/// Limits that keep a slow or hostile client from holding partd's
+/// connections or memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Time to send the request head, and separately the body.
+    pub request_timeout: Duration,
+    /// Largest request body.
+    pub max_body: usize,
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `shutdown` completes. Each connection
+/// is HTTP/1.1 with a head timeout; its peer credentials are attached to
+/// every request; bodies are read whole (bounded in size and time) before
+/// the router sees them, so handlers never wait on a slow client.
+pub async fn serve(
+    listener: UnixListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("API socket: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(
+                "API socket: {} connections open; refusing another",
+                limits.max_connections
+            );
+            continue;
+        };
+        let peer = Peer::of(&stream);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(handle(app, peer, limits, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.request_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("API connection from {peer:?} ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn handle(app: Router, peer: Peer, limits: Limits, req: Request<Incoming>) -> Response {
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(peer);
+    let limited = Limited::new(body, limits.max_body);
+    let bytes = match tokio::time::timeout(limits.request_timeout, limited.collect()).await {
+        Err(_) => {
+            return ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} ms",
+                    limits.request_timeout.as_millis()
+                ),
+            )
+            .into_response()
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {} bytes", limits.max_body),
+            )
+            .into_response()
+        }
+        Ok(Err(e)) => {
+            return bad_request(format!("cannot read the request body: {e}")).into_response()
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    match app.oneshot(req).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
     }
 }
 
@@ -86,8 +189,8 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes, empty_ok: bool) -> Res
     serde_json::from_slice(body).map_err(|e| bad_request(format!("request body is not valid: {e}")))
 }
 
-async fn check_peer(State(api): State<Api>, req: Request, next: Next) -> Response {
-    let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
+async fn check_peer(State(api): State<Api>, req: axum::extract::Request, next: Next) -> Response {
+    let peer = req.extensions().get::<Peer>().copied();
     match peer.and_then(|p| p.uid) {
         Some(uid) if api.allowed.contains(&uid) => next.run(req).await,
         Some(uid) => {

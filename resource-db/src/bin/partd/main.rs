@@ -66,6 +66,9 @@ struct Args {
     /// becomes `unresponsive`.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     unresponsive_after_ms: u64,
+    /// A client gets this long to send its request head, and again its body.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    request_timeout_ms: u64,
     /// Memory budget in MiB, used when the resource database is created
     /// (default: 3/4 of MemTotal). Fixed afterwards.
     #[arg(long, value_name = "MIB")]
@@ -244,13 +247,12 @@ async fn run(args: Args) -> Result<(), PartdError> {
         );
         notify(&[sd_notify::NotifyState::Stopping]);
     };
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<api::Peer>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|e| PartdError::Runtime(format!("serving the API: {e}")))?;
+    let limits = api::Limits {
+        request_timeout: Duration::from_millis(args.request_timeout_ms.max(10)),
+        max_body: 1 << 20,
+        max_connections: 256,
+    };
+    api::serve(listener, app, limits, shutdown).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
