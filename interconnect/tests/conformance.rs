@@ -557,6 +557,10 @@ impl Netns {
         let (va, vb) = (format!("icva{id}"), format!("icvb{id}"));
         let net = 1 + (id % 250);
         let (ipa, ipb) = (format!("10.201.{net}.1"), format!("10.201.{net}.2"));
+        // Leftovers of a crashed run with the same pid would make `add` fail.
+        let _ = ip(&["netns", "del", &ns.a]);
+        let _ = ip(&["netns", "del", &ns.b]);
+        let _ = ip(&["link", "del", &va]);
         ip(&["netns", "add", &ns.a])?;
         ip(&["netns", "add", &ns.b])?;
         ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
