@@ -66,6 +66,124 @@ impl BlkBench {
     }
 }
 
+/// `net: ready mac=<mac> queue=<n> features=0x<f>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetReady {
+    /// The device's MAC.
+    pub mac: [u8; 6],
+    /// Receive queue size.
+    pub queue: u32,
+    /// Negotiated feature bits.
+    pub features: u64,
+}
+
+/// `net: send <N> frames <SIZE> bytes in <us> us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetSend {
+    /// Data frames sent and acknowledged.
+    pub frames: u64,
+    /// Bytes per frame (Ethernet header included, no FCS).
+    pub size: u64,
+    /// From the peer's first ack to its last, microseconds (LAPIC timer).
+    pub us: u64,
+}
+
+impl NetSend {
+    /// Frames per second.
+    pub fn frames_per_s(&self) -> f64 {
+        self.frames as f64 * 1e6 / self.us.max(1) as f64
+    }
+
+    /// Megabytes (10^6 bytes) of frames per second.
+    pub fn mb_per_s(&self) -> f64 {
+        (self.frames * self.size) as f64 / self.us.max(1) as f64
+    }
+}
+
+/// `net: received <ok> frames ok lost=<l> bad=<b> dup=<d>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetReceived {
+    /// Intact frames in sequence.
+    pub ok: u64,
+    /// Sequence numbers skipped.
+    pub lost: u64,
+    /// Damaged frames.
+    pub bad: u64,
+    /// Repeated frames.
+    pub dup: u64,
+}
+
+/// `net: rtt <N> round trips in <us> us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetRtt {
+    /// Round trips.
+    pub rounds: u64,
+    /// Total microseconds.
+    pub us: u64,
+}
+
+impl NetRtt {
+    /// Mean round-trip time in microseconds.
+    pub fn mean_us(&self) -> f64 {
+        self.us as f64 / self.rounds.max(1) as f64
+    }
+}
+
+/// `net: frame src=<mac> dst=<mac> type=0x<t> len=<n>[ pvnf=<kind>:<seq>:<ok|bad>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetFrameLine {
+    /// Source MAC.
+    pub src: [u8; 6],
+    /// Destination MAC.
+    pub dst: [u8; 6],
+    /// Ethertype.
+    pub ethertype: u16,
+    /// Frame length.
+    pub len: usize,
+    /// For frames of the test format: kind name, sequence number, intact.
+    pub pvnf: Option<(String, u64, bool)>,
+}
+
+fn net_frame_line(v: &str) -> Option<NetFrameLine> {
+    let mut f = NetFrameLine {
+        src: [0; 6],
+        dst: [0; 6],
+        ethertype: 0,
+        len: 0,
+        pvnf: None,
+    };
+    let mut seen = 0;
+    for field in v.split(' ') {
+        let (k, val) = field.split_once('=')?;
+        match k {
+            "src" => f.src = crate::net_frame::parse_mac(val)?,
+            "dst" => f.dst = crate::net_frame::parse_mac(val)?,
+            "type" => f.ethertype = u16::try_from(hex(val)?).ok()?,
+            "len" => f.len = val.parse().ok()?,
+            "pvnf" => {
+                let mut p = val.split(':');
+                let (kind, seq, ok) = (p.next()?, p.next()?.parse().ok()?, p.next()?);
+                f.pvnf = Some((kind.to_string(), seq, ok == "ok"));
+                continue;
+            }
+            _ => return None,
+        }
+        seen += 1;
+    }
+    (seen == 4).then_some(f)
+}
+
+fn key_values<'a>(v: &'a str, keys: &[&str]) -> Option<Vec<&'a str>> {
+    let fields: Vec<&str> = v.split(' ').collect();
+    if fields.len() != keys.len() {
+        return None;
+    }
+    keys.iter()
+        .zip(fields)
+        .map(|(k, f)| f.strip_prefix(k)?.strip_prefix('='))
+        .collect()
+}
+
 /// A parsed report. Fields stay empty/`None` when their line is absent.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -91,6 +209,20 @@ pub struct Report {
     pub echoed: Vec<u8>,
     /// `blk: bench` lines in order.
     pub blk_benches: Vec<BlkBench>,
+    /// `net: ready` lines in order.
+    pub net_ready: Vec<NetReady>,
+    /// `net: send ... in <us> us` lines in order.
+    pub net_sends: Vec<NetSend>,
+    /// `net: received <ok> frames ok ...` lines in order (`net=recv`).
+    pub net_received: Vec<NetReceived>,
+    /// `net: window max_ahead=<k>` values in order.
+    pub net_max_ahead: Vec<u64>,
+    /// `net: rtt` lines in order.
+    pub net_rtts: Vec<NetRtt>,
+    /// `net: received <k> frames` counts in order (`expect-none`, `recv-any`).
+    pub net_counts: Vec<u64>,
+    /// `net: frame` lines in order.
+    pub net_frames: Vec<NetFrameLine>,
     /// `exit: <code>`.
     pub exit: Option<u32>,
     /// Every line, for anything else.
@@ -168,11 +300,65 @@ impl Report {
                         });
                     }
                 }
+            } else if let Some(v) = line.strip_prefix("net: ") {
+                r.parse_net(v);
             } else if let Some(v) = line.strip_prefix("exit: ") {
                 r.exit = v.parse().ok();
             }
         }
         r
+    }
+
+    fn parse_net(&mut self, v: &str) {
+        let num = |s: &str| s.parse::<u64>().ok();
+        if let Some(v) = v.strip_prefix("ready ") {
+            if let Some([mac, queue, features]) =
+                key_values(v, &["mac", "queue", "features"]).as_deref()
+            {
+                if let (Some(mac), Ok(queue), Some(features)) = (
+                    crate::net_frame::parse_mac(mac),
+                    queue.parse(),
+                    hex(features),
+                ) {
+                    self.net_ready.push(NetReady {
+                        mac,
+                        queue,
+                        features,
+                    });
+                }
+            }
+        } else if let Some(v) = v.strip_prefix("send ") {
+            let f: Vec<&str> = v.split(' ').collect();
+            if let [n, "frames", size, "bytes", "in", us, "us"] = f[..] {
+                if let (Some(frames), Some(size), Some(us)) = (num(n), num(size), num(us)) {
+                    self.net_sends.push(NetSend { frames, size, us });
+                }
+            }
+        } else if let Some(v) = v.strip_prefix("rtt ") {
+            let f: Vec<&str> = v.split(' ').collect();
+            if let [n, "round", "trips", "in", us, "us"] = f[..] {
+                if let (Some(rounds), Some(us)) = (num(n), num(us)) {
+                    self.net_rtts.push(NetRtt { rounds, us });
+                }
+            }
+        } else if let Some(v) = v.strip_prefix("received ") {
+            if let Some((n, rest)) = v.split_once(" frames ok ") {
+                if let Some([lost, bad, dup]) = key_values(rest, &["lost", "bad", "dup"]).as_deref()
+                {
+                    if let (Some(ok), Some(lost), Some(bad), Some(dup)) =
+                        (num(n), num(lost), num(bad), num(dup))
+                    {
+                        self.net_received.push(NetReceived { ok, lost, bad, dup });
+                    }
+                }
+            } else if let Some(n) = v.strip_suffix(" frames").and_then(num) {
+                self.net_counts.push(n);
+            }
+        } else if let Some(v) = v.strip_prefix("window max_ahead=") {
+            self.net_max_ahead.extend(num(v));
+        } else if let Some(v) = v.strip_prefix("frame ") {
+            self.net_frames.extend(net_frame_line(v));
+        }
     }
 
     /// Sum of the type-1 (RAM) entries, in bytes.
@@ -262,6 +448,56 @@ mod tests {
         );
         assert_eq!(r.blk_benches[0].iops(), 40_000.0);
         assert_eq!(r.blk_benches[1].mb_per_s(65536), 3276.8);
+    }
+
+    #[test]
+    fn net_lines_parse_into_values() {
+        let r = Report::parse(
+            "net: ready mac=52:54:00:00:00:0a queue=256 features=0x0000000120000020\n\
+             net: send 10000 frames 1514 bytes in 500000 us\n\
+             net: received 9998 frames ok lost=1 bad=1 dup=0\n\
+             net: window max_ahead=31\n\
+             net: rtt 1000 round trips in 250000 us\n\
+             net: frame src=02:de:ad:be:ef:01 dst=ff:ff:ff:ff:ff:ff type=0x88b5 len=100 pvnf=spoof:3:ok\n\
+             net: frame src=52:54:00:00:00:0b dst=33:33:00:00:00:16 type=0x86dd len=90\n\
+             net: received 2 frames\n\
+             net: timeout: received 3 of 9 data frames\n",
+        );
+        assert_eq!(
+            r.net_ready,
+            vec![NetReady {
+                mac: [0x52, 0x54, 0, 0, 0, 0x0a],
+                queue: 256,
+                features: 0x1_2000_0020
+            }]
+        );
+        let send = r.net_sends[0];
+        assert_eq!((send.frames, send.size, send.us), (10000, 1514, 500_000));
+        assert_eq!(send.frames_per_s(), 20_000.0);
+        assert_eq!(send.mb_per_s(), 30.28);
+        assert_eq!(
+            r.net_received,
+            vec![NetReceived {
+                ok: 9998,
+                lost: 1,
+                bad: 1,
+                dup: 0
+            }]
+        );
+        assert_eq!(r.net_max_ahead, vec![31]);
+        assert_eq!(r.net_rtts[0].mean_us(), 250.0);
+        assert_eq!(r.net_counts, vec![2], "the timeout line is not a count");
+        assert_eq!(r.net_frames.len(), 2);
+        assert_eq!(r.net_frames[0].src, crate::net_frame::SPOOF_SOURCE);
+        assert_eq!(r.net_frames[0].pvnf, Some(("spoof".into(), 3, true)));
+        assert_eq!(
+            (
+                r.net_frames[1].ethertype,
+                r.net_frames[1].len,
+                &r.net_frames[1].pvnf
+            ),
+            (0x86dd, 90, &None)
+        );
     }
 
     #[test]

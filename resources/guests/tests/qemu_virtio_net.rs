@@ -111,13 +111,19 @@ fn two_guests_exchange_10000_full_size_frames_with_zero_loss() {
         has_line(&a, "net: received 10000 frames ok lost=0 bad=0 dup=0"),
         "{a:#?}"
     );
+    let ra = a.report();
+    assert_eq!(ra.net_ready[0].mac, GUEST);
+    assert_eq!(ra.net_ready[0].features, 0x1_2000_0020);
+    assert_eq!(ra.net_received.len(), 1);
     // The default window is 32: never more than 31 frames past the last ack.
-    let ahead = lines(&a, "net: window max_ahead=");
-    let ahead: u64 = ahead[0]["net: window max_ahead=".len()..].parse().unwrap();
-    assert!((1..32).contains(&ahead), "max_ahead {ahead}");
+    assert_eq!(ra.net_max_ahead.len(), 1);
+    assert!((1..32).contains(&ra.net_max_ahead[0]), "{ra:?}");
     assert_eq!(a.status, debug_exit_status(0), "{a:#?}");
     assert!(has_line(&b, "net: sent 10000 frames"), "{b:#?}");
-    assert!(micros(&b, "net: send 10000 frames 1514 bytes in ") > 0);
+    let send = b.report().net_sends;
+    assert_eq!(send.len(), 1, "{b:#?}");
+    assert_eq!((send[0].frames, send[0].size), (10000, 1514));
+    assert!(send[0].us > 0);
     assert_eq!(b.status, debug_exit_status(0), "{b:#?}");
 }
 
@@ -143,6 +149,7 @@ fn ping_pong_reports_round_trips() {
     let (a, b) = pair("net=pong:200", &format!("net=ping:{MAC_A}:200"));
     assert!(has_line(&a, "net: ponged 200 round trips"), "{a:#?}");
     assert!(micros(&b, "net: rtt 200 round trips in ") > 0, "{b:#?}");
+    assert_eq!(b.report().net_rtts[0].rounds, 200);
     assert_eq!(a.status, debug_exit_status(0), "{a:#?}");
     assert_eq!(b.status, debug_exit_status(0), "{b:#?}");
 }
@@ -165,6 +172,10 @@ fn broadcast_and_spoofed_frames_are_printed_by_a_listener() {
         "{a:#?}"
     );
     assert!(has_line(&a, "net: received 3 frames"), "{a:#?}");
+    let parsed = a.report().net_frames;
+    assert_eq!(parsed.len(), 3);
+    assert_eq!(parsed[2].src, partvisor_test_guest::net_frame::SPOOF_SOURCE);
+    assert_eq!(parsed[2].pvnf, Some(("spoof".to_string(), 0, true)));
     assert!(has_line(&b, "net: broadcast 2 frames"), "{b:#?}");
     assert!(has_line(&b, "net: spoofed 1 frames"), "{b:#?}");
     assert_eq!(a.status, debug_exit_status(0), "{a:#?}");

@@ -13,8 +13,8 @@
 use crate::arch::{irq_count, Irq};
 use crate::drivers::virtio_mmio::{
     Desc, SplitQueue, Transport, DESC_F_WRITE, F_RING_EVENT_IDX, F_VERSION_1, INT_CONFIG, MAGIC,
-    QUEUE_MAX, RING_BYTES, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VERSION_MODERN,
+    QUEUE_MAX, RING_BYTES, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET, VERSION_MODERN,
 };
 use crate::smp::wait_until;
 use core::cell::UnsafeCell;
@@ -287,7 +287,10 @@ impl Net {
         }
         self.rx_posted[d] = false;
         let len = (u.len as usize).clamp(HDR_LEN, BUF_SIZE) - HDR_LEN;
-        Some(Rx { desc: d as u16, len })
+        Some(Rx {
+            desc: d as u16,
+            len,
+        })
     }
 
     /// The frame bytes of a received buffer (until it is recycled).

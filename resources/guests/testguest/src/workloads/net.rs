@@ -66,14 +66,24 @@ impl Clock {
         }
     }
 
-    fn now(&self) -> u64 {
-        self.base + self.armed - u64::from(lapic::timer_remaining()).min(self.armed)
+    /// Nanoseconds since [`Clock::start`]. An expired arming is replaced
+    /// by a fresh one (so a busy loop that never sleeps keeps time too; the
+    /// time between the expiry and this call is lost, at most one loop).
+    fn now(&mut self) -> u64 {
+        let left = u64::from(lapic::timer_remaining());
+        if left == 0 {
+            self.base += self.armed;
+            self.armed = MAX_ARM_NS;
+            lapic::timer_oneshot_ns(MAX_ARM_NS);
+            return self.base;
+        }
+        self.base + self.armed - left.min(self.armed)
     }
 
     /// Make sure the timer fires by `deadline` (and within a second).
     fn arm_until(&mut self, deadline: u64) {
         let now = self.now();
-        if lapic::timer_expired() || deadline < self.base + self.armed {
+        if deadline < self.base + self.armed {
             let ns = deadline.saturating_sub(now).clamp(1_000, MAX_ARM_NS);
             self.base = now;
             self.armed = ns;
@@ -116,11 +126,7 @@ impl Event {
     }
 
     fn show(&self) {
-        let ours = match self.frame {
-            Ok(f) => Some(f),
-            Err(_) => None,
-        };
-        match ours {
+        match self.frame.ok() {
             Some(f) => say!(
                 "net: frame src={} dst={} type=0x{:04x} len={} pvnf={}:{}:{}",
                 Mac(self.src),
@@ -160,7 +166,7 @@ impl Link<'_> {
         self.net.mac
     }
 
-    fn now(&self) -> u64 {
+    fn now(&mut self) -> u64 {
         self.clock.now()
     }
 
@@ -254,14 +260,15 @@ impl Link<'_> {
     fn drain(&mut self) -> Result<(), Fail> {
         let deadline = self.now() + DRAIN_NS;
         while self.net.tx_in_flight() > 0 {
-            self.next_batch(deadline, deadline, false).inspect_err(|e| {
-                if let Fail::Timeout = e {
-                    say!(
-                        "net: timeout: {} frames not transmitted",
-                        self.net.tx_in_flight()
-                    );
-                }
-            })?;
+            self.next_batch(deadline, deadline, false)
+                .inspect_err(|e| {
+                    if let Fail::Timeout = e {
+                        say!(
+                            "net: timeout: {} frames not transmitted",
+                            self.net.tx_in_flight()
+                        );
+                    }
+                })?;
         }
         Ok(())
     }
@@ -277,11 +284,12 @@ impl Link<'_> {
             }
             self.net.flush();
             if sent < n {
-                self.next_batch(deadline, deadline, false).inspect_err(|e| {
-                    if let Fail::Timeout = e {
-                        say!("net: timeout: transmit ring stuck after {sent} frames");
-                    }
-                })?;
+                self.next_batch(deadline, deadline, false)
+                    .inspect_err(|e| {
+                        if let Fail::Timeout = e {
+                            say!("net: timeout: transmit ring stuck after {sent} frames");
+                        }
+                    })?;
             }
         }
         self.drain()
@@ -464,14 +472,18 @@ fn send(link: &mut Link, peer: [u8; 6], frames: u32, size: usize, window: u64) -
                 say!("net: timeout: sent {next} acked {acked}");
             }
         })?;
+        let before = acked;
         for e in &link.events[..got] {
             if let Some(f) = e.ours(Kind::Ack, Some(peer)) {
                 if f.seq > acked && f.seq <= next {
                     acked = f.seq;
-                    deadline = link.now() + PROGRESS_NS;
-                    poke_at = link.now() + POKE_NS;
                 }
             }
+        }
+        if acked > before {
+            let now = link.now();
+            deadline = now + PROGRESS_NS;
+            poke_at = now + POKE_NS;
         }
         if got == 0 && link.now() >= poke_at {
             // Acks stalled: ask the receiver to repeat its last one.
@@ -572,11 +584,13 @@ fn recv_any(link: &mut Link, frames: u32) -> Result<(), Stop> {
     let mut count = 0u32;
     while count < frames {
         let deadline = link.now() + ANY_NS;
-        let got = link.next_batch(deadline, deadline, false).inspect_err(|e| {
-            if let Fail::Timeout = e {
-                say!("net: timeout: received {count} of {frames} frames");
-            }
-        })?;
+        let got = link
+            .next_batch(deadline, deadline, false)
+            .inspect_err(|e| {
+                if let Fail::Timeout = e {
+                    say!("net: timeout: received {count} of {frames} frames");
+                }
+            })?;
         for e in &link.events[..got] {
             if count < frames {
                 e.show();
@@ -600,11 +614,13 @@ fn ping(link: &mut Link, peer: [u8; 6], rounds: u32) -> Result<(), Stop> {
         link.net.flush();
         let deadline = link.now() + PROGRESS_NS;
         'round: loop {
-            let got = link.next_batch(deadline, deadline, false).inspect_err(|e| {
-                if let Fail::Timeout = e {
-                    say!("net: timeout: round trip {i}");
-                }
-            })?;
+            let got = link
+                .next_batch(deadline, deadline, false)
+                .inspect_err(|e| {
+                    if let Fail::Timeout = e {
+                        say!("net: timeout: round trip {i}");
+                    }
+                })?;
             for e in &link.events[..got] {
                 if e.ours(Kind::Pong, Some(peer)).is_some_and(|f| f.seq == i) {
                     break 'round;
@@ -622,11 +638,13 @@ fn pong(link: &mut Link, rounds: u32) -> Result<(), Stop> {
     let mut count = 0u32;
     let mut deadline = link.now() + PEER_NS;
     while count < rounds {
-        let got = link.next_batch(deadline, deadline, false).inspect_err(|e| {
-            if let Fail::Timeout = e {
-                say!("net: timeout: ponged {count} of {rounds}");
-            }
-        })?;
+        let got = link
+            .next_batch(deadline, deadline, false)
+            .inspect_err(|e| {
+                if let Fail::Timeout = e {
+                    say!("net: timeout: ponged {count} of {rounds}");
+                }
+            })?;
         for i in 0..got {
             let e = link.events[i];
             if let Some(f) = e.ours(Kind::Hello, None) {
