@@ -315,3 +315,61 @@ impl Running {
         r
     }
 }
+
+/// Starts one `part-io net` switch with `ports` (socket, MAC) and a stats
+/// socket at `dir/<name>-stats.sock`.
+pub fn start_switch(dir: &Path, name: &str, ports: &[(&Path, &str)]) -> (Backend, PathBuf) {
+    let log = dir.join(format!("{name}.log"));
+    let stats = dir.join(format!("{name}-stats.sock"));
+    let mut c = Command::new(part_io());
+    c.arg("net");
+    for (sock, mac) in ports {
+        c.arg("--port")
+            .arg(format!("socket={},mac={mac}", sock.display()));
+    }
+    c.arg("--stats-socket").arg(&stats);
+    let child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .env("NO_COLOR", "1")
+        .spawn()
+        .expect("spawn part-io net");
+    let mut socks: Vec<&Path> = ports.iter().map(|(s, _)| *s).collect();
+    socks.push(&stats);
+    wait_for_sockets(&socks);
+    (Backend { child, log }, stats)
+}
+
+/// The switch's counters (one JSON document from its stats socket).
+pub fn switch_stats(stats: &Path) -> serde_json::Value {
+    // The switch answers every connection with one document and closes it.
+    let mut s = std::os::unix::net::UnixStream::connect(stats).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("stats {text:?}: {e}"))
+}
+
+/// The counters of the port with MAC `mac`.
+pub fn port_stats(stats: &Path, mac: &str) -> serde_json::Value {
+    let all = switch_stats(stats);
+    all["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["mac"] == mac)
+        .cloned()
+        .unwrap_or_else(|| panic!("no port {mac} in {all}"))
+}
+
+/// Waits until the port with MAC `mac` can take frames.
+pub fn wait_rx_ready(stats: &Path, mac: &str) {
+    let start = Instant::now();
+    while port_stats(stats, mac)["rx_ready"] != true {
+        assert!(
+            start.elapsed() < deadline(),
+            "port {mac} never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
