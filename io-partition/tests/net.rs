@@ -338,3 +338,56 @@ fn with_event_idx_frames_and_interrupts_flow_both_ways() {
         "receive interrupts"
     );
 }
+
+/// Inode of the memfd behind guest memory.
+fn memfd_inode(mem: &vm_memory::GuestMemoryMmap<()>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    let region = mem.find_region(GuestAddress(0)).unwrap();
+    region
+        .file_offset()
+        .unwrap()
+        .file()
+        .metadata()
+        .unwrap()
+        .ino()
+}
+
+/// Mappings of memfd `inode` in part-io's address space.
+fn mappings_of(p: &PartIo, inode: u64) -> usize {
+    std::fs::read_to_string(format!("/proc/{}/maps", p.pid()))
+        .unwrap()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some(inode.to_string().as_str()))
+        .count()
+}
+
+#[test]
+fn after_the_disconnect_line_no_mapping_of_that_guest_is_left() {
+    let p = spawn_switch(&[A, B], &[]);
+    let mut a = attach(&p, 0, 16);
+    let mut b = attach(&p, 1, 16);
+    let (ia, ib) = (memfd_inode(&a.mem), memfd_inode(&b.mem));
+    // Traffic both ways, so each port's thread has touched the other's memory.
+    let (ab, ba) = (frame(B, A, b"a to b"), frame(A, B, b"b to a"));
+    a.send(&ab);
+    b.send(&ba);
+    assert_eq!(b.recv(), ab);
+    assert_eq!(a.recv(), ba);
+    assert!(
+        mappings_of(&p, ib) >= 1,
+        "B's memory is mapped while connected"
+    );
+    drop(b);
+    p.wait_log("frontend disconnected; mac=02:00:00:00:00:0b");
+    assert_eq!(
+        mappings_of(&p, ib),
+        0,
+        "B's memory unmapped by the disconnect line"
+    );
+    assert!(mappings_of(&p, ia) >= 1, "A's memory still mapped");
+    // A keeps working, and frames for B now count as dropped_down.
+    a.send(&frame(B, A, b"gone"));
+    a.wait_tx_done();
+    wait_until("the drop", || port_stat(&p, 1, "dropped_down") == 1);
+}

@@ -113,6 +113,11 @@ impl PartIo {
         }
     }
 
+    /// Process id of part-io.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Number of open file descriptors of the part-io process.
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
