@@ -92,6 +92,7 @@ fn main() {
     partd.ctl_ok(&["create", def.to_str().unwrap()]);
     let (mut wall, mut share, mut inside, mut monitor, mut grant, mut running, mut direct) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut spawn = vec![];
     for i in 0..rounds {
         let t0 = Instant::now();
         let v = partd.ctl_json(&["start", "seq"]);
@@ -103,6 +104,7 @@ fn main() {
         share.push(w - ms(&t["monitor_us"]));
         inside.push(ms(&t["total_us"]) - ms(&t["monitor_us"]));
         grant.push(ms(&t["grant_us"]));
+        spawn.push(ms(&t["spawn_us"]));
         running.push(ms(&t["running_us"]));
         let pid = v["vmm"]["pid"].as_u64().unwrap() as u32;
         partd.ctl_json(&["stop", "seq", "--force"]);
@@ -136,6 +138,11 @@ fn main() {
         "      grant transaction         {:8.2} / {:8.2}",
         median(&mut grant),
         pct(&mut grant, 0.9)
+    );
+    println!(
+        "      descriptor + fork/exec    {:8.2} / {:8.2}",
+        median(&mut spawn),
+        pct(&mut spawn, 0.9)
     );
     println!(
         "      record running + reply    {:8.2} / {:8.2}",

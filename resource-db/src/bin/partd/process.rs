@@ -97,14 +97,16 @@ pub struct VmmRecord {
     pub start_time: u64,
 }
 
-/// Writes `value` as JSON to `path` atomically.
+/// Writes `value` as JSON to `path` atomically (temporary file + rename),
+/// so a reader sees all of it or nothing. Not fsynced: these files matter
+/// only across a partd crash, which keeps the page cache; after a host
+/// crash every monitor they describe is gone anyway.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
         serde_json::to_writer(&mut f, value)?;
         f.write_all(b"\n")?;
-        f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
 }
