@@ -286,3 +286,20 @@ fn slow_clients_time_out_instead_of_holding_partd() {
     // partd still serves.
     assert_eq!(request(s, "GET", "/v1/partitions", "").0, 200);
 }
+
+#[test]
+fn a_second_partd_on_the_same_state_dir_is_refused_and_the_first_keeps_serving() {
+    let partd = Partd::start(&[]);
+    let out = Command::new(&bins().partd)
+        .arg("--state-dir")
+        .arg(partd.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already open for writing by another process"),
+        "{err}"
+    );
+    assert_eq!(partd.ctl_json(&["list"]), serde_json::json!([]));
+}

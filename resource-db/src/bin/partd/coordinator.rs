@@ -170,6 +170,21 @@ fn state_name(s: PartitionState) -> &'static str {
     }
 }
 
+/// The state a partition ends in once its monitor is gone: `stopped` when
+/// the guest ended cleanly (status 0: power-off or exit code 0) or when the
+/// end was asked for (a stop, forced by the monitor's timer or killed by
+/// partd); `failed` otherwise (crash, non-zero guest exit, monitor error, or
+/// killed by someone else, e.g. while partd was down).
+fn final_state(stop_requested: bool, killed_by_partd: bool, exit: &ExitRecord) -> PartitionState {
+    let clean = exit.status == 0;
+    let stopped_on_request = stop_requested && (exit.reason == "forced-stop" || killed_by_partd);
+    if clean || stopped_on_request {
+        PartitionState::Stopped
+    } else {
+        PartitionState::Failed
+    }
+}
+
 impl Coordinator {
     pub fn new(db: Db, settings: Settings) -> Arc<Self> {
         Arc::new(Coordinator {
@@ -742,14 +757,7 @@ impl Coordinator {
                 r
             }
         };
-        let clean = exit.status == 0;
-        let stopped_on_request =
-            stop_requested && (clean || exit.reason == "forced-stop" || killed);
-        let state = if clean || stopped_on_request {
-            PartitionState::Stopped
-        } else {
-            PartitionState::Failed
-        };
+        let state = final_state(stop_requested, killed, &exit);
         tracing::info!(
             "{id}: monitor pid {} ended: {} -> {}",
             live.record.pid,
@@ -853,5 +861,45 @@ impl Coordinator {
             }
         }
         Ok((adopted, finished))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit(reason: &str, status: i32) -> ExitRecord {
+        ExitRecord {
+            pid: 1,
+            reason: reason.into(),
+            status,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn clean_ends_and_requested_stops_are_stopped_everything_else_failed() {
+        use PartitionState::{Failed, Stopped};
+        let cases = [
+            // (stop requested, killed by partd, reason, status, expected)
+            (true, false, "power-off", 0, Stopped),
+            (false, false, "power-off", 0, Stopped),
+            (false, false, "guest-exit", 0, Stopped),
+            (true, false, "forced-stop", 74, Stopped),
+            (true, true, "killed-by-partd", 137, Stopped),
+            (false, false, "forced-stop", 74, Failed),
+            (false, false, "triple-fault", 72, Failed),
+            (true, false, "triple-fault", 72, Failed),
+            (false, false, "guest-exit", 3, Failed),
+            (false, false, "no-exit-record", -1, Failed),
+            (false, false, "vmm-error", 70, Failed),
+        ];
+        for (req, killed, reason, status, want) in cases {
+            assert_eq!(
+                final_state(req, killed, &exit(reason, status)),
+                want,
+                "{req} {killed} {reason} {status}"
+            );
+        }
     }
 }
