@@ -176,7 +176,27 @@ fn net_words_parse_and_reject_garbage() {
         Some(NetWord::Ping { peer: A, rounds: 7 })
     );
     assert_eq!(w("pong:7"), Some(NetWord::Pong { rounds: 7 }));
-    assert_eq!(w("recv-any:2"), Some(NetWord::RecvAny { frames: 2 }));
+    assert_eq!(
+        w("recv-any:2"),
+        Some(NetWord::RecvAny {
+            frames: 2,
+            ethertype: None
+        })
+    );
+    assert_eq!(
+        w("recv-any:2:0x88b5"),
+        Some(NetWord::RecvAny {
+            frames: 2,
+            ethertype: Some(0x88b5)
+        })
+    );
+    assert_eq!(
+        w("recv-any:1:2048"),
+        Some(NetWord::RecvAny {
+            frames: 1,
+            ethertype: Some(0x0800)
+        })
+    );
     assert_eq!(w("broadcast:4"), Some(NetWord::Broadcast { frames: 4 }));
     for bad in [
         "",
@@ -195,6 +215,9 @@ fn net_words_parse_and_reject_garbage() {
         "pong",
         "spoof:x",
         "broadcast:1:2",
+        "recv-any:1:0x10000",
+        "recv-any:1:x",
+        "recv-any:1:0x88b5:1",
         "flood:1",
     ] {
         assert_eq!(w(bad), None, "{bad}");

@@ -37,13 +37,18 @@ fn free_port() -> u16 {
 /// QEMU arguments for one virtio-net-device sending to `remote`, receiving
 /// on `local`.
 fn nic(mac: &str, local: u16, remote: u16) -> Vec<String> {
+    nic_with(mac, local, remote, "")
+}
+
+/// [`nic`] with `opts` appended to `-device`.
+fn nic_with(mac: &str, local: u16, remote: u16, opts: &str) -> Vec<String> {
     [
         "-global",
         "virtio-mmio.force-legacy=false",
         "-netdev",
         &format!("socket,id=n0,udp=127.0.0.1:{remote},localaddr=127.0.0.1:{local}"),
         "-device",
-        &format!("virtio-net-device,netdev=n0,mac={mac}"),
+        &format!("virtio-net-device,netdev=n0,mac={mac}{opts}"),
     ]
     .map(String::from)
     .to_vec()
@@ -55,8 +60,13 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 /// Boot guest A (`MAC_A`) and guest B (`MAC_B`) linked to each other.
 fn pair(cmd_a: &str, cmd_b: &str) -> (Outcome, Outcome) {
+    pair_with(cmd_a, cmd_b, "")
+}
+
+/// [`pair`] with `opts` appended to both `-device`s.
+fn pair_with(cmd_a: &str, cmd_b: &str, opts: &str) -> (Outcome, Outcome) {
     let (pa, pb) = (free_port(), free_port());
-    let (na, nb) = (nic(MAC_A, pa, pb), nic(MAC_B, pb, pa));
+    let (na, nb) = (nic_with(MAC_A, pa, pb, opts), nic_with(MAC_B, pb, pa, opts));
     let (aa, ab) = (strs(&na), strs(&nb));
     boot_pair(
         Boot {
@@ -206,6 +216,62 @@ fn a_receiver_missing_frames_times_out_with_its_count() {
     );
     assert_eq!(a.report().exit, Some(EXIT_NET_TIMEOUT));
     assert_eq!(a.status, debug_exit_status(EXIT_NET_TIMEOUT as i32));
+}
+
+#[test]
+fn transfers_and_round_trips_work_without_event_idx() {
+    // Notification by the used ring's NO_NOTIFY flag and interrupts on
+    // every used element instead of avail_event / used_event.
+    let (a, b) = pair_with(
+        "net=recv:2000 net=pong:100",
+        &format!("net=send:{MAC_A}:2000:700 net=ping:{MAC_A}:100"),
+        ",event_idx=off",
+    );
+    assert_eq!(a.report().net_ready[0].features, 0x1_0000_0020, "{a:#?}");
+    assert!(
+        has_line(&a, "net: received 2000 frames ok lost=0 bad=0 dup=0"),
+        "{a:#?}"
+    );
+    assert!(has_line(&a, "net: ponged 100 round trips"), "{a:#?}");
+    assert_eq!(b.report().net_rtts[0].rounds, 100, "{b:#?}");
+    assert_eq!(a.status, debug_exit_status(0), "{a:#?}");
+    assert_eq!(b.status, debug_exit_status(0), "{b:#?}");
+}
+
+#[test]
+fn net_use_selects_among_declared_nics() {
+    let mut args = nic(MAC_A, free_port(), free_port());
+    args.extend([
+        "-netdev".to_string(),
+        format!(
+            "socket,id=n1,udp=127.0.0.1:{},localaddr=127.0.0.1:{}",
+            free_port(),
+            free_port()
+        ),
+        "-device".to_string(),
+        format!("virtio-net-device,netdev=n1,mac={MAC_B}"),
+    ]);
+    let args = strs(&args);
+    let out = boot(Boot {
+        machine: "microvm,acpi=off",
+        cmdline: "net=mac net=use:1 net=mac net=use:2",
+        extra_args: &args,
+        ..Boot::default()
+    });
+    let macs: Vec<String> = out
+        .report()
+        .net_ready
+        .iter()
+        .map(|r| Mac(r.mac).to_string())
+        .collect();
+    assert_eq!(macs, [MAC_A, MAC_B], "{out:#?}");
+    // QEMU microvm (acpi=off) declares its transports from the top down.
+    assert!(
+        has_line(&out, "net: using device 1 at 0xfeb00c00"),
+        "{out:#?}"
+    );
+    assert!(has_line(&out, "net: no virtio-net device 2"), "{out:#?}");
+    assert_eq!(out.status, debug_exit_status(EXIT_NET_NO_DEVICE as i32));
 }
 
 #[test]
@@ -386,6 +452,58 @@ fn the_guest_counts_damaged_missing_and_repeated_frames() {
         "{out:#?}"
     );
     assert_eq!(out.status, debug_exit_status(EXIT_NET_VERIFY as i32));
+}
+
+#[test]
+fn recv_any_with_an_ethertype_skips_other_frames() {
+    let (out, ()) = with_host_peer("net=pong:1 net=recv-any:1:0x88b5", |host| {
+        host.handshake();
+        // One round trip: the pong word is done, recv-any is next.
+        host.send(&HostPeer::frame(Kind::Ping, 0, SMALL_LEN));
+        while host
+            .recv(Duration::from_secs(5))
+            .is_some_and(|f| f.kind != Kind::Pong)
+        {}
+        // An IPv6-looking frame (what a host kernel sends through a TAP),
+        // then one of ours.
+        let mut foreign = HostPeer::frame(Kind::Data, 0, 86);
+        foreign[0..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 0x16]);
+        foreign[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        host.send(&foreign);
+        host.send(&HostPeer::frame(Kind::Broadcast, 9, BROADCAST_LEN));
+    });
+    assert_eq!(
+        lines(&out, "net: frame "),
+        ["net: frame src=02:00:00:00:00:99 dst=52:54:00:00:00:0a type=0x88b5 len=100 pvnf=broadcast:9:ok"],
+        "{out:#?}"
+    );
+    assert!(has_line(&out, "net: received 1 frames"), "{out:#?}");
+    assert!(
+        has_line(&out, "net: ignored 1 frames of other ethertypes"),
+        "{out:#?}"
+    );
+    assert_eq!(out.status, debug_exit_status(0), "{out:#?}");
+}
+
+#[test]
+fn frames_behind_a_words_last_frame_are_kept_for_the_next_word() {
+    // A ping and three broadcasts back to back: they arrive in the pong
+    // word's batch or while it waits for its pong to leave.
+    let (out, ()) = with_host_peer("net=pong:1 net=recv-any:3", |host| {
+        host.handshake();
+        host.send(&HostPeer::frame(Kind::Ping, 0, SMALL_LEN));
+        for seq in 0..3 {
+            host.send(&HostPeer::frame(Kind::Broadcast, seq, BROADCAST_LEN));
+        }
+    });
+    let seqs: Vec<u64> = out
+        .report()
+        .net_frames
+        .iter()
+        .filter_map(|f| f.pvnf.as_ref().map(|p| p.1))
+        .collect();
+    assert_eq!(seqs, [0, 1, 2], "{out:#?}");
+    assert_eq!(out.status, debug_exit_status(0), "{out:#?}");
 }
 
 #[test]

@@ -278,10 +278,12 @@ pub enum NetWord {
         /// Round trips to answer.
         rounds: u32,
     },
-    /// `net=recv-any:N`
+    /// `net=recv-any:N[:ETHERTYPE]`
     RecvAny {
         /// Frames to print.
         frames: u32,
+        /// Only frames of this ethertype count (others are ignored).
+        ethertype: Option<u16>,
     },
     /// `net=broadcast:N`
     Broadcast {
@@ -290,7 +292,7 @@ pub enum NetWord {
     },
 }
 
-/// Parse the value of a `net=` word. MACs are `xx:xx:xx:xx:xx:xx` (their
+/// Parse the value of a `net=` word (ETHERTYPE: `0x` hex or decimal). MACs are `xx:xx:xx:xx:xx:xx` (their
 /// colons are part of the word) or `xx-xx-xx-xx-xx-xx`.
 pub fn parse_net(value: &str) -> Option<NetWord> {
     let (op, rest) = match value.split_once(':') {
@@ -350,6 +352,17 @@ pub fn parse_net(value: &str) -> Option<NetWord> {
             },
             _ => return None,
         },
+        "recv-any" => {
+            let rest = rest?;
+            let (n, et) = match rest.split_once(':') {
+                Some((n, et)) => (n, Some(u16::try_from(number(et)?).ok()?)),
+                None => (rest, None),
+            };
+            NetWord::RecvAny {
+                frames: n.parse().ok()?,
+                ethertype: et,
+            }
+        }
         "ping" => {
             let (peer, tail) = with_mac(rest)?;
             match count(tail, &mut nums)? {
@@ -370,7 +383,6 @@ pub fn parse_net(value: &str) -> Option<NetWord> {
                 "expect-none" if v <= MAX_LISTEN_MS => NetWord::ExpectNone { ms: v },
                 "spoof" => NetWord::Spoof { frames: v },
                 "pong" => NetWord::Pong { rounds: v },
-                "recv-any" => NetWord::RecvAny { frames: v },
                 "broadcast" => NetWord::Broadcast { frames: v },
                 _ => return None,
             }

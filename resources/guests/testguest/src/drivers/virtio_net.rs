@@ -367,6 +367,12 @@ impl Net {
         }
     }
 
+    /// Ask for an interrupt at the next transmit completion. Returns
+    /// whether one arrived meanwhile (do not sleep).
+    pub fn arm_tx(&mut self) -> bool {
+        self.txq.arm_interrupt()
+    }
+
     /// Ask for an interrupt at the next used element of either queue.
     /// Returns whether something arrived meanwhile (do not sleep).
     pub fn arm(&mut self) -> bool {

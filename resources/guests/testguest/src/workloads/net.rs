@@ -154,11 +154,51 @@ enum Fail {
     Device(DeviceError),
 }
 
-/// A live device with its clock: the waiting and sending primitives.
+/// Frames taken from the receive ring and not yet consumed by a word. It
+/// outlives the words, so a frame that arrives in the same batch as the
+/// last one a word wanted is there for the next word.
+pub struct Inbox {
+    events: [Event; BATCH],
+    head: usize,
+    len: usize,
+    /// The receive buffers of `events[..len]` have not been given back
+    /// (`recv` with a delay).
+    held: bool,
+}
+
+impl Inbox {
+    /// Empty.
+    pub fn new() -> Inbox {
+        Inbox {
+            events: [NO_EVENT; BATCH],
+            head: 0,
+            len: 0,
+            held: false,
+        }
+    }
+
+    /// Forget everything (the device is being reset: its buffers go too).
+    fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+        self.held = false;
+    }
+}
+
+/// A live device with its clock and inbox: the waiting and sending
+/// primitives.
 struct Link<'a> {
     net: &'a mut Net,
     clock: Clock,
-    events: [Event; BATCH],
+    inbox: &'a mut Inbox,
+}
+
+/// What [`Link::next_event`] found.
+enum Next {
+    /// A frame.
+    Frame(Event),
+    /// `until` passed, or a transmit buffer completed.
+    Wake,
 }
 
 impl Link<'_> {
@@ -176,11 +216,22 @@ impl Link<'_> {
             .send(|buf| build(buf, dst, src, kind, seq, len).unwrap_or(0))
     }
 
-    /// Sleep until frames arrive (returns how many, in `self.events`),
-    /// a transmit buffer completes or `until` passes (returns 0), or
-    /// `deadline` passes (timeout). With `hold` the receive buffers are not
-    /// given back (call [`Link::give_back`]).
-    fn next_batch(&mut self, until: u64, deadline: u64, hold: bool) -> Result<usize, Fail> {
+    /// Whether the last batch taken from the ring is used up.
+    fn batch_done(&self) -> bool {
+        self.inbox.head == self.inbox.len
+    }
+
+    /// The next frame: from the inbox, else from the ring (a batch of up to
+    /// [`BATCH`], whose buffers go straight back to the device unless
+    /// `hold`). Sleeps until a frame arrives; returns [`Next::Wake`] when
+    /// `until` passes or a transmit buffer completes, and a timeout when
+    /// `deadline` passes.
+    fn next_event(&mut self, until: u64, deadline: u64, hold: bool) -> Result<Next, Fail> {
+        if self.inbox.head < self.inbox.len {
+            self.inbox.head += 1;
+            return Ok(Next::Frame(self.inbox.events[self.inbox.head - 1]));
+        }
+        self.give_back();
         loop {
             let seen = irq_total();
             let tx_before = self.net.tx_in_flight();
@@ -195,7 +246,7 @@ impl Link<'_> {
                     dst.copy_from_slice(&f[0..6]);
                     src.copy_from_slice(&f[6..12]);
                 }
-                self.events[n] = Event {
+                self.inbox.events[n] = Event {
                     desc: rx.desc,
                     dst,
                     src,
@@ -213,14 +264,17 @@ impl Link<'_> {
                 return Err(Fail::Device(e));
             }
             if n > 0 {
-                return Ok(n);
+                self.inbox.head = 1;
+                self.inbox.len = n;
+                self.inbox.held = hold;
+                return Ok(Next::Frame(self.inbox.events[0]));
             }
             let now = self.clock.now();
             if now >= deadline {
                 return Err(Fail::Timeout);
             }
             if now >= until || self.net.tx_in_flight() < tx_before {
-                return Ok(0);
+                return Ok(Next::Wake);
             }
             if self.net.arm() {
                 continue;
@@ -230,61 +284,77 @@ impl Link<'_> {
         }
     }
 
-    /// Give the receive buffers of the last `n` events back.
-    fn give_back(&mut self, n: usize) {
-        for i in 0..n {
-            let d = self.events[i].desc;
-            self.net.recycle(d);
+    /// Give held receive buffers back (their frames stay in the inbox).
+    fn give_back(&mut self) {
+        if core::mem::take(&mut self.inbox.held) {
+            for i in 0..self.inbox.len {
+                let d = self.inbox.events[i].desc;
+                self.net.recycle(d);
+            }
+            self.net.flush();
         }
-        self.net.flush();
     }
 
-    /// Sleep until `t` without taking frames (transmit completions are
-    /// still reaped).
-    fn sleep_until(&mut self, t: u64) -> Result<(), Fail> {
+    /// Sleep until `t`, or until `done(frames in the transmit ring)`; the
+    /// receive ring is left alone (its frames are for later). Timeout at
+    /// `deadline`.
+    fn wait_tx(&mut self, t: u64, deadline: u64, done: impl Fn(usize) -> bool) -> Result<(), Fail> {
         loop {
             let seen = irq_total();
             self.net.service();
             if let Some(e) = self.net.error() {
                 return Err(Fail::Device(e));
             }
-            if self.clock.now() >= t {
+            if done(self.net.tx_in_flight()) {
                 return Ok(());
             }
-            self.clock.arm_until(t);
+            let now = self.clock.now();
+            if now >= t {
+                return Ok(());
+            }
+            if now >= deadline {
+                return Err(Fail::Timeout);
+            }
+            if self.net.arm_tx() {
+                continue;
+            }
+            self.clock.arm_until(t.min(deadline));
             crate::abi::wait(seen);
         }
+    }
+
+    /// Sleep until `t` without taking frames.
+    fn sleep_until(&mut self, t: u64) -> Result<(), Fail> {
+        self.wait_tx(t, u64::MAX, |_| false)
     }
 
     /// Wait until every queued frame has been transmitted.
     fn drain(&mut self) -> Result<(), Fail> {
         let deadline = self.now() + DRAIN_NS;
-        while self.net.tx_in_flight() > 0 {
-            self.next_batch(deadline, deadline, false)
-                .inspect_err(|e| {
-                    if let Fail::Timeout = e {
-                        say!(
-                            "net: timeout: {} frames not transmitted",
-                            self.net.tx_in_flight()
-                        );
-                    }
-                })?;
-        }
-        Ok(())
+        self.wait_tx(u64::MAX, deadline, |n| n == 0)
+            .inspect_err(|e| {
+                if let Fail::Timeout = e {
+                    say!(
+                        "net: timeout: {} frames not transmitted",
+                        self.net.tx_in_flight()
+                    );
+                }
+            })
     }
 
     /// Send `n` frames of `kind` (seq 0..n) to `dst` from `src`.
     fn burst(&mut self, dst: [u8; 6], src: [u8; 6], kind: Kind, n: u32) -> Result<(), Fail> {
         let mut sent = 0u32;
-        let mut deadline = self.now() + PROGRESS_NS;
         while sent < n {
             while sent < n && self.send(dst, src, kind, u64::from(sent), BROADCAST_LEN) {
                 sent += 1;
-                deadline = self.now() + PROGRESS_NS;
             }
             self.net.flush();
             if sent < n {
-                self.next_batch(deadline, deadline, false)
+                // The ring is full: wait for a completion.
+                let before = self.net.tx_in_flight();
+                let deadline = self.now() + PROGRESS_NS;
+                self.wait_tx(u64::MAX, deadline, |n| n < before)
                     .inspect_err(|e| {
                         if let Fail::Timeout = e {
                             say!("net: timeout: transmit ring stuck after {sent} frames");
@@ -306,27 +376,27 @@ impl Link<'_> {
                 self.net.flush();
                 next_hello = self.now() + HELLO_NS;
             }
-            let n = self
-                .next_batch(next_hello, deadline, false)
+            let next = self
+                .next_event(next_hello, deadline, false)
                 .inspect_err(|e| {
                     if let Fail::Timeout = e {
                         say!("net: no answer from {}", Mac(peer));
                     }
                 })?;
-            if self.events[..n]
-                .iter()
-                .any(|e| e.ours(Kind::Ack, Some(peer)).is_some())
-            {
-                return Ok(());
+            if let Next::Frame(e) = next {
+                if e.ours(Kind::Ack, Some(peer)).is_some() {
+                    return Ok(());
+                }
             }
         }
     }
 }
 
-/// The selected device and its live driver.
+/// The selected device, its live driver and its inbox.
 pub struct NetState {
     selected: usize,
     net: Option<Net>,
+    inbox: Inbox,
 }
 
 impl NetState {
@@ -335,18 +405,20 @@ impl NetState {
         NetState {
             selected: 0,
             net: None,
+            inbox: Inbox::new(),
         }
     }
 
-    fn device(&mut self, boot: &Boot, devices: &Devices) -> Result<&mut Net, u32> {
+    fn device(&mut self, boot: &Boot, devices: &Devices) -> Result<(), u32> {
         if self.net.is_none() {
             let Some(t) = devices.device(DEVICE_NET, self.selected) else {
                 say!("net: no usable virtio-net device");
                 return Err(EXIT_NO_DEVICE);
             };
+            self.inbox.clear();
             self.net = Some(init(boot, t)?);
         }
-        self.net.as_mut().ok_or(EXIT_INIT)
+        Ok(())
     }
 
     /// Run one `net=` word. `Err(code)` is the exit code of its failure
@@ -354,6 +426,7 @@ impl NetState {
     pub fn run(&mut self, boot: &Boot, devices: &Devices, word: NetWord) -> Result<(), u32> {
         if let NetWord::Use { index } = word {
             self.net = None;
+            self.inbox.clear();
             self.selected = index as usize;
             return match devices.device(DEVICE_NET, self.selected) {
                 Some(t) => {
@@ -366,11 +439,14 @@ impl NetState {
                 }
             };
         }
-        let net = self.device(boot, devices)?;
+        self.device(boot, devices)?;
+        let Some(net) = self.net.as_mut() else {
+            return Err(EXIT_INIT);
+        };
         let mut link = Link {
             net,
             clock: Clock::start(),
-            events: [NO_EVENT; BATCH],
+            inbox: &mut self.inbox,
         };
         let result = match word {
             NetWord::Mac | NetWord::Use { .. } => Ok(()),
@@ -394,8 +470,9 @@ impl NetState {
             }
             NetWord::Ping { peer, rounds } => ping(&mut link, peer, rounds),
             NetWord::Pong { rounds } => pong(&mut link, rounds),
-            NetWord::RecvAny { frames } => recv_any(&mut link, frames),
+            NetWord::RecvAny { frames, ethertype } => recv_any(&mut link, frames, ethertype),
         };
+        link.give_back();
         let code = match result {
             Ok(()) => return Ok(()),
             Err(Stop::Fail(Fail::Timeout)) => EXIT_TIMEOUT,
@@ -416,6 +493,7 @@ impl NetState {
         // Frames may still be queued or the device be broken: reset it
         // (drop); the next word initialises it again.
         self.net = None;
+        self.inbox.clear();
         Err(code)
     }
 }
@@ -467,30 +545,30 @@ fn send(link: &mut Link, peer: [u8; 6], frames: u32, size: usize, window: u64) -
             next += 1;
         }
         link.net.flush();
-        let got = link.next_batch(poke_at, deadline, false).inspect_err(|e| {
+        let got = link.next_event(poke_at, deadline, false).inspect_err(|e| {
             if let Fail::Timeout = e {
                 say!("net: timeout: sent {next} acked {acked}");
             }
         })?;
-        let before = acked;
-        for e in &link.events[..got] {
-            if let Some(f) = e.ours(Kind::Ack, Some(peer)) {
-                if f.seq > acked && f.seq <= next {
-                    acked = f.seq;
+        match got {
+            Next::Frame(e) => {
+                if let Some(f) = e.ours(Kind::Ack, Some(peer)) {
+                    if f.seq > acked && f.seq <= next {
+                        acked = f.seq;
+                        let now = link.now();
+                        deadline = now + PROGRESS_NS;
+                        poke_at = now + POKE_NS;
+                    }
                 }
             }
-        }
-        if acked > before {
-            let now = link.now();
-            deadline = now + PROGRESS_NS;
-            poke_at = now + POKE_NS;
-        }
-        if got == 0 && link.now() >= poke_at {
-            // Acks stalled: ask the receiver to repeat its last one.
-            link.send(peer, me, Kind::Hello, next, SMALL_LEN);
-            link.net.flush();
-            pokes += 1;
-            poke_at = link.now() + POKE_NS;
+            Next::Wake if link.now() >= poke_at => {
+                // Acks stalled: ask the receiver to repeat its last one.
+                link.send(peer, me, Kind::Hello, next, SMALL_LEN);
+                link.net.flush();
+                pokes += 1;
+                poke_at = link.now() + POKE_NS;
+            }
+            Next::Wake => {}
         }
     }
     let us = (link.now() - t0) / 1000;
@@ -510,14 +588,12 @@ fn recv(link: &mut Link, frames: u32, delay_us: u32) -> Result<(), Stop> {
     let mut deadline = link.now() + PEER_NS;
     let me = link.mac();
     while !t.done() {
-        let got = link.next_batch(deadline, deadline, hold).inspect_err(|e| {
+        let got = link.next_event(deadline, deadline, hold).inspect_err(|e| {
             if let Fail::Timeout = e {
                 say!("net: timeout: received {} of {frames} data frames", t.ok);
             }
         })?;
-        for i in 0..got {
-            let e = link.events[i];
-            let Ok(f) = e.frame else { continue };
+        if let Next::Frame(Event { frame: Ok(f), .. }) = got {
             match f.kind {
                 Kind::Hello if f.intact => {
                     // Only what was already acknowledged: an ack means the
@@ -533,18 +609,22 @@ fn recv(link: &mut Link, frames: u32, delay_us: u32) -> Result<(), Stop> {
                 _ => {}
             }
         }
-        if hold && got > 0 {
-            let until = link.now() + u64::from(delay_us) * 1000;
-            link.sleep_until(until)?;
-            link.give_back(got);
-        }
-        if let Some(p) = peer {
-            if t.next > last_ack {
-                link.send(p, me, Kind::Ack, t.next, SMALL_LEN);
-                last_ack = t.next;
+        // After each batch (or the last frame): give the buffers back,
+        // then acknowledge.
+        if link.batch_done() || t.done() {
+            if hold && link.inbox.held {
+                let until = link.now() + u64::from(delay_us) * 1000;
+                link.sleep_until(until)?;
+                link.give_back();
             }
+            if let Some(p) = peer {
+                if t.next > last_ack {
+                    link.send(p, me, Kind::Ack, t.next, SMALL_LEN);
+                    last_ack = t.next;
+                }
+            }
+            link.net.flush();
         }
-        link.net.flush();
     }
     link.drain()?;
     say!(
@@ -565,40 +645,46 @@ fn expect_none(link: &mut Link, ms: u32) -> Result<(), Stop> {
     let end = link.now() + u64::from(ms) * 1_000_000;
     let mut count = 0u32;
     loop {
-        let got = link.next_batch(end, u64::MAX, false)?;
-        if got == 0 && link.now() >= end {
-            break;
-        }
-        for e in &link.events[..got] {
-            if count < SHOW_MAX {
-                e.show();
+        match link.next_event(end, u64::MAX, false)? {
+            Next::Frame(e) => {
+                if count < SHOW_MAX {
+                    e.show();
+                }
+                count += 1;
             }
-            count += 1;
+            Next::Wake if link.now() >= end => break,
+            Next::Wake => {}
         }
     }
     say!("net: received {count} frames");
     Ok(())
 }
 
-fn recv_any(link: &mut Link, frames: u32) -> Result<(), Stop> {
-    let mut count = 0u32;
+fn recv_any(link: &mut Link, frames: u32, only: Option<u16>) -> Result<(), Stop> {
+    let (mut count, mut ignored) = (0u32, 0u32);
+    let mut deadline = link.now() + ANY_NS;
     while count < frames {
-        let deadline = link.now() + ANY_NS;
         let got = link
-            .next_batch(deadline, deadline, false)
+            .next_event(deadline, deadline, false)
             .inspect_err(|e| {
                 if let Fail::Timeout = e {
                     say!("net: timeout: received {count} of {frames} frames");
                 }
             })?;
-        for e in &link.events[..got] {
-            if count < frames {
+        if let Next::Frame(e) = got {
+            if only.is_some_and(|t| t != e.ethertype) {
+                ignored += 1;
+            } else {
                 e.show();
                 count += 1;
+                deadline = link.now() + ANY_NS;
             }
         }
     }
     say!("net: received {count} frames");
+    if ignored > 0 {
+        say!("net: ignored {ignored} frames of other ethertypes");
+    }
     Ok(())
 }
 
@@ -613,17 +699,17 @@ fn ping(link: &mut Link, peer: [u8; 6], rounds: u32) -> Result<(), Stop> {
         }
         link.net.flush();
         let deadline = link.now() + PROGRESS_NS;
-        'round: loop {
+        loop {
             let got = link
-                .next_batch(deadline, deadline, false)
+                .next_event(deadline, deadline, false)
                 .inspect_err(|e| {
                     if let Fail::Timeout = e {
                         say!("net: timeout: round trip {i}");
                     }
                 })?;
-            for e in &link.events[..got] {
+            if let Next::Frame(e) = got {
                 if e.ours(Kind::Pong, Some(peer)).is_some_and(|f| f.seq == i) {
-                    break 'round;
+                    break;
                 }
             }
         }
@@ -639,14 +725,13 @@ fn pong(link: &mut Link, rounds: u32) -> Result<(), Stop> {
     let mut deadline = link.now() + PEER_NS;
     while count < rounds {
         let got = link
-            .next_batch(deadline, deadline, false)
+            .next_event(deadline, deadline, false)
             .inspect_err(|e| {
                 if let Fail::Timeout = e {
                     say!("net: timeout: ponged {count} of {rounds}");
                 }
             })?;
-        for i in 0..got {
-            let e = link.events[i];
+        if let Next::Frame(e) = got {
             if let Some(f) = e.ours(Kind::Hello, None) {
                 link.send(f.src, me, Kind::Ack, 0, SMALL_LEN);
             } else if let Some(f) = e.ours(Kind::Ping, None) {
@@ -654,9 +739,12 @@ fn pong(link: &mut Link, rounds: u32) -> Result<(), Stop> {
                 count += 1;
                 deadline = link.now() + PROGRESS_NS;
             }
+            if link.batch_done() {
+                link.net.flush();
+            }
         }
-        link.net.flush();
     }
+    link.net.flush();
     link.drain()?;
     say!("net: ponged {rounds} round trips");
     Ok(())
