@@ -26,12 +26,19 @@
 //!   A slow guest costs its senders nothing but that drop.
 //! - Separate processes are separate switches: nothing is shared between them.
 //!
-//! # Locking
+//! # Copies and locking
 //!
-//! A transmit queue's lock is held only while frames are copied out of the
-//! sender's ring into a local batch; forwarding happens after it is released
-//! and takes one receiver's `rx` lock (and then its vring lock) at a time. No
-//! thread ever holds two of these locks, so there is no lock order to break.
+//! The sender's worker takes a batch of chains off its transmit ring (holding
+//! that vring's lock only for this), validates them and copies out each
+//! frame's 14-byte Ethernet header, which is what the switch checks and what
+//! receivers get. It then forwards each frame: for every receiver it takes
+//! that port's `rx` lock (then its vring lock), and copies the frame body
+//! once, from the sender's guest memory straight into the receiver's receive
+//! buffer. Only after the whole batch is forwarded does it take its own
+//! transmit lock again to return the chains to the guest. A thread holds at
+//! most one port's `rx` lock and never a transmit lock at the same time, so
+//! there is no lock order to break. The uplink writes a frame to the tap
+//! with one `writev` from the same places.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -54,7 +61,9 @@ use virtio_bindings::bindings::virtio_net::{
 };
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -72,15 +81,17 @@ pub const TX_QUEUE: usize = 1;
 pub const NUM_QUEUES: usize = 2;
 /// Size of `virtio_net_hdr_v1`.
 pub const HDR_LEN: usize = 12;
+/// Length of an Ethernet header (destination, source, type).
+pub const ETH_HDR: usize = 14;
 /// Shortest frame accepted: an Ethernet header.
-pub const MIN_FRAME: usize = 14;
+pub const MIN_FRAME: usize = ETH_HDR;
 /// Longest frame accepted: 1500-byte payload plus the Ethernet header, no FCS.
 pub const MAX_FRAME: usize = 1514;
 /// How long an address learned on the uplink stays known without traffic.
 pub const LEARN_AGE: Duration = Duration::from_secs(300);
 /// Most addresses learned on the uplink; beyond that unknown ones flood.
 pub const MAX_LEARNED: usize = 4096;
-/// Frames copied out of a transmit ring before they are forwarded.
+/// Chains taken off a transmit ring before they are forwarded.
 const TX_BATCH: usize = 64;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -333,6 +344,44 @@ struct UplinkStats {
     errors: AtomicU64,
 }
 
+/// A frame being forwarded.
+///
+/// Its Ethernet header was copied out of the sender once and checked (the
+/// source MAC); that copy is what every receiver gets, so a guest rewriting
+/// its transmit buffer while the frame is in flight can change only its own
+/// payload, never the addresses the switch decided on. The body is copied
+/// once per receiver, straight from the sender's memory into the receiver's.
+pub struct Frame<'a> {
+    eth: [u8; ETH_HDR],
+    body: Body<'a>,
+}
+
+enum Body<'a> {
+    /// Already in part-io's memory (read from the uplink).
+    Bytes(&'a [u8]),
+    /// Still in the sender's guest memory, in these (checked) segments.
+    Guest {
+        mem: &'a GuestMemoryMmap<()>,
+        segs: &'a [Segment],
+        len: usize,
+    },
+}
+
+impl Frame<'_> {
+    /// Length of the Ethernet frame.
+    fn len(&self) -> usize {
+        ETH_HDR
+            + match &self.body {
+                Body::Bytes(b) => b.len(),
+                Body::Guest { len, .. } => *len,
+            }
+    }
+
+    fn dst(&self) -> MacAddr {
+        MacAddr::from_slice(&self.eth[0..6])
+    }
+}
+
 /// Where a frame entered the switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Source {
@@ -446,9 +495,9 @@ impl Switch {
         self.uplink.as_ref().map(|u| u.tap.name())
     }
 
-    /// Forwards `frame` (Ethernet header first) that entered at `from`.
-    fn forward(&self, from: Source, frame: &[u8], touched: &mut Touched) {
-        let dst = MacAddr::from_slice(&frame[0..6]);
+    /// Forwards `frame`, which entered at `from`.
+    fn forward(&self, from: Source, frame: &Frame<'_>, touched: &mut Touched) {
+        let dst = frame.dst();
         if !dst.is_multicast() {
             if let Some(&j) = self.by_mac.get(&dst) {
                 if from != Source::Port(j) {
@@ -500,16 +549,40 @@ impl Switch {
         learned.insert(mac, now);
     }
 
-    fn send_uplink(&self, frame: &[u8]) {
+    fn send_uplink(&self, frame: &Frame<'_>) {
         let Some(up) = &self.uplink else { return };
-        // SAFETY: write(2) from a live slice to the tap fd we own.
-        let n = unsafe {
-            libc::write(
-                up.tap.file().as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-            )
-        };
+        let mut iovecs = Vec::with_capacity(4);
+        iovecs.push(libc::iovec {
+            iov_base: frame.eth.as_ptr() as *mut libc::c_void,
+            iov_len: ETH_HDR,
+        });
+        match &frame.body {
+            Body::Bytes(b) => iovecs.push(libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            }),
+            Body::Guest { mem, segs, .. } => {
+                for s in segs.iter().filter(|s| s.len > 0) {
+                    for slice in mem.get_slices(s.addr, s.len as usize) {
+                        let Ok(slice) = slice else {
+                            // Checked by the walker; the memory table cannot
+                            // change under the snapshot we hold.
+                            bump(&up.stats.errors);
+                            return;
+                        };
+                        iovecs.push(libc::iovec {
+                            iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                            iov_len: slice.len(),
+                        });
+                    }
+                }
+            }
+        }
+        let iovcnt = libc::c_int::try_from(iovecs.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the iovecs point into `frame.eth` and into guest memory
+        // whose mapping the caller's snapshot keeps alive for this call; the
+        // kernel only reads them.
+        let n = unsafe { libc::writev(up.tap.file().as_raw_fd(), iovecs.as_ptr(), iovcnt) };
         if n >= 0 {
             bump(&up.stats.tx_frames);
             return;
@@ -533,7 +606,7 @@ impl Switch {
     }
 
     /// Puts `frame` into port `j`'s receive ring, or counts why not.
-    fn deliver(&self, j: usize, frame: &[u8], unicast: bool, touched: &mut Touched) {
+    fn deliver(&self, j: usize, frame: &Frame<'_>, unicast: bool, touched: &mut Touched) {
         let port = &self.ports[j];
         let mut guard = port.rx();
         let Some(rx) = guard.as_mut() else {
@@ -592,7 +665,15 @@ impl Switch {
                 } else {
                     let mut hdr = [0u8; HDR_LEN];
                     hdr[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
-                    if scatter(&mem, segs, &[&hdr, frame]).is_err() {
+                    let mut out = Cursor::new(&mem, segs);
+                    let copied = out
+                        .put(&hdr)
+                        .and_then(|()| out.put(&frame.eth))
+                        .and_then(|()| match &frame.body {
+                            Body::Bytes(b) => out.put(b),
+                            Body::Guest { mem, segs, .. } => out.put_guest(mem, segs),
+                        });
+                    if copied.is_err() {
                         port.stats.count_malformed(Malformed::BadAddress);
                         0
                     } else {
@@ -744,36 +825,85 @@ impl Switch {
                 }
                 bump(&up.stats.rx_frames);
                 self.learn(src);
-                self.forward(Source::Uplink, frame, &mut touched);
+                let mut eth = [0u8; ETH_HDR];
+                eth.copy_from_slice(&frame[..ETH_HDR]);
+                let frame = Frame {
+                    eth,
+                    body: Body::Bytes(&frame[ETH_HDR..]),
+                };
+                self.forward(Source::Uplink, &frame, &mut touched);
             }
             self.notify(&mut touched);
         }
     }
 }
 
-/// Copies `parts` one after the other into the start of `segs`.
-fn scatter(mem: &GuestMemoryMmap<()>, segs: &[Segment], parts: &[&[u8]]) -> Result<(), ()> {
-    let mut seg = 0;
-    let mut seg_off = 0usize;
-    for part in parts {
-        let mut done = 0;
-        while done < part.len() {
-            let s = segs.get(seg).ok_or(())?;
-            let room = s.len as usize - seg_off;
-            if room == 0 {
-                seg += 1;
-                seg_off = 0;
-                continue;
-            }
-            let n = room.min(part.len() - done);
-            let addr = s.addr.checked_add(seg_off as u64).ok_or(())?;
-            mem.write_slice(&part[done..done + n], addr)
-                .map_err(|_| ())?;
-            done += n;
-            seg_off += n;
+/// Writes sequentially into the device-writable segments of a chain.
+struct Cursor<'a> {
+    mem: &'a GuestMemoryMmap<()>,
+    segs: &'a [Segment],
+    seg: usize,
+    off: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(mem: &'a GuestMemoryMmap<()>, segs: &'a [Segment]) -> Self {
+        Cursor {
+            mem,
+            segs,
+            seg: 0,
+            off: 0,
         }
     }
-    Ok(())
+
+    /// The next writable range, skipping exhausted and empty segments.
+    fn room(&mut self) -> Result<(GuestAddress, usize), ()> {
+        loop {
+            let s = self.segs.get(self.seg).ok_or(())?;
+            let left = s.len as usize - self.off;
+            if left > 0 {
+                return Ok((s.addr.checked_add(self.off as u64).ok_or(())?, left));
+            }
+            self.seg += 1;
+            self.off = 0;
+        }
+    }
+
+    /// Appends `bytes`.
+    fn put(&mut self, mut bytes: &[u8]) -> Result<(), ()> {
+        while !bytes.is_empty() {
+            let (addr, room) = self.room()?;
+            let n = room.min(bytes.len());
+            self.mem.write_slice(&bytes[..n], addr).map_err(|_| ())?;
+            bytes = &bytes[n..];
+            self.off += n;
+        }
+        Ok(())
+    }
+
+    /// Appends the bytes of `src_segs` in `src_mem` (another guest's
+    /// memory), copying them once, memory to memory.
+    fn put_guest(&mut self, src_mem: &GuestMemoryMmap<()>, src_segs: &[Segment]) -> Result<(), ()> {
+        for s in src_segs.iter().filter(|s| s.len > 0) {
+            for slice in src_mem.get_slices(s.addr, s.len as usize) {
+                let mut slice = slice.map_err(|_| ())?;
+                while !slice.is_empty() {
+                    let (addr, room) = self.room()?;
+                    let n = room.min(slice.len());
+                    let (mut head, rest) = slice.split_at(n).map_err(|_| ())?;
+                    for dst in self.mem.get_slices(addr, n) {
+                        let dst = dst.map_err(|_| ())?;
+                        let (chunk, more) = head.split_at(dst.len()).map_err(|_| ())?;
+                        chunk.copy_to_volatile_slice(dst);
+                        head = more;
+                    }
+                    self.off += n;
+                    slice = rest;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Copies `out.len()` bytes of `segs`, starting `skip` bytes in, into `out`.
@@ -875,6 +1005,21 @@ impl Endpoint for PortEndpoint {
     }
 }
 
+/// One chain taken off a transmit ring.
+struct TxEntry {
+    head: u16,
+    /// False for a head outside the queue: no used entry can name it.
+    complete: bool,
+    /// The frame, if the chain held a valid one.
+    frame: Option<TxFrame>,
+}
+
+struct TxFrame {
+    eth: [u8; ETH_HDR],
+    segs: std::ops::Range<usize>,
+    body_len: usize,
+}
+
 /// virtio-net over vhost-user for one connection of one port.
 pub struct NetBackend {
     switch: Arc<Switch>,
@@ -882,8 +1027,10 @@ pub struct NetBackend {
     mem: Mem,
     config: [u8; CONFIG_LEN],
     walker: ChainWalker,
-    batch: Vec<u8>,
-    lens: Vec<usize>,
+    /// Chains taken off the transmit ring, not yet completed.
+    tx: Vec<TxEntry>,
+    /// Frame bodies (after the Ethernet header) of `tx`, as guest segments.
+    tx_segs: Vec<Segment>,
     touched: Touched,
     event_idx: bool,
     rx_published: bool,
@@ -904,8 +1051,8 @@ impl NetBackend {
             mem,
             config,
             walker: ChainWalker::new(MAX_QUEUE_SIZE),
-            batch: vec![0u8; TX_BATCH * MAX_FRAME],
-            lens: Vec::with_capacity(TX_BATCH),
+            tx: Vec::with_capacity(TX_BATCH),
+            tx_segs: Vec::with_capacity(TX_BATCH * 4),
             touched,
             event_idx: false,
             rx_published: false,
@@ -934,43 +1081,41 @@ impl NetBackend {
         self.rx_published = true;
     }
 
-    /// Copies up to [`TX_BATCH`] frames out of the transmit ring into the
-    /// batch buffer, completing their chains; returns how many chains it took.
-    fn take_tx_batch(&mut self, vring: &VringRwLock) -> io::Result<usize> {
-        self.lens.clear();
-        let mem = self.mem.memory();
+    /// Takes up to [`TX_BATCH`] chains off the transmit ring (holding its
+    /// lock only for that), validating each and copying out its headers;
+    /// returns how many it took. The chains stay owned by the device until
+    /// [`NetBackend::complete_tx`].
+    fn take_tx_batch(&mut self, mem: &GuestMemoryMmap<()>, vring: &VringRwLock) -> usize {
+        self.tx.clear();
+        self.tx_segs.clear();
+        let port = &self.switch.ports[self.index];
+        let (stats, name) = (&port.stats, port.spec.socket.display());
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        let stats = &self.switch.ports[self.index].stats;
-        let name = self.switch.ports[self.index].spec.socket.display();
-        if let Err(e) = queue.iter(&*mem) {
+        if let Err(e) = queue.iter(mem) {
             let n = stats.count_malformed(Malformed::BadAvailIndex);
             if n.is_power_of_two() {
                 warn!(port = %name, "transmit queue unusable until reset: {e} ({n} kicks so far)");
             }
-            return Ok(0);
+            return 0;
         }
         let desc_table = GuestAddress(queue.desc_table());
         let queue_size = queue.size();
-        let mut taken = 0;
-        let mut added = false;
-        while taken < TX_BATCH {
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+        while self.tx.len() < TX_BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
-            taken += 1;
             let head = chain.head_index();
-            match self
-                .walker
-                .walk_segments(&*mem, desc_table, queue_size, head)
-            {
-                Err(Malformed::BadHead) => {
-                    stats.count_malformed(Malformed::BadHead);
-                    continue;
-                }
+            let mut entry = TxEntry {
+                head,
+                complete: true,
+                frame: None,
+            };
+            match self.walker.walk_segments(mem, desc_table, queue_size, head) {
                 Err(kind) => {
+                    entry.complete = kind != Malformed::BadHead;
                     let n = stats.count_malformed(kind);
-                    if n <= 8 || n.is_power_of_two() {
+                    if entry.complete && (n <= 8 || n.is_power_of_two()) {
                         warn!(port = %name, "malformed transmit chain (head {head}): {}; returned with length 0 ({n} so far)", kind.name());
                     }
                 }
@@ -978,17 +1123,22 @@ impl NetBackend {
                     let segs = self.walker.segments();
                     let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
                     let frame_len = total.saturating_sub(HDR_LEN as u64) as usize;
-                    let slot = self.lens.len() * MAX_FRAME;
                     let mut hdr = [0u8; HDR_LEN];
+                    let mut eth = [0u8; ETH_HDR];
                     let ok = !segs.iter().any(|s| s.write)
-                        && (MIN_FRAME..=MAX_FRAME).contains(&frame_len)
                         && total >= HDR_LEN as u64
-                        && gather(&mem, segs, 0, &mut hdr).is_ok()
+                        && (MIN_FRAME..=MAX_FRAME).contains(&frame_len)
+                        && gather(mem, segs, 0, &mut hdr).is_ok()
                         && hdr[..NUM_BUFFERS_OFFSET] == [0; NUM_BUFFERS_OFFSET]
-                        && gather(&mem, segs, HDR_LEN, &mut self.batch[slot..slot + frame_len])
-                            .is_ok();
+                        && gather(mem, segs, HDR_LEN, &mut eth).is_ok();
                     if ok {
-                        self.lens.push(frame_len);
+                        let start = self.tx_segs.len();
+                        push_tail(segs, HDR_LEN + ETH_HDR, &mut self.tx_segs);
+                        entry.frame = Some(TxFrame {
+                            eth,
+                            segs: start..self.tx_segs.len(),
+                            body_len: frame_len - ETH_HDR,
+                        });
                     } else {
                         let n = bump(&stats.tx_bad_frame);
                         if n <= 8 || n.is_power_of_two() {
@@ -997,45 +1147,90 @@ impl NetBackend {
                     }
                 }
             }
-            match queue.add_used(&*mem, head, 0) {
+            self.tx.push(entry);
+        }
+        self.tx.len()
+    }
+
+    /// Returns the batch's chains to the guest (used length 0) and signals it.
+    fn complete_tx(&mut self, mem: &GuestMemoryMmap<()>, vring: &VringRwLock) -> io::Result<()> {
+        let name = self.switch.ports[self.index].spec.socket.display();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let mut added = false;
+        for e in self.tx.iter().filter(|e| e.complete) {
+            match queue.add_used(mem, e.head, 0) {
                 Ok(()) => added = true,
                 Err(e) => warn!(port = %name, "cannot add used entry: {e}"),
             }
         }
         if added {
-            match queue.needs_notification(&*mem) {
+            match queue.needs_notification(mem) {
                 Ok(true) => state.signal_used_queue()?,
                 Ok(false) => {}
                 Err(e) => warn!(port = %name, "cannot read used_event: {e}"),
             }
         }
-        Ok(taken)
+        Ok(())
     }
 
-    /// Drains the transmit ring, forwarding every frame.
+    /// Drains the transmit ring, forwarding every frame. Frames are copied
+    /// from the sender's buffers straight into the receivers' before the
+    /// sender gets its buffers back; no lock is held across ports.
     fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
         loop {
-            let taken = self.take_tx_batch(vring)?;
+            // One snapshot of this guest's memory for the whole batch: its
+            // mapping stays alive while other ports copy out of it.
+            let mem = self.mem.memory();
+            let taken = self.take_tx_batch(&mem, vring);
             let port = &self.switch.ports[self.index];
-            for (i, &len) in self.lens.iter().enumerate() {
-                let frame = &self.batch[i * MAX_FRAME..i * MAX_FRAME + len];
-                if frame[6..12] != port.spec.mac.0 {
+            for f in self.tx.iter().filter_map(|e| e.frame.as_ref()) {
+                if f.eth[6..12] != port.spec.mac.0 {
                     let n = bump(&port.stats.dropped_spoof);
                     if n <= 8 || n.is_power_of_two() {
-                        warn!(port = %port.spec.socket.display(), "frame from source {} dropped: the port's MAC is {} ({n} so far)", MacAddr::from_slice(&frame[6..12]), port.spec.mac);
+                        warn!(port = %port.spec.socket.display(), "frame from source {} dropped: the port's MAC is {} ({n} so far)", MacAddr::from_slice(&f.eth[6..12]), port.spec.mac);
                     }
                     continue;
                 }
+                let frame = Frame {
+                    eth: f.eth,
+                    body: Body::Guest {
+                        mem: &mem,
+                        segs: &self.tx_segs[f.segs.clone()],
+                        len: f.body_len,
+                    },
+                };
                 bump(&port.stats.tx_frames);
-                port.stats.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                port.stats
+                    .tx_bytes
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 self.switch
-                    .forward(Source::Port(self.index), frame, &mut self.touched);
+                    .forward(Source::Port(self.index), &frame, &mut self.touched);
             }
             self.switch.notify(&mut self.touched);
+            self.complete_tx(&mem, vring)?;
             if taken < TX_BATCH {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Appends the segments of `segs` that lie after its first `skip` bytes.
+fn push_tail(segs: &[Segment], mut skip: usize, out: &mut Vec<Segment>) {
+    for s in segs {
+        let len = s.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        out.push(Segment {
+            // In guest memory for `len` bytes (checked by the walker).
+            addr: GuestAddress(s.addr.0 + skip as u64),
+            len: (len - skip) as u32,
+            write: s.write,
+        });
+        skip = 0;
     }
 }
 
@@ -1057,6 +1252,17 @@ impl VhostUserBackendMut for NetBackend {
             | (1 << VIRTIO_NET_F_STATUS)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            warn!(
+                port = %self.port().spec.socket.display(),
+                "frontend did not accept VIRTIO_F_VERSION_1 (features {features:#x}); \
+                 part-io net always uses the 12-byte virtio_net_hdr_v1, so a legacy \
+                 driver will see garbled frames"
+            );
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -1201,36 +1407,85 @@ mod tests {
     }
 
     #[test]
-    fn scatter_and_gather_cross_segment_boundaries() {
+    fn cursor_and_gather_cross_segment_boundaries() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let segs = [
-            Segment {
-                addr: GuestAddress(0x1000),
-                len: 5,
-                write: true,
-            },
-            Segment {
-                addr: GuestAddress(0x2000),
-                len: 0,
-                write: true,
-            },
-            Segment {
-                addr: GuestAddress(0x3000),
-                len: 20,
-                write: true,
-            },
-        ];
+        let w = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+            write: true,
+        };
+        let segs = [w(0x1000, 5), w(0x2000, 0), w(0x3000, 20)];
         let data: Vec<u8> = (1..=16).collect();
-        scatter(&mem, &segs, &[&[0xaa; 3], &data]).unwrap();
+        let mut c = Cursor::new(&mem, &segs);
+        c.put(&[0xaa; 3]).unwrap();
+        c.put(&data).unwrap();
         let mut out = vec![0u8; 16];
         gather(&mem, &segs, 3, &mut out).unwrap();
         assert_eq!(out, data);
         let mut b = [0u8; 5];
         mem.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(b, [0xaa, 0xaa, 0xaa, 1, 2]);
-        // Not enough room.
-        assert!(scatter(&mem, &segs, &[&[0u8; 26]]).is_err());
+        // Not enough room left (25 bytes in all, 19 used).
+        assert!(c.put(&[0u8; 7]).is_err());
         let mut big = vec![0u8; 26];
         assert!(gather(&mem, &segs, 0, &mut big).is_err());
+    }
+
+    #[test]
+    fn guest_to_guest_copy_follows_both_segment_lists() {
+        // Two "guests", the source spanning two memory regions.
+        let src = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        let dst = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let data: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        src.write_slice(&data[..200], GuestAddress(0xf80)).unwrap();
+        src.write_slice(&data[200..], GuestAddress(0x1800)).unwrap();
+        let r = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+            write: false,
+        };
+        // 0xf80..0x1048 crosses the region boundary at 0x1000.
+        let src_segs = [r(0xf80, 200), r(0x1800, 0), r(0x1800, 100)];
+        let dst_segs = [
+            Segment {
+                addr: GuestAddress(0x100),
+                len: 13,
+                write: true,
+            },
+            Segment {
+                addr: GuestAddress(0x2000),
+                len: 400,
+                write: true,
+            },
+        ];
+        let mut c = Cursor::new(&dst, &dst_segs);
+        c.put(&[9u8; 3]).unwrap();
+        c.put_guest(&src, &src_segs).unwrap();
+        let mut out = vec![0u8; 303];
+        gather(&dst, &dst_segs, 0, &mut out).unwrap();
+        assert_eq!(out[..3], [9, 9, 9]);
+        assert_eq!(out[3..], data[..]);
+        // More than the destination holds.
+        let mut c = Cursor::new(&dst, &dst_segs[..1]);
+        assert!(c.put_guest(&src, &src_segs).is_err());
+    }
+
+    #[test]
+    fn push_tail_skips_the_headers_across_segments() {
+        let r = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+            write: false,
+        };
+        let mut out = Vec::new();
+        push_tail(&[r(0x100, 12), r(0x200, 10), r(0x300, 50)], 26, &mut out);
+        assert_eq!(out, vec![r(0x304, 46)]);
+        out.clear();
+        push_tail(&[r(0x100, 40)], 26, &mut out);
+        assert_eq!(out, vec![r(0x11a, 14)]);
     }
 }

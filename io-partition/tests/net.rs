@@ -391,3 +391,49 @@ fn after_the_disconnect_line_no_mapping_of_that_guest_is_left() {
     a.wait_tx_done();
     wait_until("the drop", || port_stat(&p, 1, "dropped_down") == 1);
 }
+
+#[test]
+fn frames_split_across_descriptors_arrive_whole() {
+    let p = spawn_switch(&[A, B], &[]);
+    let mut a = attach(&p, 0, 16);
+    let mut b =
+        NetDevice::connect(&port_sock(&p, 1), guest_memory(SEALED), NET_QSIZE, false).unwrap();
+    // Receive chain: header alone, 5 bytes (splitting the destination MAC),
+    // then the rest.
+    let rx = 0x30_0000u64;
+    let next = VRING_DESC_F_NEXT as u16;
+    b.put_desc(0, 50, rx, 12, WRITE | next, 51);
+    b.put_desc(0, 51, rx + 0x100, 5, WRITE | next, 52);
+    b.put_desc(0, 52, rx + 0x200, 1600, WRITE, 0);
+    b.push_avail(0, 50);
+    b.kick(0);
+    wait_rx_ready(&p, 1);
+    // Transmit chain: header, 8 bytes (splitting the source MAC), the rest.
+    let f = seq_frame(B, A, 7, 300);
+    let tx = 0x38_0000u64;
+    let put = |addr: u64, bytes: &[u8]| {
+        vm_memory::Bytes::write_slice(&a.mem, bytes, vm_memory::GuestAddress(addr)).unwrap()
+    };
+    put(tx, &[0u8; 12]);
+    put(tx + 0x100, &f[..8]);
+    put(tx + 0x200, &f[8..]);
+    a.put_desc(1, 100, tx, 12, next, 101);
+    a.put_desc(1, 101, tx + 0x100, 8, next, 102);
+    a.put_desc(1, 102, tx + 0x200, (f.len() - 8) as u32, 0, 0);
+    a.push_avail(1, 100);
+    a.kick(1);
+    wait_until("delivery", || b.used_idx(0) == 1);
+    assert_eq!(b.pop_used(0), Some((50, (12 + f.len()) as u32)));
+    let read = |addr: u64, len: usize| {
+        let mut v = vec![0u8; len];
+        vm_memory::Bytes::read_slice(&b.mem, &mut v, vm_memory::GuestAddress(addr)).unwrap();
+        v
+    };
+    let mut want_hdr = vec![0u8; 12];
+    want_hdr[10] = 1;
+    assert_eq!(read(rx, 12), want_hdr);
+    let mut got = read(rx + 0x100, 5);
+    got.extend(read(rx + 0x200, f.len() - 5));
+    assert_eq!(got, f);
+    assert_eq!(port_stat(&p, 0, "tx_frames"), 1);
+}
