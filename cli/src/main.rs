@@ -86,8 +86,20 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let json = cli.json;
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("partctl: {e}");
+        if json {
+            // Scripts get the refusal on stdout too, with partd's status.
+            let status = match &e {
+                CtlError::Api { status, .. } => Some(*status),
+                _ => None,
+            };
+            println!(
+                "{}",
+                serde_json::json!({ "error": e.to_string(), "status": status })
+            );
+        }
         std::process::exit(1);
     }
 }

@@ -191,10 +191,12 @@ fn allowlisted_uid_is_served_and_another_uid_gets_403() {
         serde_json::json!([])
     );
 
-    let refused = run_as(4343, gid, &partd, &["list"]);
+    let refused = run_as(4343, gid, &partd, &["--json", "list"]);
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("uid 4343 may not use partd"), "{err}");
+    let reply: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(reply["status"], 403, "{reply}");
     assert!(partd.log().contains("refused API request from uid 4343"));
 
     // A uid outside the socket's group cannot even connect.
