@@ -99,11 +99,12 @@ impl Partd {
         let mut args: Vec<String> = vec![
             "--state-dir".into(),
             dir.path().display().to_string(),
-            "--vmm".into(),
-            bins().part_vmm.display().to_string(),
             "--ping-interval-ms".into(),
             "200".into(),
         ];
+        if !extra.contains(&"--vmm") {
+            args.extend(["--vmm".into(), bins().part_vmm.display().to_string()]);
+        }
         if !extra.contains(&"--memory-budget-mib") {
             args.extend(["--memory-budget-mib".into(), "1024".into()]);
         }
