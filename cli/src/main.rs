@@ -331,7 +331,7 @@ fn print_free(f: &FreeCapacity) {
 fn print_log(entries: &[LogEntry]) {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["TX", "TIME (unix s)", "ACTOR", "CHANGES"]);
+    t.set_header(vec!["TX", "TIME (UTC)", "ACTOR", "CHANGES"]);
     for e in entries {
         let what = match &e.record {
             resource_db::LogRecord::Genesis { .. } => "genesis (host configuration)".to_string(),
@@ -343,7 +343,12 @@ fn print_log(entries: &[LogEntry]) {
         };
         t.add_row(vec![
             e.txid.0.to_string(),
-            format!("{:.3}", e.time_unix_ns as f64 / 1e9),
+            std::time::UNIX_EPOCH
+                .checked_add(Duration::from_nanos(
+                    u64::try_from(e.time_unix_ns).unwrap_or(0),
+                ))
+                .map(|t| humantime::format_rfc3339_millis(t).to_string())
+                .unwrap_or_else(|| e.time_unix_ns.to_string()),
             e.actor.clone(),
             what,
         ]);
