@@ -153,6 +153,25 @@ fn malformed_requests_get_4xx_with_a_message_and_partd_keeps_serving() {
     assert!(partd.view().partitions().unwrap().is_empty());
 }
 
+/// partctl as a path other uids can execute: the built one when every
+/// folder above it is world-searchable, else a copy in partd's state dir.
+fn partctl_for_others(partd: &Partd) -> std::path::PathBuf {
+    let built = bins().partctl.clone();
+    let reachable = built
+        .ancestors()
+        .skip(1)
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if reachable {
+        return built;
+    }
+    let copy = partd.path().join("partctl");
+    if !copy.exists() {
+        std::fs::copy(&built, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    copy
+}
+
 fn run_as(uid: u32, gid: u32, partd: &Partd, args: &[&str]) -> std::process::Output {
     Command::new("setpriv")
         .args([
@@ -161,7 +180,7 @@ fn run_as(uid: u32, gid: u32, partd: &Partd, args: &[&str]) -> std::process::Out
             "--clear-groups",
             "--",
         ])
-        .arg(&bins().partctl)
+        .arg(partctl_for_others(partd))
         .arg("--socket")
         .arg(&partd.socket)
         .args(args)
