@@ -7,8 +7,12 @@
 //! (MB/s) over a 256 MiB raw image; its LAPIC-timer clock gives the time.
 //! Prints medians and part-io/qemu-storage-daemon ratios.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
+use common::{median, part_io_bin};
 use std::time::{Duration, Instant};
 
 const IMAGE: u64 = 256 << 20;
@@ -19,18 +23,6 @@ const OPS_64K: u32 = 4_000;
 enum Backend {
     PartIo,
     Qsd,
-}
-
-fn part_io_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_part-vmm")).with_file_name("part-io");
-    if !p.exists() {
-        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "-p", "part-io", "--bin", "part-io"])
-            .status()
-            .expect("cargo build -p part-io");
-        assert!(st.success());
-    }
-    p
 }
 
 fn start(backend: Backend, img: &Path, sock: &Path) -> Child {
@@ -115,11 +107,6 @@ fn measure(backend: Backend, img: &Path, sock: &Path) -> [f64; 3] {
         }
     }
     r
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {
