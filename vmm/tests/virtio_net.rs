@@ -94,3 +94,212 @@ fn spoofed_frames_are_not_delivered_and_are_counted() {
     assert_eq!(pa["dropped_spoof"], 5, "{pa}");
     assert_eq!(port_stats(&stats, MAC_B)["rx_frames"], 0);
 }
+
+/// A tap interface created by the test (deleted on drop), with an
+/// `AF_PACKET` socket on its host side: what the socket sends leaves the
+/// interface into the tap fd that part-io holds, and what part-io writes to
+/// the tap fd arrives on the interface.
+struct HostTap {
+    name: String,
+    sock: std::os::fd::OwnedFd,
+}
+
+impl HostTap {
+    fn create(name: &str) -> Result<HostTap, String> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .map_err(|e| format!("ip (iproute2) not runnable: {e}"))
+                .and_then(|s| {
+                    s.success()
+                        .then_some(())
+                        .ok_or(format!("ip {args:?} failed"))
+                })
+        };
+        // A tap left by a crashed run of this test; usually absent.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        ip(&["link", "set", "dev", name, "up"])?;
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        if fd < 0 {
+            return Err(format!(
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let cname = std::ffi::CString::new(name).unwrap();
+        // SAFETY: valid NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        // SAFETY: all-zero sockaddr_ll is valid; filled below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: bind with a sockaddr_ll of the right size.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "bind AF_PACKET: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(HostTap {
+            name: name.into(),
+            sock,
+        })
+    }
+
+    fn send(&self, frame: &[u8]) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sends from a live slice on a bound packet socket.
+        let n = unsafe { libc::send(self.sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Frames of the test ethertype seen on the interface within `timeout`.
+    fn collect(&self, want: usize, timeout: std::time::Duration) -> Vec<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let end = std::time::Instant::now() + timeout;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 2048];
+        while got.len() < want {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                continue;
+            }
+            // SAFETY: receives into a live buffer of its length.
+            let n =
+                unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                let f = &buf[..n as usize];
+                if partvisor_test_guest::net_frame::ethertype(f)
+                    == partvisor_test_guest::net_frame::ETHERTYPE
+                {
+                    got.push(f.to_vec());
+                }
+            }
+        }
+        got
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn frames_cross_the_tap_uplink_both_ways_between_host_and_guest() {
+    use partvisor_test_guest::net_frame::{self, Kind};
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        println!("skipped: /dev/net/tun is missing");
+        return;
+    }
+    let _l = vm_lock();
+    let dir = scratch("net-tap");
+    let tap_name = format!("pvt{}", std::process::id() % 100_000);
+    let tap = match HostTap::create(&tap_name) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("skipped: cannot create a tap here: {e}");
+            return;
+        }
+    };
+    let a = dir.join("a.sock");
+    let log = dir.join("sw.log");
+    let stats = dir.join("sw-stats.sock");
+    let child = std::process::Command::new(part_io())
+        .args(["net", "--port"])
+        .arg(format!("socket={},mac={MAC_A}", a.display()))
+        .args(["--tap", &tap_name, "--stats-socket"])
+        .arg(&stats)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let switch = Backend { child, log };
+    wait_for_sockets(&[&a, &stats]);
+    let na = net_arg(&a);
+    let mut vm = Running::start(
+        &mut guest_command("net=recv-any:1:0x88b5 net=broadcast:3", &[&na[0], &na[1]]),
+        "net: ready",
+    );
+    wait_rx_ready(&stats, MAC_A);
+
+    // Host -> guest: a test frame written on the host side of the tap.
+    let host_mac = [0x02, 0, 0, 0, 0, 0x42];
+    let guest_mac = net_frame::parse_mac(MAC_A).unwrap();
+    let mut frame = [0u8; 128];
+    let len = net_frame::build(&mut frame, guest_mac, host_mac, Kind::ALL[0], 7, 128).unwrap();
+    tap.send(&frame[..len]);
+    vm.read_until("net: frame src=");
+    let line = vm
+        .serial
+        .lines()
+        .find(|l| l.starts_with("net: frame src="))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.starts_with(
+            "net: frame src=02:00:00:00:00:42 dst=52:54:00:00:00:0a type=0x88b5 len=128"
+        ),
+        "{line}"
+    );
+
+    // Guest -> host: its broadcasts come out of the tap.
+    let out = tap.collect(3, deadline());
+    let r = vm.finish("tap guest");
+    assert_eq!(
+        r.code(),
+        0,
+        "serial:\n{}\nlog:\n{}\nswitch:\n{}",
+        r.serial,
+        r.log,
+        switch.log_text()
+    );
+    assert_eq!(
+        out.len(),
+        3,
+        "frames from the guest on the host side: {}",
+        out.len()
+    );
+    for f in &out {
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &guest_mac);
+        assert!(net_frame::parse(f).is_ok_and(|p| p.intact));
+    }
+}

@@ -147,11 +147,13 @@ pub fn run_guest(cmdline: &str, extra: &[&str]) -> Run {
     run(&args)
 }
 
-/// Reads lines from `r` until one starts with `prefix` (or the deadline).
+/// Reads from `r` until a complete line starts with `prefix` (or the deadline).
 pub fn read_until(r: &mut impl Read, acc: &mut String, prefix: &str) {
     let start = Instant::now();
     let mut buf = [0u8; 256];
-    while !acc.lines().any(|l| l.starts_with(prefix)) {
+    // Only complete lines count: a chunk may end in the middle of one.
+    let complete = |acc: &str| acc[..acc.rfind('\n').map_or(0, |i| i + 1)].to_string();
+    while !complete(acc).lines().any(|l| l.starts_with(prefix)) {
         assert!(
             start.elapsed() < deadline(),
             "no `{prefix}` line in:\n{acc}"
