@@ -439,6 +439,7 @@ impl NetState {
                 }
             };
         }
+        let fresh = self.net.is_none();
         self.device(boot, devices)?;
         let Some(net) = self.net.as_mut() else {
             return Err(EXIT_INIT);
@@ -449,6 +450,10 @@ impl NetState {
             inbox: &mut self.inbox,
         };
         let result = match word {
+            NetWord::Mac if !fresh => {
+                say_ready(link.net);
+                Ok(())
+            }
             NetWord::Mac | NetWord::Use { .. } => Ok(()),
             NetWord::Send {
                 peer,
@@ -507,6 +512,11 @@ fn init(boot: &Boot, t: Transport) -> Result<Net, u32> {
         say!("net: init failed: {}", e.describe());
         EXIT_INIT
     })?;
+    say_ready(&net);
+    Ok(net)
+}
+
+fn say_ready(net: &Net) {
     say!(
         "net: ready mac={} queue={} features=0x{:016x}",
         Mac(net.mac),
@@ -516,7 +526,6 @@ fn init(boot: &Boot, t: Transport) -> Result<Net, u32> {
     if net.tx_size() != net.rx_size() {
         say!("net: transmit queue={}", net.tx_size());
     }
-    Ok(net)
 }
 
 /// How a word ended early.
