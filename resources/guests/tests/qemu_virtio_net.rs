@@ -210,6 +210,23 @@ fn expect_none_counts_every_frame_in_its_window() {
 }
 
 #[test]
+fn a_listening_guest_sleeps_instead_of_spinning() {
+    let args = nic(MAC_A, free_port(), free_port());
+    let args = strs(&args);
+    let out = boot(Boot {
+        machine: "microvm,acpi=off",
+        cmdline: "net=expect-none:2000",
+        extra_args: &args,
+        ..Boot::default()
+    });
+    assert!(has_line(&out, "net: received 0 frames"), "{out:#?}");
+    // 2 s of spinning would be ~200 ticks (USER_HZ 100); QEMU's own start
+    // and exit take a few.
+    eprintln!("cpu ticks: {}", out.cpu_ticks);
+    assert!(out.cpu_ticks < 60, "{} ticks: {out:#?}", out.cpu_ticks);
+}
+
+#[test]
 fn a_receiver_missing_frames_times_out_with_its_count() {
     let (a, b) = pair("net=recv:100", &format!("net=send:{MAC_A}:60:64"));
     assert!(has_line(&b, "net: sent 60 frames"), "{b:#?}");

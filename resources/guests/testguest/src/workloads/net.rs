@@ -477,6 +477,8 @@ impl NetState {
             NetWord::Pong { rounds } => pong(&mut link, rounds),
             NetWord::RecvAny { frames, ethertype } => recv_any(&mut link, frames, ethertype),
         };
+        // Every word ends with its frames out of the guest.
+        let result = result.and_then(|()| link.drain().map_err(Stop::Fail));
         link.give_back();
         let code = match result {
             Ok(()) => return Ok(()),
