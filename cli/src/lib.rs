@@ -279,6 +279,58 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Opens `name`'s serial console through partd (an HTTP/1.1 upgrade
+    /// to `partvisor-console`); the returned stream carries it both ways.
+    pub async fn console(&self, name: &str) -> Result<TokioIo<hyper::upgrade::Upgraded>, CtlError> {
+        let proto = |reason: String| CtlError::Protocol {
+            socket: self.socket.clone(),
+            reason,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| CtlError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| proto(e.to_string()))?;
+        tokio::spawn(conn.with_upgrades());
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("/v1/partitions/{name}/console"))
+            .header("host", "partd")
+            .header("connection", "upgrade")
+            .header("upgrade", "partvisor-console")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| proto(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| proto(e.to_string()))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| proto(e.to_string()))?
+                .to_bytes();
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| format!("partd answered {status}"));
+            return Err(CtlError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| proto(format!("console upgrade: {e}")))?;
+        Ok(TokioIo::new(upgraded))
+    }
+
     pub async fn resources(&self) -> Result<FreeCapacity, CtlError> {
         decode(self.call(Method::GET, "/v1/resources", None).await?)
     }

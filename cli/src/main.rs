@@ -2,7 +2,6 @@
 //! against partd. Tables for people, `--json` for scripts; exit status 1 on
 //! any failure with a message that says what to do.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -87,7 +86,10 @@ fn main() {
         }
     };
     let json = cli.json;
-    if let Err(e) = rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // Do not wait for a console's stdin reader blocked in read(2).
+    rt.shutdown_background();
+    if let Err(e) = result {
         eprintln!("partctl: {e}");
         if json {
             // Scripts get the refusal on stdout too, with partd's status.
@@ -385,58 +387,52 @@ fn change_text(c: &resource_db::Change) -> String {
     }
 }
 
-/// Connects the terminal to the partition's console socket until the guest
-/// ends, stdin closes or Ctrl-] is typed.
+/// Connects the terminal to the partition's console (through partd) until
+/// the guest ends or Ctrl-] is typed; after stdin ends the output is still
+/// shown until the guest ends.
 async fn attach_console(client: &Client, name: &str) -> Result<(), CtlError> {
-    let v = client.show(name).await?;
-    let Some(vmm) = v.vmm else {
-        return Err(CtlError::Other(format!(
-            "{name} is {}: no console; `partctl start {name}` first",
-            state(&v)
-        )));
-    };
-    let path = vmm.console_socket;
-    let stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-        CtlError::Other(format!(
-            "cannot open the console {}: {e} (the console is served to root and partd's user)",
-            path.display()
-        ))
-    })?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = client.console(name).await?;
     eprintln!("partctl: console of {name} (Ctrl-] detaches)");
-    let mut reader = stream
-        .try_clone()
-        .map_err(|e| CtlError::Other(e.to_string()))?;
-    let mut writer = stream;
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin();
+    let (mut from_guest, mut to_guest) = tokio::io::split(io);
+    // true: detach requested; false: no more input.
+    let mut input = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
         let mut buf = [0u8; 256];
         loop {
-            match stdin.read(&mut buf) {
-                // No more input: keep showing the output until the guest ends.
-                Ok(0) | Err(_) => return,
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
                 Ok(n) => {
                     if let Some(pos) = buf[..n].iter().position(|b| *b == 0x1d) {
-                        let _ = writer.write_all(&buf[..pos]);
-                        break;
+                        let _ = to_guest.write_all(&buf[..pos]).await;
+                        return true;
                     }
-                    if writer.write_all(&buf[..n]).is_err() {
-                        return;
+                    if to_guest.write_all(&buf[..n]).await.is_err() {
+                        return false;
                     }
                 }
             }
         }
-        // Ctrl-]: detach.
-        let _ = writer.shutdown(std::net::Shutdown::Both);
     });
-    let copied = tokio::task::spawn_blocking(move || {
-        let mut out = std::io::stdout();
-        std::io::copy(&mut reader, &mut out)
-    })
-    .await;
-    match copied {
-        Ok(Ok(_)) | Ok(Err(_)) => Ok(()),
-        Err(e) => Err(CtlError::Other(e.to_string())),
+    let mut stdout = tokio::io::stdout();
+    {
+        let output = tokio::io::copy(&mut from_guest, &mut stdout);
+        tokio::pin!(output);
+        let mut input_open = true;
+        loop {
+            tokio::select! {
+                _ = &mut output => break,
+                detach = &mut input, if input_open => {
+                    input_open = false;
+                    if matches!(detach, Ok(true)) {
+                        break;
+                    }
+                }
+            }
+        }
     }
+    let _ = stdout.flush().await;
+    Ok(())
 }
 
 /// `--dev`: the personal partd's socket, starting that partd if none answers.

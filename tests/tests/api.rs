@@ -128,6 +128,13 @@ fn malformed_requests_get_4xx_with_a_message_and_partd_keeps_serving() {
             404,
             "no such API path",
         ),
+        (
+            "GET",
+            "/v1/partitions/absent/console",
+            String::new(),
+            400,
+            "HTTP/1.1 upgrade",
+        ),
     ];
     for (method, path, body, want, msg) in &cases {
         let (status, reply) = request(s, method, path, body);
@@ -215,6 +222,10 @@ fn allowlisted_uid_is_served_and_another_uid_gets_403() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("uid 4343 may not use partd"), "{err}");
     let reply: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(reply["status"], 403, "{reply}");
+    // The console goes through the same check.
+    let console = run_as(4343, gid, &partd, &["--json", "console", "any"]);
+    let reply: serde_json::Value = serde_json::from_slice(&console.stdout).unwrap();
     assert_eq!(reply["status"], 403, "{reply}");
     assert!(partd.log().contains("refused API request from uid 4343"));
 

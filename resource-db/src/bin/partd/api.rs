@@ -104,7 +104,8 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.request_timeout)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             if let Err(e) = conn.await {
                 tracing::debug!("API connection from {peer:?} ended: {e}");
             }
@@ -219,6 +220,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/partitions/{name}", get(show).delete(destroy))
         .route("/v1/partitions/{name}/start", post(start))
         .route("/v1/partitions/{name}/stop", post(stop))
+        .route("/v1/partitions/{name}/console", get(console))
         .route("/v1/resources", get(resources))
         .route("/v1/log", get(log))
         .fallback(|| async {
@@ -318,4 +320,60 @@ async fn log(State(api): State<Api>, Query(q): Query<LogQuery>) -> Result<Respon
     };
     let entries = api.coord.log(id.as_ref(), q.limit.unwrap_or(100))?;
     Ok(Json(entries).into_response())
+}
+
+/// The protocol name of a console connection (HTTP/1.1 upgrade).
+pub const CONSOLE_PROTOCOL: &str = "partvisor-console";
+
+/// `GET /v1/partitions/{name}/console` with `Upgrade: partvisor-console`:
+/// after `101 Switching Protocols` the connection carries the partition's
+/// serial console both ways (the backlog first), until the guest ends or the
+/// client closes. Subject to the same uid check as every other request.
+async fn console(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    mut req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let id = Coordinator::parse_id(&name)?;
+    let wants = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(CONSOLE_PROTOCOL));
+    if !wants {
+        return Err(bad_request(format!(
+            "the console is an HTTP/1.1 upgrade: send `Connection: upgrade` and `Upgrade: {CONSOLE_PROTOCOL}` (partctl console does)"
+        )));
+    }
+    let view = api.coord.view(&id)?;
+    let Some(vmm) = view.vmm else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("{id} has no console: it is not running (`partctl start {id}`)"),
+        ));
+    };
+    let mut guest = UnixStream::connect(&vmm.console_socket)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot open {}: {e}", vmm.console_socket.display()),
+            )
+        })?;
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let mut client = TokioIo::new(upgraded);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
+            }
+            Err(e) => tracing::debug!("{id}: console upgrade failed: {e}"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, CONSOLE_PROTOCOL)
+        .body(axum::body::Body::empty())
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }

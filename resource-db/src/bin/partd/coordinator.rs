@@ -764,12 +764,16 @@ impl Coordinator {
             exit.detail,
             state_name(state)
         );
+        // No monitor any more: views show the exit record from now on, so
+        // nobody sees the final state without its reason.
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let _ = std::fs::remove_file(files.vmm_record());
         if let Err(e) = self.release(id, state).await {
             tracing::error!("{id}: cannot release its resources: {e}");
         }
-        let _ = std::fs::remove_file(files.vmm_record());
-        let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(id);
         state
     }
 

@@ -156,23 +156,32 @@ fn bind(path: &Path, group: Option<&str>) -> Result<UnixListenerStd, PartdError>
         path: path.to_owned(),
         reason,
     };
-    // Only one partd runs per state dir (the database lock guarantees it), so
-    // a socket file left here is a dead partd's.
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("cannot remove the old socket: {e}"))),
+    // Bound under a temporary name and renamed into place once its mode and
+    // group are set, so no client ever sees it with the wrong ones. Only one
+    // partd runs per state dir (the database lock guarantees it), so files
+    // left here are a dead partd's.
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".new");
+    let tmp = PathBuf::from(tmp_name);
+    for p in [path, tmp.as_path()] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(format!("cannot remove the old {}: {e}", p.display()))),
+        }
     }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| fail(e.to_string()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| fail(format!("chmod 0660: {e}")))?;
     if let Some(g) = group {
         let gid = nix::unistd::Group::from_name(g)
             .map_err(|e| fail(format!("looking up group {g}: {e}")))?
             .ok_or_else(|| PartdError::Group(g.to_owned()))?
             .gid;
-        nix::unistd::chown(path, None, Some(gid)).map_err(|e| fail(format!("chgrp {g}: {e}")))?;
+        nix::unistd::chown(&tmp, None, Some(gid)).map_err(|e| fail(format!("chgrp {g}: {e}")))?;
     }
+    std::fs::rename(&tmp, path)
+        .map_err(|e| fail(format!("renaming {} into place: {e}", tmp.display())))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| fail(e.to_string()))?;
