@@ -12,6 +12,14 @@
 //! Control messages only: kicks and interrupts go through eventfds and guest
 //! memory is accessed in place, so the guard is not on the data path.
 //!
+//! One protocol repair happens here too: QEMU's virtio-net (7.2) sends
+//! `SET_VRING_ENABLE` when the device is realized, before `SET_FEATURES`, and
+//! `vhost-user-backend` 0.24 ends the connection over it ("inactive feature")
+//! because `VHOST_USER_F_PROTOCOL_FEATURES` is not acked yet. The guard holds
+//! such early requests back (acknowledging them if asked to) and replays the
+//! last state of each ring right after `SET_FEATURES` acks the feature
+//! ([`EarlyEnables`]).
+//!
 //! A memory region passes only if its file descriptor carries the seals
 //! `F_SEAL_SHRINK` and `F_SEAL_GROW` (so the VMM can never shrink it under a
 //! mapping and turn a guest access into SIGBUS in part-io) and the region lies
@@ -24,9 +32,11 @@ use std::mem::size_of;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserMemory, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
+    FrontendReq, VhostUserHeaderFlag, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -37,6 +47,8 @@ const HEADER_LEN: usize = 12;
 const MAX_BODY: usize = 0x1000;
 /// Most file descriptors one message may carry (`vhost`'s limit).
 const MAX_FDS: usize = 32;
+/// Header flags value of protocol version 1.
+const VERSION_1: u32 = 0x1;
 
 /// Why the guard ended a connection.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +124,95 @@ impl Message {
             self.header[3],
         ])
     }
+
+    fn flags(&self) -> u32 {
+        u32::from_le_bytes([
+            self.header[4],
+            self.header[5],
+            self.header[6],
+            self.header[7],
+        ])
+    }
+
+    /// A message without file descriptors.
+    fn new(req: u32, flags: u32, body: Vec<u8>) -> Message {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&req.to_le_bytes());
+        header[4..8].copy_from_slice(&flags.to_le_bytes());
+        header[8..].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        Message {
+            header,
+            body,
+            fds: Vec::new(),
+        }
+    }
+}
+
+/// `SET_VRING_ENABLE` requests that arrived before `SET_FEATURES`, held back
+/// until the features are set (see the module documentation).
+#[derive(Debug, Default)]
+struct EarlyEnables {
+    /// `SET_FEATURES` has been forwarded.
+    features_set: bool,
+    /// Last requested state per ring index, in arrival order.
+    held: Vec<(u32, u32)>,
+}
+
+impl EarlyEnables {
+    /// Looks at a frontend message about to be forwarded. Returns `Hold`
+    /// (with the reply the frontend waits for, if any) for an early
+    /// `SET_VRING_ENABLE`, and the messages to send after it for `SET_FEATURES`.
+    fn filter(&mut self, msg: &Message) -> Early {
+        let req = msg.request();
+        if req == FrontendReq::SET_VRING_ENABLE as u32 && !self.features_set {
+            let Ok(body) = <[u8; 8]>::try_from(msg.body.as_slice()) else {
+                // Malformed: let the backend refuse it.
+                return Early::Forward(Vec::new());
+            };
+            let index = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+            let num = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+            self.held.retain(|&(i, _)| i != index);
+            self.held.push((index, num));
+            let reply = (msg.flags() & VhostUserHeaderFlag::NEED_REPLY.bits() != 0).then(|| {
+                Message::new(
+                    req,
+                    VhostUserHeaderFlag::REPLY.bits() | VERSION_1,
+                    0u64.to_le_bytes().to_vec(),
+                )
+            });
+            return Early::Hold(reply);
+        }
+        if req == FrontendReq::SET_FEATURES as u32 && !self.features_set {
+            self.features_set = true;
+            let acked = <[u8; 8]>::try_from(msg.body.as_slice())
+                .map(u64::from_le_bytes)
+                .unwrap_or(0);
+            let held = std::mem::take(&mut self.held);
+            // Without PROTOCOL_FEATURES the backend enables every ring itself.
+            if acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                return Early::Forward(Vec::new());
+            }
+            let replay = held
+                .into_iter()
+                .map(|(index, num)| {
+                    let mut body = index.to_le_bytes().to_vec();
+                    body.extend_from_slice(&num.to_le_bytes());
+                    // No NEED_REPLY: nobody waits for an answer.
+                    Message::new(FrontendReq::SET_VRING_ENABLE as u32, VERSION_1, body)
+                })
+                .collect();
+            return Early::Forward(replay);
+        }
+        Early::Forward(Vec::new())
+    }
+}
+
+/// What to do with one frontend message.
+enum Early {
+    /// Forward it, then send these.
+    Forward(Vec<Message>),
+    /// Do not forward it; answer the frontend with this, if anything.
+    Hold(Option<Message>),
 }
 
 /// Reads one message; `Ok(None)` on a clean end of stream.
@@ -277,13 +378,20 @@ fn check(msg: &Message) -> Result<(), GuardError> {
 /// either side closes or a message fails a check; then shuts both down.
 pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError> {
     let (f2, b2) = (frontend.try_clone()?, backend.try_clone()?);
+    // Both threads may write to the frontend: one message at a time.
+    let to_frontend = Arc::new(Mutex::new(()));
+    let to_frontend2 = to_frontend.clone();
     // Replies (and any backend-initiated message) go back unchanged.
     let replies = std::thread::Builder::new()
         .name("part-io-guard-reply".into())
         .spawn(move || {
             let mut buf = Vec::new();
             while let Ok(Some(msg)) = recv(&b2, std::mem::take(&mut buf)) {
-                if send(&f2, &msg).is_err() {
+                let sent = {
+                    let _one = to_frontend2.lock().unwrap_or_else(|p| p.into_inner());
+                    send(&f2, &msg)
+                };
+                if sent.is_err() {
                     break;
                 }
                 buf = msg.body;
@@ -293,9 +401,23 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError
         })?;
     let result = (|| {
         let mut buf = Vec::new();
+        let mut early = EarlyEnables::default();
         while let Some(msg) = recv(&frontend, std::mem::take(&mut buf))? {
             check(&msg)?;
-            send(&backend, &msg)?;
+            match early.filter(&msg) {
+                Early::Hold(reply) => {
+                    if let Some(reply) = reply {
+                        let _one = to_frontend.lock().unwrap_or_else(|p| p.into_inner());
+                        send(&frontend, &reply)?;
+                    }
+                }
+                Early::Forward(then) => {
+                    send(&backend, &msg)?;
+                    for m in &then {
+                        send(&backend, m)?;
+                    }
+                }
+            }
             buf = msg.body;
         }
         Ok(())
@@ -444,6 +566,60 @@ mod tests {
         ));
         // Other requests pass untouched.
         check(&message(FrontendReq::GET_FEATURES, vec![], vec![])).unwrap();
+    }
+
+    #[test]
+    fn vring_enables_before_set_features_are_held_and_replayed() {
+        let enable = |index: u32, num: u32, flags: u32| {
+            let mut body = index.to_le_bytes().to_vec();
+            body.extend_from_slice(&num.to_le_bytes());
+            let mut m = message(FrontendReq::SET_VRING_ENABLE, body, vec![]);
+            m.header[4..8].copy_from_slice(&flags.to_le_bytes());
+            m
+        };
+        let mut e = EarlyEnables::default();
+        // Held; answered only when the frontend asks for a reply.
+        assert!(matches!(e.filter(&enable(0, 1, 1)), Early::Hold(None)));
+        match e.filter(&enable(1, 0, 1 | 0x8)) {
+            Early::Hold(Some(r)) => {
+                assert_eq!(r.request(), FrontendReq::SET_VRING_ENABLE as u32);
+                assert_eq!(r.flags(), 0x5, "VERSION | REPLY");
+                assert_eq!(r.body, 0u64.to_le_bytes());
+            }
+            _ => panic!("expected a held request with a reply"),
+        }
+        assert!(matches!(e.filter(&enable(1, 1, 1)), Early::Hold(None)));
+        // SET_FEATURES with PROTOCOL_FEATURES: forwarded, then the last state
+        // of each ring is replayed, without NEED_REPLY.
+        let features = (1u64 << 32) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let set = message(
+            FrontendReq::SET_FEATURES,
+            features.to_le_bytes().to_vec(),
+            vec![],
+        );
+        let Early::Forward(replay) = e.filter(&set) else {
+            panic!("SET_FEATURES must be forwarded");
+        };
+        let states: Vec<(Vec<u8>, u32)> =
+            replay.iter().map(|m| (m.body.clone(), m.flags())).collect();
+        assert_eq!(
+            states,
+            vec![
+                ([0u32.to_le_bytes(), 1u32.to_le_bytes()].concat(), 1),
+                ([1u32.to_le_bytes(), 1u32.to_le_bytes()].concat(), 1),
+            ]
+        );
+        // Afterwards everything passes through.
+        assert!(matches!(e.filter(&enable(0, 0, 1)), Early::Forward(v) if v.is_empty()));
+        // Without PROTOCOL_FEATURES nothing is replayed.
+        let mut e = EarlyEnables::default();
+        assert!(matches!(e.filter(&enable(0, 1, 1)), Early::Hold(None)));
+        let set = message(
+            FrontendReq::SET_FEATURES,
+            (1u64 << 32).to_le_bytes().to_vec(),
+            vec![],
+        );
+        assert!(matches!(e.filter(&set), Early::Forward(v) if v.is_empty()));
     }
 
     #[test]
