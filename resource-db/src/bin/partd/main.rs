@@ -10,6 +10,17 @@
 //! restart re-attaches to monitors that kept running (pid + start time +
 //! control socket), so a partd crash never disturbs a guest.
 //!
+//! The API (`api.rs`): every connection's uid (SO_PEERCRED) must be root,
+//! partd's own or allowlisted (`--allow-uid`), else 403; bodies are parsed
+//! strictly (400 with a message), bounded in size (413) and time (408); the
+//! serial console is an HTTP upgrade on the same socket. The life cycle
+//! (`coordinator.rs`): a start is one transaction (plan_grant + `starting`),
+//! then part-vmm runs from a sealed memfd descriptor (`process.rs`) with its
+//! vCPU threads confined to the granted CPUs (dedicated ones, or the shared
+//! pool's); a supervisor task per monitor pings its control socket
+//! (`running` ⇄ `unresponsive`) and, once the process is gone, releases
+//! everything and sets `stopped`/`failed` in one transaction.
+//!
 //! State dir (`--state-dir`, default `/var/lib/partvisor`): `resources.db`
 //! (the resource database), `partd.sock` (the API), and per partition
 //! `partitions/<name>/` with `control.sock`, `console.sock`, `exit.json`
