@@ -495,3 +495,44 @@ fn guest_crash_marks_the_partition_failed_with_its_reason_and_releases_it() {
         .is_empty());
     view.check_invariants().unwrap();
 }
+
+#[test]
+fn partd_killed_during_a_stop_finishes_it_after_restart() {
+    let _vm = vm_lock();
+    let mut partd = Partd::start(&[]);
+    // `echo=N` ignores the power button; part-vmm forces the stop after 2 s.
+    let def = partd.path().join("slow.toml");
+    std::fs::write(
+        &def,
+        format!(
+            "name = \"slow\"\nmemory_mib = 32\nkernel = \"{}\"\ncmdline = \"echo=4\"\nstop_timeout_s = 2\n",
+            partvisor_e2e::guest().display()
+        ),
+    )
+    .unwrap();
+    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    let v = partd.ctl_json(&["start", "slow"]);
+    let pid = pid_of(&v);
+    wait_console(&console_of(&v), "echo: ready", BOOT);
+    let stopper = std::process::Command::new(&partvisor_e2e::bins().partctl)
+        .arg("--socket")
+        .arg(&partd.socket)
+        .args(["stop", "slow"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    partd.wait_state("slow", "stopping", Duration::from_secs(10));
+    partd.kill9();
+    let _ = stopper.wait_with_output();
+    assert!(alive(pid), "the monitor died with partd");
+    partd.restart();
+    let v = partd.wait_state("slow", "stopped", Duration::from_secs(20));
+    assert_eq!(v["last_exit"]["reason"], "forced-stop");
+    wait_gone(pid, Duration::from_secs(5));
+    assert!(partd
+        .view()
+        .holdings(&PartitionId::new("slow").unwrap())
+        .unwrap()
+        .is_empty());
+}
