@@ -335,3 +335,78 @@ fn a_second_partd_on_the_same_state_dir_is_refused_and_the_first_keeps_serving()
     );
     assert_eq!(partd.ctl_json(&["list"]), serde_json::json!([]));
 }
+
+/// xorshift64*: deterministic noise without a dependency.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+#[test]
+fn random_requests_never_crash_or_hang_partd() {
+    let partd = Partd::start(&["--request-timeout-ms", "500"]);
+    let s = partd.socket.as_path();
+    let mut n = Noise(0x9e37_79b9_7f4a_7c15);
+    let methods = ["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "BREW"];
+    let paths = [
+        "/v1/partitions",
+        "/v1/partitions/a",
+        "/v1/partitions/a/start",
+        "/v1/partitions/a/stop",
+        "/v1/partitions/a/console",
+        "/v1/partitions/%00",
+        "/v1/partitions/a/b/c",
+        "/v1/log?limit=-1",
+        "/v1/log?partition=%ff",
+        "/v1/resources",
+        "//",
+        "*",
+    ];
+    let bodies = [
+        "",
+        "{}",
+        "null",
+        "[]",
+        "{\"force\": true, \"timeout_s\": 99999999999999999999}",
+        "{\"name\": \"a\", \"memory_mib\": -1, \"kernel\": \"/\"}",
+        "{\"name\": 7}",
+        "\u{0}\u{1}\u{2}",
+        "{\"a\":",
+    ];
+    for i in 0..300 {
+        let raw = if n.next() % 5 == 0 {
+            // Bytes that are not HTTP at all.
+            (0..(n.next() % 200))
+                .map(|_| n.next() as u8)
+                .collect::<Vec<u8>>()
+        } else {
+            let body = n.pick(&bodies);
+            format!(
+                "{} {} HTTP/1.1\r\nHost: p\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                n.pick(&methods),
+                n.pick(&paths),
+                body.len()
+            )
+            .into_bytes()
+        };
+        let t0 = std::time::Instant::now();
+        if let Some((status, reply)) = exchange(s, &raw) {
+            assert!(
+                (200..500).contains(&status) && status != 201 || status == 101,
+                "request {i} got {status}: {reply}"
+            );
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "request {i} hung");
+    }
+    assert_eq!(request(s, "GET", "/v1/partitions", "").0, 200);
+    assert!(partd.view().partitions().unwrap().is_empty());
+}
