@@ -136,6 +136,7 @@ fn tracker_counts_loss_damage_and_duplicates() {
 fn net_words_parse_and_reject_garbage() {
     let w = |s: &str| parse_net(s);
     assert_eq!(w("mac"), Some(NetWord::Mac));
+    assert_eq!(w("bad-tx"), Some(NetWord::BadTx));
     assert_eq!(w("use:1"), Some(NetWord::Use { index: 1 }));
     assert_eq!(
         w("send:52:54:00:12:34:56:10000:1514"),
@@ -201,6 +202,7 @@ fn net_words_parse_and_reject_garbage() {
     for bad in [
         "",
         "mac:1",
+        "bad-tx:1",
         "send:52:54:00:12:34:56:10",
         "send:52:54:00:12:34:56:10:59",
         "send:52:54:00:12:34:56:10:1515",

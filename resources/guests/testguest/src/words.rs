@@ -285,6 +285,8 @@ pub enum NetWord {
         /// Only frames of this ethertype count (others are ignored).
         ethertype: Option<u16>,
     },
+    /// `net=bad-tx`: one transmit buffer shorter than its 12-byte header.
+    BadTx,
     /// `net=broadcast:N`
     Broadcast {
         /// Frames to send.
@@ -316,6 +318,7 @@ pub fn parse_net(value: &str) -> Option<NetWord> {
     };
     let word = match op {
         "mac" if rest.is_none() => NetWord::Mac,
+        "bad-tx" if rest.is_none() => NetWord::BadTx,
         "use" => match count(rest?, &mut nums)? {
             1 => NetWord::Use { index: nums[0] },
             _ => return None,

@@ -357,6 +357,34 @@ impl Net {
         true
     }
 
+    /// Queue a malformed transmit buffer: one descriptor of `bytes` zero
+    /// bytes (fewer than [`HDR_LEN`] makes it shorter than its own
+    /// header). False if no buffer is free.
+    pub fn send_truncated(&mut self, bytes: u32) -> bool {
+        let mut one = [0u16; 1];
+        if !self.txq.alloc(&mut one) {
+            return false;
+        }
+        let d = usize::from(one[0]);
+        // SAFETY: the descriptor was free, so the device does not read its
+        // buffer; DMA is ours.
+        let buf = unsafe { &mut (*dma()).tx[d] };
+        buf.fill(0);
+        self.txq.set_desc(
+            one[0],
+            Desc {
+                addr: buf.as_ptr() as u64,
+                len: bytes.min(BUF_SIZE as u32),
+                flags: 0,
+                next: 0,
+            },
+        );
+        self.tx_busy[d] = true;
+        self.tx_in_flight += 1;
+        self.kick_tx |= self.txq.publish(one[0]);
+        true
+    }
+
     /// Notify the device of what [`Net::recycle`] and [`Net::send`] queued.
     pub fn flush(&mut self) {
         if core::mem::take(&mut self.kick_rx) {

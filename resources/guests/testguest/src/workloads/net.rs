@@ -47,6 +47,10 @@ const DRAIN_NS: u64 = 2_000_000_000;
 const MAX_ARM_NS: u64 = 1_000_000_000;
 /// Frames taken from the receive ring per batch.
 const BATCH: usize = 64;
+/// `bad-tx` gives the device this long to react.
+const BAD_NS: u64 = 1_000_000_000;
+/// Bytes of the `bad-tx` buffer (less than the 12-byte header).
+const BAD_TX_BYTES: u32 = 4;
 /// `expect-none` prints at most this many frames.
 const SHOW_MAX: u32 = 16;
 
@@ -476,12 +480,14 @@ impl NetState {
             NetWord::Ping { peer, rounds } => ping(&mut link, peer, rounds),
             NetWord::Pong { rounds } => pong(&mut link, rounds),
             NetWord::RecvAny { frames, ethertype } => recv_any(&mut link, frames, ethertype),
+            NetWord::BadTx => bad_tx(&mut link),
         };
         // Every word ends with its frames out of the guest.
         let result = result.and_then(|()| link.drain().map_err(Stop::Fail));
         link.give_back();
         let code = match result {
             Ok(()) => return Ok(()),
+            Err(Stop::Reset) => 0,
             Err(Stop::Fail(Fail::Timeout)) => EXIT_TIMEOUT,
             Err(Stop::Fail(Fail::Device(DeviceError::NeedsReset))) => {
                 say!("net: device needs reset");
@@ -501,7 +507,10 @@ impl NetState {
         // (drop); the next word initialises it again.
         self.net = None;
         self.inbox.clear();
-        Err(code)
+        match code {
+            0 => Ok(()),
+            c => Err(c),
+        }
     }
 }
 
@@ -535,6 +544,8 @@ enum Stop {
     Fail(Fail),
     /// `recv` finished but saw loss or damage (already reported).
     Verify,
+    /// Not a failure, but the device must be reset (`bad-tx`).
+    Reset,
 }
 
 impl From<Fail> for Stop {
@@ -759,4 +770,31 @@ fn pong(link: &mut Link, rounds: u32) -> Result<(), Stop> {
     link.drain()?;
     say!("net: ponged {rounds} round trips");
     Ok(())
+}
+
+fn bad_tx(link: &mut Link) -> Result<(), Stop> {
+    if !link.net.send_truncated(BAD_TX_BYTES) {
+        link.drain()?;
+        link.net.send_truncated(BAD_TX_BYTES);
+    }
+    link.net.flush();
+    let deadline = link.now() + BAD_NS;
+    match link.wait_tx(u64::MAX, deadline, |n| n == 0) {
+        Ok(()) => {
+            say!("net: bad-tx completed");
+            Ok(())
+        }
+        Err(Fail::Device(DeviceError::NeedsReset)) => {
+            say!("net: bad-tx needs-reset");
+            Err(Stop::Reset)
+        }
+        Err(Fail::Device(DeviceError::UnknownBuffer(q))) => {
+            say!("net: device returned a buffer that was not posted (queue {q})");
+            Err(Stop::Fail(Fail::Device(DeviceError::UnknownBuffer(q))))
+        }
+        Err(Fail::Timeout) => {
+            say!("net: timeout: bad-tx not completed");
+            Err(Stop::Fail(Fail::Timeout))
+        }
+    }
 }
