@@ -87,10 +87,12 @@ pub enum WaitOutcome {
 
 /// Adaptive spin-then-block wait on a ring's doorbell.
 ///
-/// The spin budget doubles every time spinning found work and halves every
-/// time the waiter had to block, within `[0, max_spin]`: a channel with
-/// back-to-back traffic stays on the polling fast path, an idle one costs no
-/// CPU.
+/// The spin budget doubles every time spinning found work. When the waiter
+/// had to block, it looks at how long the message actually took: if
+/// spinning that long (twice, for margin) fits under `max_spin`, the budget
+/// grows to it; otherwise it halves (never below `max_spin / 64`). A channel
+/// with back-to-back traffic stays on the polling fast path, an idle one
+/// costs no CPU.
 #[derive(Debug)]
 pub struct Waiter {
     spin: Duration,
@@ -148,8 +150,6 @@ impl Waiter {
             self.grow();
             return Ok(WaitOutcome::Spun);
         }
-        // About to block: spinning did not pay off this time.
-        self.spin = (self.spin / 2).max(self.max_spin / 64);
         let mut pfds: Vec<libc::pollfd> = fds
             .iter()
             .map(|f| libc::pollfd {
@@ -179,12 +179,27 @@ impl Waiter {
             }
         }
         if pfds.iter().skip(1).any(|p| p.revents != 0) {
+            self.shrink();
             return Ok(WaitOutcome::Extra);
         }
         if rc == 0 {
+            self.shrink();
             return Ok(WaitOutcome::TimedOut);
         }
+        // Had we spun for `waited`, we would have caught this message without
+        // a system call: if that is within the cap, spin that long next time;
+        // otherwise blocking was the right call, spin less.
+        let waited = start.elapsed();
+        if waited < self.max_spin {
+            self.spin = (waited * 2).clamp(self.spin, self.max_spin);
+        } else {
+            self.shrink();
+        }
         Ok(WaitOutcome::Woken)
+    }
+
+    fn shrink(&mut self) {
+        self.spin = (self.spin / 2).max(self.max_spin / 64);
     }
 }
 
@@ -276,6 +291,43 @@ mod tests {
         assert!(
             w.spin_budget() < Duration::from_micros(50),
             "blocking must shrink the spin budget"
+        );
+    }
+
+    #[test]
+    fn a_message_that_arrives_soon_after_blocking_grows_the_spin_budget() {
+        let geo = RingGeometry {
+            slots: 8,
+            slot_size: 32,
+        };
+        let map = Arc::new(geo.create("grow").unwrap().map(true).unwrap());
+        let mut prod = RingProducer::new(map.clone(), geo).unwrap();
+        let cons = std::cell::RefCell::new(RingConsumer::new(map, geo).unwrap());
+        let bell = Arc::new(Doorbell::new().unwrap());
+        let mut w = Waiter::new(Duration::from_millis(20));
+        // Idle periods (timeouts) shrink the budget to its floor.
+        for _ in 0..8 {
+            let out = wait_ring(&mut w, &cons, &bell, Duration::from_millis(25)).unwrap();
+            assert_eq!(out, WaitOutcome::TimedOut);
+        }
+        let floor = w.spin_budget();
+        assert_eq!(floor, Duration::from_millis(20) / 64);
+        // A message 2 ms later: blocking was unnecessary, so spin longer next time.
+        let bell2 = bell.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            prod.try_push(b"late").unwrap();
+            if prod.consumer_sleeping() {
+                bell2.notify().unwrap();
+            }
+        });
+        let out = wait_ring(&mut w, &cons, &bell, Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
+        assert_eq!(out, WaitOutcome::Woken);
+        assert!(
+            w.spin_budget() >= Duration::from_millis(2),
+            "budget {:?} did not grow from {floor:?}",
+            w.spin_budget()
         );
     }
 

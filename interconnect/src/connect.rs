@@ -49,6 +49,9 @@ pub(crate) fn admit(
     Ok(())
 }
 
+/// Distinguishes the socket files of listeners of one process.
+static NEXT_SOCKET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A named endpoint accepting connections on every port.
 pub struct Listener {
     ctx: Context,
@@ -66,11 +69,12 @@ impl Listener {
                 "endpoint name {name:?} must be 1-100 chars without '/'"
             )));
         }
-        let unix_path =
-            ctx.inner
-                .opts
-                .socket_dir
-                .join(format!("ic-{}-{}.sock", std::process::id(), name));
+        let unix_path = ctx.inner.opts.socket_dir.join(format!(
+            "ic-{}-{}-{}.sock",
+            std::process::id(),
+            NEXT_SOCKET.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            name
+        ));
         let _ = std::fs::remove_file(&unix_path);
         let unix = UnixListener::bind(&unix_path)
             .map_err(|e| IcError::io(format!("bind {}", unix_path.display()), e))?;
