@@ -45,7 +45,8 @@ pub trait Endpoint: Send + Sync + 'static {
     fn count_refused_region(&self);
     /// One line with every counter, for logs.
     fn summary(&self) -> String;
-    /// Called after a connection's daemon is gone (its worker is joined).
+    /// Called when a connection's frontend is gone, and again after its
+    /// daemon is gone (its worker joined); must be idempotent.
     fn disconnected(&self) {}
     /// The backend's worker exit eventfds (see [`ExitFds`]).
     fn exit_fds(backend: &mut Self::Backend) -> &mut ExitFds;
@@ -281,6 +282,9 @@ fn session<E: Endpoint>(
     drop(dir);
 
     let guard_result = guard::relay(frontend, inner);
+    // The frontend is gone: stop other endpoints (switch ports) from writing
+    // into this guest right away, not only once the daemon has wound down.
+    export.disconnected();
     // The relay has shut both sockets down, so the daemon thread ends.
     let daemon_result = daemon.wait();
     match guard_result {

@@ -437,3 +437,20 @@ fn frames_split_across_descriptors_arrive_whole() {
     assert_eq!(got, f);
     assert_eq!(port_stat(&p, 0, "tx_frames"), 1);
 }
+
+#[test]
+fn a_stopped_receive_queue_is_not_written_and_drops_count_as_down() {
+    use vhost::vhost_user::VhostUserFrontend;
+    let p = spawn_switch(&[A, B], &[]);
+    let mut a = attach(&p, 0, 16);
+    let mut b = attach(&p, 1, 16);
+    // The VMM stops B's receive ring (device reset, or before migration).
+    vhost::VhostBackend::get_vring_base(&b.fe, 0).unwrap();
+    b.fe.set_vring_enable(0, false).unwrap();
+    let used_before = b.used_idx(0);
+    a.send(&frame(B, A, b"to a stopped ring"));
+    a.wait_tx_done();
+    wait_until("the drop", || port_stat(&p, 1, "dropped_down") == 1);
+    assert_eq!(b.used_idx(0), used_before, "a stopped ring is not written");
+    assert_eq!(stats(&p)["ports"][1]["rx_ready"], false);
+}
