@@ -18,7 +18,7 @@
 //! because `VHOST_USER_F_PROTOCOL_FEATURES` is not acked yet. The guard holds
 //! such early requests back (acknowledging them if asked to) and replays the
 //! last state of each ring right after `SET_FEATURES` acks the feature
-//! ([`EarlyEnables`]).
+//! (`EarlyEnables`).
 //!
 //! A memory region passes only if its file descriptor carries the seals
 //! `F_SEAL_SHRINK` and `F_SEAL_GROW` (so the VMM can never shrink it under a

@@ -351,7 +351,7 @@ struct UplinkStats {
 /// its transmit buffer while the frame is in flight can change only its own
 /// payload, never the addresses the switch decided on. The body is copied
 /// once per receiver, straight from the sender's memory into the receiver's.
-pub struct Frame<'a> {
+struct Frame<'a> {
     eth: [u8; ETH_HDR],
     body: Body<'a>,
 }
@@ -445,7 +445,7 @@ pub struct Switch {
 }
 
 /// Per-thread record of the ports that got frames and may need an interrupt.
-pub struct Touched(Vec<bool>);
+struct Touched(Vec<bool>);
 
 impl Switch {
     /// A switch with `ports` and an optional uplink. Ports must have distinct
@@ -486,7 +486,7 @@ impl Switch {
     }
 
     /// A fresh [`Touched`] set for this switch.
-    pub fn touched(&self) -> Touched {
+    fn touched(&self) -> Touched {
         Touched(vec![false; self.ports.len()])
     }
 
