@@ -51,6 +51,9 @@ pub struct VmmView {
     pub start_time: u64,
     pub control_socket: PathBuf,
     pub console_socket: PathBuf,
+    /// The cgroup weighting its shared-pool share, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// How a monitor ended (part-vmm's exit record, or partd's when it left none).

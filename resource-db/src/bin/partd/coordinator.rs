@@ -67,6 +67,7 @@ pub struct Settings {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub unresponsive_after: Duration,
+    pub cgroups: crate::cgroup::CpuCgroups,
 }
 
 /// A partition as the API shows it.
@@ -108,6 +109,9 @@ pub struct VmmView {
     pub start_time: u64,
     pub control_socket: PathBuf,
     pub console_socket: PathBuf,
+    /// The cgroup weighting its share of the shared pool, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Where a live VMM is in its life, as the supervisor sees it.
@@ -268,6 +272,11 @@ impl Coordinator {
             start_time: l.record.start_time,
             control_socket: files.control(),
             console_socket: files.console(),
+            cgroup: self
+                .settings
+                .cgroups
+                .dir(rec.id.as_str(), l.record.pid)
+                .filter(|d| d.exists()),
         });
         let last_exit = if vmm.is_none() {
             process::read_json::<ExitRecord>(&files.exit_file())
@@ -480,6 +489,12 @@ impl Coordinator {
                 "{id}: cannot write {}: {e}; a restarted partd will not find this VMM",
                 files.vmm_record().display()
             );
+        }
+        let share = def.share_milli();
+        if share > 0 {
+            if let Err(e) = self.settings.cgroups.place(id.as_str(), record.pid, share) {
+                tracing::warn!("{id}: its share is not weighted: {e}");
+            }
         }
         let t_spawned = Instant::now();
         let live = self.register(id, record, files, false);
@@ -771,6 +786,7 @@ impl Coordinator {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         let _ = std::fs::remove_file(files.vmm_record());
+        self.settings.cgroups.remove(id.as_str(), live.record.pid);
         if let Err(e) = self.release(id, state).await {
             tracing::error!("{id}: cannot release its resources: {e}");
         }

@@ -34,6 +34,7 @@
 //! - serve a uid that is not root, partd's own or allowlisted.
 
 mod api;
+mod cgroup;
 mod coordinator;
 mod definition;
 mod process;
@@ -77,6 +78,11 @@ struct Args {
     /// becomes `unresponsive`.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     unresponsive_after_ms: u64,
+    /// Weight each shared-pool partition's monitor by its share in a cpu
+    /// cgroup under `partvisor/` (`auto`: where a writable cpu controller
+    /// exists), or not at all (`off`).
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "off"])]
+    cgroups: String,
     /// A client gets this long to send its request head, and again its body.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     request_timeout_ms: u64,
@@ -217,12 +223,26 @@ async fn run(args: Args) -> Result<(), PartdError> {
         }
     })?;
     let db = open_db(&args)?;
+    let cgroups = if args.cgroups == "off" {
+        cgroup::CpuCgroups::Off("--cgroups off".into())
+    } else {
+        cgroup::CpuCgroups::detect(Path::new("/sys/fs/cgroup"))
+    };
+    match &cgroups {
+        cgroup::CpuCgroups::Off(why) => {
+            tracing::warn!("shares of the shared CPU pool are not weighted: {why}")
+        }
+        cgroup::CpuCgroups::V1(d) | cgroup::CpuCgroups::V2(d) => {
+            tracing::info!("shared-pool shares weighted in {}", d.display())
+        }
+    }
     let settings = coordinator::Settings {
         state_dir: args.state_dir.clone(),
         vmm: args.vmm.clone().unwrap_or_else(default_vmm),
         ping_interval: Duration::from_millis(args.ping_interval_ms.max(10)),
         ping_timeout: Duration::from_millis(args.ping_timeout_ms.max(10)),
         unresponsive_after: Duration::from_millis(args.unresponsive_after_ms.max(10)),
+        cgroups,
     };
     let coord = coordinator::Coordinator::new(db, settings);
     let (adopted, finished) = coord
