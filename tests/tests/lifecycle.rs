@@ -545,16 +545,31 @@ fn shared_partition_monitor_is_weighted_by_its_share() {
     partd.ctl_ok(&["create", def.to_str().unwrap()]);
     let v = partd.ctl_json(&["start", "weighted"]);
     let pid = pid_of(&v);
-    let Some(cgroup) = v["vmm"]["cgroup"].as_str().map(std::path::PathBuf::from) else {
-        assert!(
-            partd
-                .log()
-                .contains("shares of the shared CPU pool are not weighted"),
-            "no cgroup and no reason logged"
-        );
+    if partd
+        .log()
+        .contains("shares of the shared CPU pool are not weighted")
+    {
         println!("skipped: no writable cpu cgroup controller here (partd logged why)");
         partd.ctl_json(&["stop", "weighted", "--force"]);
         return;
+    }
+    assert!(partd.log().contains("shared-pool shares weighted in"));
+    // The move into the cgroup runs beside the start: wait for it.
+    let t0 = std::time::Instant::now();
+    let cgroup = loop {
+        let v = partd.ctl_json(&["show", "weighted"]);
+        if let Some(c) = v["vmm"]["cgroup"].as_str() {
+            let c = std::path::PathBuf::from(c);
+            let procs = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
+            if procs.lines().any(|l| l.trim() == pid.to_string()) {
+                break c;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "monitor never placed: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     };
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
     assert!(

@@ -131,6 +131,8 @@ struct Live {
     phase: watch::Sender<Phase>,
     /// When the monitor first answered a ping.
     first_answer: Mutex<Option<Instant>>,
+    /// The monitor's move into its cgroup, while it runs.
+    placing: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The coordinator. Cheap to share (`Arc`).
@@ -490,14 +492,22 @@ impl Coordinator {
                 files.vmm_record().display()
             );
         }
-        let share = def.share_milli();
-        if share > 0 {
-            if let Err(e) = self.settings.cgroups.place(id.as_str(), record.pid, share) {
-                tracing::warn!("{id}: its share is not weighted: {e}");
-            }
-        }
         let t_spawned = Instant::now();
         let live = self.register(id, record, files, false);
+        let share = def.share_milli();
+        if share > 0 {
+            // Moving a process between cgroups can take milliseconds (v1
+            // waits for RCU): done beside the start, not in its way. `finish`
+            // waits for it before removing the cgroup.
+            let cgroups = self.settings.cgroups.clone();
+            let (name, pid) = (id.to_string(), live.record.pid);
+            let placing = tokio::task::spawn_blocking(move || {
+                if let Err(e) = cgroups.place(&name, pid, share) {
+                    tracing::warn!("{name}: its share is not weighted: {e}");
+                }
+            });
+            *live.placing.lock().unwrap_or_else(|p| p.into_inner()) = Some(placing);
+        }
         let mut phase = live.phase.subscribe();
         self.supervise(id.clone(), Arc::clone(&live), proc_);
         drop(guard);
@@ -560,6 +570,7 @@ impl Coordinator {
             killed_by_partd: AtomicBool::new(false),
             phase,
             first_answer: Mutex::new(None),
+            placing: Mutex::new(None),
         });
         let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(id.clone(), Arc::clone(&live));
@@ -786,6 +797,14 @@ impl Coordinator {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         let _ = std::fs::remove_file(files.vmm_record());
+        let placing = live
+            .placing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(p) = placing {
+            let _ = p.await;
+        }
         self.settings.cgroups.remove(id.as_str(), live.record.pid);
         if let Err(e) = self.release(id, state).await {
             tracing::error!("{id}: cannot release its resources: {e}");
@@ -874,6 +893,7 @@ impl Coordinator {
                         killed_by_partd: AtomicBool::new(false),
                         phase: watch::channel(Phase::Starting).0,
                         first_answer: Mutex::new(None),
+                        placing: Mutex::new(None),
                     };
                     self.finish(&id, &live, None).await;
                     finished += 1;
