@@ -454,3 +454,59 @@ fn a_stopped_receive_queue_is_not_written_and_drops_count_as_down() {
     assert_eq!(b.used_idx(0), used_before, "a stopped ring is not written");
     assert_eq!(stats(&p)["ports"][1]["rx_ready"], false);
 }
+
+#[test]
+fn a_guest_writing_garbage_into_its_rings_hurts_only_itself() {
+    let mut p = spawn_switch(&[A, B, C], &[]);
+    let mut a = attach(&p, 0, 16);
+    let mut b = attach(&p, 1, 16);
+    let mut c = attach(&p, 2, 16);
+    // xorshift: deterministic garbage.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..200 {
+        for q in 0..2 {
+            for id in 0..8u16 {
+                let r = rnd();
+                // Addresses inside and far outside guest memory, any length,
+                // any flags, any next.
+                let addr = if r & 1 == 0 { r >> 44 } else { r >> 8 };
+                a.put_desc(
+                    q,
+                    id,
+                    addr,
+                    (r >> 16) as u32 % 4096,
+                    (r >> 32) as u16 & 7,
+                    (r >> 48) as u16,
+                );
+                a.push_avail(q, (rnd() % 300) as u16);
+            }
+            a.kick(q);
+        }
+        if round % 10 == 0 {
+            // Meanwhile B and C keep talking, and B's broadcasts are
+            // delivered into A's garbage receive ring.
+            let f = seq_frame(BROADCAST, B, round, 100);
+            b.send(&f);
+            assert_eq!(c.recv(), f);
+        }
+    }
+    assert!(p.is_running(), "part-io survived: {}", p.log());
+    let s = stats(&p);
+    let malformed: u64 = s["ports"][0]["malformed"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    let bad = malformed + s["ports"][0]["tx_bad_frame"].as_u64().unwrap();
+    assert!(bad > 0, "garbage was noticed: {s}");
+    let f = frame(B, C, b"still fine");
+    c.send(&f);
+    assert_eq!(b.recv(), f);
+}
