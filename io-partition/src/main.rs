@@ -97,7 +97,12 @@ fn run_net(
     let stats = stats_socket.map(|path| bind_stats(&path)).transpose()?;
     let mut threads = Vec::new();
     if let Some(name) = switch.uplink_name() {
-        info!("uplink tap {name} attached");
+        let how = if switch.uplink_created() {
+            " (created by part-io; removed when it exits)"
+        } else {
+            ""
+        };
+        info!("uplink tap {name} attached{how}");
         let sw = switch.clone();
         threads.push(
             std::thread::Builder::new()

@@ -495,6 +495,11 @@ impl Switch {
         self.uplink.as_ref().map(|u| u.tap.name())
     }
 
+    /// Whether part-io created the uplink tap (rather than attaching to one).
+    pub fn uplink_created(&self) -> bool {
+        self.uplink.as_ref().is_some_and(|u| u.tap.created())
+    }
+
     /// Forwards `frame`, which entered at `from`.
     fn forward(&self, from: Source, frame: &Frame<'_>, touched: &mut Touched) {
         let dst = frame.dst();

@@ -294,7 +294,7 @@ fn a_tap_that_does_not_exist_is_created_up_and_removed_with_the_switch() {
     let name = tap_name("c");
     assert!(!Path::new("/sys/class/net").join(&name).exists());
     let p = spawn_switch(&[A], &["--tap", &name]);
-    p.wait_log(&format!("uplink tap {name} attached"));
+    p.wait_log(&format!("uplink tap {name} attached (created by part-io"));
     let flags = if_flags(&name).expect("part-io created the tap");
     assert_ne!(flags & libc::IFF_UP as u32, 0, "created tap is up");
     drop(p);
