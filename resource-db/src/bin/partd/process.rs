@@ -138,6 +138,9 @@ pub enum VmmProcess {
     Child(tokio::process::Child),
     /// Started by an earlier partd: watched through a pidfd.
     Adopted(AsyncFd<OwnedFd>),
+    /// Started by an earlier partd on a kernel without pidfds: watched by
+    /// polling its pid and start time.
+    Polled(VmmRecord),
 }
 
 /// How a VMM process ended, as far as partd saw it.
@@ -163,6 +166,12 @@ impl VmmProcess {
                 },
                 Err(_) => Ended::Unknown,
             },
+            VmmProcess::Polled(record) => {
+                while start_time(record.pid) == Some(record.start_time) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ended::Unknown
+            }
             VmmProcess::Adopted(fd) => {
                 // A pidfd becomes readable when its process ends.
                 loop {
@@ -187,10 +196,15 @@ pub fn adopt(record: &VmmRecord) -> Option<VmmProcess> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
     // or -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, record.pid as libc::pid_t, 0) };
-    if fd < 0 {
+    let Ok(fd) = i32::try_from(fd) else {
         return None;
+    };
+    if fd < 0 {
+        // No pidfd (gone, Linux < 5.3, out of descriptors): a process that is
+        // still alive is adopted all the same, watched by polling.
+        return (start_time(record.pid) == Some(record.start_time))
+            .then(|| VmmProcess::Polled(record.clone()));
     }
-    let fd = i32::try_from(fd).ok()?;
     // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // Checked after opening: the pidfd now pins this very process.
@@ -199,9 +213,12 @@ pub fn adopt(record: &VmmRecord) -> Option<VmmProcess> {
     }
     // SAFETY: `owned` is an open pidfd moved into the AsyncFd, which owns it
     // (and so keeps it open and unchanged) until the AsyncFd is dropped.
-    unsafe { AsyncFd::register(owned) }
-        .ok()
-        .map(VmmProcess::Adopted)
+    match unsafe { AsyncFd::register(owned) } {
+        Ok(fd) => Some(VmmProcess::Adopted(fd)),
+        // Alive but not watchable through the reactor: poll it instead;
+        // never treat a live monitor as gone.
+        Err(_) => Some(VmmProcess::Polled(record.clone())),
+    }
 }
 
 /// Writes `cfg` into a memfd sealed against writes, growing and shrinking.
@@ -340,6 +357,38 @@ mod tests {
         assert_eq!(start_time(me), Some(a));
         // pid_max is at most 2^22; this pid never exists.
         assert_eq!(start_time(u32::MAX - 1), None);
+    }
+
+    #[tokio::test]
+    async fn adopted_process_end_is_seen_by_pidfd_and_by_polling() {
+        for polled in [false, true] {
+            let mut child = std::process::Command::new("sleep")
+                .arg("0.2")
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let record = VmmRecord {
+                pid,
+                start_time: start_time(pid).unwrap(),
+            };
+            let mut p = if polled {
+                VmmProcess::Polled(record.clone())
+            } else {
+                adopt(&record).unwrap()
+            };
+            // Reap it elsewhere, as init would for an adopted monitor.
+            let reaper = std::thread::spawn(move || child.wait().unwrap());
+            let t0 = std::time::Instant::now();
+            assert_eq!(p.wait().await, Ended::Unknown);
+            assert!(t0.elapsed() >= Duration::from_millis(150), "ended early");
+            reaper.join().unwrap();
+            // A record whose start time does not match is never adopted.
+            let stale = VmmRecord {
+                pid: std::process::id(),
+                start_time: 1,
+            };
+            assert!(adopt(&stale).is_none());
+        }
     }
 
     #[test]
