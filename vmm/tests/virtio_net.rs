@@ -239,19 +239,18 @@ fn frames_cross_the_tap_uplink_both_ways_between_host_and_guest() {
         }
     };
     let a = dir.join("a.sock");
-    let log = dir.join("sw.log");
     let stats = dir.join("sw-stats.sock");
-    let child = std::process::Command::new(part_io())
-        .args(["net", "--port"])
-        .arg(format!("socket={},mac={MAC_A}", a.display()))
-        .args(["--tap", &tap_name, "--stats-socket"])
-        .arg(&stats)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let switch = Backend { child, log };
+    let args: Vec<String> = [
+        "net".to_string(),
+        "--port".into(),
+        format!("socket={},mac={MAC_A}", a.display()),
+        "--tap".into(),
+        tap_name.clone(),
+        "--stats-socket".into(),
+        stats.display().to_string(),
+    ]
+    .into();
+    let switch = spawn_part_io(&args, dir.join("sw.log"));
     wait_for_sockets(&[&a, &stats]);
     let na = net_arg(&a);
     let mut vm = Running::start(

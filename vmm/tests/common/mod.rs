@@ -248,15 +248,10 @@ pub fn wait_for_sockets(socks: &[&Path]) {
     }
 }
 
-/// Starts `part-io blk` with one `--export` per spec, logging to `dir`.
-pub fn start_part_io(dir: &Path, exports: &[String]) -> Backend {
-    let log = dir.join("part-io.log");
-    let mut c = Command::new(part_io());
-    c.arg("blk");
-    for e in exports {
-        c.arg("--export").arg(e);
-    }
-    let child = c
+/// Spawns `part-io` with `args`, its log in `log`.
+pub fn spawn_part_io(args: &[String], log: PathBuf) -> Backend {
+    let child = Command::new(part_io())
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -264,6 +259,15 @@ pub fn start_part_io(dir: &Path, exports: &[String]) -> Backend {
         .spawn()
         .expect("spawn part-io");
     Backend { child, log }
+}
+
+/// Starts `part-io blk` with one `--export` per spec, logging to `dir`.
+pub fn start_part_io(dir: &Path, exports: &[String]) -> Backend {
+    let mut args = vec!["blk".to_string()];
+    for e in exports {
+        args.extend(["--export".to_string(), e.clone()]);
+    }
+    spawn_part_io(&args, dir.join("part-io.log"))
 }
 
 /// part-vmm with the test guest, `cmdline` and extra flags, not yet started.
@@ -323,24 +327,19 @@ impl Running {
 pub fn start_switch(dir: &Path, name: &str, ports: &[(&Path, &str)]) -> (Backend, PathBuf) {
     let log = dir.join(format!("{name}.log"));
     let stats = dir.join(format!("{name}-stats.sock"));
-    let mut c = Command::new(part_io());
-    c.arg("net");
+    let mut args = vec!["net".to_string()];
     for (sock, mac) in ports {
-        c.arg("--port")
-            .arg(format!("socket={},mac={mac}", sock.display()));
+        args.extend([
+            "--port".to_string(),
+            format!("socket={},mac={mac}", sock.display()),
+        ]);
     }
-    c.arg("--stats-socket").arg(&stats);
-    let child = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .env("NO_COLOR", "1")
-        .spawn()
-        .expect("spawn part-io net");
+    args.extend(["--stats-socket".to_string(), stats.display().to_string()]);
+    let backend = spawn_part_io(&args, log);
     let mut socks: Vec<&Path> = ports.iter().map(|(s, _)| *s).collect();
     socks.push(&stats);
     wait_for_sockets(&socks);
-    (Backend { child, log }, stats)
+    (backend, stats)
 }
 
 /// The switch's counters (one JSON document from its stats socket).
