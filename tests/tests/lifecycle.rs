@@ -195,6 +195,15 @@ fn start_boots_the_guest_and_stop_returns_every_resource_to_available() {
         "create, grant, running, stopping, release"
     );
     assert!(entries.iter().all(|e| e["actor"] == "partd"));
+    let last = view.last_txid().unwrap().0;
+    let tail = partd.ctl_json(&["log", "--limit", "2"]);
+    let txids: Vec<u64> = tail
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["txid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(txids, vec![last - 1, last]);
     let table = partd.ctl_ok(&["log", "web"]);
     assert!(table.contains("web: starting -> running"), "{table}");
 

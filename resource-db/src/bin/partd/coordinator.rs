@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use part_vmm::control::{ExitRecord, Request};
 use resource_db::{
-    Change, Db, Error as DbError, FreeCapacity, Holdings, LogEntry, Owner, PartitionId,
+    Change, Db, Error as DbError, FreeCapacity, Holdings, LogEntry, LogRecord, Owner, PartitionId,
     PartitionRecord, PartitionState, Rejection, ResourceId, TxId,
 };
 use serde::{Deserialize, Serialize};
@@ -191,6 +191,20 @@ fn final_state(stop_requested: bool, killed_by_partd: bool, exit: &ExitRecord) -
     }
 }
 
+/// Whether an audit record changes anything of partition `p`.
+fn mentions(record: &LogRecord, p: &PartitionId) -> bool {
+    let LogRecord::Transaction { changes } = record else {
+        return false;
+    };
+    changes.iter().any(|c| match c {
+        Change::Transfer { before, after, .. } => {
+            before.as_partition() == Some(p) || after.as_partition() == Some(p)
+        }
+        Change::Share { partition, .. } | Change::SetState { partition, .. } => partition == p,
+        Change::Create { record } | Change::Destroy { record } => &record.id == p,
+    })
+}
+
 impl Coordinator {
     pub fn new(db: Db, settings: Settings) -> Arc<Self> {
         Arc::new(Coordinator {
@@ -312,16 +326,12 @@ impl Coordinator {
         limit: u64,
     ) -> Result<Vec<LogEntry>, CoordError> {
         let last = self.db.view().last_txid()?;
-        let from = TxId(1);
-        let mut entries = self.db.log(from, last.0)?;
-        if let Some(p) = partition {
-            let needle = Owner::partition(p).to_string();
-            entries.retain(|e| {
-                serde_json::to_string(&e.record)
-                    .map(|s| s.contains(&format!("\"{needle}\"")))
-                    .unwrap_or(false)
-            });
-        }
+        let Some(p) = partition else {
+            let from = last.0.saturating_sub(limit.saturating_sub(1)).max(1);
+            return Ok(self.db.log(TxId(from), limit)?);
+        };
+        let mut entries = self.db.log(TxId(1), last.0)?;
+        entries.retain(|e| mentions(&e.record, p));
         let skip = entries
             .len()
             .saturating_sub(usize::try_from(limit).unwrap_or(usize::MAX));
