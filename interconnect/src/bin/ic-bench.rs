@@ -77,7 +77,7 @@ fn qp_end(name: &str, dir: &Path) -> Res<(Context, Pd, Cq, Qp)> {
 }
 
 fn finish_end(ctx: Context, pd: Pd, cq: Cq, qp: Qp) -> Res<QpEnd> {
-    let len = 20u64 << 20;
+    let len = 32u64 << 20;
     let buf = pd.alloc_buffer(len)?;
     let mr = pd.reg_mr(&buf, 0, len, Access::LOCAL_WRITE)?;
     Ok(QpEnd {
@@ -88,12 +88,14 @@ fn finish_end(ctx: Context, pd: Pd, cq: Cq, qp: Qp) -> Res<QpEnd> {
     })
 }
 
-const RECV_BASE: u64 = 4 << 20; // [0,4M) send slots, [4M,20M) receive slots
-const SEND_SLOTS: usize = 4;
+const RECV_BASE: u64 = 16 << 20; // [0,16M) send slots, [16M,32M) receive slots
+/// Sends in flight (and source slots): deep enough that the sender can run
+/// ahead while the receiver is descheduled on a shared machine.
+const SEND_SLOTS: usize = 16;
 
 /// Receive slots for a message size: the same working set memcpy is given.
 fn recv_slots(size: usize) -> u64 {
-    ((8 << 20) / size).clamp(4, 16) as u64
+    ((16 << 20) / size).clamp(4, 16) as u64
 }
 
 fn wait_recv(e: &QpEnd, wcs: &mut Vec<WorkCompletion>) -> Res<WorkCompletion> {
@@ -414,7 +416,7 @@ mod ice {
 // ------------------------------------------------------------- memcpy
 
 /// Single-core memcpy over the same working set as the QP bandwidth runs
-/// (4 source slots, `recv_slots` destination slots): once between ordinary
+/// (`SEND_SLOTS` source slots, `recv_slots` destination slots): once between ordinary
 /// heap buffers (which may get transparent huge pages), once between two
 /// buffers from the interconnect allocator (memfds, 4 KiB pages here).
 fn memcpy_bw() -> Res<(Vec<f64>, Vec<f64>)> {
@@ -431,7 +433,7 @@ fn memcpy_bw() -> Res<(Vec<f64>, Vec<f64>)> {
         std::hint::black_box(dst);
         BW_TOTAL as f64 / t0.elapsed().as_secs_f64() / 1e9
     };
-    let src = vec![1u8; 4 << 20];
+    let src = vec![1u8; 16 << 20];
     let mut dst = vec![0u8; 16 << 20];
     let heap = SIZES_BW
         .iter()
@@ -443,7 +445,7 @@ fn memcpy_bw() -> Res<(Vec<f64>, Vec<f64>)> {
         ContextOptions::default(),
     )?;
     let pd = ctx.alloc_pd()?;
-    let (a, b) = (pd.alloc_buffer(4 << 20)?, pd.alloc_buffer(16 << 20)?);
+    let (a, b) = (pd.alloc_buffer(16 << 20)?, pd.alloc_buffer(16 << 20)?);
     a.write_at(0, &src)?;
     let memfd = SIZES_BW
         .iter()
