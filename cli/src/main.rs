@@ -468,7 +468,7 @@ async fn ensure_dev_partd() -> Result<PathBuf, CtlError> {
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|e| {
         CtlError::Other(format!(
-            "cannot start {}: {e}; build it with `cargo build -p resource-db --bin partd`",
+            "cannot start {}: {e}; build it with `cargo build -p partd`",
             partd.display()
         ))
     })?;

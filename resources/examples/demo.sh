@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build -q -p part-vmm -p partctl -p partvisor-test-guest
-cargo build -q -p resource-db --bin partd
+cargo build -q -p partd
 guest=$(ls -t target/debug/build/partvisor-test-guest-*/out/partvisor-testguest.elf | head -n1)
 
 state=$(mktemp -d)

@@ -52,7 +52,7 @@ pub fn bins() -> &'static Bins {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "--quiet", "--profile", &profile, "--bins"])
-            .args(["-p", "resource-db", "-p", "partctl", "-p", "part-vmm"])
+            .args(["-p", "partd", "-p", "partctl", "-p", "part-vmm"])
             .env("CARGO_TARGET_DIR", &target_dir)
             .status()
             .expect("run cargo build for partd/partctl/part-vmm");
