@@ -65,6 +65,21 @@ pub struct ExitView {
     pub detail: String,
 }
 
+/// A part-io process serving a partition's disks (`blk`) or a switch its
+/// NICs are on (`net`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IoView {
+    pub kind: String,
+    #[serde(default)]
+    pub switch: Option<String>,
+    pub pid: u32,
+    pub start_time: u64,
+    /// False once the process is gone: the partition's devices need reset.
+    pub alive: bool,
+    pub sockets: Vec<PathBuf>,
+    pub log: PathBuf,
+}
+
 /// A partition as partd reports it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PartitionView {
@@ -76,6 +91,9 @@ pub struct PartitionView {
     pub vmm: Option<VmmView>,
     #[serde(default)]
     pub last_exit: Option<ExitView>,
+    /// The part-io processes serving its disks and NICs.
+    #[serde(default)]
+    pub io: Vec<IoView>,
     /// Only in the reply to a start: where partd's time went (microseconds).
     #[serde(default)]
     pub start_timings: Option<serde_json::Value>,
@@ -106,7 +124,8 @@ pub fn dev_state_dir() -> Result<PathBuf, CtlError> {
 }
 
 /// Reads a TOML definition and resolves its relative `kernel`/`initrd`
-/// paths against the file's folder; returns it as JSON for partd.
+/// and `[[disk]] image` paths against the file's folder; returns it as
+/// JSON for partd.
 pub fn load_definition(path: &Path) -> Result<serde_json::Value, CtlError> {
     let fail = |reason: String| CtlError::Definition {
         path: path.to_owned(),
@@ -125,13 +144,21 @@ pub fn load_definition(path: &Path) -> Result<serde_json::Value, CtlError> {
         base
     };
     let base = std::path::absolute(&base).map_err(|e| fail(format!("resolving paths: {e}")))?;
-    for key in ["kernel", "initrd"] {
-        if let Some(serde_json::Value::String(s)) = value.get(key) {
+    let resolve = |v: &mut serde_json::Value, key: &str| {
+        if let Some(serde_json::Value::String(s)) = v.get(key) {
             let p = Path::new(s);
             if p.is_relative() {
                 let joined = base.join(p);
-                value[key] = serde_json::Value::String(joined.display().to_string());
+                v[key] = serde_json::Value::String(joined.display().to_string());
             }
+        }
+    };
+    for key in ["kernel", "initrd"] {
+        resolve(&mut value, key);
+    }
+    if let Some(serde_json::Value::Array(disks)) = value.get_mut("disk") {
+        for d in disks {
+            resolve(d, "image");
         }
     }
     Ok(value)
@@ -370,6 +397,18 @@ mod tests {
         assert_eq!(v["kernel"], dir.join("k.elf").display().to_string());
         assert_eq!(v["initrd"], "/abs/i");
         assert_eq!(v["cpus"], serde_json::json!([1]));
+        let f2 = dir.join("d.toml");
+        std::fs::write(
+            &f2,
+            "name = \"p\"\nmemory_mib = 16\nkernel = \"/k\"\n[[disk]]\nimage = \"d.img\"\n[[disk]]\nimage = \"/abs.img\"\n",
+        )
+        .unwrap();
+        let v2 = load_definition(&f2).unwrap();
+        assert_eq!(
+            v2["disk"][0]["image"],
+            dir.join("d.img").display().to_string()
+        );
+        assert_eq!(v2["disk"][1]["image"], "/abs.img");
         std::fs::write(&f, "name = \n").unwrap();
         let e = load_definition(&f).unwrap_err().to_string();
         assert!(e.starts_with(&f.display().to_string()), "{e}");

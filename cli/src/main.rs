@@ -232,6 +232,18 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if let Some(e) = &v.last_exit {
                 t.add_row(vec!["last exit".to_string(), e.detail.clone()]);
             }
+            for io in &v.io {
+                let what = match &io.switch {
+                    Some(sw) => format!("part-io net (switch {sw})"),
+                    None => format!("part-io {}", io.kind),
+                };
+                let status = if io.alive {
+                    "running"
+                } else {
+                    "GONE: its devices need reset"
+                };
+                t.add_row(vec![what, format!("pid {} {status}", io.pid)]);
+            }
             println!("{t}");
             print_holdings(&v.holdings);
             Ok(())
@@ -300,6 +312,10 @@ fn print_holdings(h: &Holdings) {
             "vsock cids".to_string(),
             format!("{:?}", h.vsock_cids),
         ]);
+    }
+    if !h.macs.is_empty() {
+        let macs: Vec<String> = h.macs.iter().map(ToString::to_string).collect();
+        t.add_row(vec!["macs".to_string(), macs.join(", ")]);
     }
     if !h.devices.is_empty() {
         t.add_row(vec!["devices".to_string(), h.devices.join(", ")]);

@@ -30,6 +30,7 @@ pub struct Bins {
     pub partd: PathBuf,
     pub partctl: PathBuf,
     pub part_vmm: PathBuf,
+    pub part_io: PathBuf,
 }
 
 /// Builds (if needed) and locates partd, partctl and part-vmm in the target
@@ -52,7 +53,9 @@ pub fn bins() -> &'static Bins {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "--quiet", "--profile", &profile, "--bins"])
-            .args(["-p", "partd", "-p", "partctl", "-p", "part-vmm"])
+            .args([
+                "-p", "partd", "-p", "partctl", "-p", "part-vmm", "-p", "part-io",
+            ])
             .env("CARGO_TARGET_DIR", &target_dir)
             .status()
             .expect("run cargo build for partd/partctl/part-vmm");
@@ -61,8 +64,9 @@ pub fn bins() -> &'static Bins {
             partd: profile_dir.join("partd"),
             partctl: profile_dir.join("partctl"),
             part_vmm: profile_dir.join("part-vmm"),
+            part_io: profile_dir.join("part-io"),
         };
-        for p in [&b.partd, &b.partctl, &b.part_vmm] {
+        for p in [&b.partd, &b.partctl, &b.part_vmm, &b.part_io] {
             assert!(p.is_file(), "{} missing after the build", p.display());
         }
         b
@@ -104,6 +108,9 @@ impl Partd {
         ];
         if !extra.contains(&"--vmm") {
             args.extend(["--vmm".into(), bins().part_vmm.display().to_string()]);
+        }
+        if !extra.contains(&"--part-io") {
+            args.extend(["--part-io".into(), bins().part_io.display().to_string()]);
         }
         if !extra.contains(&"--memory-budget-mib") {
             args.extend(["--memory-budget-mib".into(), "1024".into()]);
@@ -242,11 +249,22 @@ impl Partd {
 
     /// pids of monitors partd recorded (alive or not).
     fn recorded_vmm_pids(&self) -> Vec<u32> {
-        let Ok(rd) = std::fs::read_dir(self.path().join("partitions")) else {
+        self.recorded_pids("partitions", "vmm.json")
+    }
+
+    /// pids of part-io processes partd recorded (alive or not).
+    fn recorded_io_pids(&self) -> Vec<u32> {
+        let mut p = self.recorded_pids("partitions", "blk.json");
+        p.extend(self.recorded_pids("switches", "net.json"));
+        p
+    }
+
+    fn recorded_pids(&self, folder: &str, file: &str) -> Vec<u32> {
+        let Ok(rd) = std::fs::read_dir(self.path().join(folder)) else {
             return Vec::new();
         };
         rd.filter_map(|e| e.ok())
-            .filter_map(|e| std::fs::read_to_string(e.path().join("vmm.json")).ok())
+            .filter_map(|e| std::fs::read_to_string(e.path().join(file)).ok())
             .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .filter_map(|v| v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
             .collect()
@@ -262,13 +280,24 @@ impl Drop for Partd {
                 kill(pid, libc::SIGKILL);
             }
         }
+        // So do I/O partitions.
+        for pid in self.recorded_io_pids() {
+            if is_comm(pid, "part-io") {
+                kill(pid, libc::SIGKILL);
+            }
+        }
     }
 }
 
 /// Whether `pid` is a live part-vmm.
 pub fn is_part_vmm(pid: u32) -> bool {
+    is_comm(pid, "part-vmm")
+}
+
+/// Whether `pid` is a live process named `comm`.
+pub fn is_comm(pid: u32, comm: &str) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim() == "part-vmm")
+        .map(|c| c.trim() == comm)
         .unwrap_or(false)
 }
 

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::definition::{Definition, DefinitionError};
+use crate::io::{self, IoRecord, IoView, Port, SwitchFiles};
 use crate::process::{self, Ended, PartitionFiles, VmmProcess, VmmRecord};
+use part_vmm::config::DeviceConfig;
 
 /// The actor name partd uses in the audit log.
 const ACTOR: &str = "partd";
@@ -64,6 +66,8 @@ impl From<DefinitionError> for CoordError {
 pub struct Settings {
     pub state_dir: PathBuf,
     pub vmm: PathBuf,
+    /// The part-io binary (I/O partitions).
+    pub part_io: PathBuf,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub unresponsive_after: Duration,
@@ -81,6 +85,9 @@ pub struct PartitionView {
     pub vmm: Option<VmmView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<ExitRecord>,
+    /// The part-io processes serving its disks and NICs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub io: Vec<IoView>,
     /// Only in the reply to a start: where its time went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_timings: Option<StartTimings>,
@@ -91,6 +98,9 @@ pub struct PartitionView {
 pub struct StartTimings {
     /// Checks, planning and the grant transaction (durable).
     pub grant_us: u64,
+    /// Starting the part-io backends and waiting until they listen.
+    #[serde(default)]
+    pub io_us: u64,
     /// Descriptor memfd, state files and fork/exec of part-vmm.
     pub spawn_us: u64,
     /// From the spawn until the monitor first answered a ping: the
@@ -141,6 +151,8 @@ pub struct Coordinator {
     settings: Settings,
     live: Mutex<HashMap<PartitionId, Arc<Live>>>,
     locks: Mutex<HashMap<PartitionId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialises starting and restarting switches.
+    switches: tokio::sync::Mutex<()>,
 }
 
 fn stale(e: &DbError) -> bool {
@@ -212,6 +224,7 @@ impl Coordinator {
             settings,
             live: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            switches: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -299,7 +312,9 @@ impl Coordinator {
         } else {
             None
         };
+        let io = self.io_views(&rec);
         Ok(PartitionView {
+            io,
             name: rec.id.to_string(),
             state: rec.state,
             definition: serde_json::from_str(&rec.definition)
@@ -355,7 +370,20 @@ impl Coordinator {
                 state: PartitionState::Defined,
             },
         };
-        match self.transact(vec![change]).await {
+        // A NIC's MAC is part of the partition's identity: granted here, in
+        // the create transaction, and kept until destroy, so its switch has
+        // a port for it whether or not it runs.
+        let macs = self
+            .db
+            .snapshot()?
+            .plan_grant(&id, &def.nic_demand())
+            .map_err(|r| CoordError::Capacity {
+                name: id.to_string(),
+                reason: r.to_string(),
+            })?;
+        let mut changes = vec![change];
+        changes.extend(macs);
+        match self.transact(changes).await {
             Ok(_) => {}
             Err(e) if matches!(e.rejection(), Some(Rejection::PartitionExists { .. })) => {
                 return Err(CoordError::Conflict(format!(
@@ -431,6 +459,15 @@ impl Coordinator {
                         name: id.to_string(),
                         reason: r.to_string(),
                     })?;
+            // The MACs granted at create are asserted (before == after) in
+            // the same transaction.
+            for mac in snap.holdings(id).macs {
+                changes.push(Change::Transfer {
+                    resource: ResourceId::Mac(mac),
+                    before: Owner::partition(id),
+                    after: Owner::partition(id),
+                });
+            }
             changes.push(Change::SetState {
                 partition: id.clone(),
                 before: rec.state,
@@ -478,10 +515,31 @@ impl Coordinator {
 
         let t_granted = Instant::now();
         let files = self.files(id);
-        let spawned = files.clear_run_files().and_then(|()| {
-            let cfg = def.descriptor(&files.console(), affinity);
+        // Boot order: the I/O partitions listen before the monitor starts.
+        let devices = match files.clear_run_files() {
+            Ok(()) => self.start_io(id, &def).await,
+            Err(e) => Err(CoordError::Internal(e.to_string())),
+        };
+        let devices = match devices {
+            Ok(d) => d,
+            Err(e) => {
+                let reason = ExitRecord {
+                    pid: 0,
+                    reason: "io-failed".into(),
+                    status: -1,
+                    detail: e.to_string(),
+                };
+                let _ = process::write_json_atomic(&files.exit_file(), &reason);
+                self.let_go(id, &def).await;
+                self.release(id, PartitionState::Failed).await?;
+                return Err(e);
+            }
+        };
+        let t_io = Instant::now();
+        let spawned = {
+            let cfg = def.descriptor(&files.console(), affinity, devices);
             process::spawn(&self.settings.vmm, id.as_str(), &cfg, &files)
-        });
+        };
         let (proc_, record) = match spawned {
             Ok(x) => x,
             Err(e) => {
@@ -492,6 +550,7 @@ impl Coordinator {
                     detail: e.to_string(),
                 };
                 let _ = process::write_json_atomic(&files.exit_file(), &reason);
+                self.let_go(id, &def).await;
                 self.release(id, PartitionState::Failed).await?;
                 return Err(CoordError::Internal(format!("cannot start {id}: {e}")));
             }
@@ -549,7 +608,8 @@ impl Coordinator {
                 let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
                 view.start_timings = Some(StartTimings {
                     grant_us: us(t_granted - t0),
-                    spawn_us: us(t_spawned - t_granted),
+                    io_us: us(t_io - t_granted),
+                    spawn_us: us(t_spawned - t_io),
                     monitor_us: us(first.saturating_duration_since(t_spawned)),
                     running_us: us(first.elapsed()),
                     total_us: us(t0.elapsed()),
@@ -816,8 +876,16 @@ impl Coordinator {
             let _ = p.await;
         }
         self.settings.cgroups.remove(id.as_str(), live.record.pid);
-        if let Err(e) = self.release(id, state).await {
-            tracing::error!("{id}: cannot release its resources: {e}");
+        if let Some(def) = self
+            .record(id)
+            .ok()
+            .and_then(|r| serde_json::from_str::<Definition>(&r.definition).ok())
+        {
+            self.let_go(id, &def).await;
+        }
+        match self.release(id, state).await {
+            Ok(()) => tracing::info!("{id}: resources released ({})", state_name(state)),
+            Err(e) => tracing::error!("{id}: cannot release its resources: {e}"),
         }
         state
     }
@@ -827,7 +895,20 @@ impl Coordinator {
         for _ in 0..PLAN_ATTEMPTS {
             let rec = self.record(id)?;
             let snap = self.db.snapshot()?;
-            let mut changes = snap.plan_release(id);
+            // MACs stay with the partition until destroy (granted at create).
+            let mut changes: Vec<Change> = snap
+                .plan_release(id)
+                .into_iter()
+                .filter(|c| {
+                    !matches!(
+                        c,
+                        Change::Transfer {
+                            resource: ResourceId::Mac(_),
+                            ..
+                        }
+                    )
+                })
+                .collect();
             if rec.state != state {
                 changes.push(Change::SetState {
                     partition: id.clone(),
@@ -911,6 +992,257 @@ impl Coordinator {
             }
         }
         Ok((adopted, finished))
+    }
+}
+
+/// I/O partitions: starting them before a guest, letting go after it.
+impl Coordinator {
+    fn blk_record_path(&self, id: &PartitionId) -> PathBuf {
+        self.files(id).dir.join("blk.json")
+    }
+
+    /// Starts the partition's `part-io blk` and makes sure every switch it
+    /// has a NIC on runs with a port for it; returns its devices, disks
+    /// first, in definition order.
+    async fn start_io(
+        &self,
+        id: &PartitionId,
+        def: &Definition,
+    ) -> Result<Vec<DeviceConfig>, CoordError> {
+        let files = self.files(id);
+        let mut devices = Vec::new();
+        if !def.disk.is_empty() {
+            let sockets: Vec<PathBuf> = (0..def.disk.len())
+                .map(|i| files.dir.join(format!("disk{i}.sock")))
+                .collect();
+            let disks: Vec<(PathBuf, bool)> = def
+                .disk
+                .iter()
+                .map(|d| (d.image.clone(), d.read_only))
+                .collect();
+            let args = io::blk_args(&disks, &sockets, id.as_str());
+            let rec = io::spawn_ready(
+                &self.settings.part_io,
+                &format!("blk of {id}"),
+                &args,
+                &files.dir.join("blk.log"),
+                sockets.len(),
+            )
+            .await
+            .map_err(|e| CoordError::Internal(format!("cannot start {id}: {e}")))?;
+            tracing::info!(
+                "{id}: part-io blk pid {} serves {} disk(s)",
+                rec.pid,
+                sockets.len()
+            );
+            if let Err(e) = process::write_json_atomic(&self.blk_record_path(id), &rec) {
+                tracing::warn!("{id}: cannot record part-io blk pid {}: {e}", rec.pid);
+            }
+            devices.extend(
+                sockets
+                    .into_iter()
+                    .map(|socket| DeviceConfig::VhostUserBlk { socket }),
+            );
+        }
+        let mut switches: Vec<&str> = def.nic.iter().map(|n| n.switch.as_str()).collect();
+        switches.dedup();
+        for sw in switches {
+            self.ensure_switch(sw, id).await?;
+        }
+        for (i, nic) in def.nic.iter().enumerate() {
+            let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
+            devices.push(DeviceConfig::VhostUserNet {
+                socket: sf.port_socket(id.as_str(), i),
+            });
+        }
+        Ok(devices)
+    }
+
+    /// Every port `switch` must have: one per NIC on it of every defined
+    /// partition, with the MAC granted to that partition at create.
+    fn members(&self, switch: &str) -> Result<Vec<Port>, CoordError> {
+        let sf = SwitchFiles::new(&self.settings.state_dir, switch);
+        let mut ports = Vec::new();
+        for rec in self.db.view().partitions()? {
+            let Ok(def) = serde_json::from_str::<Definition>(&rec.definition) else {
+                continue;
+            };
+            let macs = self.db.holdings(&rec.id)?.macs;
+            for (i, nic) in def.nic.iter().enumerate() {
+                if nic.switch != switch {
+                    continue;
+                }
+                let Some(mac) = macs.get(i) else {
+                    return Err(CoordError::Internal(format!(
+                        "partition {} has no MAC for its NIC {i}",
+                        rec.id
+                    )));
+                };
+                ports.push(Port {
+                    partition: rec.id.to_string(),
+                    socket: sf.port_socket(rec.id.as_str(), i),
+                    mac: mac.to_string(),
+                });
+            }
+        }
+        Ok(ports)
+    }
+
+    /// Starts switch `switch` with every member's port, unless it already
+    /// runs with `id`'s ports. A running switch without them is restarted
+    /// only while no member is connected.
+    async fn ensure_switch(&self, switch: &str, id: &PartitionId) -> Result<(), CoordError> {
+        let _g = self.switches.lock().await;
+        let sf = SwitchFiles::new(&self.settings.state_dir, switch);
+        std::fs::create_dir_all(&sf.dir).map_err(|e| {
+            CoordError::Internal(format!("cannot create {}: {e}", sf.dir.display()))
+        })?;
+        let want = self.members(switch)?;
+        let mine: Vec<&Port> = want.iter().filter(|p| p.partition == id.as_str()).collect();
+        if let Some(rec) = process::read_json::<IoRecord>(&sf.record()).filter(IoRecord::alive) {
+            if mine.iter().all(|p| rec.ports.contains(p)) {
+                return Ok(());
+            }
+            let conns = io::port_connections(&sf.stats()).await.unwrap_or_default();
+            let busy: Vec<&str> = rec
+                .ports
+                .iter()
+                .filter(|p| conns.iter().any(|(s, c)| *c && s == &p.socket))
+                .map(|p| p.partition.as_str())
+                .collect();
+            if !busy.is_empty() {
+                return Err(CoordError::Conflict(format!(
+                    "cannot start {id}: switch {switch} (part-io pid {}) has no port for it and cannot be restarted while {} use it; stop them, then start {id} first (the switch is then started with a port for every partition defined on it)",
+                    rec.pid,
+                    busy.join(", ")
+                )));
+            }
+            tracing::info!(
+                "switch {switch}: restarting part-io pid {} to add ports for {id}",
+                rec.pid
+            );
+            if !rec.stop(Duration::from_secs(5)).await {
+                return Err(CoordError::Internal(format!(
+                    "switch {switch}: part-io pid {} did not end",
+                    rec.pid
+                )));
+            }
+        }
+        let args = io::net_args(&want, &sf.stats());
+        let mut rec = io::spawn_ready(
+            &self.settings.part_io,
+            &format!("net switch {switch}"),
+            &args,
+            &sf.log(),
+            want.len(),
+        )
+        .await
+        .map_err(|e| CoordError::Internal(format!("cannot start {id}: {e}")))?;
+        tracing::info!(
+            "switch {switch}: part-io net pid {} with {} port(s)",
+            rec.pid,
+            want.len()
+        );
+        rec.ports = want;
+        if let Err(e) = process::write_json_atomic(&sf.record(), &rec) {
+            tracing::warn!(
+                "switch {switch}: cannot record part-io pid {}: {e}",
+                rec.pid
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until no backend maps `id`'s memory any more: its `part-io
+    /// blk` has exited (partd stops it) and every switch port of it shows
+    /// `connected: false` (or its switch is gone).
+    async fn let_go(&self, id: &PartitionId, def: &Definition) {
+        let blk = self.blk_record_path(id);
+        if let Some(rec) = process::read_json::<IoRecord>(&blk) {
+            if rec.stop(io::UNMAP_DEADLINE).await {
+                tracing::info!("{id}: part-io blk pid {} has exited", rec.pid);
+                let _ = std::fs::remove_file(&blk);
+            } else {
+                tracing::error!("{id}: part-io blk pid {} does not end", rec.pid);
+            }
+        }
+        for (i, nic) in def.nic.iter().enumerate() {
+            let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
+            let socket = sf.port_socket(id.as_str(), i);
+            let t0 = Instant::now();
+            loop {
+                let connected = match io::port_connections(&sf.stats()).await {
+                    None => false,
+                    Some(ports) => ports.iter().any(|(s, c)| *c && *s == socket),
+                };
+                if !connected {
+                    tracing::info!(
+                        "{id}: switch {} port {} disconnected",
+                        nic.switch,
+                        socket.display()
+                    );
+                    break;
+                }
+                if t0.elapsed() >= io::UNMAP_DEADLINE {
+                    tracing::error!(
+                        "{id}: switch {} still shows port {} connected after {} s; releasing anyway",
+                        nic.switch,
+                        socket.display(),
+                        io::UNMAP_DEADLINE.as_secs()
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if !def.disk.is_empty() || !def.nic.is_empty() {
+            tracing::info!("{id}: every backend has unmapped its memory");
+        }
+    }
+
+    /// The part-io processes of a partition, for `show`.
+    fn io_views(&self, rec: &PartitionRecord) -> Vec<IoView> {
+        let mut out = Vec::new();
+        let Ok(def) = serde_json::from_str::<Definition>(&rec.definition) else {
+            return out;
+        };
+        let files = self.files(&rec.id);
+        if let Some(r) = process::read_json::<IoRecord>(&self.blk_record_path(&rec.id)) {
+            out.push(IoView {
+                kind: "blk".into(),
+                switch: None,
+                pid: r.pid,
+                start_time: r.start_time,
+                alive: r.alive(),
+                sockets: (0..def.disk.len())
+                    .map(|i| files.dir.join(format!("disk{i}.sock")))
+                    .collect(),
+                log: files.dir.join("blk.log"),
+            });
+        }
+        let mut switches: Vec<&str> = def.nic.iter().map(|n| n.switch.as_str()).collect();
+        switches.sort_unstable();
+        switches.dedup();
+        for sw in switches {
+            let sf = SwitchFiles::new(&self.settings.state_dir, sw);
+            if let Some(r) = process::read_json::<IoRecord>(&sf.record()) {
+                out.push(IoView {
+                    kind: "net".into(),
+                    switch: Some(sw.to_string()),
+                    pid: r.pid,
+                    start_time: r.start_time,
+                    alive: r.alive(),
+                    sockets: r
+                        .ports
+                        .iter()
+                        .filter(|p| p.partition == rec.id.as_str())
+                        .map(|p| p.socket.clone())
+                        .collect(),
+                    log: sf.log(),
+                });
+            }
+        }
+        out
     }
 }
 

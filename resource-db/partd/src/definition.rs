@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use part_vmm::config::{SerialConfig, VmConfig};
-use resource_db::{Demand, HostConfig, PartitionId};
+use part_vmm::config::{DeviceConfig, SerialConfig, VmConfig};
+use resource_db::{Demand, DeviceKind, HostConfig, PartitionId};
 use serde::{Deserialize, Serialize};
 
 /// Largest vCPU count part-vmm accepts (xAPIC ids).
@@ -39,6 +39,13 @@ fn default_stop_timeout_s() -> u64 {
 /// cpus = [1]                  # dedicated host CPUs, or:
 /// cpu_share = 0.5             # share of the shared pool, in CPUs
 /// stop_timeout_s = 10         # polite stop -> forced stop (part-vmm's own timer)
+///
+/// [[disk]]                    # a virtio-blk disk served by `part-io blk`
+/// image = "/srv/web.img"      # a backing file partd manages (partd --disk-image)
+/// read_only = false
+///
+/// [[nic]]                     # a virtio-net port on a `part-io net` switch
+/// switch = "lan"              # MAC: assigned from the resource map at create
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,7 +65,32 @@ pub struct Definition {
     pub cpu_share: Option<f64>,
     #[serde(default = "default_stop_timeout_s")]
     pub stop_timeout_s: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk: Vec<Disk>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nic: Vec<Nic>,
 }
+
+/// A disk: a backing file the host configuration lists as a device
+/// resource (`partd --disk-image PATH`), served by the partition's
+/// `part-io blk`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub image: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A network port on the switch `switch` (one `part-io net` per switch).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    pub switch: String,
+}
+
+/// Most disks or NICs per partition (part-vmm takes at most 8 devices).
+const MAX_DEVICES: usize = 8;
 
 /// Why a definition was refused; each message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +127,14 @@ pub enum DefinitionError {
     Share(f64, u32),
     #[error("stop_timeout_s {0}: must be between 1 and {MAX_STOP_TIMEOUT_S}")]
     StopTimeout(u64),
+    #[error("disk {0}: not a disk image partd manages (known: {1:?}); images are listed with `partd --disk-image PATH` when its resources.db is created")]
+    UnknownDisk(String, Vec<String>),
+    #[error("disk {0}: listed twice")]
+    DuplicateDisk(String),
+    #[error("nic switch {0:?}: a switch name is 1-32 characters a-z, 0-9 and '-'")]
+    SwitchName(String),
+    #[error("disk + nic: at most {MAX_DEVICES} devices per partition, got {0}")]
+    TooManyDevices(usize),
 }
 
 impl Definition {
@@ -148,6 +188,39 @@ impl Definition {
         if self.stop_timeout_s == 0 || self.stop_timeout_s > MAX_STOP_TIMEOUT_S {
             return Err(DefinitionError::StopTimeout(self.stop_timeout_s));
         }
+        let n = self.disk.len() + self.nic.len();
+        if n > MAX_DEVICES {
+            return Err(DefinitionError::TooManyDevices(n));
+        }
+        let known: Vec<String> = host
+            .devices
+            .iter()
+            .filter_map(|d| match &d.kind {
+                DeviceKind::BackingFile(p) => Some(p.display().to_string()),
+                DeviceKind::Tap(_) => None,
+            })
+            .collect();
+        for (i, d) in self.disk.iter().enumerate() {
+            check_file("disk image", &d.image)?;
+            let name = d.device_name();
+            if !known.contains(&name) {
+                return Err(DefinitionError::UnknownDisk(name, known));
+            }
+            if self.disk[..i].iter().any(|o| o.image == d.image) {
+                return Err(DefinitionError::DuplicateDisk(name));
+            }
+        }
+        for nic in &self.nic {
+            let ok = !nic.switch.is_empty()
+                && nic.switch.len() <= 32
+                && nic
+                    .switch
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return Err(DefinitionError::SwitchName(nic.switch.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -169,13 +242,30 @@ impl Definition {
             memory_mib: self.memory_mib,
             dedicated_cpus: self.cpus.clone(),
             cpu_share_milli: self.share_milli(),
+            devices: self.disk.iter().map(Disk::device_name).collect(),
+            // MACs are granted at create and kept until destroy (see
+            // `nic_demand`), so a switch knows every member's MAC.
+            ..Demand::default()
+        }
+    }
+
+    /// What creating this partition takes: one MAC per NIC.
+    pub fn nic_demand(&self) -> Demand {
+        Demand {
+            macs: u32::try_from(self.nic.len()).unwrap_or(u32::MAX),
             ..Demand::default()
         }
     }
 
     /// The part-vmm descriptor: exactly what was granted. `affinity` is the
-    /// set of host CPUs the vCPU threads may run on.
-    pub fn descriptor(&self, console: &Path, affinity: Vec<u32>) -> VmConfig {
+    /// set of host CPUs the vCPU threads may run on; `devices` the vhost-user
+    /// sockets of its disks and NICs, in definition order.
+    pub fn descriptor(
+        &self,
+        console: &Path,
+        affinity: Vec<u32>,
+        devices: Vec<DeviceConfig>,
+    ) -> VmConfig {
         VmConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
@@ -189,8 +279,15 @@ impl Definition {
             } else {
                 Some(affinity.into_iter().map(|c| c as usize).collect())
             },
-            devices: Vec::new(),
+            devices,
         }
+    }
+}
+
+impl Disk {
+    /// The device resource that stands for this image: its path.
+    pub fn device_name(&self) -> String {
+        self.image.display().to_string()
     }
 }
 
@@ -219,6 +316,10 @@ mod tests {
             cpus: vec![0, 1],
             shared_pool_cpus: vec![0, 1],
             memory_budget_mib: 1024,
+            devices: vec![resource_db::DeviceSpec {
+                name: kernel(),
+                kind: DeviceKind::BackingFile(kernel().into()),
+            }],
             ..HostConfig::empty()
         }
     }
@@ -250,7 +351,7 @@ mod tests {
         let d = parse(serde_json::json!({"cpus": [1]})).unwrap();
         assert_eq!(d.demand().dedicated_cpus, vec![1]);
         assert_eq!(d.demand().cpu_share_milli, 0);
-        let cfg = d.descriptor(Path::new("/s/console.sock"), vec![1]);
+        let cfg = d.descriptor(Path::new("/s/console.sock"), vec![1], Vec::new());
         assert_eq!(cfg.cpu_affinity, Some(vec![1]));
         assert_eq!(
             cfg.serial,
@@ -288,6 +389,49 @@ mod tests {
             ),
             (serde_json::json!({"vcpus": "two"}), "invalid type"),
             (serde_json::json!({"cmdline": "a\u{0}b"}), "NUL"),
+        ];
+        for (extra, want) in cases {
+            let e = parse(extra.clone()).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn disks_demand_their_device_and_nics_demand_macs_at_create() {
+        let d = parse(serde_json::json!({
+            "disk": [{"image": kernel(), "read_only": true}],
+            "nic": [{"switch": "lan"}, {"switch": "lan-2"}]
+        }))
+        .unwrap();
+        assert_eq!(d.demand().devices, vec![kernel()]);
+        assert_eq!(d.demand().macs, 0);
+        assert_eq!(d.nic_demand().macs, 2);
+        assert!(d.disk[0].read_only);
+    }
+
+    #[test]
+    fn bad_disks_and_switch_names_are_named() {
+        let cases = [
+            (
+                serde_json::json!({"disk": [{"image": "/proc/self/exe"}]}),
+                "not a disk image partd manages",
+            ),
+            (
+                serde_json::json!({"disk": [{"image": kernel()}, {"image": kernel()}]}),
+                "listed twice",
+            ),
+            (
+                serde_json::json!({"nic": [{"switch": "LAN"}]}),
+                "nic switch \"LAN\"",
+            ),
+            (
+                serde_json::json!({"nic": [{"switch": "a", "mac": "x"}]}),
+                "unknown field `mac`",
+            ),
+            (
+                serde_json::json!({"nic": vec![serde_json::json!({"switch": "a"}); 9]}),
+                "at most 8 devices",
+            ),
         ];
         for (extra, want) in cases {
             let e = parse(extra.clone()).unwrap_err().to_string();

@@ -26,6 +26,20 @@
 //! `partitions/<name>/` with `control.sock`, `console.sock`, `exit.json`
 //! (how the monitor ended), `vmm.json` (pid + start time) and `vmm.log`.
 //!
+//! I/O partitions (`io.rs`, seed 001's boot order): a partition's `[[disk]]`s
+//! (device resources: `--disk-image PATH`, fixed when resources.db is
+//! created) are served by its own `part-io blk` (`partitions/<name>/blk.json`,
+//! `disk<i>.sock`, `blk.log`); its `[[nic]]`s are ports of one `part-io net`
+//! per switch (`switches/<switch>/net.json`, `<partition>-<i>.sock`,
+//! `stats.sock`, `net.log`) with a port for every partition defined on the
+//! switch. MACs are granted at create (so a switch knows every member's) and
+//! returned at destroy; disks, CPUs and memory at start, in one transaction
+//! that also asserts the MACs. partd starts the backends and waits until they
+//! listen before it starts part-vmm; after the monitor is gone it stops the
+//! partition's `part-io blk` and waits for its end, and waits until the
+//! switch reports each port `connected: false` (part-io unmaps first), and
+//! only then commits the release. A dead part-io shows as `alive: false`.
+//!
 //! What it must never do:
 //! - change an owner or a state outside a resource-db transaction, or grant
 //!   a partition's resources in more than one transaction;
@@ -37,6 +51,7 @@ mod api;
 mod cgroup;
 mod coordinator;
 mod definition;
+mod io;
 mod process;
 
 use std::collections::BTreeSet;
@@ -68,6 +83,15 @@ struct Args {
     /// part-vmm binary (default: next to partd, else `part-vmm` on PATH).
     #[arg(long, value_name = "PATH")]
     vmm: Option<PathBuf>,
+    /// part-io binary, the I/O partitions serving disks and NICs
+    /// (default: next to partd, else `part-io` on PATH).
+    #[arg(long = "part-io", value_name = "PATH")]
+    part_io: Option<PathBuf>,
+    /// A disk image partitions may be given (`[[disk]] image = PATH`),
+    /// absolute; repeatable. A device resource of the resource database,
+    /// so fixed when resources.db is created.
+    #[arg(long = "disk-image", value_name = "PATH")]
+    disk_image: Vec<PathBuf>,
     /// Interval between pings of each monitor's control socket.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     ping_interval_ms: u64,
@@ -136,12 +160,12 @@ fn main() {
     }
 }
 
-fn default_vmm() -> PathBuf {
+fn default_bin(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("part-vmm")))
+        .and_then(|p| p.parent().map(|d| d.join(name)))
         .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("part-vmm"))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 fn open_db(args: &Args) -> Result<Db, PartdError> {
@@ -157,11 +181,32 @@ fn open_db(args: &Args) -> Result<Db, PartdError> {
                 );
             }
         }
+        for d in &args.disk_image {
+            let name = d.display().to_string();
+            if !stored.devices.iter().any(|s| s.name == name) {
+                tracing::warn!(
+                    "--disk-image {name} ignored: {} was created without it (devices are fixed when the database is created)",
+                    path.display()
+                );
+            }
+        }
         stored
     } else {
         let mut host = HostConfig::discover()?;
         if let Some(m) = args.memory_budget_mib {
             host.memory_budget_mib = m;
+        }
+        for d in &args.disk_image {
+            if !d.is_absolute() {
+                return Err(PartdError::Runtime(format!(
+                    "--disk-image {}: must be an absolute path",
+                    d.display()
+                )));
+            }
+            host.devices.push(resource_db::DeviceSpec {
+                name: d.display().to_string(),
+                kind: resource_db::DeviceKind::BackingFile(d.clone()),
+            });
         }
         host
     };
@@ -238,7 +283,11 @@ async fn run(args: Args) -> Result<(), PartdError> {
     }
     let settings = coordinator::Settings {
         state_dir: args.state_dir.clone(),
-        vmm: args.vmm.clone().unwrap_or_else(default_vmm),
+        vmm: args.vmm.clone().unwrap_or_else(|| default_bin("part-vmm")),
+        part_io: args
+            .part_io
+            .clone()
+            .unwrap_or_else(|| default_bin("part-io")),
         ping_interval: Duration::from_millis(args.ping_interval_ms.max(10)),
         ping_timeout: Duration::from_millis(args.ping_timeout_ms.max(10)),
         unresponsive_after: Duration::from_millis(args.unresponsive_after_ms.max(10)),

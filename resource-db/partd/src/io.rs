@@ -1,0 +1,346 @@
+//! I/O partitions: the `part-io` processes partd starts before a guest
+//! (seed 001's boot order) and waits for after it (a guest's memory is
+//! released only once no backend maps it).
+//!
+//! - Disks: one `part-io blk` per partition, one export per `[[disk]]`,
+//!   sockets `partitions/<name>/disk<i>.sock`, pid in `blk.json`, log in
+//!   `blk.log`. Unmapped = that process has exited: partd stops it (SIGTERM)
+//!   once the monitor is gone and waits for its end.
+//! - NICs: one `part-io net` per switch, `switches/<switch>/`, with a port
+//!   for every NIC of every defined partition on that switch (their MACs are
+//!   granted at create), pid and ports in `net.json`, log in `net.log`,
+//!   counters on `stats.sock`. Unmapped = the stats socket shows the port
+//!   `connected: false` (part-io unmaps a guest's memory before it marks
+//!   the port disconnected).
+//!
+//! Ready = the process logged one `serving` line per socket (part-io logs it
+//! after the socket listens).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+
+use crate::process::{self, VmmRecord};
+
+/// How long a part-io process gets to listen on its sockets.
+const READY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long partd waits for a backend to let go of a guest's memory.
+pub const UNMAP_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Errors of this layer.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("cannot start {bin}: {source} (give part-io's path with partd --part-io PATH)")]
+    Spawn {
+        bin: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("part-io {what} ended before it was ready: {last} (see {log})")]
+    Died {
+        what: String,
+        last: String,
+        log: PathBuf,
+    },
+    #[error("part-io {what} did not listen on its sockets within {secs} s (see {log})")]
+    NotReady {
+        what: String,
+        secs: u64,
+        log: PathBuf,
+    },
+}
+
+/// One switch port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    pub partition: String,
+    pub socket: PathBuf,
+    pub mac: String,
+}
+
+/// What partd records about a part-io process it started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoRecord {
+    pub pid: u32,
+    pub start_time: u64,
+    /// Switch ports (net only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+}
+
+impl IoRecord {
+    fn vmm_record(&self) -> VmmRecord {
+        VmmRecord {
+            pid: self.pid,
+            start_time: self.start_time,
+        }
+    }
+
+    /// Whether the recorded process is still that process and not a zombie.
+    pub fn alive(&self) -> bool {
+        self.pid != 0 && process::start_time(self.pid) == Some(self.start_time)
+    }
+
+    /// SIGTERM, then wait up to `deadline` for the end (SIGKILL after it).
+    /// Returns whether the process is gone.
+    pub async fn stop(&self, deadline: Duration) -> bool {
+        if !self.alive() {
+            return true;
+        }
+        process::signal(&self.vmm_record(), nix::sys::signal::Signal::SIGTERM);
+        let t0 = Instant::now();
+        while self.alive() {
+            if t0.elapsed() >= deadline {
+                process::signal(&self.vmm_record(), nix::sys::signal::Signal::SIGKILL);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return !self.alive();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+/// A part-io process as `show` reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IoView {
+    /// `blk` or `net`.
+    pub kind: String,
+    /// The switch (net only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
+    pub pid: u32,
+    pub start_time: u64,
+    /// False once the process is gone: its guests' devices need reset.
+    pub alive: bool,
+    pub sockets: Vec<PathBuf>,
+    pub log: PathBuf,
+}
+
+/// Files of one switch.
+pub struct SwitchFiles {
+    pub dir: PathBuf,
+}
+
+impl SwitchFiles {
+    pub fn new(state_dir: &Path, switch: &str) -> Self {
+        SwitchFiles {
+            dir: state_dir.join("switches").join(switch),
+        }
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("net.json")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("net.log")
+    }
+    pub fn stats(&self) -> PathBuf {
+        self.dir.join("stats.sock")
+    }
+    pub fn port_socket(&self, partition: &str, index: usize) -> PathBuf {
+        self.dir.join(format!("{partition}-{index}.sock"))
+    }
+}
+
+/// Starts part-io with `args`, stderr into `log` (truncated), in its own
+/// session so it outlives partd, and waits until it logged `ready_lines`
+/// `serving` lines.
+pub async fn spawn_ready(
+    bin: &Path,
+    what: &str,
+    args: &[String],
+    log: &Path,
+    ready_lines: usize,
+) -> Result<IoRecord, IoError> {
+    let file = |source| IoError::File {
+        path: log.to_owned(),
+        source,
+    };
+    let out = std::fs::File::create(log).map_err(file)?;
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(out))
+        .env("RUST_LOG", "info")
+        .kill_on_drop(false)
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|source| IoError::Spawn {
+        bin: bin.to_owned(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let record = IoRecord {
+        pid,
+        start_time: process::start_time(pid).unwrap_or(0),
+        ports: Vec::new(),
+    };
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.lines().filter(|l| l.contains("serving")).count() >= ready_lines {
+            break;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(IoError::Died {
+                what: what.into(),
+                last: text.lines().last().unwrap_or("no output").to_string(),
+                log: log.to_owned(),
+            });
+        }
+        if t0.elapsed() >= READY_DEADLINE {
+            let _ = child.start_kill();
+            return Err(IoError::NotReady {
+                what: what.into(),
+                secs: READY_DEADLINE.as_secs(),
+                log: log.to_owned(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Reaped by tokio's orphan reaper once it ends; partd watches it by pid
+    // and start time, like a monitor started by an earlier partd.
+    drop(child);
+    Ok(record)
+}
+
+/// `part-io blk` arguments for `disks` (image, read-only) on `sockets`.
+pub fn blk_args(disks: &[(PathBuf, bool)], sockets: &[PathBuf], serial: &str) -> Vec<String> {
+    let mut args = vec!["blk".to_string()];
+    for (i, ((image, ro), socket)) in disks.iter().zip(sockets).enumerate() {
+        let mut spec = format!(
+            "socket={},image={},id={serial}-{i}",
+            socket.display(),
+            image.display()
+        );
+        if *ro {
+            spec.push_str(",readonly");
+        }
+        args.push("--export".into());
+        args.push(spec);
+    }
+    args
+}
+
+/// `part-io net` arguments for `ports` with a stats socket.
+pub fn net_args(ports: &[Port], stats: &Path) -> Vec<String> {
+    let mut args = vec!["net".to_string()];
+    for p in ports {
+        args.push("--port".into());
+        args.push(format!("socket={},mac={}", p.socket.display(), p.mac));
+    }
+    args.push("--stats-socket".into());
+    args.push(stats.display().to_string());
+    args
+}
+
+/// The `connected` flag of each port of a switch, by socket path; `None`
+/// when the stats socket does not answer (switch gone).
+pub async fn port_connections(stats: &Path) -> Option<Vec<(PathBuf, bool)>> {
+    let read = async {
+        let s = tokio::net::UnixStream::connect(stats).await.ok()?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(s)
+            .read_line(&mut line)
+            .await
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+        let ports = v.get("ports")?.as_array()?;
+        Some(
+            ports
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        PathBuf::from(p.get("socket")?.as_str()?),
+                        p.get("connected")?.as_bool()?,
+                    ))
+                })
+                .collect(),
+        )
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blk_and_net_arguments_name_every_socket() {
+        let a = blk_args(
+            &[("/i/a.img".into(), false), ("/i/b.img".into(), true)],
+            &["/s/d0.sock".into(), "/s/d1.sock".into()],
+            "web",
+        );
+        assert_eq!(
+            a,
+            [
+                "blk",
+                "--export",
+                "socket=/s/d0.sock,image=/i/a.img,id=web-0",
+                "--export",
+                "socket=/s/d1.sock,image=/i/b.img,id=web-1,readonly"
+            ]
+        );
+        let n = net_args(
+            &[Port {
+                partition: "a".into(),
+                socket: "/w/a-0.sock".into(),
+                mac: "02:70:76:00:00:00".into(),
+            }],
+            Path::new("/w/stats.sock"),
+        );
+        assert_eq!(
+            n,
+            [
+                "net",
+                "--port",
+                "socket=/w/a-0.sock,mac=02:70:76:00:00:00",
+                "--stats-socket",
+                "/w/stats.sock"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_process_that_dies_before_ready_is_reported_with_its_last_line() {
+        let dir = std::env::temp_dir().join(format!("partd-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("x.log");
+        let e = spawn_ready(
+            Path::new("/bin/sh"),
+            "blk",
+            &["-c".into(), "echo boom >&2; exit 3".into()],
+            &log,
+            1,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ended before it was ready: boom"), "{e}");
+        let ok = spawn_ready(
+            Path::new("/bin/sh"),
+            "blk",
+            &["-c".into(), "echo serving on x >&2; sleep 5".into()],
+            &log,
+            1,
+        )
+        .await
+        .unwrap();
+        assert!(ok.alive());
+        assert!(ok.stop(Duration::from_secs(2)).await);
+        assert!(!ok.alive());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
