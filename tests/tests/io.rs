@@ -225,3 +225,97 @@ fn two_partitions_on_one_switch_exchange_10000_frames_without_loss() {
         assert_eq!(partd.ctl_json(&["stop", p])["state"], "stopped");
     }
 }
+
+#[test]
+fn a_switch_without_a_port_for_a_newcomer_is_restarted_only_when_nobody_is_connected_and_a_dead_one_is_reported(
+) {
+    let _vm = vm_lock();
+    let partd = Partd::start(&[]);
+    let view = partd.view();
+    let nic = "[[nic]]\nswitch = \"lan\"\n";
+    let a = definition(&partd, "a", "stay", nic);
+    partd.ctl_ok(&["create", a.to_str().unwrap()]);
+    let va = partd.ctl_json(&["start", "a"]);
+    let first = io_of(&va, "net")["pid"].as_u64().unwrap() as u32;
+    wait_console(&console_of(&va), "stay: idle", BOOT);
+
+    // c was defined after the switch started: it has no port, and a is
+    // connected, so the switch is not restarted and c does not start.
+    let c = definition(&partd, "c", "stay", nic);
+    partd.ctl_ok(&["create", c.to_str().unwrap()]);
+    let out = partd.ctl(&["start", "c"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("switch lan") && err.contains("while a use it"),
+        "{err}"
+    );
+    let vc = partd.ctl_json(&["show", "c"]);
+    assert_eq!(vc["state"], "defined", "{vc}");
+    let c_id = PartitionId::new("c").unwrap();
+    assert_eq!(view.holdings(&c_id).unwrap().memory_mib(), 0);
+    assert!(alive(first), "the busy switch was left alone");
+
+    // Once a is stopped nobody is connected: the switch is restarted with
+    // ports for both.
+    partd.ctl_ok(&["stop", "a"]);
+    let vc = partd.ctl_json(&["start", "c"]);
+    assert_eq!(vc["state"], "running");
+    let second = io_of(&vc, "net")["pid"].as_u64().unwrap() as u32;
+    assert_ne!(second, first);
+    assert!(!alive(first));
+    let st = stats(&partd.path().join("switches/lan/stats.sock"));
+    assert_eq!(st["ports"].as_array().unwrap().len(), 2, "{st}");
+    wait_console(&console_of(&vc), "stay: idle", BOOT);
+
+    // A switch that dies is reported; the guest keeps running and its stop
+    // still releases everything.
+    partvisor_e2e::kill(second, libc::SIGKILL);
+    partvisor_e2e::wait_gone(second, Duration::from_secs(10));
+    let vc = partd.ctl_json(&["show", "c"]);
+    assert_eq!(io_of(&vc, "net")["alive"], false, "{vc}");
+    assert_eq!(vc["state"], "running");
+    let text = partd.ctl_ok(&["show", "c"]);
+    assert!(text.contains("GONE"), "{text}");
+    assert_eq!(partd.ctl_json(&["stop", "c"])["state"], "stopped");
+    assert_eq!(view.holdings(&c_id).unwrap().memory_mib(), 0);
+}
+
+#[test]
+fn a_restarted_partd_still_waits_for_the_disk_backend_before_releasing() {
+    let _vm = vm_lock();
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = img_dir.path().join("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let img_s = img.display().to_string();
+    let mut partd = Partd::start(&["--disk-image", &img_s]);
+    let def = definition(
+        &partd,
+        "d",
+        "blk=write:3:8 stay",
+        &format!("[[disk]]\nimage = \"{img_s}\"\nread_only = false\n"),
+    );
+    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    let v = partd.ctl_json(&["start", "d"]);
+    let blk = io_of(&v, "blk")["pid"].as_u64().unwrap() as u32;
+    wait_console(&console_of(&v), "stay: idle", BOOT);
+
+    partd.restart();
+    let v = partd.ctl_json(&["show", "d"]);
+    assert_eq!(v["state"], "running");
+    assert_eq!(io_of(&v, "blk")["pid"].as_u64(), Some(u64::from(blk)));
+    assert_eq!(io_of(&v, "blk")["alive"], true);
+    assert_eq!(partd.ctl_json(&["stop", "d"])["state"], "stopped");
+    assert!(!alive(blk));
+    let d = PartitionId::new("d").unwrap();
+    assert!(partd.view().holdings(&d).unwrap().is_empty());
+    let log = partd.log();
+    assert!(
+        position(&log, &format!("d: part-io blk pid {blk} has exited"))
+            < position(&log, "d: resources released (stopped)"),
+        "{log}"
+    );
+}

@@ -435,6 +435,7 @@ impl Coordinator {
         let lock = self.lock_of(id);
         let guard = lock.lock().await;
         let rec = self.record(id)?;
+        let state_before = rec.state;
         if is_active(rec.state) {
             return Err(CoordError::Conflict(format!(
                 "partition {id} is already {}",
@@ -523,15 +524,22 @@ impl Coordinator {
         let devices = match devices {
             Ok(d) => d,
             Err(e) => {
-                let reason = ExitRecord {
-                    pid: 0,
-                    reason: "io-failed".into(),
-                    status: -1,
-                    detail: e.to_string(),
+                // A conflict (a busy switch) starts nothing: the partition
+                // goes back to where it was. Anything else is a failure.
+                let after = if matches!(e, CoordError::Conflict(_)) {
+                    state_before
+                } else {
+                    let reason = ExitRecord {
+                        pid: 0,
+                        reason: "io-failed".into(),
+                        status: -1,
+                        detail: e.to_string(),
+                    };
+                    let _ = process::write_json_atomic(&files.exit_file(), &reason);
+                    PartitionState::Failed
                 };
-                let _ = process::write_json_atomic(&files.exit_file(), &reason);
                 self.let_go(id, &def).await;
-                self.release(id, PartitionState::Failed).await?;
+                self.release(id, after).await?;
                 return Err(e);
             }
         };
