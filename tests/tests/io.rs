@@ -224,6 +224,23 @@ fn two_partitions_on_one_switch_exchange_10000_frames_without_loss() {
     for p in ["a", "b"] {
         assert_eq!(partd.ctl_json(&["stop", p])["state"], "stopped");
     }
+
+    // The definition-level way: `{mac:b}` is filled in at start.
+    let c = definition(&partd, "c", "net=send:{mac:b}:100:64 stay", nic);
+    partd.ctl_ok(&["create", c.to_str().unwrap()]);
+    let vc = partd.ctl_json(&["start", "c"]);
+    let pid = vc["vmm"]["pid"].as_u64().unwrap();
+    let desc = std::fs::read_to_string(format!("/proc/{pid}/fd/3")).unwrap();
+    let cfg = part_vmm::config::VmConfig::from_json(&desc).unwrap();
+    assert_eq!(cfg.cmdline, format!("net=send:{b_mac}:100:64 stay"));
+    partd.ctl_ok(&["stop", "c", "--force"]);
+    let d = definition(&partd, "d", "x={mac:nobody}", "");
+    partd.ctl_ok(&["create", d.to_str().unwrap()]);
+    let out = partd.ctl(&["start", "d"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("{mac:nobody:0}: no such partition"), "{err}");
+    assert_eq!(partd.ctl_json(&["show", "d"])["state"], "defined");
 }
 
 #[test]

@@ -448,6 +448,15 @@ impl Coordinator {
         let def = Definition::from_json(value, self.db.view().host())
             .map_err(|e| CoordError::Conflict(format!("cannot start {id}: {e}")))?;
 
+        // `{mac:NAME}` in the command line: the MACs granted at create.
+        let cmdline = def
+            .expand_cmdline(|name, i| {
+                let p = PartitionId::new(name).ok()?;
+                let macs = self.db.holdings(&p).ok()?.macs;
+                macs.get(i).map(ToString::to_string)
+            })
+            .map_err(|e| CoordError::Conflict(format!("cannot start {id}: {e}")))?;
+
         // One transaction: everything the partition needs + `starting`.
         let mut affinity = Vec::new();
         let mut granted = false;
@@ -545,7 +554,8 @@ impl Coordinator {
         };
         let t_io = Instant::now();
         let spawned = {
-            let cfg = def.descriptor(&files.console(), affinity, devices);
+            let mut cfg = def.descriptor(&files.console(), affinity, devices);
+            cfg.cmdline = cmdline;
             process::spawn(&self.settings.vmm, id.as_str(), &cfg, &files)
         };
         let (proc_, record) = match spawned {

@@ -47,6 +47,9 @@ fn default_stop_timeout_s() -> u64 {
 /// [[nic]]                     # a virtio-net port on a `part-io net` switch
 /// switch = "lan"              # MAC: assigned from the resource map at create
 /// ```
+///
+/// In `cmdline`, `{mac:NAME}` (or `{mac:NAME:I}` for NIC I) stands for the
+/// MAC of partition NAME's first (I-th) NIC; partd puts it in at start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Definition {
@@ -87,6 +90,15 @@ pub struct Disk {
 #[serde(deny_unknown_fields)]
 pub struct Nic {
     pub switch: String,
+}
+
+/// Why a command line's `{mac:...}` could not be filled in.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CmdlineError {
+    #[error("cmdline: {0:?} is not of the form {{mac:NAME}} or {{mac:NAME:INDEX}}")]
+    Malformed(String),
+    #[error("cmdline: {{mac:{0}:{1}}}: no such partition or it has no NIC {1}")]
+    NoMac(String, usize),
 }
 
 /// Most disks or NICs per partition (part-vmm takes at most 8 devices).
@@ -247,6 +259,39 @@ impl Definition {
             // `nic_demand`), so a switch knows every member's MAC.
             ..Demand::default()
         }
+    }
+
+    /// The command line with every `{mac:NAME[:I]}` replaced by `mac(NAME, I)`.
+    pub fn expand_cmdline(
+        &self,
+        mac: impl Fn(&str, usize) -> Option<String>,
+    ) -> Result<String, CmdlineError> {
+        const OPEN: &str = "{mac:";
+        let mut out = String::with_capacity(self.cmdline.len());
+        let mut rest = self.cmdline.as_str();
+        while let Some(at) = rest.find(OPEN) {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + OPEN.len()..];
+            let Some(end) = after.find('}') else {
+                return Err(CmdlineError::Malformed(rest[at..].to_string()));
+            };
+            let inner = &after[..end];
+            let (name, index) = match inner.split_once(':') {
+                Some((n, i)) => match i.parse::<usize>() {
+                    Ok(i) => (n, i),
+                    Err(_) => return Err(CmdlineError::Malformed(format!("{{mac:{inner}}}"))),
+                },
+                None => (inner, 0),
+            };
+            if PartitionId::new(name).is_err() {
+                return Err(CmdlineError::Malformed(format!("{{mac:{inner}}}")));
+            }
+            let m = mac(name, index).ok_or_else(|| CmdlineError::NoMac(name.to_string(), index))?;
+            out.push_str(&m);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
     }
 
     /// What creating this partition takes: one MAC per NIC.
@@ -437,6 +482,35 @@ mod tests {
             let e = parse(extra.clone()).unwrap_err().to_string();
             assert!(e.contains(want), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn mac_placeholders_are_filled_in_and_bad_ones_named() {
+        let lookup = |name: &str, i: usize| match (name, i) {
+            ("b", 0) => Some("02:70:76:00:00:01".to_string()),
+            ("b", 1) => Some("02:70:76:00:00:02".to_string()),
+            _ => None,
+        };
+        let with = |cmdline: &str| {
+            let d = parse(serde_json::json!({ "cmdline": cmdline })).unwrap();
+            d.expand_cmdline(lookup)
+        };
+        assert_eq!(
+            with("net=send:{mac:b}:10:64 x={mac:b:1} stay").unwrap(),
+            "net=send:02:70:76:00:00:01:10:64 x=02:70:76:00:00:02 stay"
+        );
+        assert_eq!(with("no placeholders {x}").unwrap(), "no placeholders {x}");
+        assert_eq!(
+            with("{mac:c}").unwrap_err(),
+            CmdlineError::NoMac("c".into(), 0)
+        );
+        assert_eq!(
+            with("{mac:b:2}").unwrap_err(),
+            CmdlineError::NoMac("b".into(), 2)
+        );
+        assert!(matches!(with("{mac:b"), Err(CmdlineError::Malformed(_))));
+        assert!(matches!(with("{mac:b:x}"), Err(CmdlineError::Malformed(_))));
+        assert!(matches!(with("{mac:B}"), Err(CmdlineError::Malformed(_))));
     }
 
     #[test]
