@@ -264,7 +264,7 @@ fn a_switch_without_a_port_for_a_newcomer_is_restarted_only_when_nobody_is_conne
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("switch lan") && err.contains("while a use it"),
+        err.contains("switch lan") && err.contains("partitions are connected to it (a)"),
         "{err}"
     );
     let vc = partd.ctl_json(&["show", "c"]);
@@ -294,6 +294,14 @@ fn a_switch_without_a_port_for_a_newcomer_is_restarted_only_when_nobody_is_conne
     assert_eq!(vc["state"], "running");
     let text = partd.ctl_ok(&["show", "c"]);
     assert!(text.contains("GONE"), "{text}");
+    let t0 = std::time::Instant::now();
+    while !partd
+        .log()
+        .contains(&format!("c: part-io net pid {second} is gone"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", partd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(partd.ctl_json(&["stop", "c"])["state"], "stopped");
     assert_eq!(view.holdings(&c_id).unwrap().memory_mib(), 0);
 }

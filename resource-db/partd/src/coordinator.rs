@@ -755,6 +755,7 @@ impl Coordinator {
         tokio::spawn(async move {
             let mut last_ok = Instant::now();
             let mut answered = false;
+            let mut dead_reported: Vec<u32> = Vec::new();
             loop {
                 // Until the first answer, poll fast: that is the start latency.
                 let interval = if answered {
@@ -776,6 +777,21 @@ impl Coordinator {
                     me.settings.ping_timeout,
                 )
                 .await;
+                // Its I/O partitions: a dead one is reported once (restarting
+                // part-io is not partd's job yet; the devices need reset).
+                if let Ok(rec) = me.record(&id) {
+                    for io in me.io_views(&rec) {
+                        if !io.alive && !dead_reported.contains(&io.pid) {
+                            dead_reported.push(io.pid);
+                            tracing::error!(
+                                "{id}: part-io {} pid {} is gone; its devices need reset (see {})",
+                                io.kind,
+                                io.pid,
+                                io.log.display()
+                            );
+                        }
+                    }
+                }
                 match ping {
                     Ok(reply) if reply.ok => {
                         last_ok = Instant::now();
@@ -1130,7 +1146,7 @@ impl Coordinator {
                 .collect();
             if !busy.is_empty() {
                 return Err(CoordError::Conflict(format!(
-                    "cannot start {id}: switch {switch} (part-io pid {}) has no port for it and cannot be restarted while {} use it; stop them, then start {id} first (the switch is then started with a port for every partition defined on it)",
+                    "cannot start {id}: switch {switch} (part-io pid {}) has no port for it and cannot be restarted while partitions are connected to it ({}); stop them, then start {id} first (the switch is then started with a port for every partition defined on it)",
                     rec.pid,
                     busy.join(", ")
                 )));
