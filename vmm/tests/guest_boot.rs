@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
+use partvisor_test_guest::blk_pattern::fnv1a64;
 
 #[test]
 fn guest_reports_and_part_vmm_exits_with_its_code() {

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use partvisor_test_guest::blk_pattern::{self, BLOCK_SIZE};
 
 const IMAGE_SIZE: u64 = 8 << 20;
 
@@ -21,30 +22,15 @@ fn image(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-fn fnv1a64(data: &[u8]) -> u64 {
-    common::fnv1a64(data)
-}
-
 /// Checks, from the host, that block `b` of the image holds the guest's
-/// pattern for `seed` (layout in resources/guests/README.md: "pvblk001",
-/// seed, block, payload, FNV-1a 64 of the first 4088 bytes).
+/// pattern for `seed` (`partvisor_test_guest::blk_pattern`).
 fn assert_block_holds_pattern(img: &[u8], seed: u64, b: u64) {
-    let blk = &img[(b as usize) * 4096..(b as usize + 1) * 4096];
+    let start = b as usize * BLOCK_SIZE;
+    let blk: &[u8; BLOCK_SIZE] = img[start..start + BLOCK_SIZE].try_into().unwrap();
     assert_eq!(&blk[0..8], b"pvblk001", "block {b} magic");
-    assert_eq!(
-        u64::from_le_bytes(blk[8..16].try_into().unwrap()),
-        seed,
-        "block {b} seed"
-    );
-    assert_eq!(
-        u64::from_le_bytes(blk[16..24].try_into().unwrap()),
-        b,
-        "block {b} number"
-    );
-    assert_eq!(
-        u64::from_le_bytes(blk[4088..4096].try_into().unwrap()),
-        fnv1a64(&blk[..4088]),
-        "block {b} checksum"
+    assert!(
+        blk_pattern::block_ok(seed, b, blk),
+        "block {b} does not hold seed {seed}'s pattern"
     );
 }
 

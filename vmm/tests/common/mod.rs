@@ -183,15 +183,6 @@ pub fn clock_ticks_per_sec() -> u64 {
     t as u64
 }
 
-pub fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
 pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::File::create(&p).unwrap().write_all(data).unwrap();
