@@ -176,6 +176,8 @@ pub struct Devices {
     ged_irq: EventFd,
     /// virtio-mmio transports, in slot order.
     pub virtio: Vec<Mutex<VirtioMmio>>,
+    /// Serial output bytes that could not be written out.
+    pub serial_lost: AtomicU64,
     pub unassigned: UnassignedCounters,
 }
 
@@ -204,6 +206,7 @@ impl Devices {
             ged_pending: AtomicU32::new(0),
             ged_irq,
             virtio: Vec::new(),
+            serial_lost: AtomicU64::new(0),
             unassigned: UnassignedCounters::default(),
         }
     }
@@ -308,7 +311,13 @@ impl Devices {
                 let mut s = self.serial();
                 for b in data {
                     if let Err(e) = s.write((p - layout::SERIAL_PORT) as u8, *b) {
-                        tracing::warn!("serial output lost a byte: {e:?}");
+                        // Once per run: a closed stdout would otherwise log
+                        // a line for every byte the guest prints.
+                        if self.serial_lost.fetch_add(1, Ordering::Relaxed) == 0 {
+                            tracing::warn!(
+                                "serial output lost a byte ({e:?}); further losses are counted"
+                            );
+                        }
                     }
                 }
                 BusAction::None

@@ -691,5 +691,11 @@ fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
         let _ = devices.serial().writer_mut().flush();
     }
     tracing::info!("{}", devices.unassigned.summary());
+    let lost = devices
+        .serial_lost
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if lost > 0 {
+        tracing::warn!("serial output: {lost} bytes could not be written");
+    }
     Ok(reason)
 }

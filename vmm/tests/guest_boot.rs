@@ -408,3 +408,24 @@ fn vcpu_threads_are_confined_to_the_cpu_affinity() {
     vm.signal(libc::SIGTERM);
     assert_eq!(vm.finish("affinity stop").code(), 0);
 }
+
+#[test]
+fn unwritable_serial_output_is_logged_once_and_counted() {
+    let _l = vm_lock();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let child = guest_command("", &[]).stdout(full).spawn().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(log.matches("serial output lost a byte").count(), 1, "{log}");
+    let lost = log
+        .lines()
+        .find_map(|l| l.split("serial output: ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no loss count in:\n{log}"));
+    assert!(lost > 100, "the whole report was lost, got {lost}");
+}
