@@ -344,3 +344,23 @@ fn a_restarted_partd_still_waits_for_the_disk_backend_before_releasing() {
         "{log}"
     );
 }
+
+#[test]
+fn a_nic_whose_socket_path_cannot_be_bound_is_refused_before_anything_is_granted() {
+    let partd = Partd::start(&[]);
+    let name = format!("p{}", "x".repeat(63));
+    let def = definition(
+        &partd,
+        &name,
+        "stay",
+        &format!("[[nic]]\nswitch = \"{}\"\n", "s".repeat(32)),
+    );
+    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    let out = partd.ctl(&["start", &name]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("longer than 107 bytes"), "{err}");
+    let v = partd.ctl_json(&["show", &name]);
+    assert_eq!(v["state"], "defined");
+    assert_eq!(v["holdings"]["memory"], serde_json::json!([]), "{v}");
+}

@@ -448,6 +448,7 @@ impl Coordinator {
         let def = Definition::from_json(value, self.db.view().host())
             .map_err(|e| CoordError::Conflict(format!("cannot start {id}: {e}")))?;
 
+        self.check_socket_paths(id, &def)?;
         // `{mac:NAME}` in the command line: the MACs granted at create.
         let cmdline = def
             .expand_cmdline(|name, i| {
@@ -1033,6 +1034,30 @@ impl Coordinator {
 impl Coordinator {
     fn blk_record_path(&self, id: &PartitionId) -> PathBuf {
         self.files(id).dir.join("blk.json")
+    }
+
+    /// Refuses a start whose sockets would not fit a Unix socket address.
+    fn check_socket_paths(&self, id: &PartitionId, def: &Definition) -> Result<(), CoordError> {
+        let files = self.files(id);
+        let mut sockets: Vec<PathBuf> = (0..def.disk.len())
+            .map(|i| files.dir.join(format!("disk{i}.sock")))
+            .collect();
+        for (i, nic) in def.nic.iter().enumerate() {
+            let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
+            sockets.push(sf.port_socket(id.as_str(), i));
+            sockets.push(sf.stats());
+        }
+        if let Some(long) = sockets
+            .iter()
+            .find(|s| s.as_os_str().len() > io::MAX_SOCKET_PATH)
+        {
+            return Err(CoordError::Invalid(format!(
+                "cannot start {id}: socket path {} is longer than {} bytes (the Unix socket limit); give partd a shorter --state-dir, or use shorter partition and switch names",
+                long.display(),
+                io::MAX_SOCKET_PATH
+            )));
+        }
+        Ok(())
     }
 
     /// Starts the partition's `part-io blk` and makes sure every switch it

@@ -25,6 +25,9 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::process::{self, VmmRecord};
 
+/// Longest path a Unix socket can be bound at (`sun_path` holds 108 bytes
+/// with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 /// How long a part-io process gets to listen on its sockets.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
 /// How long partd waits for a backend to let go of a guest's memory.
