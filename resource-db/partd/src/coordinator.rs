@@ -1214,21 +1214,29 @@ impl Coordinator {
 
     /// Waits until no backend maps `id`'s memory any more: its `part-io
     /// blk` has exited (partd stops it) and every switch port of it shows
-    /// `connected: false` (or its switch is gone).
+    /// `connected: false` (or its switch is gone). It never gives up: until
+    /// then the memory stays held (the partition stays `stopping`), and an
+    /// error is logged every `UNMAP_DEADLINE` (DESIGN: a partition's memory
+    /// is not reused while any backend still maps it).
     async fn let_go(&self, id: &PartitionId, def: &Definition) {
         let blk = self.blk_record_path(id);
         if let Some(rec) = process::read_json::<IoRecord>(&blk) {
-            if rec.stop(io::UNMAP_DEADLINE).await {
-                tracing::info!("{id}: part-io blk pid {} has exited", rec.pid);
-                let _ = std::fs::remove_file(&blk);
-            } else {
-                tracing::error!("{id}: part-io blk pid {} does not end", rec.pid);
+            let mut rounds = 0u64;
+            while !rec.stop(io::UNMAP_DEADLINE).await {
+                rounds += 1;
+                tracing::error!(
+                    "{id}: part-io blk pid {} has not ended after {} s; its memory stays held",
+                    rec.pid,
+                    rounds * io::UNMAP_DEADLINE.as_secs()
+                );
             }
+            tracing::info!("{id}: part-io blk pid {} has exited", rec.pid);
+            let _ = std::fs::remove_file(&blk);
         }
         for (i, nic) in def.nic.iter().enumerate() {
             let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
             let socket = sf.port_socket(id.as_str(), i);
-            let t0 = Instant::now();
+            let mut t0 = Instant::now();
             loop {
                 let connected = match io::port_connections(&sf.stats()).await {
                     None => false,
@@ -1244,12 +1252,12 @@ impl Coordinator {
                 }
                 if t0.elapsed() >= io::UNMAP_DEADLINE {
                     tracing::error!(
-                        "{id}: switch {} still shows port {} connected after {} s; releasing anyway",
+                        "{id}: switch {} still shows port {} connected after {} s; its memory stays held",
                         nic.switch,
                         socket.display(),
                         io::UNMAP_DEADLINE.as_secs()
                     );
-                    break;
+                    t0 = Instant::now();
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
