@@ -101,8 +101,8 @@ check "beta wrote and verified its disk" "$state/beta.console" "blk: verified 25
 check "alpha sent 10,000 frames" "$state/alpha.console" "net: send 10000 frames 1000 bytes in"
 check "beta received all 10,000, none lost or bad" "$state/beta.console" \
     "net: received 10000 frames ok lost=0 bad=0 dup=0"
-check "both stayed up until stopped" "$state/alpha.console" "stay: idle"
-check "both stayed up until stopped" "$state/beta.console" "stay: idle"
+check "alpha stayed up until stopped" "$state/alpha.console" "stay: idle"
+check "beta stayed up until stopped" "$state/beta.console" "stay: idle"
 check "the switch saw both guests let go" "$state/switches/lan/net.log" "frontend disconnected"
 for p in alpha beta; do
     check "$p's backends unmapped its memory before the release" "$state/partd.log" \
