@@ -17,68 +17,81 @@ use std::path::{Path, PathBuf};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config as cfg;
+use virtio_bindings::virtio_mmio as mmio;
+use virtio_bindings::virtio_net as net;
+use virtio_bindings::virtio_ring as ring;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
 use crate::layout;
 
-// Register offsets (virtio 1.2, 4.2.2).
-const MAGIC_VALUE: u64 = 0x000;
-const VERSION: u64 = 0x004;
-const DEVICE_ID: u64 = 0x008;
-const VENDOR_ID: u64 = 0x00c;
-const DEVICE_FEATURES: u64 = 0x010;
-const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
-const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
-const QUEUE_NOTIFY: u64 = 0x050;
-const INTERRUPT_STATUS: u64 = 0x060;
-const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC_LOW: u64 = 0x080;
-const QUEUE_DESC_HIGH: u64 = 0x084;
-const QUEUE_DRIVER_LOW: u64 = 0x090;
-const QUEUE_DRIVER_HIGH: u64 = 0x094;
-const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG: u64 = 0x100;
+// Register offsets (virtio 1.2, 4.2.2), from virtio-bindings, as MMIO
+// window offsets.
+const fn reg(offset: u32) -> u64 {
+    offset as u64
+}
+const MAGIC_VALUE: u64 = reg(mmio::VIRTIO_MMIO_MAGIC_VALUE);
+const VERSION: u64 = reg(mmio::VIRTIO_MMIO_VERSION);
+const DEVICE_ID: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_ID);
+const VENDOR_ID: u64 = reg(mmio::VIRTIO_MMIO_VENDOR_ID);
+const DEVICE_FEATURES: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_FEATURES);
+const DEVICE_FEATURES_SEL: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL);
+const DRIVER_FEATURES: u64 = reg(mmio::VIRTIO_MMIO_DRIVER_FEATURES);
+const DRIVER_FEATURES_SEL: u64 = reg(mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL);
+const QUEUE_SEL: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_SEL);
+const QUEUE_NUM_MAX: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NUM_MAX);
+const QUEUE_NUM: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NUM);
+const QUEUE_READY: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_READY);
+const QUEUE_NOTIFY: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
+const INTERRUPT_STATUS: u64 = reg(mmio::VIRTIO_MMIO_INTERRUPT_STATUS);
+const INTERRUPT_ACK: u64 = reg(mmio::VIRTIO_MMIO_INTERRUPT_ACK);
+const STATUS: u64 = reg(mmio::VIRTIO_MMIO_STATUS);
+const QUEUE_DESC_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_DESC_LOW);
+const QUEUE_DESC_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_DESC_HIGH);
+const QUEUE_DRIVER_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW);
+const QUEUE_DRIVER_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_AVAIL_HIGH);
+const QUEUE_DEVICE_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_USED_LOW);
+const QUEUE_DEVICE_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_USED_HIGH);
+const CONFIG_GENERATION: u64 = reg(mmio::VIRTIO_MMIO_CONFIG_GENERATION);
+const CONFIG: u64 = reg(mmio::VIRTIO_MMIO_CONFIG);
 
-const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+const MMIO_MAGIC: u32 = u32::from_le_bytes(*b"virt");
 const MMIO_VERSION: u32 = 2;
 /// "PVSR" — partvisor's virtio vendor id.
-const VENDOR: u32 = 0x5253_5650;
+const VENDOR: u32 = u32::from_le_bytes(*b"PVSR");
 
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 0x40;
-pub const STATUS_FAILED: u32 = 0x80;
+pub const STATUS_DRIVER_OK: u32 = cfg::VIRTIO_CONFIG_S_DRIVER_OK;
+pub const STATUS_FEATURES_OK: u32 = cfg::VIRTIO_CONFIG_S_FEATURES_OK;
+pub const STATUS_NEEDS_RESET: u32 = cfg::VIRTIO_CONFIG_S_NEEDS_RESET;
 
-pub const INT_VRING: u32 = 1;
-pub const INT_CONFIG: u32 = 2;
+pub const INT_VRING: u32 = mmio::VIRTIO_MMIO_INT_VRING;
+pub const INT_CONFIG: u32 = mmio::VIRTIO_MMIO_INT_CONFIG;
 
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const fn bit(n: u32) -> u64 {
+    1 << n
+}
+pub const VIRTIO_F_VERSION_1: u64 = bit(cfg::VIRTIO_F_VERSION_1);
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = bit(ring::VIRTIO_RING_F_INDIRECT_DESC);
+const VIRTIO_RING_F_EVENT_IDX: u64 = bit(ring::VIRTIO_RING_F_EVENT_IDX);
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 /// Device-specific feature bits 0..24.
 const DEVICE_FEATURE_MASK: u64 = (1 << 24) - 1;
 /// Hidden so a block device has exactly one queue.
-const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-/// Hidden so a net device has exactly one queue pair and no control queue
-/// (CTRL_VQ, CTRL_RX, CTRL_VLAN, GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR).
-const VIRTIO_NET_CTRL_FEATURES: u64 = 0x00fe_0000;
+const VIRTIO_BLK_F_MQ: u64 = bit(virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ);
+/// Hidden so a net device has exactly one queue pair and no control queue.
+const VIRTIO_NET_CTRL_FEATURES: u64 = bit(net::VIRTIO_NET_F_CTRL_VQ)
+    | bit(net::VIRTIO_NET_F_CTRL_RX)
+    | bit(net::VIRTIO_NET_F_CTRL_VLAN)
+    | bit(net::VIRTIO_NET_F_CTRL_RX_EXTRA)
+    | bit(net::VIRTIO_NET_F_GUEST_ANNOUNCE)
+    | bit(net::VIRTIO_NET_F_MQ)
+    | bit(net::VIRTIO_NET_F_CTRL_MAC_ADDR);
 
 /// Device types part-vmm can front.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +103,8 @@ pub enum DeviceKind {
 impl DeviceKind {
     fn id(self) -> u32 {
         match self {
-            DeviceKind::Net => 1,
-            DeviceKind::Block => 2,
+            DeviceKind::Net => virtio_bindings::virtio_ids::VIRTIO_ID_NET,
+            DeviceKind::Block => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
         }
     }
     fn config_size(self) -> u32 {
