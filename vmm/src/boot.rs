@@ -13,7 +13,8 @@ use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_MEMMAP_TYPE_RAM,
+    XEN_HVM_MEMMAP_TYPE_RESERVED, XEN_HVM_START_MAGIC_VALUE,
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
@@ -22,9 +23,9 @@ use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, Gu
 use crate::error::{Error, Result};
 use crate::layout;
 
-/// E820 / PVH memory types.
-pub const MEM_TYPE_RAM: u32 = 1;
-pub const MEM_TYPE_RESERVED: u32 = 2;
+/// E820 / PVH memory types (the PVH and E820 numbering agree).
+pub const MEM_TYPE_RAM: u32 = XEN_HVM_MEMMAP_TYPE_RAM;
+pub const MEM_TYPE_RESERVED: u32 = XEN_HVM_MEMMAP_TYPE_RESERVED;
 
 /// How the boot vCPU enters the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
