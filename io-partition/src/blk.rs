@@ -28,7 +28,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{ChainWalker, Malformed, Segment};
 use crate::export::{Export, SECTOR_SIZE};
-use crate::server::{Endpoint, ExitFds};
+use crate::server::{check_kick_events, config_bytes, drain_queue, Endpoint, ExitFds};
 
 /// Largest queue a frontend may configure (`SET_VRING_NUM`).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -473,11 +473,8 @@ impl VhostUserBackendMut for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // Exactly `size` bytes (frontends check the reply length); fields
-        // beyond the ones part-io fills read as zero.
-        (offset..offset.saturating_add(size))
-            .map(|i| self.config.get(i as usize).copied().unwrap_or(0))
-            .collect()
+        // Fields beyond the ones part-io fills read as zero.
+        config_bytes(&self.config, offset, size)
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -502,35 +499,18 @@ impl VhostUserBackendMut for BlkBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!(
-                "unexpected epoll events {evset:?}"
-            )));
-        }
+        check_kick_events(evset)?;
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             error!(export = %self.export.name(), "event for unknown queue {device_event}");
             return Ok(());
         };
-        if !self.event_idx {
-            return self.process_queue(vring);
-        }
-        // With EVENT_IDX: keep notifications off while draining, and drain
-        // again if the driver posted more before they were back on.
-        loop {
-            if let Err(e) = vring.disable_notification() {
-                warn!(export = %self.export.name(), "cannot disable notifications: {e}");
-            }
-            self.process_queue(vring)?;
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(export = %self.export.name(), "cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
-        Ok(())
+        drain_queue(
+            self,
+            vring,
+            self.event_idx,
+            BlkBackend::process_queue,
+            |b, what, e| warn!(export = %b.export.name(), "{what}: {e}"),
+        )
     }
 }
 

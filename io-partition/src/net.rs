@@ -68,7 +68,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{ChainWalker, Malformed, Segment};
-use crate::server::{Endpoint, ExitFds, Mem};
+use crate::server::{check_kick_events, config_bytes, drain_queue, Endpoint, ExitFds, Mem};
 use crate::tap::Tap;
 
 /// Largest queue a frontend may configure.
@@ -1279,9 +1279,7 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        (offset..offset.saturating_add(size))
-            .map(|i| self.config.get(i as usize).copied().unwrap_or(0))
-            .collect()
+        config_bytes(&self.config, offset, size)
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -1306,11 +1304,7 @@ impl VhostUserBackendMut for NetBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!(
-                "unexpected epoll events {evset:?}"
-            )));
-        }
+        check_kick_events(evset)?;
         self.publish_rx(vrings);
         match usize::from(device_event) {
             // New receive buffers: frames are never queued in part-io, so
@@ -1320,24 +1314,13 @@ impl VhostUserBackendMut for NetBackend {
                 let Some(vring) = vrings.get(TX_QUEUE) else {
                     return Ok(());
                 };
-                if !self.event_idx {
-                    return self.process_tx(vring);
-                }
-                loop {
-                    if let Err(e) = vring.disable_notification() {
-                        warn!(port = %self.port().spec.socket.display(), "cannot disable notifications: {e}");
-                    }
-                    self.process_tx(vring)?;
-                    match vring.enable_notification() {
-                        Ok(true) => continue,
-                        Ok(false) => break,
-                        Err(e) => {
-                            warn!(port = %self.port().spec.socket.display(), "cannot enable notifications: {e}");
-                            break;
-                        }
-                    }
-                }
-                Ok(())
+                drain_queue(
+                    self,
+                    vring,
+                    self.event_idx,
+                    NetBackend::process_tx,
+                    |b, what, e| warn!(port = %b.port().spec.socket.display(), "{what}: {e}"),
+                )
             }
             other => {
                 error!(port = %self.port().spec.socket.display(), "event for unknown queue {other}");

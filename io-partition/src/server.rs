@@ -13,8 +13,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
@@ -23,6 +24,56 @@ use crate::guard;
 
 /// Guest memory as the vhost-user daemon publishes it.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// Refuses any epoll event set but `IN` on a queue's kick: what both device
+/// models' `handle_event` accept.
+pub(crate) fn check_kick_events(evset: EventSet) -> io::Result<()> {
+    if evset != EventSet::IN {
+        return Err(io::Error::other(format!(
+            "unexpected epoll events {evset:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Exactly `size` bytes of `config` from `offset` (frontends check the reply
+/// length); bytes beyond `config` read as zero.
+pub(crate) fn config_bytes(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    (offset..offset.saturating_add(size))
+        .map(|i| config.get(i as usize).copied().unwrap_or(0))
+        .collect()
+}
+
+/// Runs `process` on `vring` until it is drained. Without EVENT_IDX that is
+/// one pass; with it, notifications stay off while draining and the queue is
+/// drained again if the driver posted more before they were back on.
+/// `warn(backend, what, error)` logs a notification toggle that failed.
+pub(crate) fn drain_queue<B>(
+    backend: &mut B,
+    vring: &VringRwLock,
+    event_idx: bool,
+    process: fn(&mut B, &VringRwLock) -> io::Result<()>,
+    warn: fn(&B, &str, &dyn std::fmt::Display),
+) -> io::Result<()> {
+    if !event_idx {
+        return process(backend, vring);
+    }
+    loop {
+        if let Err(e) = vring.disable_notification() {
+            warn(backend, "cannot disable notifications", &e);
+        }
+        process(backend, vring)?;
+        match vring.enable_notification() {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                warn(backend, "cannot enable notifications", &e);
+                break;
+            }
+        }
+    }
+    Ok(())
+}
 
 /// What the listener needs from a served thing (a blk export, a net port).
 pub trait Endpoint: Send + Sync + 'static {

@@ -238,6 +238,76 @@ fn host(mem: &GuestMemoryMmap<()>, gpa: u64) -> u64 {
     mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
 }
 
+/// The vhost-user handshake every test device starts with: connects to
+/// `socket` (a hung part-io fails the test instead of hanging it), takes
+/// ownership, acks `offered & wanted` (plus `EVENT_IDX` when `event_idx`),
+/// the CONFIG and REPLY_ACK protocol features, and shares `mem`. Returns the
+/// frontend and the acked features.
+pub fn negotiate(
+    socket: &Path,
+    mem: &GuestMemoryMmap<()>,
+    queues: u64,
+    wanted: u64,
+    event_idx: bool,
+) -> Result<(Frontend, u64), vhost::Error> {
+    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(vhost::Error::IOError)?;
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let mut fe = Frontend::from_stream(stream, queues);
+    fe.set_owner()?;
+    let offered = fe.get_features()?;
+    let mut want = wanted;
+    if event_idx {
+        want |= 1 << VIRTIO_RING_F_EVENT_IDX;
+    }
+    let features = offered & want;
+    fe.set_features(features)?;
+    let pf = fe.get_protocol_features()?;
+    fe.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK),
+    )?;
+    // Ask for an ack of every request, so a refused SET_MEM_TABLE fails here.
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let regions = mem
+        .iter()
+        .map(VhostUserMemoryRegionInfo::from_guest_region)
+        .collect::<Result<Vec<_>, _>>()?;
+    fe.set_mem_table(&regions)?;
+    Ok((fe, features))
+}
+
+/// Sets up and enables queue `q` with `qsize` entries and its rings at the
+/// guest addresses `(desc, avail, used)`, as a VMM would. Returns the queue's
+/// (call, kick) eventfds.
+pub fn setup_queue(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap<()>,
+    q: usize,
+    qsize: u16,
+    (desc, avail, used): (u64, u64, u64),
+) -> Result<(EventFd, EventFd), vhost::Error> {
+    fe.set_vring_num(q, qsize)?;
+    fe.set_vring_addr(
+        q,
+        &VringConfigData {
+            queue_max_size: qsize,
+            queue_size: qsize,
+            flags: 0,
+            desc_table_addr: host(mem, desc),
+            used_ring_addr: host(mem, used),
+            avail_ring_addr: host(mem, avail),
+            log_addr: None,
+        },
+    )?;
+    fe.set_vring_base(q, 0)?;
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_call(q, &call)?;
+    fe.set_vring_kick(q, &kick)?;
+    fe.set_vring_enable(q, true)?;
+    Ok((call, kick))
+}
+
 impl Device {
     /// Connects and sets up queue 0, as a VMM would.
     pub fn connect(
@@ -245,50 +315,8 @@ impl Device {
         mem: GuestMemoryMmap<()>,
         event_idx: bool,
     ) -> Result<Device, vhost::Error> {
-        // A hung part-io fails the test instead of hanging it.
-        let stream =
-            std::os::unix::net::UnixStream::connect(socket).map_err(vhost::Error::IOError)?;
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
-        let mut fe = Frontend::from_stream(stream, 1);
-        fe.set_owner()?;
-        let offered = fe.get_features()?;
-        let mut want = WANTED;
-        if event_idx {
-            want |= 1 << VIRTIO_RING_F_EVENT_IDX;
-        }
-        let features = offered & want;
-        fe.set_features(features)?;
-        let pf = fe.get_protocol_features()?;
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK),
-        )?;
-        // Ask for an ack of every request, so a refused SET_MEM_TABLE fails here.
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()?;
-        fe.set_mem_table(&regions)?;
-        fe.set_vring_num(0, QSIZE)?;
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: host(&mem, DESC),
-                used_ring_addr: host(&mem, USED),
-                avail_ring_addr: host(&mem, AVAIL),
-                log_addr: None,
-            },
-        )?;
-        fe.set_vring_base(0, 0)?;
-        let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        fe.set_vring_call(0, &call)?;
-        fe.set_vring_kick(0, &kick)?;
-        fe.set_vring_enable(0, true)?;
+        let (mut fe, features) = negotiate(socket, &mem, 1, WANTED, event_idx)?;
+        let (call, kick) = setup_queue(&mut fe, &mem, 0, QSIZE, (DESC, AVAIL, USED))?;
         Ok(Device {
             fe,
             mem,

@@ -8,19 +8,16 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
-};
+use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{PartIo, TIMEOUT, WRITE};
+use super::{negotiate, setup_queue, PartIo, TIMEOUT, WRITE};
 
 pub const NET_QSIZE: u16 = 256;
 pub const HDR: usize = 12;
@@ -107,8 +104,9 @@ pub fn port_stat(p: &PartIo, i: usize, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name}"))
 }
 
-fn host(mem: &GuestMemoryMmap<()>, gpa: u64) -> u64 {
-    mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
+/// The (desc, avail, used) addresses of one entry of [`RINGS`].
+fn ring_addrs(&(desc, avail, used, _): &(u64, u64, u64, u64)) -> (u64, u64, u64) {
+    (desc, avail, used)
 }
 
 /// One split virtqueue as the driver sees it.
@@ -147,55 +145,10 @@ impl NetDevice {
         event_idx: bool,
     ) -> Result<NetDevice, vhost::Error> {
         assert!(qsize <= NET_QSIZE);
-        let stream = UnixStream::connect(socket).map_err(vhost::Error::IOError)?;
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
-        let mut fe = Frontend::from_stream(stream, 2);
-        fe.set_owner()?;
-        let offered = fe.get_features()?;
-        let mut want = NET_WANTED;
-        if event_idx {
-            want |= 1 << VIRTIO_RING_F_EVENT_IDX;
-        }
-        let features = offered & want;
-        fe.set_features(features)?;
-        let pf = fe.get_protocol_features()?;
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK),
-        )?;
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()?;
-        fe.set_mem_table(&regions)?;
-        let kick = [
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        ];
-        let call = [
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        ];
-        for (q, &(desc, avail, used, _)) in RINGS.iter().enumerate() {
-            fe.set_vring_num(q, qsize)?;
-            fe.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: qsize,
-                    queue_size: qsize,
-                    flags: 0,
-                    desc_table_addr: host(&mem, desc),
-                    used_ring_addr: host(&mem, used),
-                    avail_ring_addr: host(&mem, avail),
-                    log_addr: None,
-                },
-            )?;
-            fe.set_vring_base(q, 0)?;
-            fe.set_vring_call(q, &call[q])?;
-            fe.set_vring_kick(q, &kick[q])?;
-            fe.set_vring_enable(q, true)?;
-        }
+        let (mut fe, features) = negotiate(socket, &mem, 2, NET_WANTED, event_idx)?;
+        let (call0, kick0) = setup_queue(&mut fe, &mem, 0, qsize, ring_addrs(&RINGS[0]))?;
+        let (call1, kick1) = setup_queue(&mut fe, &mem, 1, qsize, ring_addrs(&RINGS[1]))?;
+        let (call, kick) = ([call0, call1], [kick0, kick1]);
         let ring = |&(desc, avail, used, bufs): &(u64, u64, u64, u64)| Ring {
             desc,
             avail,
