@@ -12,6 +12,8 @@
 //! memory (QEMU through memory-backend-memfd) so RssShmem means the same.
 //! Prints medians and part-vmm/QEMU ratios.
 
+mod common;
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -46,32 +48,16 @@ impl Vmm {
                     .env("PARTVISOR_LOG", "warn");
                 c
             }
-            Vmm::Qemu => {
-                let mut c = Command::new("qemu-system-x86_64");
-                c.args([
-                    "-M",
-                    "microvm,memory-backend=mem0",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host,-arch-capabilities", // plain `host` aborts QEMU 7.2 on these machines
-                    "-m",
-                    &format!("{MEM_MIB}M"),
-                    "-object",
-                    &format!("memory-backend-memfd,id=mem0,size={MEM_MIB}M,share=on"),
-                    "-nographic",
-                    "-nodefaults",
-                    "-serial",
-                    "stdio",
-                    "-no-reboot",
-                    "-device",
-                    "isa-debug-exit,iobase=0xf4,iosize=4",
-                    "-kernel",
-                ])
-                .arg(guest)
-                .arg("-append")
-                .arg(cmdline);
-                c
-            }
+            Vmm::Qemu => common::qemu_microvm(
+                "microvm,memory-backend=mem0",
+                MEM_MIB,
+                &[
+                    "-object".into(),
+                    format!("memory-backend-memfd,id=mem0,size={MEM_MIB}M,share=on"),
+                ],
+                guest,
+                cmdline,
+            ),
         };
         c.stdin(Stdio::null())
             .stdout(Stdio::piped())

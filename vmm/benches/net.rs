@@ -50,34 +50,20 @@ fn guest(link: Link, dir: &Path, mac: &str, peer_port: (u16, u16), cmdline: &str
         }
         Link::QemuUdp => {
             let (local, remote) = peer_port;
-            let mut c = Command::new("qemu-system-x86_64");
-            c.args([
-                "-M",
+            common::qemu_microvm(
                 "microvm,acpi=off",
-                "-enable-kvm",
-                "-cpu",
-                "host,-arch-capabilities",
-                "-m",
-                "64M",
-                "-nographic",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-device",
-                "isa-debug-exit,iobase=0xf4,iosize=4",
-                "-global",
-                "virtio-mmio.force-legacy=false",
-                "-netdev",
-                &format!("socket,id=n0,udp=127.0.0.1:{remote},localaddr=127.0.0.1:{local}"),
-                "-device",
-                &format!("virtio-net-device,netdev=n0,mac={mac}"),
-                "-kernel",
-            ])
-            .arg(elf)
-            .arg("-append")
-            .arg(cmdline);
-            c
+                64,
+                &[
+                    "-global".into(),
+                    "virtio-mmio.force-legacy=false".into(),
+                    "-netdev".into(),
+                    format!("socket,id=n0,udp=127.0.0.1:{remote},localaddr=127.0.0.1:{local}"),
+                    "-device".into(),
+                    format!("virtio-net-device,netdev=n0,mac={mac}"),
+                ],
+                elf,
+                cmdline,
+            )
         }
     };
     c.stdin(Stdio::null())

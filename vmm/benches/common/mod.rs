@@ -29,3 +29,35 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// QEMU microvm booting the test guest `guest` with `cmdline`: KVM, the
+/// serial port on stdio, the debug-exit port at 0xf4 (QEMU exits with
+/// `(code << 1) | 1`), `mem_mib` of memory, and `extra` arguments. The
+/// machine string carries per-benchmark options (e.g. `acpi=off`).
+pub fn qemu_microvm(
+    machine: &str,
+    mem_mib: u64,
+    extra: &[String],
+    guest: &Path,
+    cmdline: &str,
+) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-M", machine, "-enable-kvm"])
+        // Plain `-cpu host` aborts QEMU 7.2 on these machines.
+        .args(["-cpu", "host,-arch-capabilities"])
+        .args(["-m", &format!("{mem_mib}M")])
+        .args([
+            "-nographic",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .args(extra)
+        .arg("-kernel")
+        .arg(guest)
+        .arg("-append")
+        .arg(cmdline);
+    c
+}
