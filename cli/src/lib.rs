@@ -15,8 +15,9 @@
 use std::path::{Path, PathBuf};
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
@@ -177,6 +178,45 @@ impl Client {
         }
     }
 
+    fn protocol_error(&self, reason: String) -> CtlError {
+        CtlError::Protocol {
+            socket: self.socket.clone(),
+            reason,
+        }
+    }
+
+    /// Connects to partd's socket and does the HTTP/1.1 handshake; the
+    /// caller drives the returned connection.
+    async fn handshake(
+        &self,
+    ) -> Result<
+        (
+            SendRequest<Full<Bytes>>,
+            Connection<TokioIo<tokio::net::UnixStream>, Full<Bytes>>,
+        ),
+        CtlError,
+    > {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| CtlError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol_error(e.to_string()))
+    }
+
+    /// The whole body of `resp`.
+    async fn read_body(&self, resp: Response<Incoming>) -> Result<Bytes, CtlError> {
+        Ok(resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.protocol_error(e.to_string()))?
+            .to_bytes())
+    }
+
     /// Sends one request; returns the status and the JSON reply (`null` for
     /// an empty body). Does not turn error statuses into errors.
     pub async fn raw(
@@ -185,19 +225,8 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(StatusCode, serde_json::Value), CtlError> {
-        let proto = |reason: String| CtlError::Protocol {
-            socket: self.socket.clone(),
-            reason,
-        };
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| CtlError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| proto(e.to_string()))?;
+        let proto = |reason: String| self.protocol_error(reason);
+        let (mut sender, conn) = self.handshake().await?;
         let driver = tokio::spawn(conn);
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| proto(e.to_string()))?,
@@ -215,12 +244,7 @@ impl Client {
             .await
             .map_err(|e| proto(e.to_string()))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| proto(e.to_string()))?
-            .to_bytes();
+        let body = self.read_body(resp).await?;
         driver.abort();
         let value = if body.is_empty() {
             serde_json::Value::Null
@@ -243,15 +267,7 @@ impl Client {
         if status.is_success() {
             return Ok(value);
         }
-        let message = value
-            .get("error")
-            .and_then(|e| e.as_str())
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("partd answered {status}"));
-        Err(CtlError::Api {
-            status: status.as_u16(),
-            message,
-        })
+        Err(api_error(status, Some(&value)))
     }
 
     pub async fn list(&self) -> Result<Vec<PartitionView>, CtlError> {
@@ -312,19 +328,8 @@ impl Client {
     /// Opens `name`'s serial console through partd (an HTTP/1.1 upgrade
     /// to `partvisor-console`); the returned stream carries it both ways.
     pub async fn console(&self, name: &str) -> Result<TokioIo<hyper::upgrade::Upgraded>, CtlError> {
-        let proto = |reason: String| CtlError::Protocol {
-            socket: self.socket.clone(),
-            reason,
-        };
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| CtlError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| proto(e.to_string()))?;
+        let proto = |reason: String| self.protocol_error(reason);
+        let (mut sender, conn) = self.handshake().await?;
         tokio::spawn(conn.with_upgrades());
         let req = Request::builder()
             .method(Method::GET)
@@ -340,20 +345,9 @@ impl Client {
             .map_err(|e| proto(e.to_string()))?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| proto(e.to_string()))?
-                .to_bytes();
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or_else(|| format!("partd answered {status}"));
-            return Err(CtlError::Api {
-                status: status.as_u16(),
-                message,
-            });
+            let body = self.read_body(resp).await?;
+            let value = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            return Err(api_error(status, value.as_ref()));
         }
         let upgraded = hyper::upgrade::on(resp)
             .await
@@ -371,6 +365,19 @@ impl Client {
             None => format!("/v1/log?limit={limit}"),
         };
         decode(self.call(Method::GET, &path, None).await?)
+    }
+}
+
+/// partd's refusal: the reply's `error` text, else the status.
+fn api_error(status: StatusCode, reply: Option<&serde_json::Value>) -> CtlError {
+    let message = reply
+        .and_then(|v| v.get("error"))
+        .and_then(|e| e.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("partd answered {status}"));
+    CtlError::Api {
+        status: status.as_u16(),
+        message,
     }
 }
 

@@ -33,6 +33,36 @@ fn ms(us: &serde_json::Value) -> f64 {
     us.as_u64().unwrap_or(0) as f64 / 1000.0
 }
 
+/// One result row: label, then median / p90 in ms, then `suffix`.
+fn row(label: &str, v: &mut [f64], suffix: &str) {
+    println!("{label}{:8.2} / {:8.2}{suffix}", median(v), pct(v, 0.9));
+}
+
+/// Runs `partctl <args> f<i>` for partitions `f0..f<n>` all at once and
+/// returns each process's output, in order.
+fn partctl_in_flight(
+    socket: &std::path::Path,
+    n: usize,
+    args: &[&str],
+) -> Vec<std::process::Output> {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let socket = socket.to_path_buf();
+            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            args.push(format!("f{i}"));
+            std::thread::spawn(move || {
+                Command::new(&bins().partctl)
+                    .arg("--socket")
+                    .arg(socket)
+                    .args(args)
+                    .output()
+                    .expect("partctl")
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// part-vmm started directly, until its control socket answers a ping.
 fn direct_start(dir: &std::path::Path, i: usize) -> f64 {
     let control = dir.join(format!("direct-{i}.sock"));
@@ -114,46 +144,18 @@ fn main() {
     println!(
         "\n== partctl start -> monitor answering, one at a time ({rounds} runs, ms: median / p90)"
     );
-    println!(
-        "partctl start wall            {:8.2} / {:8.2}",
-        median(&mut wall),
-        pct(&mut wall, 0.9)
+    row("partctl start wall            ", &mut wall, "");
+    row("  monitor's own share         ", &mut monitor, "");
+    row(
+        "  coordinator share (wall - monitor) ",
+        &mut share,
+        "   target <= 20 ms",
     );
-    println!(
-        "  monitor's own share         {:8.2} / {:8.2}",
-        median(&mut monitor),
-        pct(&mut monitor, 0.9)
-    );
-    println!(
-        "  coordinator share (wall - monitor) {:8.2} / {:8.2}   target <= 20 ms",
-        median(&mut share),
-        pct(&mut share, 0.9)
-    );
-    println!(
-        "    of which inside partd      {:8.2} / {:8.2}",
-        median(&mut inside),
-        pct(&mut inside, 0.9)
-    );
-    println!(
-        "      grant transaction         {:8.2} / {:8.2}",
-        median(&mut grant),
-        pct(&mut grant, 0.9)
-    );
-    println!(
-        "      descriptor + fork/exec    {:8.2} / {:8.2}",
-        median(&mut spawn),
-        pct(&mut spawn, 0.9)
-    );
-    println!(
-        "      record running + reply    {:8.2} / {:8.2}",
-        median(&mut running),
-        pct(&mut running, 0.9)
-    );
-    println!(
-        "direct part-vmm (no partd)    {:8.2} / {:8.2}",
-        median(&mut direct),
-        pct(&mut direct, 0.9)
-    );
+    row("    of which inside partd      ", &mut inside, "");
+    row("      grant transaction         ", &mut grant, "");
+    row("      descriptor + fork/exec    ", &mut spawn, "");
+    row("      record running + reply    ", &mut running, "");
+    row("direct part-vmm (no partd)    ", &mut direct, "");
     println!(
         "ratio partctl start / direct  {:8.2}",
         median(&mut wall) / median(&mut direct)
@@ -168,21 +170,7 @@ fn main() {
     let mut rates = vec![];
     for _round in 0..3 {
         let t0 = Instant::now();
-        let handles: Vec<_> = (0..n)
-            .map(|i| {
-                let socket = partd.socket.clone();
-                std::thread::spawn(move || {
-                    Command::new(&bins().partctl)
-                        .arg("--socket")
-                        .arg(socket)
-                        .args(["start", &format!("f{i}")])
-                        .output()
-                        .expect("partctl")
-                })
-            })
-            .collect();
-        for h in handles {
-            let out = h.join().unwrap();
+        for out in partctl_in_flight(&partd.socket, n, &["start"]) {
             assert!(
                 out.status.success(),
                 "{}",
@@ -191,21 +179,8 @@ fn main() {
         }
         let secs = t0.elapsed().as_secs_f64();
         rates.push(n as f64 / secs);
-        let stops: Vec<_> = (0..n)
-            .map(|i| {
-                let socket = partd.socket.clone();
-                std::thread::spawn(move || {
-                    Command::new(&bins().partctl)
-                        .arg("--socket")
-                        .arg(socket)
-                        .args(["stop", "--force", &format!("f{i}")])
-                        .output()
-                        .expect("partctl")
-                })
-            })
-            .collect();
-        for h in stops {
-            assert!(h.join().unwrap().status.success());
+        for out in partctl_in_flight(&partd.socket, n, &["stop", "--force"]) {
+            assert!(out.status.success());
         }
     }
     println!("\n== {n} partctl start in flight (3 rounds)");
