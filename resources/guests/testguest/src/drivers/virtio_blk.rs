@@ -6,12 +6,11 @@
 
 use crate::arch::{irq_count, irq_total, Irq};
 use crate::drivers::virtio_mmio::{
-    Desc, SplitQueue, Transport, Used, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DEVICE_BLOCK,
-    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, INT_CONFIG, MAGIC, QUEUE_MAX, RING_BYTES,
-    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
-    VERSION_MODERN,
+    Desc, NegotiateError, SplitQueue, Transport, Used, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
+    DEVICE_BLOCK, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, MAGIC, QUEUE_MAX, RING_BYTES,
+    STATUS_DRIVER_OK, STATUS_FAILED, VERSION_MODERN,
 };
-use crate::smp::{wait_until, Watchdog};
+use crate::smp::Watchdog;
 use crate::words::BadKind;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -56,14 +55,10 @@ pub const F_FLUSH: u64 = 1 << 9;
 const WANTED: u64 =
     F_RING_EVENT_IDX | F_RING_INDIRECT_DESC | F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH;
 
-/// Device status bit: the driver gave up.
-const STATUS_FAILED: u32 = 0x80;
 /// `head_slot` marker: no request.
 const NO_SLOT: u8 = 0xff;
 /// `head_slot` marker: the malformed request.
 const BAD_SLOT: u8 = 0xfe;
-/// How long a device gets to finish a reset.
-const RESET_TIMEOUT_NS: u64 = 1_000_000_000;
 
 /// `struct virtio_blk_req` header.
 #[repr(C)]
@@ -150,6 +145,16 @@ impl InitError {
     }
 }
 
+impl From<NegotiateError> for InitError {
+    fn from(e: NegotiateError) -> InitError {
+        match e {
+            NegotiateError::ResetStuck => InitError::ResetStuck,
+            NegotiateError::NoVersion1 => InitError::NoVersion1,
+            NegotiateError::FeaturesRejected => InitError::FeaturesRejected,
+        }
+    }
+}
+
 /// Why a request could not be posted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubmitError {
@@ -232,11 +237,6 @@ pub struct Blk {
     needs_reset: bool,
 }
 
-fn reset(t: &Transport) -> bool {
-    t.start_reset();
-    t.status() == 0 || wait_until(RESET_TIMEOUT_NS, || t.status() == 0)
-}
-
 impl Blk {
     /// Reset, negotiate and start the device behind `t` (its interrupt must
     /// already be routed to `VEC_VIRTIO`).
@@ -253,27 +253,13 @@ impl Blk {
             DMA_TAKEN.store(false, Ordering::Release);
             Err(e)
         };
-        if !reset(&t) {
-            return fail(InitError::ResetStuck);
-        }
-        t.add_status(STATUS_ACKNOWLEDGE);
-        t.add_status(STATUS_DRIVER);
-        let offered = t.device_features();
-        if offered & F_VERSION_1 == 0 {
-            return fail(InitError::NoVersion1);
-        }
-        let features = F_VERSION_1 | (offered & WANTED);
-        t.set_driver_features(features);
-        t.add_status(STATUS_FEATURES_OK);
-        if t.status() & STATUS_FEATURES_OK == 0 {
-            return fail(InitError::FeaturesRejected);
-        }
-        let (max, ready) = t.select_queue(0);
-        if max == 0 || ready != 0 {
+        let features = match t.negotiate(WANTED) {
+            Ok(f) => f,
+            Err(e) => return fail(e.into()),
+        };
+        let Some(size) = t.queue_size(0) else {
             return fail(InitError::QueueUnavailable);
-        }
-        let limit = max.min(u32::from(QUEUE_MAX));
-        let size = 1u16 << (31 - limit.leading_zeros());
+        };
         // SAFETY: `rings` is page-aligned RING_BYTES inside DMA, which this
         // instance owns (DMA_TAKEN) until it is dropped, and the drop
         // resets the device before giving it up.
@@ -591,13 +577,8 @@ impl Blk {
     /// Collect completions without sleeping; acknowledges the interrupt
     /// first (so one arriving later raises a new edge).
     pub fn reap(&mut self, out: &mut Completions) -> usize {
-        let irqs = irq_count(Irq::Virtio);
-        if irqs != self.irq_seen {
-            self.irq_seen = irqs;
-            let isr = self.t.ack_interrupt();
-            if isr & INT_CONFIG != 0 && self.t.status() & STATUS_NEEDS_RESET != 0 {
-                self.needs_reset = true;
-            }
+        if self.t.take_interrupt(&mut self.irq_seen) {
+            self.needs_reset = true;
         }
         let mut n = 0;
         while n < out.len() {
@@ -638,7 +619,7 @@ impl Drop for Blk {
     fn drop(&mut self) {
         // The device must stop touching DMA before anyone reuses it. If the
         // reset does not complete, keep the memory (a later init fails Busy).
-        if reset(&self.t) {
+        if self.t.reset() {
             DMA_TAKEN.store(false, Ordering::Release);
         } else {
             crate::say!(

@@ -3,7 +3,8 @@
 //! identity map, rings in guest RAM (identity mapped, so a pointer is its
 //! own guest-physical address).
 
-use crate::arch::{read32, write32};
+use crate::arch::{irq_count, read32, write32, Irq};
+use crate::smp::wait_until;
 use core::sync::atomic::{fence, Ordering};
 
 /// "virt", little-endian.
@@ -45,6 +46,11 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 /// The device hit an error it cannot recover from without a reset.
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
+/// The driver gave up.
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// How long a device gets to finish a reset.
+const RESET_TIMEOUT_NS: u64 = 1_000_000_000;
 
 /// InterruptStatus: the configuration (or device status) changed (bit 0,
 /// 1, is "used buffer returned").
@@ -63,6 +69,17 @@ pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 /// Buffer is a table of descriptors.
 pub const DESC_F_INDIRECT: u16 = 4;
+
+/// Why [`Transport::negotiate`] could not bring a device to FEATURES_OK.
+#[derive(Clone, Copy, Debug)]
+pub enum NegotiateError {
+    /// The device did not finish its reset.
+    ResetStuck,
+    /// VIRTIO_F_VERSION_1 not offered.
+    NoVersion1,
+    /// FEATURES_OK did not stick.
+    FeaturesRejected,
+}
 
 /// What a register window holds, as read at discovery.
 #[derive(Clone, Copy)]
@@ -121,6 +138,35 @@ impl Transport {
         self.write(REG_STATUS, 0);
     }
 
+    /// Reset the device and wait (at most 1 s) until its status reads 0.
+    /// Returns whether the reset completed.
+    pub fn reset(&self) -> bool {
+        self.start_reset();
+        self.status() == 0 || wait_until(RESET_TIMEOUT_NS, || self.status() == 0)
+    }
+
+    /// The driver side of initialisation up to FEATURES_OK: reset,
+    /// ACKNOWLEDGE, DRIVER, then accept VERSION_1 (required) and whatever
+    /// of `wanted` the device offers. Returns the accepted features.
+    pub fn negotiate(&self, wanted: u64) -> Result<u64, NegotiateError> {
+        if !self.reset() {
+            return Err(NegotiateError::ResetStuck);
+        }
+        self.add_status(STATUS_ACKNOWLEDGE);
+        self.add_status(STATUS_DRIVER);
+        let offered = self.device_features();
+        if offered & F_VERSION_1 == 0 {
+            return Err(NegotiateError::NoVersion1);
+        }
+        let features = F_VERSION_1 | (offered & wanted);
+        self.set_driver_features(features);
+        self.add_status(STATUS_FEATURES_OK);
+        if self.status() & STATUS_FEATURES_OK == 0 {
+            return Err(NegotiateError::FeaturesRejected);
+        }
+        Ok(features)
+    }
+
     /// The 64 device feature bits.
     pub fn device_features(&self) -> u64 {
         self.write(REG_DEVICE_FEATURES_SEL, 0);
@@ -142,6 +188,18 @@ impl Transport {
     pub fn select_queue(&self, index: u32) -> (u32, u32) {
         self.write(REG_QUEUE_SEL, index);
         (self.read(REG_QUEUE_NUM_MAX), self.read(REG_QUEUE_READY))
+    }
+
+    /// Select queue `index` and return the size to give it: the largest
+    /// power of two within both QueueNumMax and [`QUEUE_MAX`]. None if the
+    /// queue is missing (QueueNumMax 0) or already live.
+    pub fn queue_size(&self, index: u32) -> Option<u16> {
+        let (max, ready) = self.select_queue(index);
+        if max == 0 || ready != 0 {
+            return None;
+        }
+        let limit = max.min(u32::from(QUEUE_MAX));
+        Some(1u16 << (31 - limit.leading_zeros()))
     }
 
     /// Program the selected queue with `size` entries at the given rings
@@ -173,6 +231,20 @@ impl Transport {
             self.write(REG_INTERRUPT_ACK, isr);
         }
         isr
+    }
+
+    /// After a wakeup: if the virtio interrupt fired since `irq_seen` (which
+    /// is updated), acknowledge it. Must happen before the rings are looked
+    /// at (see [`Transport::ack_interrupt`]). Returns whether the device
+    /// reported DEVICE_NEEDS_RESET with it.
+    pub fn take_interrupt(&self, irq_seen: &mut u64) -> bool {
+        let irqs = irq_count(Irq::Virtio);
+        if irqs == *irq_seen {
+            return false;
+        }
+        *irq_seen = irqs;
+        let isr = self.ack_interrupt();
+        isr & INT_CONFIG != 0 && self.status() & STATUS_NEEDS_RESET != 0
     }
 
     /// A 64-bit configuration field, its two halves read under one

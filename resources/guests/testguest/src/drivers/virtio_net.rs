@@ -12,11 +12,9 @@
 
 use crate::arch::{irq_count, Irq};
 use crate::drivers::virtio_mmio::{
-    Desc, SplitQueue, Transport, DESC_F_WRITE, F_RING_EVENT_IDX, F_VERSION_1, INT_CONFIG, MAGIC,
-    QUEUE_MAX, RING_BYTES, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-    STATUS_NEEDS_RESET, VERSION_MODERN,
+    Desc, NegotiateError, SplitQueue, Transport, DESC_F_WRITE, F_RING_EVENT_IDX, MAGIC, QUEUE_MAX,
+    RING_BYTES, STATUS_DRIVER_OK, STATUS_FAILED, VERSION_MODERN,
 };
-use crate::smp::wait_until;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -38,10 +36,6 @@ pub const RX: u32 = 0;
 /// Transmit queue index.
 pub const TX: u32 = 1;
 
-/// Device status bit: the driver gave up.
-const STATUS_FAILED: u32 = 0x80;
-/// How long a device gets to finish a reset.
-const RESET_TIMEOUT_NS: u64 = 1_000_000_000;
 const NQ: usize = QUEUE_MAX as usize;
 
 /// Memory the device reads and writes. Identity mapped.
@@ -105,6 +99,16 @@ impl InitError {
     }
 }
 
+impl From<NegotiateError> for InitError {
+    fn from(e: NegotiateError) -> InitError {
+        match e {
+            NegotiateError::ResetStuck => InitError::ResetStuck,
+            NegotiateError::NoVersion1 => InitError::NoVersion1,
+            NegotiateError::FeaturesRejected => InitError::FeaturesRejected,
+        }
+    }
+}
+
 /// Something the queues cannot be trusted with any more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceError {
@@ -121,11 +125,6 @@ pub struct Rx {
     pub desc: u16,
     /// Frame length (used length minus the header).
     pub len: usize,
-}
-
-fn reset(t: &Transport) -> bool {
-    t.start_reset();
-    t.status() == 0 || wait_until(RESET_TIMEOUT_NS, || t.status() == 0)
 }
 
 /// A live virtio-net device. Dropping it resets the device.
@@ -163,30 +162,17 @@ impl Net {
             DMA_TAKEN.store(false, Ordering::Release);
             Err(e)
         };
-        if !reset(&t) {
-            return fail(InitError::ResetStuck);
-        }
-        t.add_status(STATUS_ACKNOWLEDGE);
-        t.add_status(STATUS_DRIVER);
-        let offered = t.device_features();
-        if offered & F_VERSION_1 == 0 {
-            return fail(InitError::NoVersion1);
-        }
-        let features = F_VERSION_1 | (offered & WANTED);
-        t.set_driver_features(features);
-        t.add_status(STATUS_FEATURES_OK);
-        if t.status() & STATUS_FEATURES_OK == 0 {
-            return fail(InitError::FeaturesRejected);
-        }
+        let features = match t.negotiate(WANTED) {
+            Ok(f) => f,
+            Err(e) => return fail(e.into()),
+        };
         let event_idx = features & F_RING_EVENT_IDX != 0;
         let d = dma();
         let mut queues = [None, None];
         for (index, q) in [RX, TX].into_iter().zip(queues.iter_mut()) {
-            let (max, ready) = t.select_queue(index);
-            if max == 0 || ready != 0 {
+            let Some(size) = t.queue_size(index) else {
                 return fail(InitError::QueueUnavailable(index));
-            }
-            let size = 1u16 << (31 - max.min(u32::from(QUEUE_MAX)).leading_zeros());
+            };
             // SAFETY: both ring areas are page-aligned RING_BYTES inside
             // DMA, which this instance owns (DMA_TAKEN) until it is dropped,
             // and the drop resets the device before giving it up.
@@ -257,13 +243,8 @@ impl Net {
     /// After a wakeup: acknowledge the interrupt (if there was one since the
     /// last call) and reap transmit completions.
     pub fn service(&mut self) {
-        let irqs = irq_count(Irq::Virtio);
-        if irqs != self.irq_seen {
-            self.irq_seen = irqs;
-            let isr = self.t.ack_interrupt();
-            if isr & INT_CONFIG != 0 && self.t.status() & STATUS_NEEDS_RESET != 0 {
-                self.error.get_or_insert(DeviceError::NeedsReset);
-            }
+        if self.t.take_interrupt(&mut self.irq_seen) {
+            self.error.get_or_insert(DeviceError::NeedsReset);
         }
         while let Some(u) = self.txq.pop_used() {
             let d = u.id as usize;
@@ -342,18 +323,8 @@ impl Net {
             self.txq.release(&one);
             return false;
         }
-        self.txq.set_desc(
-            one[0],
-            Desc {
-                addr: buf.as_ptr() as u64,
-                len: (HDR_LEN + len) as u32,
-                flags: 0,
-                next: 0,
-            },
-        );
-        self.tx_busy[d] = true;
-        self.tx_in_flight += 1;
-        self.kick_tx |= self.txq.publish(one[0]);
+        let addr = buf.as_ptr() as u64;
+        self.post_tx(one[0], addr, (HDR_LEN + len) as u32);
         true
     }
 
@@ -370,19 +341,26 @@ impl Net {
         // buffer; DMA is ours.
         let buf = unsafe { &mut (*dma()).tx[d] };
         buf.fill(0);
+        let addr = buf.as_ptr() as u64;
+        self.post_tx(one[0], addr, bytes.min(BUF_SIZE as u32));
+        true
+    }
+
+    /// Hand transmit descriptor `desc` (taken with `alloc`), one buffer of
+    /// `len` bytes at `addr`, to the device (notification at [`Net::flush`]).
+    fn post_tx(&mut self, desc: u16, addr: u64, len: u32) {
         self.txq.set_desc(
-            one[0],
+            desc,
             Desc {
-                addr: buf.as_ptr() as u64,
-                len: bytes.min(BUF_SIZE as u32),
+                addr,
+                len,
                 flags: 0,
                 next: 0,
             },
         );
-        self.tx_busy[d] = true;
+        self.tx_busy[usize::from(desc)] = true;
         self.tx_in_flight += 1;
-        self.kick_tx |= self.txq.publish(one[0]);
-        true
+        self.kick_tx |= self.txq.publish(desc);
     }
 
     /// Notify the device of what [`Net::recycle`] and [`Net::send`] queued.
@@ -413,7 +391,7 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         // The device must stop touching DMA before anyone reuses it.
-        if reset(&self.t) {
+        if self.t.reset() {
             DMA_TAKEN.store(false, Ordering::Release);
         } else {
             crate::say!(
