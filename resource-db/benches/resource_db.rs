@@ -88,23 +88,30 @@ fn tx(host: &HostConfig, w: u32, k: u64) -> Vec<Change> {
 /// transaction (µs, sorted) and the elapsed seconds.
 fn drive(db: &Db, writers: u32, dur: Duration, per_writer: u64) -> (Vec<u32>, f64) {
     let host = host();
+    run_writers(writers, |w, start| {
+        let mut lat = Vec::new();
+        let mut k = 0;
+        while k < per_writer && start.elapsed() < dur {
+            let changes = tx(&host, w, k);
+            let t = Instant::now();
+            db.transact("bench", &changes).expect("transaction");
+            lat.push(micros_since(t));
+            k += 1;
+        }
+        lat
+    })
+}
+
+/// Runs `writer(w, start)` on threads `w` in `0..writers`, each returning its
+/// transactions' latencies. Returns them all (µs, sorted) and the elapsed
+/// seconds.
+fn run_writers(writers: u32, writer: impl Fn(u32, Instant) -> Vec<u32> + Sync) -> (Vec<u32>, f64) {
     let start = Instant::now();
     let mut lat: Vec<u32> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..writers)
             .map(|w| {
-                let host = &host;
-                s.spawn(move || {
-                    let mut lat = Vec::new();
-                    let mut k = 0;
-                    while k < per_writer && start.elapsed() < dur {
-                        let changes = tx(host, w, k);
-                        let t = Instant::now();
-                        db.transact("bench", &changes).expect("transaction");
-                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                        k += 1;
-                    }
-                    lat
-                })
+                let writer = &writer;
+                s.spawn(move || writer(w, start))
             })
             .collect();
         handles
@@ -115,6 +122,10 @@ fn drive(db: &Db, writers: u32, dur: Duration, per_writer: u64) -> (Vec<u32>, f6
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort_unstable();
     (lat, elapsed)
+}
+
+fn micros_since(t: Instant) -> u32 {
+    u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {
@@ -169,48 +180,40 @@ fn raw_sqlite_writers(path: &Path, writers: u32, secs: f64) -> Row {
     drop(open(path, Durability::Full, 1));
     let host = host();
     let dur = Duration::from_secs_f64(secs);
-    let start = Instant::now();
-    let mut lat: Vec<u32> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..writers)
-            .map(|w| {
-                let host = &host;
-                s.spawn(move || {
-                    let c = rusqlite::Connection::open(path).expect("open");
-                    c.pragma_update(None, "synchronous", "FULL").expect("pragma");
-                    c.busy_timeout(Duration::from_secs(30)).expect("busy timeout");
-                    let me = name(w).to_string();
-                    let cid = (host.first_vsock_cid + w).to_string();
-                    let mac = MacAddr::from_u64(host.first_mac.to_u64() + u64::from(w)).to_string();
-                    let mut lat = Vec::new();
-                    let mut k = 0u64;
-                    while start.elapsed() < dur {
-                        let owner = if k % 2 == 0 { me.as_str() } else { "available" };
-                        let t = Instant::now();
-                        c.execute_batch("BEGIN IMMEDIATE").expect("begin");
-                        let mut up = c
-                            .prepare_cached("UPDATE units SET owner = ?3 WHERE kind = ?1 AND key = ?2")
-                            .expect("prepare");
-                        up.execute(rusqlite::params!["vsock-cid", cid, owner]).expect("update");
-                        up.execute(rusqlite::params!["mac", mac, owner]).expect("update");
-                        c.prepare_cached("INSERT INTO audit_log(time_unix_ns, actor, record) VALUES (0, 'raw', ?1)")
-                            .expect("prepare")
-                            .execute([format!("{:?}", tx(host, w, k))])
-                            .expect("insert");
-                        c.execute_batch("COMMIT").expect("commit");
-                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                        k += 1;
-                    }
-                    lat
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("writer"))
-            .collect()
+    let (lat, elapsed) = run_writers(writers, |w, start| {
+        let c = rusqlite::Connection::open(path).expect("open");
+        c.pragma_update(None, "synchronous", "FULL")
+            .expect("pragma");
+        c.busy_timeout(Duration::from_secs(30))
+            .expect("busy timeout");
+        let me = name(w).to_string();
+        let cid = (host.first_vsock_cid + w).to_string();
+        let mac = MacAddr::from_u64(host.first_mac.to_u64() + u64::from(w)).to_string();
+        let mut lat = Vec::new();
+        let mut k = 0u64;
+        while start.elapsed() < dur {
+            let owner = if k % 2 == 0 { me.as_str() } else { "available" };
+            let t = Instant::now();
+            c.execute_batch("BEGIN IMMEDIATE").expect("begin");
+            let mut up = c
+                .prepare_cached("UPDATE units SET owner = ?3 WHERE kind = ?1 AND key = ?2")
+                .expect("prepare");
+            up.execute(rusqlite::params!["vsock-cid", cid, owner])
+                .expect("update");
+            up.execute(rusqlite::params!["mac", mac, owner])
+                .expect("update");
+            c.prepare_cached(
+                "INSERT INTO audit_log(time_unix_ns, actor, record) VALUES (0, 'raw', ?1)",
+            )
+            .expect("prepare")
+            .execute([format!("{:?}", tx(&host, w, k))])
+            .expect("insert");
+            c.execute_batch("COMMIT").expect("commit");
+            lat.push(micros_since(t));
+            k += 1;
+        }
+        lat
     });
-    let elapsed = start.elapsed().as_secs_f64();
-    lat.sort_unstable();
     let n = lat.len() as u64;
     Row::new(&lat, elapsed, n)
 }
@@ -222,6 +225,14 @@ fn load() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The environment variable `name` parsed, else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn best_of<T>(n: usize, mut f: impl FnMut() -> T) -> (T, f64) {
@@ -237,14 +248,8 @@ fn best_of<T>(n: usize, mut f: impl FnMut() -> T) -> (T, f64) {
 }
 
 fn main() {
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3.0);
-    let entries: u64 = std::env::var("REPLAY_ENTRIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let secs: f64 = env_or("BENCH_SECS", 3.0);
+    let entries: u64 = env_or("REPLAY_ENTRIES", 100_000);
     let tmp = tempfile_dir();
     let dir = tmp.path();
     println!(
@@ -254,10 +259,7 @@ fn main() {
     );
     println!("each transaction: 2 ownership changes + 1 audit entry; WAL journal\n");
 
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
     println!(
         "== transactions/s: {rounds} interleaved rounds of {secs} s per configuration; median [min-max] =="
     );
@@ -325,25 +327,25 @@ fn main() {
         medians.push(m);
     }
     println!();
-    println!(
-        "ratio 16 writers group commit / no batching      : {:.2}x",
-        medians[1] / medians[2]
+    ratio(
+        "16 writers group commit / no batching      ",
+        medians[1] / medians[2],
     );
-    println!(
-        "ratio 16 writers group commit / 16 connections   : {:.2}x",
-        medians[1] / medians[3]
+    ratio(
+        "16 writers group commit / 16 connections   ",
+        medians[1] / medians[3],
     );
-    println!(
-        "ratio 16 writers / 1 writer (full)               : {:.2}x",
-        medians[1] / medians[0]
+    ratio(
+        "16 writers / 1 writer (full)               ",
+        medians[1] / medians[0],
     );
-    println!(
-        "ratio relaxed / full, 1 writer                   : {:.2}x",
-        medians[4] / medians[0]
+    ratio(
+        "relaxed / full, 1 writer                   ",
+        medians[4] / medians[0],
     );
-    println!(
-        "ratio relaxed / full, 16 writers                 : {:.2}x",
-        medians[5] / medians[1]
+    ratio(
+        "relaxed / full, 16 writers                 ",
+        medians[5] / medians[1],
     );
 
     println!("\n== replay of a {entries}-entry audit log ==");
@@ -386,6 +388,10 @@ fn main() {
         size as f64 / (1 << 20) as f64
     );
     println!("\nload average at end: {}", load());
+}
+
+fn ratio(label: &str, r: f64) {
+    println!("ratio {label}: {r:.2}x");
 }
 
 /// A fresh directory (removed at exit) under `BENCH_DIR` or the system temp dir.

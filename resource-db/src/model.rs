@@ -372,6 +372,21 @@ pub enum PartitionState {
     Unresponsive,
 }
 
+impl PartitionState {
+    /// The state's name as stored and shown (`defined`, `running`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionState::Defined => "defined",
+            PartitionState::Starting => "starting",
+            PartitionState::Running => "running",
+            PartitionState::Stopping => "stopping",
+            PartitionState::Stopped => "stopped",
+            PartitionState::Failed => "failed",
+            PartitionState::Unresponsive => "unresponsive",
+        }
+    }
+}
+
 /// A partition as stored: its definition (opaque JSON owned by the
 /// coordinator) and its state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

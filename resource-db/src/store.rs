@@ -108,18 +108,6 @@ impl From<rusqlite::Error> for ApplyError {
 
 type Apply<T> = Result<T, ApplyError>;
 
-pub(crate) fn state_name(s: PartitionState) -> &'static str {
-    match s {
-        PartitionState::Defined => "defined",
-        PartitionState::Starting => "starting",
-        PartitionState::Running => "running",
-        PartitionState::Stopping => "stopping",
-        PartitionState::Stopped => "stopped",
-        PartitionState::Failed => "failed",
-        PartitionState::Unresponsive => "unresponsive",
-    }
-}
-
 fn parse_state(s: &str) -> Option<PartitionState> {
     Some(match s {
         "defined" => PartitionState::Defined,
@@ -398,7 +386,7 @@ fn apply_change(conn: &Connection, host: &HostConfig, change: &Change) -> Apply<
             .execute(params![
                 record.id.as_str(),
                 record.definition,
-                state_name(record.state)
+                record.state.as_str()
             ])?;
             Ok(())
         }
@@ -430,7 +418,7 @@ fn apply_change(conn: &Connection, host: &HostConfig, change: &Change) -> Apply<
                 .into());
             }
             conn.prepare_cached("UPDATE partitions SET state = ?2 WHERE id = ?1")?
-                .execute(params![partition.as_str(), state_name(*after)])?;
+                .execute(params![partition.as_str(), after.as_str()])?;
             Ok(())
         }
         Change::Destroy { record } => {
@@ -443,7 +431,7 @@ fn apply_change(conn: &Connection, host: &HostConfig, change: &Change) -> Apply<
             let (definition, state) = stored.ok_or_else(|| Rejection::UnknownPartition {
                 partition: p.clone(),
             })?;
-            if definition != record.definition || state != state_name(record.state) {
+            if definition != record.definition || state != record.state.as_str() {
                 return Err(Rejection::StaleRecord {
                     partition: p.clone(),
                 }
@@ -624,54 +612,70 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Corrupt(format!("{what}: {e}"))
 }
 
+/// Runs `sql` with `params` and hands each row, read by `get`, to `each`;
+/// a failing read is [`Error::Store`] with `ctx`.
+fn for_each_row<T>(
+    conn: &Connection,
+    ctx: &'static str,
+    sql: &str,
+    params: impl rusqlite::Params,
+    get: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    mut each: impl FnMut(T) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut st = conn.prepare_cached(sql).map_err(Error::store(ctx))?;
+    let mut q = st.query(params).map_err(Error::store(ctx))?;
+    while let Some(r) = q.next().map_err(Error::store(ctx))? {
+        each(get(r).map_err(Error::store(ctx))?)?;
+    }
+    Ok(())
+}
+
 /// Loads the live tables into a [`State`].
 pub(crate) fn load_live(conn: &Connection, host: &HostConfig) -> Result<State, Error> {
     let ctx = "reading the live tables";
     let mut units = BTreeMap::new();
-    let mut st = conn
-        .prepare_cached("SELECT kind, key, owner FROM units")
-        .map_err(Error::store(ctx))?;
-    let mut q = st.query([]).map_err(Error::store(ctx))?;
-    while let Some(r) = q.next().map_err(Error::store(ctx))? {
-        let (kind, key, owner): (String, String, String) = (
-            r.get(0).map_err(Error::store(ctx))?,
-            r.get(1).map_err(Error::store(ctx))?,
-            r.get(2).map_err(Error::store(ctx))?,
-        );
-        let id = ResourceId::from_unit(&kind, &key)
-            .ok_or_else(|| corrupt("units row", format!("{kind} {key}")))?;
-        let owner: Owner = owner.parse().map_err(|e| corrupt("units owner", e))?;
-        units.insert(id, owner);
-    }
+    for_each_row(
+        conn,
+        ctx,
+        "SELECT kind, key, owner FROM units",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |(kind, key, owner): (String, String, String)| {
+            let id = ResourceId::from_unit(&kind, &key)
+                .ok_or_else(|| corrupt("units row", format!("{kind} {key}")))?;
+            let owner: Owner = owner.parse().map_err(|e| corrupt("units owner", e))?;
+            units.insert(id, owner);
+            Ok(())
+        },
+    )?;
     let mut memory = BTreeMap::new();
-    let mut st = conn
-        .prepare_cached("SELECT start_mib, len_mib, owner FROM memory")
-        .map_err(Error::store(ctx))?;
-    let mut q = st.query([]).map_err(Error::store(ctx))?;
-    while let Some(r) = q.next().map_err(Error::store(ctx))? {
-        let (s, l, owner): (i64, i64, String) = (
-            r.get(0).map_err(Error::store(ctx))?,
-            r.get(1).map_err(Error::store(ctx))?,
-            r.get(2).map_err(Error::store(ctx))?,
-        );
-        let owner: Owner = owner.parse().map_err(|e| corrupt("memory owner", e))?;
-        let s = u64::try_from(s).map_err(|e| corrupt("memory start", e))?;
-        let l = u64::try_from(l).map_err(|e| corrupt("memory length", e))?;
-        memory.insert(s, (l, owner));
-    }
+    for_each_row(
+        conn,
+        ctx,
+        "SELECT start_mib, len_mib, owner FROM memory",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |(s, l, owner): (i64, i64, String)| {
+            let owner: Owner = owner.parse().map_err(|e| corrupt("memory owner", e))?;
+            let s = u64::try_from(s).map_err(|e| corrupt("memory start", e))?;
+            let l = u64::try_from(l).map_err(|e| corrupt("memory length", e))?;
+            memory.insert(s, (l, owner));
+            Ok(())
+        },
+    )?;
     let mut shares = BTreeMap::new();
-    let mut st = conn
-        .prepare_cached("SELECT partition, milli FROM shares")
-        .map_err(Error::store(ctx))?;
-    let mut q = st.query([]).map_err(Error::store(ctx))?;
-    while let Some(r) = q.next().map_err(Error::store(ctx))? {
-        let (p, m): (String, i64) = (
-            r.get(0).map_err(Error::store(ctx))?,
-            r.get(1).map_err(Error::store(ctx))?,
-        );
-        let p = PartitionId::new(&p).map_err(|e| corrupt("shares partition", e))?;
-        shares.insert(p, u32::try_from(m).map_err(|e| corrupt("share", e))?);
-    }
+    for_each_row(
+        conn,
+        ctx,
+        "SELECT partition, milli FROM shares",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+        |(p, m): (String, i64)| {
+            let p = PartitionId::new(&p).map_err(|e| corrupt("shares partition", e))?;
+            shares.insert(p, u32::try_from(m).map_err(|e| corrupt("share", e))?);
+            Ok(())
+        },
+    )?;
     let partitions = read_partitions(conn, None)?
         .into_iter()
         .map(|r| (r.id.clone(), r))
@@ -691,27 +695,22 @@ pub(crate) fn read_partitions(
     only: Option<&PartitionId>,
 ) -> Result<Vec<PartitionRecord>, Error> {
     let ctx = "reading partitions";
-    let mut st = conn
-        .prepare_cached(
-            "SELECT id, definition, state FROM partitions WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
-        )
-        .map_err(Error::store(ctx))?;
-    let mut q = st
-        .query([only.map(PartitionId::as_str)])
-        .map_err(Error::store(ctx))?;
     let mut out = Vec::new();
-    while let Some(r) = q.next().map_err(Error::store(ctx))? {
-        let (id, definition, state): (String, String, String) = (
-            r.get(0).map_err(Error::store(ctx))?,
-            r.get(1).map_err(Error::store(ctx))?,
-            r.get(2).map_err(Error::store(ctx))?,
-        );
-        out.push(PartitionRecord {
-            id: PartitionId::new(&id).map_err(|e| corrupt("partition id", e))?,
-            definition,
-            state: parse_state(&state).ok_or_else(|| corrupt("partition state", &state))?,
-        });
-    }
+    for_each_row(
+        conn,
+        ctx,
+        "SELECT id, definition, state FROM partitions WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+        [only.map(PartitionId::as_str)],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |(id, definition, state): (String, String, String)| {
+            out.push(PartitionRecord {
+                id: PartitionId::new(&id).map_err(|e| corrupt("partition id", e))?,
+                definition,
+                state: parse_state(&state).ok_or_else(|| corrupt("partition state", &state))?,
+            });
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 

@@ -8,13 +8,6 @@ use resource_db::{
     Capacity, Change, Db, Error, Extent, HostConfig, LogRecord, Owner, PartitionState, Rejection,
     ResourceId, TxId, View,
 };
-use tempfile::TempDir;
-
-fn open() -> (TempDir, Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path().join("r.db"), small_host()).unwrap();
-    (dir, db)
-}
 
 fn mem(start: u64, len: u64) -> ResourceId {
     ResourceId::Memory(Extent::new(start, len))
@@ -217,23 +210,8 @@ fn memory_grants_split_and_releases_merge_extents() {
 fn over_capacity_share_is_rejected() {
     let (_d, db) = open();
     db.transact("t", &[create("a"), create("b")]).unwrap();
-    db.transact(
-        "t",
-        &[Change::Share {
-            partition: pid("a"),
-            before_milli: 0,
-            after_milli: 1500,
-        }],
-    )
-    .unwrap();
-    let (_, reason) = rejected(
-        &db,
-        &[Change::Share {
-            partition: pid("b"),
-            before_milli: 0,
-            after_milli: 501,
-        }],
-    );
+    db.transact("t", &[share("a", 0, 1500)]).unwrap();
+    let (_, reason) = rejected(&db, &[share("b", 0, 501)]);
     assert_eq!(
         reason,
         Rejection::OverCapacity {
@@ -241,15 +219,7 @@ fn over_capacity_share_is_rejected() {
             capacity_milli: 2000
         }
     );
-    db.transact(
-        "t",
-        &[Change::Share {
-            partition: pid("b"),
-            before_milli: 0,
-            after_milli: 500,
-        }],
-    )
-    .unwrap();
+    db.transact("t", &[share("b", 0, 500)]).unwrap();
     assert_eq!(
         db.free().unwrap().shared_pool_milli,
         Capacity {
@@ -262,18 +232,8 @@ fn over_capacity_share_is_rejected() {
 #[test]
 fn taking_a_cpu_out_of_an_overcommitted_pool_is_rejected() {
     let (_d, db) = open();
-    db.transact(
-        "t",
-        &[
-            create("a"),
-            Change::Share {
-                partition: pid("a"),
-                before_milli: 0,
-                after_milli: 1200,
-            },
-        ],
-    )
-    .unwrap();
+    db.transact("t", &[create("a"), share("a", 0, 1200)])
+        .unwrap();
     let (_, reason) = rejected(
         &db,
         &[Change::Transfer {
@@ -319,26 +279,9 @@ fn taking_a_cpu_out_of_an_overcommitted_pool_is_rejected() {
 #[test]
 fn stale_share_before_image_is_rejected() {
     let (_d, db) = open();
-    db.transact(
-        "t",
-        &[
-            create("a"),
-            Change::Share {
-                partition: pid("a"),
-                before_milli: 0,
-                after_milli: 300,
-            },
-        ],
-    )
-    .unwrap();
-    let (_, reason) = rejected(
-        &db,
-        &[Change::Share {
-            partition: pid("a"),
-            before_milli: 0,
-            after_milli: 400,
-        }],
-    );
+    db.transact("t", &[create("a"), share("a", 0, 300)])
+        .unwrap();
+    let (_, reason) = rejected(&db, &[share("a", 0, 400)]);
     assert_eq!(
         reason,
         Rejection::StaleShare {
@@ -359,14 +302,7 @@ fn changes_naming_unknown_partitions_are_rejected() {
             partition: pid("ghost")
         }
     );
-    let (_, reason) = rejected(
-        &db,
-        &[Change::Share {
-            partition: pid("ghost"),
-            before_milli: 0,
-            after_milli: 1,
-        }],
-    );
+    let (_, reason) = rejected(&db, &[share("ghost", 0, 1)]);
     assert_eq!(
         reason,
         Rejection::UnknownPartition {
@@ -513,15 +449,7 @@ fn destroy_of_a_partition_that_still_holds_resources_is_rejected() {
             what: "memory [0, 64) MiB".into()
         }
     );
-    db.transact(
-        "t",
-        &[Change::Share {
-            partition: pid("a"),
-            before_milli: 0,
-            after_milli: 10,
-        }],
-    )
-    .unwrap();
+    db.transact("t", &[share("a", 0, 10)]).unwrap();
     let (_, reason) = rejected(
         &db,
         &[
@@ -544,11 +472,7 @@ fn destroy_of_a_partition_that_still_holds_resources_is_rejected() {
         &[
             release(ResourceId::Device("tap0".into()), "a"),
             release(mem(0, 64), "a"),
-            Change::Share {
-                partition: pid("a"),
-                before_milli: 10,
-                after_milli: 0,
-            },
+            share("a", 10, 0),
             Change::Destroy {
                 record: record("a"),
             },
@@ -664,11 +588,7 @@ fn free_and_holdings_agree_with_the_snapshot() {
             grant(mem(0, 100), "a"),
             grant(mem(500, 10), "a"),
             grant(ResourceId::Mac("02:70:76:00:00:07".parse().unwrap()), "a"),
-            Change::Share {
-                partition: pid("a"),
-                before_milli: 0,
-                after_milli: 250,
-            },
+            share("a", 0, 250),
         ],
     )
     .unwrap();

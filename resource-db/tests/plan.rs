@@ -7,12 +7,6 @@ mod common;
 use common::*;
 use resource_db::{Change, Db, Demand, Error, Extent, Owner, Rejection, ResourceId, State};
 
-fn open() -> (tempfile::TempDir, Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path().join("r.db"), small_host()).unwrap();
-    (dir, db)
-}
-
 fn demand() -> Demand {
     Demand {
         memory_mib: 300,
@@ -23,6 +17,21 @@ fn demand() -> Demand {
         devices: vec!["tap0".into()],
         channels: 1,
         endpoints: 2,
+    }
+}
+
+/// A plan against a fresh snapshot that must succeed.
+fn plan_grant(db: &Db, name: &str, demand: &Demand) -> Vec<Change> {
+    db.snapshot()
+        .unwrap()
+        .plan_grant(&pid(name), demand)
+        .unwrap()
+}
+
+fn one_vsock_cid() -> Demand {
+    Demand {
+        vsock_cids: 1,
+        ..Demand::default()
     }
 }
 
@@ -39,11 +48,7 @@ fn a_committed_plan_gives_exactly_the_demand() {
     )
     .unwrap();
     db.transact("t", &[create("a")]).unwrap();
-    let plan = db
-        .snapshot()
-        .unwrap()
-        .plan_grant(&pid("a"), &demand())
-        .unwrap();
+    let plan = plan_grant(&db, "a", &demand());
     db.transact("t", &plan).unwrap();
     let h = db.holdings(&pid("a")).unwrap();
     assert_eq!(h.cpus, vec![0, 3]);
@@ -139,17 +144,7 @@ fn specific_resources_held_by_others_are_unavailable() {
 fn a_stale_plan_is_rejected_by_its_before_images() {
     let (_d, db) = open();
     db.transact("t", &[create("a"), create("b")]).unwrap();
-    let plan = db
-        .snapshot()
-        .unwrap()
-        .plan_grant(
-            &pid("a"),
-            &Demand {
-                vsock_cids: 1,
-                ..Demand::default()
-            },
-        )
-        .unwrap();
+    let plan = plan_grant(&db, "a", &one_vsock_cid());
     db.transact("t", &[grant(ResourceId::VsockCid(3), "b")])
         .unwrap();
     match db.transact("t", &plan) {
@@ -164,17 +159,7 @@ fn a_stale_plan_is_rejected_by_its_before_images() {
         other => panic!("expected a stale-owner rejection, got {other:?}"),
     }
     // Planning again against a fresh snapshot succeeds.
-    let plan = db
-        .snapshot()
-        .unwrap()
-        .plan_grant(
-            &pid("a"),
-            &Demand {
-                vsock_cids: 1,
-                ..Demand::default()
-            },
-        )
-        .unwrap();
+    let plan = plan_grant(&db, "a", &one_vsock_cid());
     db.transact("t", &plan).unwrap();
     assert_eq!(db.holdings(&pid("a")).unwrap().vsock_cids, vec![4]);
 }
@@ -183,11 +168,7 @@ fn a_stale_plan_is_rejected_by_its_before_images() {
 fn release_plan_and_destroy_return_the_host_to_genesis() {
     let (_d, db) = open();
     db.transact("t", &[create("a")]).unwrap();
-    let plan = db
-        .snapshot()
-        .unwrap()
-        .plan_grant(&pid("a"), &demand())
-        .unwrap();
+    let plan = plan_grant(&db, "a", &demand());
     db.transact("t", &plan).unwrap();
     let s = db.snapshot().unwrap();
     let mut release = s.plan_release(&pid("a"));

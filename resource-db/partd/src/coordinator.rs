@@ -176,18 +176,6 @@ fn is_active(s: PartitionState) -> bool {
     )
 }
 
-fn state_name(s: PartitionState) -> &'static str {
-    match s {
-        PartitionState::Defined => "defined",
-        PartitionState::Starting => "starting",
-        PartitionState::Running => "running",
-        PartitionState::Stopping => "stopping",
-        PartitionState::Stopped => "stopped",
-        PartitionState::Failed => "failed",
-        PartitionState::Unresponsive => "unresponsive",
-    }
-}
-
 /// The state a partition ends in once its monitor is gone: `stopped` when
 /// the guest ended cleanly (status 0: power-off or exit code 0) or when the
 /// end was asked for (a stop, forced by the monitor's timer or killed by
@@ -403,7 +391,7 @@ impl Coordinator {
             if is_active(rec.state) {
                 return Err(CoordError::Conflict(format!(
                     "partition {id} is {}; `partctl stop {id}` it first",
-                    state_name(rec.state)
+                    rec.state.as_str()
                 )));
             }
             let snap = self.db.snapshot()?;
@@ -439,7 +427,7 @@ impl Coordinator {
         if is_active(rec.state) {
             return Err(CoordError::Conflict(format!(
                 "partition {id} is already {}",
-                state_name(rec.state)
+                rec.state.as_str()
             )));
         }
         let value: serde_json::Value = serde_json::from_str(&rec.definition)
@@ -614,7 +602,7 @@ impl Coordinator {
                         .unwrap_or_default();
                     return Err(CoordError::Conflict(format!(
                         "partition {id} ended while starting ({}): {why}; see {}",
-                        state_name(state),
+                        state.as_str(),
                         self.files(id).vmm_log().display()
                     )));
                 }
@@ -681,13 +669,13 @@ impl Coordinator {
             if !is_active(rec.state) {
                 return Err(CoordError::Conflict(format!(
                     "partition {id} is {}, not running",
-                    state_name(rec.state)
+                    rec.state.as_str()
                 )));
             }
             let Some(live) = self.live_of(id) else {
                 return Err(CoordError::Internal(format!(
                     "partition {id} is {} but partd supervises no monitor for it",
-                    state_name(rec.state)
+                    rec.state.as_str()
                 )));
             };
             live.stop_requested.store(true, Ordering::SeqCst);
@@ -893,7 +881,7 @@ impl Coordinator {
             "{id}: monitor pid {} ended: {} -> {}",
             live.record.pid,
             exit.detail,
-            state_name(state)
+            state.as_str()
         );
         // No monitor any more: views show the exit record from now on, so
         // nobody sees the final state without its reason.
@@ -919,7 +907,7 @@ impl Coordinator {
             self.let_go(id, &def).await;
         }
         match self.release(id, state).await {
-            Ok(()) => tracing::info!("{id}: resources released ({})", state_name(state)),
+            Ok(()) => tracing::info!("{id}: resources released ({})", state.as_str()),
             Err(e) => tracing::error!("{id}: cannot release its resources: {e}"),
         }
         state
@@ -1001,7 +989,7 @@ impl Coordinator {
                     tracing::info!(
                         "{id}: re-attached to monitor pid {} ({})",
                         record.pid,
-                        state_name(rec.state)
+                        rec.state.as_str()
                     );
                     let live = self.register(&id, record, files, stopping);
                     self.supervise(id, live, proc_);

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use resource_db::{
-    Change, DeviceKind, DeviceSpec, HostConfig, Owner, PartitionId, PartitionRecord,
+    Change, Db, DeviceKind, DeviceSpec, HostConfig, Owner, PartitionId, PartitionRecord,
     PartitionState, ResourceId,
 };
 
@@ -29,6 +29,13 @@ pub fn small_host() -> HostConfig {
         endpoint_count: 4,
         ..HostConfig::empty()
     }
+}
+
+/// A fresh store on [`small_host`] in a temp dir (kept while the dir lives).
+pub fn open() -> (tempfile::TempDir, Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path().join("r.db"), small_host()).unwrap();
+    (dir, db)
 }
 
 pub fn pid(name: &str) -> PartitionId {
@@ -66,5 +73,13 @@ pub fn release(resource: ResourceId, from: &str) -> Change {
         resource,
         before: owner(from),
         after: Owner::Available,
+    }
+}
+
+pub fn share(name: &str, before_milli: u32, after_milli: u32) -> Change {
+    Change::Share {
+        partition: pid(name),
+        before_milli,
+        after_milli,
     }
 }
