@@ -117,12 +117,8 @@ fn dma() -> *mut Dma {
 pub enum InitError {
     /// Not a modern (version 2) virtio-mmio block device.
     NotModernBlock,
-    /// The device did not finish its reset.
-    ResetStuck,
-    /// VIRTIO_F_VERSION_1 not offered.
-    NoVersion1,
-    /// FEATURES_OK did not stick.
-    FeaturesRejected,
+    /// Reset or feature negotiation failed.
+    Negotiate(NegotiateError),
     /// Queue 0 missing (QueueNumMax 0) or already live.
     QueueUnavailable,
     /// Another driver instance owns the DMA memory.
@@ -134,23 +130,11 @@ impl InitError {
     pub fn describe(self) -> &'static str {
         match self {
             InitError::NotModernBlock => "not a modern virtio-mmio block device",
-            InitError::ResetStuck => "device status did not read 0 within 1 s of the reset",
-            InitError::NoVersion1 => "device does not offer VIRTIO_F_VERSION_1",
-            InitError::FeaturesRejected => "device cleared FEATURES_OK",
+            InitError::Negotiate(e) => e.describe(),
             InitError::QueueUnavailable => "queue 0 missing or already ready",
             InitError::Busy => {
                 "an earlier device never finished its reset, its buffers stay reserved"
             }
-        }
-    }
-}
-
-impl From<NegotiateError> for InitError {
-    fn from(e: NegotiateError) -> InitError {
-        match e {
-            NegotiateError::ResetStuck => InitError::ResetStuck,
-            NegotiateError::NoVersion1 => InitError::NoVersion1,
-            NegotiateError::FeaturesRejected => InitError::FeaturesRejected,
         }
     }
 }
@@ -255,7 +239,7 @@ impl Blk {
         };
         let features = match t.negotiate(WANTED) {
             Ok(f) => f,
-            Err(e) => return fail(e.into()),
+            Err(e) => return fail(InitError::Negotiate(e)),
         };
         let Some(size) = t.queue_size(0) else {
             return fail(InitError::QueueUnavailable);

@@ -81,6 +81,17 @@ pub enum NegotiateError {
     FeaturesRejected,
 }
 
+impl NegotiateError {
+    /// What went wrong, for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NegotiateError::ResetStuck => "device status did not read 0 within 1 s of the reset",
+            NegotiateError::NoVersion1 => "device does not offer VIRTIO_F_VERSION_1",
+            NegotiateError::FeaturesRejected => "device cleared FEATURES_OK",
+        }
+    }
+}
+
 /// What a register window holds, as read at discovery.
 #[derive(Clone, Copy)]
 pub struct Probe {

@@ -70,12 +70,8 @@ fn dma() -> *mut Dma {
 pub enum InitError {
     /// Not a modern (version 2) virtio-mmio network device.
     NotModernNet,
-    /// The device did not finish its reset.
-    ResetStuck,
-    /// VIRTIO_F_VERSION_1 not offered.
-    NoVersion1,
-    /// FEATURES_OK did not stick.
-    FeaturesRejected,
+    /// Reset or feature negotiation failed.
+    Negotiate(NegotiateError),
     /// A queue is missing (QueueNumMax 0) or already live.
     QueueUnavailable(u32),
     /// Another driver instance owns the DMA memory.
@@ -87,24 +83,12 @@ impl InitError {
     pub fn describe(self) -> &'static str {
         match self {
             InitError::NotModernNet => "not a modern virtio-mmio network device",
-            InitError::ResetStuck => "device status did not read 0 within 1 s of the reset",
-            InitError::NoVersion1 => "device does not offer VIRTIO_F_VERSION_1",
-            InitError::FeaturesRejected => "device cleared FEATURES_OK",
+            InitError::Negotiate(e) => e.describe(),
             InitError::QueueUnavailable(0) => "receive queue 0 missing or already ready",
             InitError::QueueUnavailable(_) => "transmit queue 1 missing or already ready",
             InitError::Busy => {
                 "an earlier device never finished its reset, its buffers stay reserved"
             }
-        }
-    }
-}
-
-impl From<NegotiateError> for InitError {
-    fn from(e: NegotiateError) -> InitError {
-        match e {
-            NegotiateError::ResetStuck => InitError::ResetStuck,
-            NegotiateError::NoVersion1 => InitError::NoVersion1,
-            NegotiateError::FeaturesRejected => InitError::FeaturesRejected,
         }
     }
 }
@@ -164,7 +148,7 @@ impl Net {
         };
         let features = match t.negotiate(WANTED) {
             Ok(f) => f,
-            Err(e) => return fail(e.into()),
+            Err(e) => return fail(InitError::Negotiate(e)),
         };
         let event_idx = features & F_RING_EVENT_IDX != 0;
         let d = dma();
