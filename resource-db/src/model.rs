@@ -252,19 +252,20 @@ impl ResourceKind {
 }
 
 impl ResourceKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ResourceKind; 7] = [
+        ResourceKind::Cpu,
+        ResourceKind::Memory,
+        ResourceKind::VsockCid,
+        ResourceKind::Mac,
+        ResourceKind::Device,
+        ResourceKind::Channel,
+        ResourceKind::Endpoint,
+    ];
+
     /// Inverse of [`ResourceKind::as_str`].
     pub fn from_name(name: &str) -> Option<ResourceKind> {
-        [
-            ResourceKind::Cpu,
-            ResourceKind::Memory,
-            ResourceKind::VsockCid,
-            ResourceKind::Mac,
-            ResourceKind::Device,
-            ResourceKind::Channel,
-            ResourceKind::Endpoint,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == name)
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
     }
 }
 

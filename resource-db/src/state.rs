@@ -660,6 +660,14 @@ mod tests {
         );
     }
 
+    /// The memory table as (start, length, owner) rows.
+    fn extents(s: &State) -> Vec<(u64, u64, Owner)> {
+        s.memory
+            .iter()
+            .map(|(k, (l, o))| (*k, *l, o.clone()))
+            .collect()
+    }
+
     #[test]
     fn memory_split_and_merge_keeps_extents_coalesced() {
         let mut s = with_partitions(&["a"]);
@@ -667,11 +675,7 @@ mod tests {
             .unwrap();
         s.set_memory(Extent::new(30, 10), &Owner::Available, &p("a"))
             .unwrap();
-        let got: Vec<_> = s
-            .memory
-            .iter()
-            .map(|(k, (l, o))| (*k, *l, o.clone()))
-            .collect();
+        let got = extents(&s);
         assert_eq!(
             got,
             vec![
@@ -689,11 +693,7 @@ mod tests {
         );
         s.set_memory(Extent::new(10, 30), &p("a"), &Owner::Available)
             .unwrap();
-        let got: Vec<_> = s
-            .memory
-            .iter()
-            .map(|(k, (l, o))| (*k, *l, o.clone()))
-            .collect();
+        let got = extents(&s);
         assert_eq!(got, vec![(0, 100, Owner::Available)]);
         assert!(s.invariant_violations().is_empty());
     }

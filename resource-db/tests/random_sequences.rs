@@ -90,15 +90,7 @@ const STATES: [PartitionState; 7] = [
     PartitionState::Unresponsive,
 ];
 
-const KINDS: [ResourceKind; 7] = [
-    ResourceKind::Cpu,
-    ResourceKind::Memory,
-    ResourceKind::VsockCid,
-    ResourceKind::Mac,
-    ResourceKind::Device,
-    ResourceKind::Channel,
-    ResourceKind::Endpoint,
-];
+const KINDS: [ResourceKind; 7] = ResourceKind::ALL;
 
 /// The changes an operation resolves to against `s`, and whether they must
 /// commit. `None` when the operation does not apply (e.g. nothing free).

@@ -118,8 +118,7 @@ fn main() {
     let partd = Partd::start(&["--memory-budget-mib", "4096"]);
 
     // 1. One at a time.
-    let def = partd.definition("seq", "memory_mib = 32");
-    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    partd.create("seq", "memory_mib = 32");
     let (mut wall, mut share, mut inside, mut monitor, mut grant, mut running, mut direct) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut spawn = vec![];
@@ -164,8 +163,7 @@ fn main() {
     // 2. 20 in flight.
     let n = 20;
     for i in 0..n {
-        let d = partd.definition(&format!("f{i}"), "memory_mib = 16\ncpu_share = 0.05");
-        partd.ctl_ok(&["create", d.to_str().unwrap()]);
+        partd.create(&format!("f{i}"), "memory_mib = 16\ncpu_share = 0.05");
     }
     let mut rates = vec![];
     for _round in 0..3 {

@@ -219,6 +219,20 @@ impl Partd {
             .expect("open the resource db view")
     }
 
+    /// What the resource database says `name` holds.
+    pub fn holdings(&self, name: &str) -> resource_db::Holdings {
+        self.view()
+            .holdings(&resource_db::PartitionId::new(name).expect("partition name"))
+            .expect("read holdings")
+    }
+
+    /// Writes `name`'s definition (see [`Partd::definition`]) and creates
+    /// the partition with `partctl create`.
+    pub fn create(&self, name: &str, extra: &str) {
+        let def = self.definition(name, extra);
+        self.ctl_ok(&["create", def.to_str().unwrap()]);
+    }
+
     /// Writes a definition file into the state dir and returns its path.
     pub fn definition(&self, name: &str, extra: &str) -> PathBuf {
         let p = self.path().join(format!("{name}.toml"));

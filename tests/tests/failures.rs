@@ -7,8 +7,7 @@ use resource_db::PartitionId;
 #[test]
 fn missing_monitor_binary_fails_the_start_and_releases_the_grant() {
     let partd = Partd::start(&["--vmm", "/nonexistent/part-vmm"]);
-    let def = partd.definition("lost", "memory_mib = 16");
-    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    partd.create("lost", "memory_mib = 16");
     let out = partd.ctl(&["start", "lost"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -53,9 +52,5 @@ fn kernel_the_monitor_cannot_load_fails_the_start_with_its_reason() {
     assert_eq!(v["state"], "failed");
     let status = v["last_exit"]["status"].as_i64().unwrap();
     assert!(status == 64 || status == 70, "{v}");
-    assert!(partd
-        .view()
-        .holdings(&PartitionId::new("junk").unwrap())
-        .unwrap()
-        .is_empty());
+    assert!(partd.holdings("junk").is_empty());
 }

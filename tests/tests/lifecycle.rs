@@ -270,8 +270,7 @@ fn more_partitions_than_capacity_are_refused_and_allocate_nothing() {
 fn vcpu_threads_of_a_partition_with_dedicated_cpus_have_that_affinity() {
     let _vm = vm_lock();
     let partd = Partd::start(&[]);
-    let def = partd.definition("pinned", "vcpus = 2\nmemory_mib = 32\ncpus = [1]");
-    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    partd.create("pinned", "vcpus = 2\nmemory_mib = 32\ncpus = [1]");
     let v = partd.ctl_json(&["start", "pinned"]);
     let pid = pid_of(&v);
     wait_console(&console_of(&v), "stay: idle", BOOT);
@@ -298,10 +297,7 @@ fn vcpu_threads_of_a_partition_with_dedicated_cpus_have_that_affinity() {
             ("vcpu1".to_string(), "1".to_string())
         ]
     );
-    let held = partd
-        .view()
-        .holdings(&PartitionId::new("pinned").unwrap())
-        .unwrap();
+    let held = partd.holdings("pinned");
     assert_eq!(held.cpus, vec![1]);
     partd.ctl_json(&["stop", "pinned"]);
 }
@@ -312,8 +308,7 @@ fn partd_restart_reattaches_running_guests_and_fails_one_killed_meanwhile() {
     let mut partd = Partd::start(&[]);
     let mut pids = Vec::new();
     for name in ["one", "two", "three"] {
-        let def = partd.definition(name, "memory_mib = 32");
-        partd.ctl_ok(&["create", def.to_str().unwrap()]);
+        partd.create(name, "memory_mib = 32");
         let v = partd.ctl_json(&["start", name]);
         wait_console(&console_of(&v), "stay: idle", BOOT);
         pids.push(pid_of(&v));
@@ -375,8 +370,7 @@ fn partd_restart_reattaches_running_guests_and_fails_one_killed_meanwhile() {
 fn sigstopped_monitor_becomes_unresponsive_and_stop_force_ends_it() {
     let _vm = vm_lock();
     let partd = Partd::start(&["--ping-timeout-ms", "200", "--unresponsive-after-ms", "600"]);
-    let def = partd.definition("hung", "memory_mib = 32");
-    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    partd.create("hung", "memory_mib = 32");
     let v = partd.ctl_json(&["start", "hung"]);
     let pid = pid_of(&v);
     wait_console(&console_of(&v), "stay: idle", BOOT);
@@ -394,19 +388,14 @@ fn sigstopped_monitor_becomes_unresponsive_and_stop_force_ends_it() {
     assert_eq!(v["state"], "stopped");
     assert_eq!(v["last_exit"]["reason"], "killed-by-partd");
     wait_gone(pid, Duration::from_secs(5));
-    assert!(partd
-        .view()
-        .holdings(&PartitionId::new("hung").unwrap())
-        .unwrap()
-        .is_empty());
+    assert!(partd.holdings("hung").is_empty());
 }
 
 #[test]
 fn console_shows_the_guest_until_it_stops() {
     let _vm = vm_lock();
     let partd = Partd::start(&[]);
-    let def = partd.definition("talk", "memory_mib = 32");
-    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    partd.create("talk", "memory_mib = 32");
     let v = partd.ctl_json(&["start", "talk"]);
     wait_console(&console_of(&v), "stay: idle", BOOT);
     let console = std::process::Command::new(&partvisor_e2e::bins().partctl)
@@ -463,11 +452,7 @@ fn stop_timeout_forces_a_guest_that_ignores_the_power_button() {
         took >= Duration::from_secs(1) && took < Duration::from_secs(10),
         "forced after {took:?}"
     );
-    assert!(partd
-        .view()
-        .holdings(&PartitionId::new("deaf").unwrap())
-        .unwrap()
-        .is_empty());
+    assert!(partd.holdings("deaf").is_empty());
 }
 
 #[test]
@@ -539,19 +524,14 @@ fn partd_killed_during_a_stop_finishes_it_after_restart() {
     let v = partd.wait_state("slow", "stopped", Duration::from_secs(20));
     assert_eq!(v["last_exit"]["reason"], "forced-stop");
     wait_gone(pid, Duration::from_secs(5));
-    assert!(partd
-        .view()
-        .holdings(&PartitionId::new("slow").unwrap())
-        .unwrap()
-        .is_empty());
+    assert!(partd.holdings("slow").is_empty());
 }
 
 #[test]
 fn shared_partition_monitor_is_weighted_by_its_share() {
     let _vm = vm_lock();
     let partd = Partd::start(&[]);
-    let def = partd.definition("weighted", "memory_mib = 32\ncpu_share = 0.5");
-    partd.ctl_ok(&["create", def.to_str().unwrap()]);
+    partd.create("weighted", "memory_mib = 32\ncpu_share = 0.5");
     let v = partd.ctl_json(&["start", "weighted"]);
     let pid = pid_of(&v);
     if partd
