@@ -7,8 +7,8 @@
 use crate::arch::{irq_count, irq_total, Irq};
 use crate::drivers::virtio_mmio::{
     Desc, NegotiateError, SplitQueue, Transport, Used, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
-    DEVICE_BLOCK, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, MAGIC, QUEUE_MAX, RING_BYTES,
-    STATUS_DRIVER_OK, STATUS_FAILED, VERSION_MODERN,
+    DEVICE_BLOCK, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, QUEUE_MAX, RING_BYTES, STATUS_DRIVER_OK,
+    STATUS_FAILED,
 };
 use crate::smp::Watchdog;
 use crate::words::BadKind;
@@ -225,8 +225,7 @@ impl Blk {
     /// Reset, negotiate and start the device behind `t` (its interrupt must
     /// already be routed to `VEC_VIRTIO`).
     pub fn init(t: Transport) -> Result<Blk, InitError> {
-        let p = t.probe();
-        if p.magic != MAGIC || p.version != VERSION_MODERN || p.device_id != DEVICE_BLOCK {
+        if !t.is_modern(DEVICE_BLOCK) {
             return Err(InitError::NotModernBlock);
         }
         if DMA_TAKEN.swap(true, Ordering::Acquire) {
@@ -603,13 +602,6 @@ impl Drop for Blk {
     fn drop(&mut self) {
         // The device must stop touching DMA before anyone reuses it. If the
         // reset does not complete, keep the memory (a later init fails Busy).
-        if self.t.reset() {
-            DMA_TAKEN.store(false, Ordering::Release);
-        } else {
-            crate::say!(
-                "warn: blk: device status 0x{:02x} 1 s after a reset; its buffers stay reserved",
-                self.t.status()
-            );
-        }
+        self.t.reset_and_release(&DMA_TAKEN, "blk");
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::arch::{irq_count, read32, write32, Irq};
 use crate::smp::wait_until;
-use core::sync::atomic::{fence, Ordering};
+use core::sync::atomic::{fence, AtomicBool, Ordering};
 
 /// "virt", little-endian.
 pub const MAGIC: u32 = 0x7472_6976;
@@ -133,6 +133,13 @@ impl Transport {
         }
     }
 
+    /// Whether the window holds a modern (version 2) virtio-mmio device of
+    /// type `device_id`.
+    pub fn is_modern(&self, device_id: u32) -> bool {
+        let p = self.probe();
+        p.magic == MAGIC && p.version == VERSION_MODERN && p.device_id == device_id
+    }
+
     /// Device status register.
     pub fn status(&self) -> u32 {
         self.read(REG_STATUS)
@@ -154,6 +161,21 @@ impl Transport {
     pub fn reset(&self) -> bool {
         self.start_reset();
         self.status() == 0 || wait_until(RESET_TIMEOUT_NS, || self.status() == 0)
+    }
+
+    /// The end of a driver: reset the device so it stops touching the
+    /// driver's DMA memory, then clear `dma_taken`. If the reset does not
+    /// complete, the memory stays reserved (a later init fails Busy) and
+    /// `driver` says so on the serial console.
+    pub fn reset_and_release(&self, dma_taken: &AtomicBool, driver: &str) {
+        if self.reset() {
+            dma_taken.store(false, Ordering::Release);
+        } else {
+            crate::say!(
+                "warn: {driver}: device status 0x{:02x} 1 s after a reset; its buffers stay reserved",
+                self.status()
+            );
+        }
     }
 
     /// The driver side of initialisation up to FEATURES_OK: reset,

@@ -12,8 +12,8 @@
 
 use crate::arch::{irq_count, Irq};
 use crate::drivers::virtio_mmio::{
-    Desc, NegotiateError, SplitQueue, Transport, DESC_F_WRITE, F_RING_EVENT_IDX, MAGIC, QUEUE_MAX,
-    RING_BYTES, STATUS_DRIVER_OK, STATUS_FAILED, VERSION_MODERN,
+    Desc, NegotiateError, SplitQueue, Transport, DESC_F_WRITE, F_RING_EVENT_IDX, QUEUE_MAX,
+    RING_BYTES, STATUS_DRIVER_OK, STATUS_FAILED,
 };
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -134,8 +134,7 @@ impl Net {
     /// Reset, negotiate and start the device behind `t` (its interrupt must
     /// already be routed to `VEC_VIRTIO`), then post every receive buffer.
     pub fn init(t: Transport) -> Result<Net, InitError> {
-        let p = t.probe();
-        if p.magic != MAGIC || p.version != VERSION_MODERN || p.device_id != DEVICE_NET {
+        if !t.is_modern(DEVICE_NET) {
             return Err(InitError::NotModernNet);
         }
         if DMA_TAKEN.swap(true, Ordering::Acquire) {
@@ -375,13 +374,6 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         // The device must stop touching DMA before anyone reuses it.
-        if self.t.reset() {
-            DMA_TAKEN.store(false, Ordering::Release);
-        } else {
-            crate::say!(
-                "warn: net: device status 0x{:02x} 1 s after a reset; its buffers stay reserved",
-                self.t.status()
-            );
-        }
+        self.t.reset_and_release(&DMA_TAKEN, "net");
     }
 }
