@@ -26,7 +26,7 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::chain::{ChainWalker, Malformed, Segment};
+use crate::chain::{gather, scatter, ChainWalker, Malformed, Segment};
 use crate::export::{Export, SECTOR_SIZE};
 use crate::server::{check_kick_events, config_bytes, drain_queue, Endpoint, ExitFds};
 
@@ -224,7 +224,7 @@ impl BlkBackend {
         let writable_len: u64 = writable.iter().map(|s| u64::from(s.len)).sum();
 
         let mut header = [0u8; HEADER_SIZE as usize];
-        if readable_len < u64::from(HEADER_SIZE) || gather(mem, readable, &mut header).is_err() {
+        if readable_len < u64::from(HEADER_SIZE) || gather(mem, readable, 0, &mut header).is_err() {
             return (VIRTIO_BLK_S_IOERR, 0);
         }
         let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -307,44 +307,6 @@ impl BlkBackend {
             }
             _ => (VIRTIO_BLK_S_UNSUPP, 0),
         }
-    }
-}
-
-/// Copies the first `buf.len()` bytes of `segs` into `buf`.
-fn gather(mem: &GuestMemoryMmap<()>, segs: &[Segment], buf: &mut [u8]) -> Result<(), ()> {
-    let mut done = 0;
-    for s in segs {
-        if done == buf.len() {
-            break;
-        }
-        let n = (s.len as usize).min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + n], s.addr)
-            .map_err(|_| ())?;
-        done += n;
-    }
-    if done == buf.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
-}
-
-/// Copies `buf` into the start of `segs`.
-fn scatter(mem: &GuestMemoryMmap<()>, segs: &[Segment], buf: &[u8]) -> Result<(), ()> {
-    let mut done = 0;
-    for s in segs {
-        if done == buf.len() {
-            break;
-        }
-        let n = (s.len as usize).min(buf.len() - done);
-        mem.write_slice(&buf[done..done + n], s.addr)
-            .map_err(|_| ())?;
-        done += n;
-    }
-    if done == buf.len() {
-        Ok(())
-    } else {
-        Err(())
     }
 }
 

@@ -7,6 +7,8 @@
 //! address after it was checked), checks it against the guest memory table and
 //! names what was wrong.
 
+use std::ops::Range;
+
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use virtio_queue::desc::split::Descriptor;
@@ -231,6 +233,62 @@ impl ChainWalker {
         }
         Ok(())
     }
+}
+
+/// Visits `len` bytes of `segs` in order, starting `skip` bytes in: calls
+/// `f(range, addr)` for each piece, `range` being where the piece sits in
+/// those `len` bytes and `addr` where it is in guest memory. Fails if the
+/// segments end first or `f` fails.
+fn for_each_piece(
+    segs: &[Segment],
+    mut skip: usize,
+    len: usize,
+    mut f: impl FnMut(Range<usize>, GuestAddress) -> Result<(), ()>,
+) -> Result<(), ()> {
+    let mut done = 0;
+    for s in segs {
+        if done == len {
+            break;
+        }
+        let seg_len = s.len as usize;
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(len - done);
+        let addr = s.addr.checked_add(skip as u64).ok_or(())?;
+        f(done..done + n, addr)?;
+        skip = 0;
+        done += n;
+    }
+    if done == len {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Copies `out.len()` bytes of `segs`, starting `skip` bytes in, into `out`.
+pub(crate) fn gather<M: Bytes<GuestAddress>>(
+    mem: &M,
+    segs: &[Segment],
+    skip: usize,
+    out: &mut [u8],
+) -> Result<(), ()> {
+    for_each_piece(segs, skip, out.len(), |r, addr| {
+        mem.read_slice(&mut out[r], addr).map_err(|_| ())
+    })
+}
+
+/// Copies `buf` into the start of `segs`.
+pub(crate) fn scatter<M: Bytes<GuestAddress>>(
+    mem: &M,
+    segs: &[Segment],
+    buf: &[u8],
+) -> Result<(), ()> {
+    for_each_piece(segs, 0, buf.len(), |r, addr| {
+        mem.write_slice(&buf[r], addr).map_err(|_| ())
+    })
 }
 
 #[cfg(test)]

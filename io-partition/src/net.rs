@@ -67,7 +67,7 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::chain::{ChainWalker, Malformed, Segment};
+use crate::chain::{gather, ChainWalker, Malformed, Segment};
 use crate::server::{check_kick_events, config_bytes, drain_queue, Endpoint, ExitFds, Mem};
 use crate::tap::Tap;
 
@@ -908,37 +908,6 @@ impl<'a> Cursor<'a> {
             }
         }
         Ok(())
-    }
-}
-
-/// Copies `out.len()` bytes of `segs`, starting `skip` bytes in, into `out`.
-fn gather(
-    mem: &GuestMemoryMmap<()>,
-    segs: &[Segment],
-    mut skip: usize,
-    out: &mut [u8],
-) -> Result<(), ()> {
-    let mut done = 0;
-    for s in segs {
-        if done == out.len() {
-            break;
-        }
-        let len = s.len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = (len - skip).min(out.len() - done);
-        let addr = s.addr.checked_add(skip as u64).ok_or(())?;
-        mem.read_slice(&mut out[done..done + n], addr)
-            .map_err(|_| ())?;
-        skip = 0;
-        done += n;
-    }
-    if done == out.len() {
-        Ok(())
-    } else {
-        Err(())
     }
 }
 
