@@ -204,6 +204,13 @@ impl Partd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs partctl, asserts it failed and returns its stderr.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(!out.status.success(), "partctl {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Runs partctl with --json, asserts success and parses stdout.
     pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = vec!["--json"];

@@ -8,9 +8,7 @@ use resource_db::PartitionId;
 fn missing_monitor_binary_fails_the_start_and_releases_the_grant() {
     let partd = Partd::start(&["--vmm", "/nonexistent/part-vmm"]);
     partd.create("lost", "memory_mib = 16");
-    let out = partd.ctl(&["start", "lost"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = partd.ctl_err(&["start", "lost"]);
     assert!(
         err.contains("/nonexistent/part-vmm") && err.contains("--vmm"),
         "{err}"
@@ -43,9 +41,7 @@ fn kernel_the_monitor_cannot_load_fails_the_start_with_its_reason() {
     )
     .unwrap();
     partd.ctl_ok(&["create", def.to_str().unwrap()]);
-    let out = partd.ctl(&["start", "junk"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = partd.ctl_err(&["start", "junk"]);
     assert!(err.contains("ended while starting (failed)"), "{err}");
     assert!(err.contains("vmm.log"), "{err}");
     let v = partd.ctl_json(&["show", "junk"]);

@@ -77,6 +77,16 @@ fn log_time(log: &str, needle: &str) -> String {
     t
 }
 
+/// A sparse 1 MiB disk image `name` in `dir`.
+fn disk_image(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let img = dir.join(name);
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    img
+}
+
 fn position(log: &str, needle: &str) -> usize {
     log.find(needle)
         .unwrap_or_else(|| panic!("no {needle:?} in partd log:\n{log}"))
@@ -87,11 +97,7 @@ fn disk_and_nic_backends_start_before_the_guest_and_its_memory_returns_only_afte
 {
     let _vm = vm_lock();
     let img_dir = tempfile::tempdir().unwrap();
-    let img = img_dir.path().join("web.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = disk_image(img_dir.path(), "web.img");
     let img_s = img.display().to_string();
     let partd = Partd::start(&["--disk-image", &img_s]);
     let view = partd.view();
@@ -236,9 +242,7 @@ fn two_partitions_on_one_switch_exchange_10000_frames_without_loss() {
     partd.ctl_ok(&["stop", "c", "--force"]);
     let d = definition(&partd, "d", "x={mac:nobody}", "");
     partd.ctl_ok(&["create", d.to_str().unwrap()]);
-    let out = partd.ctl(&["start", "d"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = partd.ctl_err(&["start", "d"]);
     assert!(err.contains("{mac:nobody:0}: no such partition"), "{err}");
     assert_eq!(partd.ctl_json(&["show", "d"])["state"], "defined");
 }
@@ -260,9 +264,7 @@ fn a_switch_without_a_port_for_a_newcomer_is_restarted_only_when_nobody_is_conne
     // connected, so the switch is not restarted and c does not start.
     let c = definition(&partd, "c", "stay", nic);
     partd.ctl_ok(&["create", c.to_str().unwrap()]);
-    let out = partd.ctl(&["start", "c"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = partd.ctl_err(&["start", "c"]);
     assert!(
         err.contains("switch lan") && err.contains("partitions are connected to it (a)"),
         "{err}"
@@ -310,11 +312,7 @@ fn a_switch_without_a_port_for_a_newcomer_is_restarted_only_when_nobody_is_conne
 fn a_restarted_partd_still_waits_for_the_disk_backend_before_releasing() {
     let _vm = vm_lock();
     let img_dir = tempfile::tempdir().unwrap();
-    let img = img_dir.path().join("d.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = disk_image(img_dir.path(), "d.img");
     let img_s = img.display().to_string();
     let mut partd = Partd::start(&["--disk-image", &img_s]);
     let def = definition(
@@ -356,9 +354,7 @@ fn a_nic_whose_socket_path_cannot_be_bound_is_refused_before_anything_is_granted
         &format!("[[nic]]\nswitch = \"{}\"\n", "s".repeat(32)),
     );
     partd.ctl_ok(&["create", def.to_str().unwrap()]);
-    let out = partd.ctl(&["start", &name]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = partd.ctl_err(&["start", &name]);
     assert!(err.contains("longer than 107 bytes"), "{err}");
     let v = partd.ctl_json(&["show", &name]);
     assert_eq!(v["state"], "defined");
