@@ -502,36 +502,34 @@ impl View {
                 .into());
             }
             let mut h = Holdings::default();
-            let mut st = c
-                .prepare_cached("SELECT kind, key FROM units WHERE owner = ?1")
-                .map_err(Error::store(ctx))?;
-            let rows = st
-                .query_map([partition.as_str()], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })
-                .map_err(Error::store(ctx))?;
-            for row in rows {
-                let (kind, key) = row.map_err(Error::store(ctx))?;
-                let id = ResourceId::from_unit(&kind, &key)
-                    .ok_or_else(|| Error::Corrupt(format!("units row {kind} {key}")))?;
-                h.add(id);
-            }
-            let mut st = c
-                .prepare_cached("SELECT start_mib, len_mib FROM memory WHERE owner = ?1")
-                .map_err(Error::store(ctx))?;
-            let rows = st
-                .query_map([partition.as_str()], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                })
-                .map_err(Error::store(ctx))?;
-            for row in rows {
-                let (s, l) = row.map_err(Error::store(ctx))?;
-                let bad = |_| Error::Corrupt(format!("memory row ({s}, {l})"));
-                h.memory.push(Extent::new(
-                    u64::try_from(s).map_err(bad)?,
-                    u64::try_from(l).map_err(bad)?,
-                ));
-            }
+            store::for_each_row(
+                c,
+                ctx,
+                "SELECT kind, key FROM units WHERE owner = ?1",
+                [partition.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+                |(kind, key): (String, String)| {
+                    let id = ResourceId::from_unit(&kind, &key)
+                        .ok_or_else(|| Error::Corrupt(format!("units row {kind} {key}")))?;
+                    h.add(id);
+                    Ok(())
+                },
+            )?;
+            store::for_each_row(
+                c,
+                ctx,
+                "SELECT start_mib, len_mib FROM memory WHERE owner = ?1",
+                [partition.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+                |(s, l): (i64, i64)| {
+                    let bad = |_| Error::Corrupt(format!("memory row ({s}, {l})"));
+                    h.memory.push(Extent::new(
+                        u64::try_from(s).map_err(bad)?,
+                        u64::try_from(l).map_err(bad)?,
+                    ));
+                    Ok(())
+                },
+            )?;
             let share: Option<i64> = c
                 .prepare_cached("SELECT milli FROM shares WHERE partition = ?1")
                 .and_then(|mut s| s.query_row([partition.as_str()], |r| r.get(0)).optional())
@@ -548,25 +546,24 @@ impl View {
         let ctx = "reading free capacity";
         self.read(|c| {
             let mut f = FreeCapacity::default();
-            let mut st = c
-                .prepare_cached(
-                    "SELECT kind, count(*), sum(owner = 'available'), sum(owner = 'shared-pool')
-                     FROM units GROUP BY kind",
-                )
-                .map_err(Error::store(ctx))?;
-            let rows = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))
-                .map_err(Error::store(ctx))?;
             let mut pool_cpus = 0;
-            for row in rows {
-                let (kind, total, free, pool) = row.map_err(Error::store(ctx))?;
-                let k = ResourceKind::from_name(&kind)
-                    .ok_or_else(|| Error::Corrupt(format!("unknown resource kind {kind:?}")))?;
-                *f.kind_mut(k) = Capacity { total: total as u64, free: free as u64 };
-                if kind == "cpu" {
-                    pool_cpus = pool as u64;
-                }
-            }
+            store::for_each_row(
+                c,
+                ctx,
+                "SELECT kind, count(*), sum(owner = 'available'), sum(owner = 'shared-pool')
+                     FROM units GROUP BY kind",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |(kind, total, free, pool): (String, i64, i64, i64)| {
+                    let k = ResourceKind::from_name(&kind)
+                        .ok_or_else(|| Error::Corrupt(format!("unknown resource kind {kind:?}")))?;
+                    *f.kind_mut(k) = Capacity { total: total as u64, free: free as u64 };
+                    if kind == "cpu" {
+                        pool_cpus = pool as u64;
+                    }
+                    Ok(())
+                },
+            )?;
             let (total, free): (i64, i64) = c
                 .query_row(
                     "SELECT coalesce(sum(len_mib), 0), coalesce(sum(CASE WHEN owner = 'available' THEN len_mib END), 0) FROM memory",

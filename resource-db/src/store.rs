@@ -614,7 +614,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// Runs `sql` with `params` and hands each row, read by `get`, to `each`;
 /// a failing read is [`Error::Store`] with `ctx`.
-fn for_each_row<T>(
+pub(crate) fn for_each_row<T>(
     conn: &Connection,
     ctx: &'static str,
     sql: &str,
