@@ -1,98 +1,21 @@
-//! The control socket a supervisor (partd) uses to watch and stop a
-//! partition, and the exit file that outlives the process.
-//!
-//! Protocol: newline-delimited JSON over a Unix stream socket, one reply
-//! line per request line.
-//!
-//! ```text
-//! -> {"op":"ping"}
-//! <- {"ok":true,"pid":1234,"state":"running","uptime_ms":5012}
-//! -> {"op":"stop","force":false}
-//! <- {"ok":true,"pid":1234,"state":"stopping","uptime_ms":5020}
-//! -> {"op":"reboot"}
-//! <- {"ok":false,"error":"unknown variant `reboot`, expected `ping` or `stop` at line 1 column 15"}
-//! ```
-//!
-//! A monitor that does not answer a ping (stopped, hung) is the
-//! supervisor's cue to mark the partition unresponsive.
+//! The control channel as part-vmm serves it. The protocol itself (request
+//! and reply types, the exit record and how it is written) lives in
+//! `channels::control`, the one home of the partd <-> monitor protocol; this
+//! module adds what only the monitor knows: how an [`ExitReason`] becomes an
+//! exit record.
 
-use std::io::Write;
-use std::path::Path;
-
-use serde::{Deserialize, Serialize};
+pub use channels::control::{parse, write_exit_file, ExitRecord, Reply, Request};
 
 use crate::exit::ExitReason;
 
-/// A request on the control socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    /// Liveness and state.
-    Ping,
-    /// Polite stop (ACPI power button, forced after the timeout), or an
-    /// immediate forced stop.
-    Stop {
-        #[serde(default)]
-        force: bool,
-    },
-}
-
-/// The reply to every request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Reply {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    /// `running` or `stopping`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uptime_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// What part-vmm records about its end, for a supervisor that was not
-/// watching (e.g. restarted meanwhile).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitRecord {
-    pub pid: u32,
-    pub reason: String,
-    pub status: i32,
-    pub detail: String,
-}
-
-impl ExitRecord {
-    pub fn new(reason: &ExitReason) -> ExitRecord {
-        ExitRecord {
-            pid: std::process::id(),
-            reason: reason.name().to_string(),
-            status: reason.status(),
-            detail: reason.to_string(),
-        }
+/// The exit record of this process for `reason`.
+pub fn exit_record(reason: &ExitReason) -> ExitRecord {
+    ExitRecord {
+        pid: std::process::id(),
+        reason: reason.name().to_string(),
+        status: reason.status(),
+        detail: reason.to_string(),
     }
-}
-
-/// Writes `record` to `path` atomically (temporary file, fsync, rename), so
-/// a reader sees the whole record or none.
-pub fn write_exit_file(path: &Path, record: &ExitRecord) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        serde_json::to_writer(&mut f, record)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
-/// Parses one request line into a request or the reply that rejects it.
-pub fn parse(line: &str) -> std::result::Result<Request, Reply> {
-    serde_json::from_str(line).map_err(|e| Reply {
-        ok: false,
-        error: Some(e.to_string()),
-        ..Default::default()
-    })
 }
 
 #[cfg(test)]
@@ -100,31 +23,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_parse_and_bad_ones_get_an_error_reply() {
-        assert_eq!(parse(r#"{"op":"ping"}"#), Ok(Request::Ping));
-        assert_eq!(
-            parse(r#"{"op":"stop"}"#),
-            Ok(Request::Stop { force: false })
-        );
-        assert_eq!(
-            parse(r#"{"op":"stop","force":true}"#),
-            Ok(Request::Stop { force: true })
-        );
-        let bad = parse(r#"{"op":"reboot"}"#).unwrap_err();
-        assert!(!bad.ok);
-        assert!(bad.error.unwrap().contains("unknown variant `reboot`"));
-        assert!(parse("not json").is_err());
-    }
-
-    #[test]
-    fn exit_file_is_written_whole() {
-        let dir = std::env::temp_dir().join(format!("pv-exit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("exit.json");
-        write_exit_file(&p, &ExitRecord::new(&ExitReason::TripleFault { vcpu: 1 })).unwrap();
-        let r: ExitRecord = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    fn exit_record_carries_the_reason_name_status_and_detail() {
+        let r = exit_record(&ExitReason::TripleFault { vcpu: 1 });
         assert_eq!((r.reason.as_str(), r.status), ("triple-fault", 72));
-        assert!(!p.with_extension("tmp").exists());
-        std::fs::remove_dir_all(dir).unwrap();
+        assert_eq!(r.pid, std::process::id());
+        assert!(r.detail.contains("vcpu=1"), "{}", r.detail);
     }
 }

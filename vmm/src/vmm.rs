@@ -527,7 +527,7 @@ pub fn run(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
                 detail: e.to_string(),
             },
         };
-        if let Err(e) = control::write_exit_file(path, &control::ExitRecord::new(&reason)) {
+        if let Err(e) = control::write_exit_file(path, &control::exit_record(&reason)) {
             tracing::error!("cannot write the exit file {}: {e}", path.display());
         }
     }
