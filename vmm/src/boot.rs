@@ -98,33 +98,22 @@ pub fn detect_format(path: &Path) -> Result<KernelFormat> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(unreadable)?;
+    let f = File::open(path).map_err(unreadable)?;
     if f.metadata().map_err(unreadable)?.is_dir() {
         return Err(unreadable(std::io::Error::new(
             std::io::ErrorKind::IsADirectory,
             "is a directory",
         )));
     }
-    let mut head = [0u8; 0x206];
-    let n = read_up_to(&mut f, &mut head).map_err(unreadable)?;
-    if n >= 4 && head[..4] == *b"\x7fELF" {
+    let mut head = Vec::with_capacity(0x206);
+    f.take(0x206).read_to_end(&mut head).map_err(unreadable)?;
+    if head.starts_with(b"\x7fELF") {
         return Ok(KernelFormat::Elf);
     }
-    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+    if head.get(0x202..0x206) == Some(b"HdrS") {
         return Ok(KernelFormat::BzImage);
     }
     Err(Error::KernelFormat(path.to_path_buf()))
-}
-
-fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Highest address (exclusive) an initrd may end at: the top of RAM below

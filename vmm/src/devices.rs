@@ -160,6 +160,13 @@ impl UnassignedCounters {
     }
 }
 
+/// The address space of a guest access.
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    Mmio,
+    Pio,
+}
+
 /// A request a device access makes of the VMM.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BusAction {
@@ -252,12 +259,13 @@ impl Devices {
         Ok(true)
     }
 
-    fn note_unassigned(&self, kind: &str, addr: u64, len: usize, write: bool, value: u32) {
-        let (counter, what) = match (kind, write) {
-            ("mmio", false) => (&self.unassigned.mmio_reads, "read"),
-            ("mmio", true) => (&self.unassigned.mmio_writes, "write"),
-            (_, false) => (&self.unassigned.pio_reads, "read"),
-            (_, true) => (&self.unassigned.pio_writes, "write"),
+    fn note_unassigned(&self, space: Space, addr: u64, len: usize, write: bool, value: u32) {
+        let c = &self.unassigned;
+        let (counter, kind, what) = match (space, write) {
+            (Space::Mmio, false) => (&c.mmio_reads, "mmio", "read"),
+            (Space::Mmio, true) => (&c.mmio_writes, "mmio", "write"),
+            (Space::Pio, false) => (&c.pio_reads, "pio", "read"),
+            (Space::Pio, true) => (&c.pio_writes, "pio", "write"),
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let n = self.unassigned.total();
@@ -297,7 +305,7 @@ impl Devices {
             }
             _ => {
                 data.fill(0xff);
-                self.note_unassigned("pio", u64::from(port), data.len(), false, 0);
+                self.note_unassigned(Space::Pio, u64::from(port), data.len(), false, 0);
             }
         }
     }
@@ -355,7 +363,13 @@ impl Devices {
                 BusAction::None
             }
             _ => {
-                self.note_unassigned("pio", u64::from(port), data.len(), true, le_value(data));
+                self.note_unassigned(
+                    Space::Pio,
+                    u64::from(port),
+                    data.len(),
+                    true,
+                    le_value(data),
+                );
                 BusAction::None
             }
         }
@@ -376,7 +390,7 @@ impl Devices {
             return;
         }
         data.fill(0xff);
-        self.note_unassigned("mmio", addr, data.len(), false, 0);
+        self.note_unassigned(Space::Mmio, addr, data.len(), false, 0);
     }
 
     /// A guest write to unmapped guest-physical memory.
@@ -388,7 +402,7 @@ impl Devices {
             dev.write(addr, data);
             return;
         }
-        self.note_unassigned("mmio", addr, data.len(), true, le_value(data));
+        self.note_unassigned(Space::Mmio, addr, data.len(), true, le_value(data));
     }
 }
 

@@ -34,7 +34,7 @@ use crate::{acpi, boot, control, layout};
 const GED_REPULSE_MS: u64 = 500;
 
 fn timerfd() -> Result<TimerFd> {
-    TimerFd::new().map_err(|e| Error::io("timerfd")(std::io::Error::from_raw_os_error(e.errno())))
+    TimerFd::new().map_err(|e| Error::io("timerfd")(e.into()))
 }
 
 /// Most console input part-vmm buffers while the guest is not reading.
