@@ -1,5 +1,8 @@
 //! A ring and its doorbell shared between two processes: the test binary
 //! re-executes itself as the producer.
+
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::cell::RefCell;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;

@@ -1,6 +1,9 @@
 //! One conformance suite, run against every transport with the two peers in
 //! separate `ic-peer` processes (and, for tcp, also across two network
 //! namespaces joined by veth: see `netns.rs`).
+
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,9 @@
 //! Hostile-peer tests: the attacker is a separate process speaking the shm
 //! protocol with raw system calls (`ic-peer hostile-shm`, which uses neither
 //! `interconnect` nor `channels`). The target is an ordinary `ic-peer`.
+
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 
 use std::time::Duration;

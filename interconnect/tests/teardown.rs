@@ -1,4 +1,7 @@
 //! Transport-independent rules of the verbs objects, in one process.
+
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::sync::Arc;
 
 use interconnect::*;

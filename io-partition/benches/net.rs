@@ -12,6 +12,9 @@
 //! FCS. The bridge needs root, `/dev/net/tun` and `ip` (iproute2); without
 //! them only part-io is measured.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -445,10 +445,8 @@ mod tests {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         File::from(fd.try_clone().unwrap()).set_len(size).unwrap();
         // SAFETY: plain fcntl on our fd.
-        assert_eq!(
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) },
-            0
-        );
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(rc, 0);
         fd
     }
 

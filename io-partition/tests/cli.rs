@@ -1,5 +1,8 @@
 //! Command-line errors: one clear line, non-zero exit, never a panic.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 fn run(args: &[&str]) -> (i32, String) {

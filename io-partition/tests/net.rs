@@ -1,5 +1,8 @@
 //! `part-io net` driven by test-side vhost-user-net frontends.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

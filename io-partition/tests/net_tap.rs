@@ -8,6 +8,9 @@
 //! `AF_PACKET`) and `/dev/net/tun`; otherwise each test prints
 //! `skipped: <reason>` and returns.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs::{File, OpenOptions};
@@ -70,10 +73,8 @@ impl TestTap {
     fn create(name: &str) -> TestTap {
         let f = tun_attach(name);
         // SAFETY: TUNSETPERSIST on our tun fd.
-        assert_eq!(
-            unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETPERSIST, 1) },
-            0
-        );
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETPERSIST, 1) };
+        assert_eq!(rc, 0);
         drop(f);
         // Keep the kernel quiet on the interface (no IPv6 autoconf chatter).
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");

@@ -5,6 +5,9 @@
 //! `isa-debug-exit`. Needs `qemu-system-x86_64` (Debian: qemu-system-x86);
 //! runs under TCG, so no KVM is needed.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::{Command, Stdio};

@@ -8,6 +8,9 @@
 //! against a real guest. Needs `qemu-system-x86_64` and its iPXE ROMs
 //! (Debian: qemu-system-x86, which depends on ipxe-qemu); runs under TCG.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::{Child, Command, Stdio};

@@ -9,6 +9,9 @@
 //! Environment: `BENCH_SECS` (per run, default 3), `BENCH_ROUNDS` (default
 //! 3), `REPLAY_ENTRIES` (default 100000), `BENCH_DIR` (default: temp dir).
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -10,6 +10,9 @@
 //! `CRASH_KILLS` (default 200) sets the number of kills, `CRASH_SEED` the
 //! random seed (printed at start).
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

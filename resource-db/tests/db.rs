@@ -1,6 +1,9 @@
 //! Behaviour of `Db`: every rejection path, all-or-nothing transactions, the
 //! audit log, reopening, locking, and the read API.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -2,6 +2,9 @@
 //! shortage is reported before anything is allocated, a stale plan is
 //! rejected by its before images, and a release plan returns everything.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

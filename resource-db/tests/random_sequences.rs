@@ -7,6 +7,9 @@
 //!
 //! Case count: `PROPTEST_CASES` (default 64).
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

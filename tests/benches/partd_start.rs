@@ -11,6 +11,9 @@
 //! `cargo bench -p partvisor-e2e --features bench` (env `BENCH_ROUNDS`,
 //! default 20 sequential starts and 3 rounds of 20 in flight).
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};

@@ -17,6 +17,10 @@
 //! process running after a test, or boot two guests from two tests at once
 //! (use [`vm_lock`]).
 
+// A test harness: a failed set-up step is a failed test, so panicking with
+// the step's message is the intended behaviour.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,9 @@
 //! partd's API boundary: who may use it (SO_PEERCRED) and what malformed
 //! requests get. No guest is booted here.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;

@@ -2,6 +2,9 @@
 //! (with the test guest as kernel), and relative paths resolve against the
 //! file's folder.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use partvisor_e2e::{guest, Partd};

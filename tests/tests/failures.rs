@@ -1,6 +1,9 @@
 //! Starts that cannot succeed: the partition ends `failed` with a reason an
 //! operator can act on, and holds nothing.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use partvisor_e2e::Partd;
 use resource_db::PartitionId;
 

@@ -2,6 +2,9 @@
 //! guests, through partctl (issue 7, item 2): boot order, disks, a switch
 //! between two partitions, memory released only after the backends let go.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

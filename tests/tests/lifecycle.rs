@@ -1,6 +1,9 @@
 //! partd + partctl + part-vmm + the test guest, end to end (issue 5).
 //! Guest-booting tests take `vm_lock()` so only one runs at a time.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use partvisor_e2e::{alive, kill, vm_lock, wait_console, wait_gone, Partd};

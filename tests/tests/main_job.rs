@@ -1,6 +1,9 @@
 //! The README's main job (`resources/examples/main-job.sh`) runs as written
 //! and passes every check it makes (issue 7, item 4).
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;

@@ -7,6 +7,9 @@
 //! (MB/s) over a 256 MiB raw image; its LAPIC-timer clock gives the time.
 //! Prints medians and part-io/qemu-storage-daemon ratios.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

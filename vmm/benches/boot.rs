@@ -12,6 +12,9 @@
 //! memory (QEMU through memory-backend-memfd) so RssShmem means the same.
 //! Prints medians and part-vmm/QEMU ratios.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Read;

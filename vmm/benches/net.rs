@@ -9,6 +9,9 @@
 //! of 64 B ping/pong, all timed by the guests' LAPIC-timer clock. Prints
 //! medians and part-io/QEMU ratios.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::UdpSocket;

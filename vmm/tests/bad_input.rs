@@ -1,6 +1,9 @@
 //! Every kind of bad input ends part-vmm with status 64 and a one-line error
 //! naming the problem, before any VM exists.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

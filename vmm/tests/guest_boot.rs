@@ -1,6 +1,9 @@
 //! part-vmm booting the project's test guest (resources/guests): report,
 //! exits, SMP, memory map, serial in/out, polite stop, unassigned accesses.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Write;

@@ -7,6 +7,9 @@
 //! it panics for lack of a root file system. The smoke test accepts either
 //! ending and checks what can be checked here.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Read;

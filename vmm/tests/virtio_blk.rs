@@ -2,6 +2,9 @@
 //! an I/O partition (`part-io blk`) or by qemu-storage-daemon, driven by the
 //! test guest's CPL 3 virtio-blk driver.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,9 @@
 //! virtio-net through part-vmm's vhost-user frontend and `part-io net`
 //! switches, driven by the test guest's CPL 3 virtio-net driver.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -2,6 +2,9 @@
 //! the same check applied to its CPL 3 `.text` fails (so the check can fail
 //! on real compiler output, not only on hand-written samples).
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use partvisor_test_guest::cpl0_check::{check_listing, instruction_count, Cpl0Violation};
 use partvisor_test_guest::guest_elf;
 use std::process::Command;

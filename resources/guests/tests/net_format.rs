@@ -1,6 +1,9 @@
 //! The test guest's frame format, receiver accounting and `net=` words,
 //! from the host crate (the same source files the guest compiles).
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use partvisor_test_guest::fnv1a64;
 use partvisor_test_guest::net_frame::{
     build, ethertype, parse, parse_mac, Kind, Mac, NotOurs, SeqTracker, ETHERTYPE, MAX_LEN, MIN_LEN,

@@ -2,6 +2,9 @@
 //!
 //! Runner and its environment variables: `common/mod.rs`.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{boot, debug_exit_status, Boot, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN};

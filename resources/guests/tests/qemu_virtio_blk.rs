@@ -7,6 +7,9 @@
 //! IOAPIC (GSI base 24), so the tests declare the one QEMU fills first
 //! themselves: 0xfeb02e00, GSI 47. Runner: `common/mod.rs`.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{boot, debug_exit_status, Boot, Outcome};

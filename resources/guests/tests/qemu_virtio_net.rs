@@ -8,6 +8,9 @@
 //! answers a hello, so the transfers only work loss-free because of the
 //! window and the handshake. Runner: `common/mod.rs`.
 
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{boot, boot_pair, debug_exit_status, Boot, Outcome};
