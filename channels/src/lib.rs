@@ -35,7 +35,7 @@
 pub mod control;
 mod doorbell;
 mod error;
-mod memfd;
+pub mod memfd;
 mod ring;
 pub mod scm;
 

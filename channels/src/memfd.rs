@@ -1,3 +1,6 @@
+//! Sealed memfds: the one place partvisor creates, seals and checks them
+//! (guest RAM, partition descriptors, ring memory, received fds).
+
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
@@ -45,6 +48,41 @@ impl SealedMemfd {
         Ok(this)
     }
 
+    /// A memfd holding exactly `contents`, sealed against shrinking, growing
+    /// and every write, with the seal set itself sealed: what a reader of
+    /// the fd sees can never change (partd's partition descriptors).
+    pub fn with_contents(name: &str, contents: &[u8]) -> Result<Self, ChannelError> {
+        let len = u64::try_from(contents.len())
+            .map_err(|_| ChannelError::Geometry("memfd length too large"))?;
+        let this = Self::create(name, len)?;
+        let mut done = 0;
+        while done < contents.len() {
+            let rest = &contents[done..];
+            let off = libc::off_t::try_from(done)
+                .map_err(|_| ChannelError::Geometry("memfd length too large"))?;
+            // SAFETY: rest is a valid readable buffer of rest.len() bytes and
+            // the fd is a memfd we own; pwrite does not retain the pointer.
+            let n = unsafe {
+                libc::pwrite(this.fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off)
+            };
+            match usize::try_from(n) {
+                Ok(0) => return Err(ChannelError::Protocol("pwrite(memfd) wrote nothing")),
+                Ok(n) => done += n,
+                Err(_) => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(ChannelError::Os {
+                            op: "pwrite(memfd)",
+                            source: e,
+                        });
+                    }
+                }
+            }
+        }
+        this.add_seals(libc::F_SEAL_WRITE | libc::F_SEAL_SEAL)?;
+        Ok(this)
+    }
+
     /// Validates a memfd received from another process: it must carry
     /// `F_SEAL_SHRINK | F_SEAL_GROW` and be at least `min_len` bytes long.
     /// Anything else (a pipe, a plain file, an unsealed memfd) is refused.
@@ -79,7 +117,8 @@ impl SealedMemfd {
         self.add_seals(libc::F_SEAL_SEAL)
     }
 
-    fn add_seals(&self, seals: i32) -> Result<(), ChannelError> {
+    /// Adds `seals` (`F_SEAL_*` bits) to the file.
+    pub fn add_seals(&self, seals: i32) -> Result<(), ChannelError> {
         // SAFETY: F_ADD_SEALS on a valid fd only changes the file's seal set.
         if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(ChannelError::os("fcntl(F_ADD_SEALS)"));
@@ -107,13 +146,20 @@ impl SealedMemfd {
         self.fd.as_fd()
     }
 
+    /// The fd, for a caller that keeps it (e.g. as a `File` for vm-memory).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Maps the whole file shared, read-write or read-only.
     pub fn map(&self, writable: bool) -> Result<Mapping, ChannelError> {
         Mapping::new(self.fd.as_fd(), self.len, writable)
     }
 }
 
-fn seals_of(fd: BorrowedFd<'_>) -> Result<i32, ChannelError> {
+/// The seal set (`F_GET_SEALS`) of any fd; fails for an fd that is not a
+/// memfd (a pipe, a plain file on most filesystems).
+pub fn seals_of(fd: BorrowedFd<'_>) -> Result<i32, ChannelError> {
     // SAFETY: F_GET_SEALS reads the seal set of a valid fd and has no other effect.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 {
@@ -349,6 +395,35 @@ mod tests {
         // SAFETY: valid fd and buffer; write(2) must be refused.
         let rc = unsafe { libc::pwrite(peer.fd().as_raw_fd(), b"x".as_ptr().cast(), 1, 0) };
         assert_eq!(rc, -1);
+    }
+
+    #[test]
+    fn with_contents_holds_the_bytes_and_refuses_every_change() {
+        let m = SealedMemfd::with_contents("desc", b"{\"name\":\"web\"}").unwrap();
+        assert_eq!(m.len(), 14);
+        let seals = m.seals().unwrap();
+        let all = REQUIRED_SEALS | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        assert_eq!(seals & all, all);
+        let mut b = [0u8; 14];
+        m.map(false).unwrap().read_at(0, &mut b).unwrap();
+        assert_eq!(&b, b"{\"name\":\"web\"}");
+        assert!(m.map(true).is_err(), "a write-sealed memfd maps read-only only");
+        // SAFETY: valid fd and buffer; write(2) must be refused.
+        let rc = unsafe { libc::pwrite(m.fd().as_raw_fd(), b"x".as_ptr().cast(), 1, 0) };
+        assert_eq!(rc, -1);
+        // SAFETY: F_ADD_SEALS on our fd; refused because F_SEAL_SEAL is set.
+        let rc = unsafe { libc::fcntl(m.fd().as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_EXEC) };
+        assert_eq!(rc, -1);
+    }
+
+    #[test]
+    fn seals_of_a_pipe_is_an_error() {
+        let mut fds = [0; 2];
+        // SAFETY: valid array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh fds owned here.
+        let (r, _w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        assert!(matches!(seals_of(r.as_fd()), Err(ChannelError::Os { .. })));
     }
 
     #[test]
