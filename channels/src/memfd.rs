@@ -62,9 +62,8 @@ impl SealedMemfd {
                 .map_err(|_| ChannelError::Geometry("memfd length too large"))?;
             // SAFETY: rest is a valid readable buffer of rest.len() bytes and
             // the fd is a memfd we own; pwrite does not retain the pointer.
-            let n = unsafe {
-                libc::pwrite(this.fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off)
-            };
+            let n =
+                unsafe { libc::pwrite(this.fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off) };
             match usize::try_from(n) {
                 Ok(0) => return Err(ChannelError::Protocol("pwrite(memfd) wrote nothing")),
                 Ok(n) => done += n,
@@ -407,7 +406,10 @@ mod tests {
         let mut b = [0u8; 14];
         m.map(false).unwrap().read_at(0, &mut b).unwrap();
         assert_eq!(&b, b"{\"name\":\"web\"}");
-        assert!(m.map(true).is_err(), "a write-sealed memfd maps read-only only");
+        assert!(
+            m.map(true).is_err(),
+            "a write-sealed memfd maps read-only only"
+        );
         // SAFETY: valid fd and buffer; write(2) must be refused.
         let rc = unsafe { libc::pwrite(m.fd().as_raw_fd(), b"x".as_ptr().cast(), 1, 0) };
         assert_eq!(rc, -1);

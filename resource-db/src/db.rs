@@ -1,6 +1,7 @@
 //! [`Db`]: the one writer (a thread that group-commits transactions), and
 //! [`View`]: read-only access, in the writer's process or any other.
 
+use partvisor_runtime::sync::MutexExt;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions as FileOpenOptions};
 use std::os::fd::AsRawFd;
@@ -426,7 +427,7 @@ impl View {
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves no half-done state behind:
         // the connection only ever runs read transactions.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.conn.locked()
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {

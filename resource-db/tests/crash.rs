@@ -15,6 +15,7 @@
 
 mod common;
 
+use partvisor_runtime::sync::MutexExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -88,7 +89,7 @@ fn child(path: &Path) {
         Err(e) => fail_child(&format!("open: {e}")),
     };
     let out = Mutex::new(std::io::stdout());
-    if writeln!(out.lock().unwrap_or_else(|p| p.into_inner()), "ready").is_err() {
+    if writeln!(out.locked(), "ready").is_err() {
         fail_child("stdout closed");
     }
     std::thread::scope(|s| {
@@ -211,7 +212,7 @@ fn child_thread(db: &Db, out: &Mutex<std::io::Stdout>, iter: u64, t: u32) {
             }
             None => {}
         }
-        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut o = out.locked();
         // One write per line, so a kill can only cut the last line short.
         let line = format!("{} {actor}\n", txid.0);
         if o.write_all(line.as_bytes())

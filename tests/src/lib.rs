@@ -21,6 +21,7 @@
 // the step's message is the intended behaviour.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use partvisor_runtime::sync::MutexExt;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -80,7 +81,7 @@ pub fn bins() -> &'static Bins {
 /// Serialises tests that boot guests (2-core machines).
 pub fn vm_lock() -> MutexGuard<'static, ()> {
     static VM: Mutex<()> = Mutex::new(());
-    VM.lock().unwrap_or_else(|p| p.into_inner())
+    VM.locked()
 }
 
 /// The test guest's ELF.

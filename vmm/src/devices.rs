@@ -10,6 +10,7 @@
 //! and every access is counted (the first [`UNASSIGNED_LOG_LIMIT`] are also
 //! logged one line each).
 
+use partvisor_runtime::sync::MutexExt;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
@@ -69,7 +70,7 @@ struct SocketState {
 
 impl SocketConsole {
     fn state(&self) -> MutexGuard<'_, SocketState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// Makes `client` the console, first sending it the backlog.
@@ -227,15 +228,15 @@ impl Devices {
     fn virtio_at(&self, addr: u64) -> Option<MutexGuard<'_, VirtioMmio>> {
         let index = addr.checked_sub(layout::VIRTIO_MMIO_BASE)? / layout::VIRTIO_MMIO_SIZE;
         let dev = self.virtio.get(usize::try_from(index).ok()?)?;
-        Some(dev.lock().unwrap_or_else(|p| p.into_inner()))
+        Some(dev.locked())
     }
 
     pub fn serial(&self) -> MutexGuard<'_, SerialDevice> {
-        self.serial.lock().unwrap_or_else(|p| p.into_inner())
+        self.serial.locked()
     }
 
     fn i8042(&self) -> MutexGuard<'_, I8042Device<EventFdTrigger>> {
-        self.i8042.lock().unwrap_or_else(|p| p.into_inner())
+        self.i8042.locked()
     }
 
     /// Raises a GED event (e.g. the power button) and its interrupt.

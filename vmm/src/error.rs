@@ -31,6 +31,11 @@ pub enum Error {
     CmdlineTooLong { len: usize, max: usize },
     #[error("guest memory: {0}")]
     Memory(String),
+    #[error("guest memory: cannot create a sealed memfd of {size} bytes: {source}")]
+    GuestMemfd {
+        size: u64,
+        source: channels::ChannelError,
+    },
     #[error("KVM: {what}: {source}")]
     Kvm {
         what: &'static str,

@@ -52,14 +52,7 @@ struct Cli {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PARTVISOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .init();
+    partvisor_runtime::init_logging();
 
     let cli = match Cli::try_parse() {
         Ok(c) => c,

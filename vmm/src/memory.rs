@@ -2,7 +2,6 @@
 //! registered with KVM, so I/O-partition backends can map the same pages.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -37,44 +36,18 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64, u64)> {
     }
 }
 
-/// Creates a sealed memfd of `size` bytes.
+/// Creates a memfd of `size` bytes sealed against growing, shrinking and
+/// further seals (through `channels`, the one home of sealed memfds).
 pub fn create_memfd(size: u64) -> Result<File> {
-    let name = std::ffi::CString::new(MEMFD_NAME).map_err(|e| Error::Memory(e.to_string()))?;
-    // SAFETY: `name` is a valid NUL-terminated string; the flags are valid
-    // memfd_create flags. The return value is checked below.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(Error::Memory(format!(
-            "memfd_create: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|e| Error::Memory(format!("cannot size the memfd to {size} bytes: {e}")))?;
-    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS on a memfd we own, with valid seal bits.
-    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
-    if ret < 0 {
-        return Err(Error::Memory(format!(
-            "cannot seal the memfd: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(file)
+    let fail = |source| Error::GuestMemfd { size, source };
+    let m = channels::SealedMemfd::create(MEMFD_NAME, size).map_err(fail)?;
+    m.seal_seals().map_err(fail)?;
+    Ok(File::from(m.into_fd()))
 }
 
 /// Returns the seals of a file (F_GET_SEALS).
-pub fn seals(file: &File) -> std::io::Result<i32> {
-    // SAFETY: F_GET_SEALS only reads the file's seal set.
-    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+pub fn seals(file: &File) -> std::result::Result<i32, channels::ChannelError> {
+    channels::memfd::seals_of(std::os::fd::AsFd::as_fd(file))
 }
 
 impl GuestRam {

@@ -1,6 +1,7 @@
 //! vCPU configuration (CPUID, MSRs, FPU, LAPIC, boot registers) and the run
 //! loop that routes exits to the device bus.
 
+use partvisor_runtime::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -436,7 +437,7 @@ impl ExitSlot {
 
     /// Records `r` unless a reason is already recorded, and wakes the loop.
     pub fn post(&self, r: ExitReason) {
-        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.reason.locked();
         if slot.is_none() {
             *slot = Some(r);
         }
@@ -446,7 +447,7 @@ impl ExitSlot {
     }
 
     pub fn take(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.reason.locked().take()
     }
 }
 

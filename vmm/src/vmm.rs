@@ -5,6 +5,7 @@
 //! the vCPU threads post. The vCPU threads only run guest code and touch
 //! devices; they never block the loop.
 
+use partvisor_runtime::sync::MutexExt;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -403,7 +404,7 @@ impl MutEventSubscriber for Controller {
             let _ = ops.remove(Events::new_raw(fd, EventSet::READ_HANG_UP));
             self.backends.retain(|(b, _)| *b != fd);
             if let Some(dev) = self.devices.virtio.get(slot) {
-                dev.lock().unwrap_or_else(|p| p.into_inner()).backend_gone();
+                dev.locked().backend_gone();
             }
         } else if fd == self.serial_room.as_raw_fd() {
             let _ = self.serial_room.read();
@@ -680,7 +681,7 @@ fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
                 detail: format!("event loop: {e:?}"),
             };
         }
-        let mut c = controller.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = controller.locked();
         if let Some(r) = c.outcome.take() {
             break r;
         }

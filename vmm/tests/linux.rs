@@ -37,7 +37,10 @@ fn fetched() -> Option<PathBuf> {
     match status.trim() {
         "ok" => Some(dir),
         other => {
-            println!("skipped: {}", other.trim_start_matches("missing: "));
+            partvisor_runtime::ci::environment_missing(format!(
+                "the Debian kernel package: {}",
+                other.trim_start_matches("missing: ")
+            ));
             None
         }
     }

@@ -7,6 +7,7 @@
 //! gone. One supervisor task per VMM pings its control socket and waits for
 //! its end.
 
+use partvisor_runtime::sync::MutexExt;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -221,12 +222,12 @@ impl Coordinator {
     }
 
     fn lock_of(&self, id: &PartitionId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locks = self.locks.locked();
         locks.entry(id.clone()).or_default().clone()
     }
 
     fn live_of(&self, id: &PartitionId) -> Option<Arc<Live>> {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.live.locked();
         live.get(id).cloned()
     }
 
@@ -582,7 +583,7 @@ impl Coordinator {
                     tracing::warn!("{name}: its share is not weighted: {e}");
                 }
             });
-            *live.placing.lock().unwrap_or_else(|p| p.into_inner()) = Some(placing);
+            *live.placing.locked() = Some(placing);
         }
         let mut phase = live.phase.subscribe();
         self.supervise(id.clone(), Arc::clone(&live), proc_);
@@ -609,8 +610,7 @@ impl Coordinator {
                 let mut view = self.view(id)?;
                 let first = live
                     .first_answer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .locked()
                     .unwrap_or(t_spawned);
                 let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
                 view.start_timings = Some(StartTimings {
@@ -649,7 +649,7 @@ impl Coordinator {
             first_answer: Mutex::new(None),
             placing: Mutex::new(None),
         });
-        let mut map = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.live.locked();
         map.insert(id.clone(), Arc::clone(&live));
         live
     }
@@ -785,8 +785,7 @@ impl Coordinator {
                     Ok(reply) if reply.ok => {
                         last_ok = Instant::now();
                         if !answered {
-                            let mut first =
-                                live.first_answer.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut first = live.first_answer.locked();
                             *first = Some(Instant::now());
                         }
                         answered = true;
@@ -885,16 +884,9 @@ impl Coordinator {
         );
         // No monitor any more: views show the exit record from now on, so
         // nobody sees the final state without its reason.
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.live.locked().remove(id);
         let _ = std::fs::remove_file(files.vmm_record());
-        let placing = live
-            .placing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let placing = live.placing.locked().take();
         if let Some(p) = placing {
             let _ = p.await;
         }

@@ -134,14 +134,7 @@ enum PartdError {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PARTVISOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .init();
+    partvisor_runtime::init_logging();
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use channels::SealedMemfd;
 use part_vmm::config::VmConfig;
 use part_vmm::control::{Reply, Request};
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,9 @@ const DESCRIPTOR_FD: i32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("cannot build the descriptor memfd: {0}")]
-    Memfd(String),
+    Memfd(#[source] channels::ChannelError),
+    #[error("cannot encode the partition descriptor: {0}")]
+    DescriptorJson(#[source] serde_json::Error),
     #[error("cannot open {path}: {source}")]
     Io {
         path: PathBuf,
@@ -222,24 +225,10 @@ pub fn adopt(record: &VmmRecord) -> Option<VmmProcess> {
 }
 
 /// Writes `cfg` into a memfd sealed against writes, growing and shrinking.
-fn sealed_descriptor(name: &str, cfg: &VmConfig) -> Result<memfd::Memfd, ProcessError> {
-    let err = |e: &dyn std::fmt::Display| ProcessError::Memfd(e.to_string());
-    let json = serde_json::to_vec(cfg).map_err(|e| err(&e))?;
-    let mfd = memfd::MemfdOptions::default()
-        .allow_sealing(true)
-        .close_on_exec(true)
-        .create(format!("partvisor-descriptor-{name}"))
-        .map_err(|e| err(&e))?;
-    mfd.as_file().write_all(&json).map_err(|e| err(&e))?;
-    mfd.add_seals(&[
-        memfd::FileSeal::SealShrink,
-        memfd::FileSeal::SealGrow,
-        memfd::FileSeal::SealWrite,
-    ])
-    .map_err(|e| err(&e))?;
-    mfd.add_seal(memfd::FileSeal::SealSeal)
-        .map_err(|e| err(&e))?;
-    Ok(mfd)
+fn sealed_descriptor(name: &str, cfg: &VmConfig) -> Result<SealedMemfd, ProcessError> {
+    let json = serde_json::to_vec(cfg).map_err(ProcessError::DescriptorJson)?;
+    SealedMemfd::with_contents(&format!("partvisor-descriptor-{name}"), &json)
+        .map_err(ProcessError::Memfd)
 }
 
 /// Starts part-vmm for partition `name` in its own session (so it outlives
@@ -261,7 +250,7 @@ pub fn spawn(
             path: log_path,
             source,
         })?;
-    let src = mfd.as_file().as_raw_fd();
+    let src = mfd.fd().as_raw_fd();
     let mut cmd = tokio::process::Command::new(vmm);
     cmd.arg("--config")
         .arg(format!("/proc/self/fd/{DESCRIPTOR_FD}"))
@@ -396,9 +385,9 @@ mod tests {
         let cfg = VmConfig::from_json(r#"{"kernel": "/k", "memory_mib": 8}"#).unwrap();
         let mfd = sealed_descriptor("t", &cfg).unwrap();
         let seals = mfd.seals().unwrap();
-        assert!(seals.contains(&memfd::FileSeal::SealWrite));
-        assert!(seals.contains(&memfd::FileSeal::SealSeal));
-        let path = format!("/proc/self/fd/{}", mfd.as_file().as_raw_fd());
+        assert_ne!(seals & libc::F_SEAL_WRITE, 0);
+        assert_ne!(seals & libc::F_SEAL_SEAL, 0);
+        let path = format!("/proc/self/fd/{}", mfd.fd().as_raw_fd());
         let back = VmConfig::from_json(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(back, cfg);
         assert!(std::fs::OpenOptions::new()

@@ -1,6 +1,6 @@
 //! # partvisor-runtime: what every partvisor process does the same way
 //!
-//! Two conventions that partd, part-vmm and part-io (and the interconnect's
+//! Conventions that partd, part-vmm and part-io (and the interconnect's
 //! helpers) share, so that they are written once:
 //!
 //! - [`init_logging`]: logs go to stderr through `tracing`, filtered by the
@@ -12,6 +12,10 @@
 //!   statement that can panic (the release profile aborts on panic anyway),
 //!   so a poisoned lock carries no information worth stopping for.
 //!
+//! - [`ci`]: what a test does when its environment is missing (fail under
+//!   `CI=true`, except for the documented list of things CI machines
+//!   cannot have).
+//!
 //! It lives in `resources/` beside the API crate because it is a shared
 //! support library, not one of the card's components.
 //!
@@ -19,6 +23,7 @@
 //! - Hold policy or state of its own, or do I/O beyond writing logs to
 //!   stderr.
 
+pub mod ci;
 pub mod sync;
 
 use std::io::IsTerminal;

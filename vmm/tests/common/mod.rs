@@ -3,6 +3,7 @@
 //! cores); bad-input tests fail before any VM exists and need no lock.
 #![allow(dead_code)]
 
+use partvisor_runtime::sync::MutexExt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -13,7 +14,7 @@ static VM_LOCK: Mutex<()> = Mutex::new(());
 
 /// Serialises VM-booting tests within this test binary.
 pub fn vm_lock() -> MutexGuard<'static, ()> {
-    VM_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    VM_LOCK.locked()
 }
 
 /// Functional deadline for one guest run; generous, and configurable through
@@ -193,7 +194,7 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 /// binary runs alone (`cargo test -p part-vmm`).
 pub fn part_io() -> PathBuf {
     static BUILD: Mutex<()> = Mutex::new(());
-    let _b = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let _b = BUILD.locked();
     let path = Path::new(part_vmm()).with_file_name("part-io");
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
