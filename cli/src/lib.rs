@@ -1,7 +1,7 @@
 //! # partctl: the partvisor operations console
 //!
 //! The operator's side of seed 001's command partition
-//! (`001_70c93164bd0e16fb.txt`): `partctl` turns commands into requests on
+//! (ARCHITECTURE.md lists the seeds): `partctl` turns commands into requests on
 //! `partd`'s HTTP/JSON API (Unix socket, `resources/api/partd.openapi.yaml`)
 //! and prints tables for people or JSON (`--json`) for scripts. This library
 //! holds what the binary and the end-to-end tests share: the socket

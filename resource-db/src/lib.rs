@@ -1,6 +1,6 @@
 //! # resource-db: the partvisor resource database
 //!
-//! The transactional resource map of seed 001 (`001_70c93164bd0e16fb.txt`,
+//! The transactional resource map of seed 001 (seeds: ARCHITECTURE.md;
 //! "resource database 33", paragraphs 0063, 0098–0099, 0156, 0164): every
 //! host resource a partition can be given has exactly one owner at every
 //! instant, owners change only through transactions, a transaction is a list
@@ -93,12 +93,7 @@
 //! transactions/s at 1 and 16 writers (with group commit, without batching,
 //! and against 16 SQLite connections committing on their own), relaxed
 //! durability for comparison, and the replay time of a 100,000-entry log.
-//! On the project's 2-core machine while other builds ran (load 2-3; fsync
-//! latency varies with their disk traffic), medians of 3 interleaved rounds:
-//! 2,600 tx/s with 1 writer; 27,700 tx/s with 16 writers and group commit
-//! (13 transactions per fsync, p99 latency 2 ms), against 2,000 tx/s
-//! without batching and 1,000 tx/s with 16 connections; replay of 100,000
-//! entries 0.11 s.
+//! Measured figures, with their date and command: `resource-db/README.md`.
 //!
 //! ## What it must never do
 //! - Change an owner, a share or a partition record outside a committed

@@ -1,6 +1,6 @@
 //! # partd: the partvisor coordinator daemon
 //!
-//! The command side of seed 001 (`001_70c93164bd0e16fb.txt`: the control
+//! The command side of seed 001 (ARCHITECTURE.md lists the seeds): the control
 //! partition that is the one writer of the resource database, the command
 //! partition operators talk to, watchdogs over the partition monitors). It
 //! serves an HTTP/JSON API on a Unix socket (`resources/api/`), applies
