@@ -16,7 +16,7 @@ use axum::http::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -213,16 +213,34 @@ async fn check_peer(State(api): State<Api>, req: axum::extract::Request, next: N
     }
 }
 
+/// One route: HTTP method (lower case, as the OpenAPI document spells it),
+/// path (with `{name}` parameters, as in the document) and its handler.
+type Route = (&'static str, &'static str, MethodRouter<Api>);
+
+/// Every route partd serves. The router is built from this table alone, so
+/// the test that compares it with `resources/api/partd.openapi.yaml` sees
+/// exactly what is served.
+fn routes() -> Vec<Route> {
+    vec![
+        ("get", "/v1/partitions", get(list)),
+        ("post", "/v1/partitions", post(create)),
+        ("get", "/v1/partitions/{name}", get(show)),
+        ("delete", "/v1/partitions/{name}", delete(destroy)),
+        ("post", "/v1/partitions/{name}/start", post(start)),
+        ("post", "/v1/partitions/{name}/stop", post(stop)),
+        ("get", "/v1/partitions/{name}/console", get(console)),
+        ("get", "/v1/resources", get(resources)),
+        ("get", "/v1/log", get(log)),
+    ]
+}
+
 /// The API's routes.
 pub fn router(api: Api) -> Router {
-    Router::new()
-        .route("/v1/partitions", get(list).post(create))
-        .route("/v1/partitions/{name}", get(show).delete(destroy))
-        .route("/v1/partitions/{name}/start", post(start))
-        .route("/v1/partitions/{name}/stop", post(stop))
-        .route("/v1/partitions/{name}/console", get(console))
-        .route("/v1/resources", get(resources))
-        .route("/v1/log", get(log))
+    let mut router = Router::new();
+    for (_, path, handler) in routes() {
+        router = router.route(path, handler);
+    }
+    router
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -376,4 +394,79 @@ async fn console(
         .header(axum::http::header::UPGRADE, CONSOLE_PROTOCOL)
         .body(axum::body::Body::empty())
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = include_str!("../../../resources/api/partd.openapi.yaml");
+
+    /// (method, path) of every operation in an OpenAPI document.
+    fn operations(spec: &str) -> BTreeSet<(String, String)> {
+        let doc: serde_json::Value = serde_norway::from_str(spec).unwrap();
+        let paths = doc["paths"].as_object().expect("the spec has paths");
+        let methods = ["get", "put", "post", "delete", "patch", "head", "options"];
+        paths
+            .iter()
+            .flat_map(|(path, item)| {
+                let item = item.as_object().expect("a path item is a map");
+                item.keys()
+                    .filter(|k| methods.contains(&k.as_str()))
+                    .map(|m| (m.clone(), path.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn served() -> BTreeSet<(String, String)> {
+        routes()
+            .into_iter()
+            .map(|(m, p, _)| (m.to_owned(), p.to_owned()))
+            .collect()
+    }
+
+    /// Names what one side has and the other lacks; empty when they agree.
+    fn disagreement(spec: &str) -> (Vec<(String, String)>, Vec<(String, String)>) {
+        let (spec, served) = (operations(spec), served());
+        (
+            served.difference(&spec).cloned().collect(),
+            spec.difference(&served).cloned().collect(),
+        )
+    }
+
+    #[test]
+    fn every_route_partd_serves_is_in_the_openapi_document_and_nothing_else_is() {
+        let (undocumented, unserved) = disagreement(SPEC);
+        assert!(
+            undocumented.is_empty(),
+            "served but not in the spec: {undocumented:?}"
+        );
+        assert!(
+            unserved.is_empty(),
+            "in the spec but not served: {unserved:?}"
+        );
+        assert_eq!(served().len(), 9);
+    }
+
+    #[test]
+    fn a_route_removed_from_the_document_is_reported_as_undocumented() {
+        // Drop the `delete:` operation of /v1/partitions/{name} from the spec.
+        let mut lines: Vec<&str> = SPEC.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| *l == "    delete:")
+            .expect("the spec documents DELETE");
+        let end = lines[at + 1..]
+            .iter()
+            .position(|l| !l.starts_with("      "))
+            .map_or(lines.len(), |n| at + 1 + n);
+        lines.drain(at..end);
+        let (undocumented, unserved) = disagreement(&lines.join("\n"));
+        assert_eq!(
+            undocumented,
+            vec![("delete".to_owned(), "/v1/partitions/{name}".to_owned())]
+        );
+        assert!(unserved.is_empty());
+    }
 }
