@@ -426,8 +426,11 @@ mod tests {
             .collect()
     }
 
+    /// (method, path) pairs.
+    type Ops = Vec<(String, String)>;
+
     /// Names what one side has and the other lacks; empty when they agree.
-    fn disagreement(spec: &str) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    fn disagreement(spec: &str) -> (Ops, Ops) {
         let (spec, served) = (operations(spec), served());
         (
             served.difference(&spec).cloned().collect(),
