@@ -1,0 +1,294 @@
+//! I/O partitions of a partition: starting them before its monitor (boot
+//! order), and letting go of them after it.
+
+use super::*;
+
+impl Coordinator {
+    pub(super) fn blk_record_path(&self, id: &PartitionId) -> PathBuf {
+        self.files(id).dir.join("blk.json")
+    }
+
+    /// Refuses a start whose sockets would not fit a Unix socket address.
+    pub(super) fn check_socket_paths(
+        &self,
+        id: &PartitionId,
+        def: &Definition,
+    ) -> Result<(), CoordError> {
+        let files = self.files(id);
+        let mut sockets: Vec<PathBuf> = (0..def.disk.len())
+            .map(|i| files.dir.join(format!("disk{i}.sock")))
+            .collect();
+        for (i, nic) in def.nic.iter().enumerate() {
+            let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
+            sockets.push(sf.port_socket(id.as_str(), i));
+            sockets.push(sf.stats());
+        }
+        if let Some(long) = sockets
+            .iter()
+            .find(|s| s.as_os_str().len() > io::MAX_SOCKET_PATH)
+        {
+            return Err(CoordError::Invalid(format!(
+                "cannot start {id}: socket path {} is longer than {} bytes (the Unix socket limit); give partd a shorter --state-dir, or use shorter partition and switch names",
+                long.display(),
+                io::MAX_SOCKET_PATH
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts the partition's `part-io blk` and makes sure every switch it
+    /// has a NIC on runs with a port for it; returns its devices, disks
+    /// first, in definition order.
+    pub(super) async fn start_io(
+        &self,
+        id: &PartitionId,
+        def: &Definition,
+    ) -> Result<Vec<DeviceConfig>, CoordError> {
+        let files = self.files(id);
+        let mut devices = Vec::new();
+        if !def.disk.is_empty() {
+            let sockets: Vec<PathBuf> = (0..def.disk.len())
+                .map(|i| files.dir.join(format!("disk{i}.sock")))
+                .collect();
+            let disks: Vec<(PathBuf, bool)> = def
+                .disk
+                .iter()
+                .map(|d| (d.image.clone(), d.read_only))
+                .collect();
+            let args = io::blk_args(&disks, &sockets, id.as_str());
+            let rec = io::spawn_ready(
+                &self.settings.part_io,
+                &format!("blk of {id}"),
+                &args,
+                &files.dir.join("blk.log"),
+                sockets.len(),
+            )
+            .await
+            .map_err(|e| CoordError::Internal(format!("cannot start {id}: {e}")))?;
+            tracing::info!(
+                "{id}: part-io blk pid {} serves {} disk(s)",
+                rec.pid,
+                sockets.len()
+            );
+            if let Err(e) = process::write_json_atomic(&self.blk_record_path(id), &rec) {
+                tracing::warn!("{id}: cannot record part-io blk pid {}: {e}", rec.pid);
+            }
+            devices.extend(
+                sockets
+                    .into_iter()
+                    .map(|socket| DeviceConfig::VhostUserBlk { socket }),
+            );
+        }
+        let mut switches: Vec<&str> = def.nic.iter().map(|n| n.switch.as_str()).collect();
+        switches.dedup();
+        for sw in switches {
+            self.ensure_switch(sw, id).await?;
+        }
+        for (i, nic) in def.nic.iter().enumerate() {
+            let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
+            devices.push(DeviceConfig::VhostUserNet {
+                socket: sf.port_socket(id.as_str(), i),
+            });
+        }
+        Ok(devices)
+    }
+
+    /// Every port `switch` must have: one per NIC on it of every defined
+    /// partition, with the MAC granted to that partition at create.
+    pub(super) fn members(&self, switch: &str) -> Result<Vec<Port>, CoordError> {
+        let sf = SwitchFiles::new(&self.settings.state_dir, switch);
+        let mut ports = Vec::new();
+        for rec in self.db.view().partitions()? {
+            let Ok(def) = serde_json::from_str::<Definition>(&rec.definition) else {
+                continue;
+            };
+            let macs = self.db.holdings(&rec.id)?.macs;
+            for (i, nic) in def.nic.iter().enumerate() {
+                if nic.switch != switch {
+                    continue;
+                }
+                let Some(mac) = macs.get(i) else {
+                    return Err(CoordError::Internal(format!(
+                        "partition {} has no MAC for its NIC {i}",
+                        rec.id
+                    )));
+                };
+                ports.push(Port {
+                    partition: rec.id.to_string(),
+                    socket: sf.port_socket(rec.id.as_str(), i),
+                    mac: mac.to_string(),
+                });
+            }
+        }
+        Ok(ports)
+    }
+
+    /// Starts switch `switch` with every member's port, unless it already
+    /// runs with `id`'s ports. A running switch without them is restarted
+    /// only while no member is connected.
+    pub(super) async fn ensure_switch(
+        &self,
+        switch: &str,
+        id: &PartitionId,
+    ) -> Result<(), CoordError> {
+        let _g = self.switches.lock().await;
+        let sf = SwitchFiles::new(&self.settings.state_dir, switch);
+        std::fs::create_dir_all(&sf.dir).map_err(|e| {
+            CoordError::Internal(format!("cannot create {}: {e}", sf.dir.display()))
+        })?;
+        let want = self.members(switch)?;
+        let mine: Vec<&Port> = want.iter().filter(|p| p.partition == id.as_str()).collect();
+        if let Some(rec) = process::read_json::<IoRecord>(&sf.record()).filter(IoRecord::alive) {
+            if mine.iter().all(|p| rec.ports.contains(p)) {
+                return Ok(());
+            }
+            let conns = io::port_connections(&sf.stats()).await.unwrap_or_default();
+            let busy: Vec<&str> = rec
+                .ports
+                .iter()
+                .filter(|p| conns.iter().any(|(s, c)| *c && s == &p.socket))
+                .map(|p| p.partition.as_str())
+                .collect();
+            if !busy.is_empty() {
+                return Err(CoordError::Conflict(format!(
+                    "cannot start {id}: switch {switch} (part-io pid {}) has no port for it and cannot be restarted while partitions are connected to it ({}); stop them, then start {id} first (the switch is then started with a port for every partition defined on it)",
+                    rec.pid,
+                    busy.join(", ")
+                )));
+            }
+            tracing::info!(
+                "switch {switch}: restarting part-io pid {} to add ports for {id}",
+                rec.pid
+            );
+            if !rec.stop(Duration::from_secs(5)).await {
+                return Err(CoordError::Internal(format!(
+                    "switch {switch}: part-io pid {} did not end",
+                    rec.pid
+                )));
+            }
+        }
+        let args = io::net_args(&want, &sf.stats());
+        let mut rec = io::spawn_ready(
+            &self.settings.part_io,
+            &format!("net switch {switch}"),
+            &args,
+            &sf.log(),
+            want.len(),
+        )
+        .await
+        .map_err(|e| CoordError::Internal(format!("cannot start {id}: {e}")))?;
+        tracing::info!(
+            "switch {switch}: part-io net pid {} with {} port(s)",
+            rec.pid,
+            want.len()
+        );
+        rec.ports = want;
+        if let Err(e) = process::write_json_atomic(&sf.record(), &rec) {
+            tracing::warn!(
+                "switch {switch}: cannot record part-io pid {}: {e}",
+                rec.pid
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until no backend maps `id`'s memory any more: its `part-io
+    /// blk` has exited (partd stops it) and every switch port of it shows
+    /// `connected: false` (or its switch is gone). It never gives up: until
+    /// then the memory stays held (the partition stays `stopping`), and an
+    /// error is logged every `UNMAP_DEADLINE` (DESIGN: a partition's memory
+    /// is not reused while any backend still maps it).
+    pub(super) async fn let_go(&self, id: &PartitionId, def: &Definition) {
+        let blk = self.blk_record_path(id);
+        if let Some(rec) = process::read_json::<IoRecord>(&blk) {
+            let mut rounds = 0u64;
+            while !rec.stop(io::UNMAP_DEADLINE).await {
+                rounds += 1;
+                tracing::error!(
+                    "{id}: part-io blk pid {} has not ended after {} s; its memory stays held",
+                    rec.pid,
+                    rounds * io::UNMAP_DEADLINE.as_secs()
+                );
+            }
+            tracing::info!("{id}: part-io blk pid {} has exited", rec.pid);
+            let _ = std::fs::remove_file(&blk);
+        }
+        for (i, nic) in def.nic.iter().enumerate() {
+            let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
+            let socket = sf.port_socket(id.as_str(), i);
+            let mut t0 = Instant::now();
+            loop {
+                let connected = match io::port_connections(&sf.stats()).await {
+                    None => false,
+                    Some(ports) => ports.iter().any(|(s, c)| *c && *s == socket),
+                };
+                if !connected {
+                    tracing::info!(
+                        "{id}: switch {} port {} disconnected",
+                        nic.switch,
+                        socket.display()
+                    );
+                    break;
+                }
+                if t0.elapsed() >= io::UNMAP_DEADLINE {
+                    tracing::error!(
+                        "{id}: switch {} still shows port {} connected after {} s; its memory stays held",
+                        nic.switch,
+                        socket.display(),
+                        io::UNMAP_DEADLINE.as_secs()
+                    );
+                    t0 = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if !def.disk.is_empty() || !def.nic.is_empty() {
+            tracing::info!("{id}: every backend has unmapped its memory");
+        }
+    }
+
+    /// The part-io processes of a partition, for `show`.
+    pub(super) fn io_views(&self, rec: &PartitionRecord) -> Vec<IoView> {
+        let mut out = Vec::new();
+        let Ok(def) = serde_json::from_str::<Definition>(&rec.definition) else {
+            return out;
+        };
+        let files = self.files(&rec.id);
+        if let Some(r) = process::read_json::<IoRecord>(&self.blk_record_path(&rec.id)) {
+            out.push(IoView {
+                kind: "blk".into(),
+                switch: None,
+                pid: r.pid,
+                start_time: r.start_time,
+                alive: r.alive(),
+                sockets: (0..def.disk.len())
+                    .map(|i| files.dir.join(format!("disk{i}.sock")))
+                    .collect(),
+                log: files.dir.join("blk.log"),
+            });
+        }
+        let mut switches: Vec<&str> = def.nic.iter().map(|n| n.switch.as_str()).collect();
+        switches.sort_unstable();
+        switches.dedup();
+        for sw in switches {
+            let sf = SwitchFiles::new(&self.settings.state_dir, sw);
+            if let Some(r) = process::read_json::<IoRecord>(&sf.record()) {
+                out.push(IoView {
+                    kind: "net".into(),
+                    switch: Some(sw.to_string()),
+                    pid: r.pid,
+                    start_time: r.start_time,
+                    alive: r.alive(),
+                    sockets: r
+                        .ports
+                        .iter()
+                        .filter(|p| p.partition == rec.id.as_str())
+                        .map(|p| p.socket.clone())
+                        .collect(),
+                    log: sf.log(),
+                });
+            }
+        }
+        out
+    }
+}
