@@ -1,4 +1,5 @@
 //! Named endpoints and the connection handshake.
+use partvisor_runtime::sync::MutexExt;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -94,8 +95,7 @@ impl Listener {
         ctx.inner.directory.register(ep)?;
         ctx.inner
             .listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .push((name.into(), allow.clone()));
         Ok(Listener {
             ctx: ctx.clone(),
@@ -160,8 +160,7 @@ impl Drop for Listener {
         self.ctx
             .inner
             .listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .retain(|(n, _)| *n != self.name);
         let _ = std::fs::remove_file(&self.unix_path);
     }

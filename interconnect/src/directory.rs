@@ -3,6 +3,7 @@
 //! [`DirectoryServer`] serves it on a Unix socket (standalone now, hosted by
 //! `partd` later) and [`DirectoryClient`] talks to that server.
 //! [`MemDirectory`] is the in-process implementation the server wraps.
+use partvisor_runtime::sync::MutexExt;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -50,23 +51,17 @@ pub struct MemDirectory {
 
 impl Directory for MemDirectory {
     fn register(&self, ep: Endpoint) -> Result<()> {
-        self.eps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ep.name.clone(), ep);
+        self.eps.locked().insert(ep.name.clone(), ep);
         Ok(())
     }
 
     fn unregister(&self, name: &str) -> Result<()> {
-        self.eps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.eps.locked().remove(name);
         Ok(())
     }
 
     fn resolve(&self, from: &str, to: &str) -> Result<Endpoint> {
-        let eps = self.eps.lock().unwrap_or_else(|p| p.into_inner());
+        let eps = self.eps.locked();
         let ep = eps
             .get(to)
             .ok_or_else(|| IcError::UnknownEndpoint(to.into()))?;

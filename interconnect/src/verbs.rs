@@ -1,6 +1,7 @@
 //! The verbs: access layer, protection domains, memory regions, completion
 //! queues and queue pairs, plus the per-QP progress engine that is the same
 //! for every transport.
+use partvisor_runtime::sync::{MutexExt, RwLockExt};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use crate::wire::{Kind, Msg, RESP_WITH_DATA};
 use crate::{IcError, Result};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.locked()
 }
 
 fn random_u32() -> u32 {
@@ -534,14 +535,14 @@ impl Mr {
     /// Deregisters: from the moment this returns, no local or remote
     /// operation can touch the region (in-flight copies are waited out).
     pub fn deregister(&self) -> Result<()> {
-        let mut v = self.inner.valid.write().unwrap_or_else(|p| p.into_inner());
+        let mut v = self.inner.valid.write_locked();
         if !*v {
             return Err(IcError::InvalidArgument(
                 "memory region already deregistered".into(),
             ));
         }
         *v = false;
-        let mut t = self.pd.mrs.write().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.pd.mrs.write_locked();
         t.by_lkey.remove(&self.inner.lkey);
         t.by_rkey.remove(&self.inner.rkey);
         Ok(())
@@ -582,7 +583,7 @@ impl Pd {
                 buf.len()
             )));
         }
-        let mut t = self.inner.mrs.write().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.inner.mrs.write_locked();
         let key = || loop {
             let k = random_u32();
             if k != 0 && !t.by_lkey.contains_key(&k) && !t.by_rkey.contains_key(&k) {
@@ -614,7 +615,7 @@ impl Pd {
     /// Deallocates the PD. Fails with [`IcError::Busy`] while memory regions
     /// or queue pairs still use it.
     pub fn dealloc(&self) -> Result<()> {
-        let t = self.inner.mrs.read().unwrap_or_else(|p| p.into_inner());
+        let t = self.inner.mrs.read_locked();
         let mrs = t.by_lkey.len();
         let qps = self.inner.live_qps.load(Ordering::Acquire);
         if mrs > 0 || qps > 0 {
@@ -639,7 +640,7 @@ impl Pd {
 
 impl PdInner {
     fn lookup(&self, key: u32, remote: bool) -> Option<Arc<MrInner>> {
-        let t = self.mrs.read().unwrap_or_else(|p| p.into_inner());
+        let t = self.mrs.read_locked();
         if remote {
             t.by_rkey.get(&key)
         } else {
@@ -658,7 +659,7 @@ fn with_mr<R>(
     need: Access,
     f: impl FnOnce(&Mapping, u64) -> R,
 ) -> Option<R> {
-    let valid = mr.valid.read().unwrap_or_else(|p| p.into_inner());
+    let valid = mr.valid.read_locked();
     if !*valid || !mr.access.contains(need) || off.checked_add(len).is_none_or(|e| e > mr.len) {
         return None;
     }
@@ -1049,10 +1050,9 @@ impl QpInner {
     }
 
     pub(crate) fn try_progress(&self) -> bool {
-        let worked = match self.st.try_lock() {
-            Ok(mut st) => self.progress(&mut st),
-            Err(std::sync::TryLockError::Poisoned(p)) => self.progress(&mut p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => false,
+        let worked = match self.st.try_locked() {
+            Some(mut st) => self.progress(&mut st),
+            None => false,
         };
         self.notify_cqs();
         worked
@@ -1465,7 +1465,7 @@ impl QpInner {
         let Some(mr) = self.pd.lookup(m.rkey, true) else {
             return self.respond(st, m.seq, WcStatus::RemoteAccess, OutData::None);
         };
-        let valid = mr.valid.read().unwrap_or_else(|p| p.into_inner());
+        let valid = mr.valid.read_locked();
         if !*valid
             || !mr.access.contains(Access::REMOTE_READ)
             || m.raddr.checked_add(m.len).is_none_or(|e| e > mr.len)

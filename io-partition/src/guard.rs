@@ -26,6 +26,7 @@
 //! inside the file. A failing region is logged, counted, and ends the
 //! connection before anything is mapped; other exports are not affected.
 
+use partvisor_runtime::sync::MutexExt;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::mem::size_of;
@@ -388,7 +389,7 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError
             let mut buf = Vec::new();
             while let Ok(Some(msg)) = recv(&b2, std::mem::take(&mut buf)) {
                 let sent = {
-                    let _one = to_frontend2.lock().unwrap_or_else(|p| p.into_inner());
+                    let _one = to_frontend2.locked();
                     send(&f2, &msg)
                 };
                 if sent.is_err() {
@@ -407,7 +408,7 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError
             match early.filter(&msg) {
                 Early::Hold(reply) => {
                     if let Some(reply) = reply {
-                        let _one = to_frontend.lock().unwrap_or_else(|p| p.into_inner());
+                        let _one = to_frontend.locked();
                         send(&frontend, &reply)?;
                     }
                 }

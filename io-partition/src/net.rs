@@ -40,6 +40,7 @@
 //! there is no lock order to break. The uplink writes a frame to the tap
 //! with one `writev` from the same places.
 
+use partvisor_runtime::sync::MutexExt;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -411,7 +412,7 @@ pub struct Port {
 
 impl Port {
     fn rx(&self) -> MutexGuard<'_, Option<RxPath>> {
-        self.rx.lock().unwrap_or_else(|p| p.into_inner())
+        self.rx.locked()
     }
 
     /// Whether frames for this port can be delivered now: a frontend is
@@ -531,7 +532,7 @@ impl Switch {
         if self.uplink.is_none() {
             return false;
         }
-        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut learned = self.learned.locked();
         match learned.get(&mac) {
             Some(t) if t.elapsed() < LEARN_AGE => true,
             Some(_) => {
@@ -543,7 +544,7 @@ impl Switch {
     }
 
     fn learn(&self, mac: MacAddr) {
-        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut learned = self.learned.locked();
         let now = Instant::now();
         if learned.len() >= MAX_LEARNED && !learned.contains_key(&mac) {
             learned.retain(|_, t| now.duration_since(*t) < LEARN_AGE);
@@ -773,7 +774,7 @@ impl Switch {
                     errors: get(&u.stats.errors),
                 },
             }),
-            learned: self.learned.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            learned: self.learned.locked().len(),
         };
         // Serializing plain structs of numbers and strings cannot fail.
         serde_json::to_string(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))

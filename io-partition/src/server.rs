@@ -2,6 +2,7 @@
 //! export or a net switch port), one connection at a time per endpoint,
 //! every endpoint in its own threads.
 
+use partvisor_runtime::sync::{CondvarExt, MutexExt, RwLockExt};
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -118,10 +119,7 @@ impl ExitFds {
     /// [`ExitFds::close_all`].
     pub fn create(&self) -> io::Result<(EventConsumer, EventNotifier)> {
         let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(pair.0.as_raw_fd());
+        self.0.locked().push(pair.0.as_raw_fd());
         Ok(pair)
     }
 
@@ -132,10 +130,7 @@ impl ExitFds {
     /// Call only after the `VhostUserDaemon` that used these fds has been
     /// dropped (its worker threads are joined then), so nothing uses them.
     pub unsafe fn close_all(&mut self) {
-        let fds = self
-            .0
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let fds = self.0.get_mut_unpoisoned();
         for fd in fds.drain(..) {
             // SAFETY: per this function's contract the fd is owned by nobody.
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -245,7 +240,7 @@ struct Slot {
 
 impl Slot {
     fn lock(&self) -> MutexGuard<'_, bool> {
-        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+        self.busy.locked()
     }
 
     /// Takes the slot, waiting up to `grace` for it; false if still busy.
@@ -257,11 +252,7 @@ impl Slot {
             if left.is_zero() {
                 return false;
             }
-            busy = self
-                .freed
-                .wait_timeout(busy, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            busy = self.freed.wait_timeout_locked(busy, left).0;
         }
         *busy = true;
         true
@@ -294,9 +285,7 @@ fn run_connection<E: Endpoint>(export: &Arc<E>, frontend: UnixStream) -> Result<
     let result = session(export, backend.clone(), mem, frontend);
     // `session` dropped the daemon, which joined its vring worker.
     export.disconnected();
-    let mut backend = backend
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut backend = backend.write_locked();
     // SAFETY: the daemon that used these fds is dropped and its worker joined.
     unsafe { E::exit_fds(&mut backend).close_all() };
     result

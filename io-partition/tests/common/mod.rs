@@ -69,7 +69,7 @@ impl PartIo {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_part-io"));
         cmd.args(args);
         let child = cmd
-            .env("RUST_LOG", "info")
+            .env("PARTVISOR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())

@@ -172,7 +172,7 @@ pub async fn spawn_ready(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(out))
-        .env("RUST_LOG", "info")
+        .env("PARTVISOR_LOG", "info")
         .kill_on_drop(false)
         .process_group(0);
     let mut child = cmd.spawn().map_err(|source| IoError::Spawn {

@@ -10,6 +10,7 @@
 
 #![allow(dead_code)] // each test binary uses part of it
 
+use partvisor_runtime::sync::MutexExt;
 use partvisor_test_guest::guest_elf;
 use partvisor_test_guest::report::Report;
 use std::io::{Read, Write};
@@ -104,7 +105,7 @@ fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String
 }
 
 pub fn boot(b: Boot) -> Outcome {
-    let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = QEMU.locked();
     // Only this QEMU is reaped while the lock is held.
     let ticks_before = children_cpu_ticks();
     let running = start(&b);
@@ -120,7 +121,7 @@ pub fn boot(b: Boot) -> Outcome {
 /// Two guests at once (e.g. the two ends of a network link); both must end
 /// within the timeout. `cpu_ticks` of each outcome is both QEMUs' total.
 pub fn boot_pair(a: Boot, b: Boot) -> (Outcome, Outcome) {
-    let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = QEMU.locked();
     let ticks_before = children_cpu_ticks();
     let ra = start(&a);
     let rb = start(&b);
