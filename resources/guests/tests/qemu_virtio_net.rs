@@ -517,7 +517,12 @@ fn a_sender_whose_acks_stall_asks_for_them_with_a_hello() {
     let cmd = format!("net=send:{}:24:100:8", Mac(HOST));
     let (out, hellos) = with_host_peer(&cmd, |host| {
         let (mut received, mut hellos) = (0u64, Vec::new());
-        while let Some(f) = host.recv(Duration::from_secs(3)) {
+        // The first frame comes once QEMU has started and the guest booted,
+        // which on a loaded machine can take longer than the gap between
+        // frames: wait for it generously, then 3 s between frames.
+        let mut wait = Duration::from_secs(60);
+        while let Some(f) = host.recv(wait) {
+            wait = Duration::from_secs(3);
             match f.kind {
                 Kind::Data => received += 1,
                 Kind::Hello => {
