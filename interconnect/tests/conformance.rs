@@ -607,11 +607,11 @@ impl Drop for Netns {
 fn tcp_across_two_network_namespaces_joined_by_veth_passes_the_suite() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: not root, cannot create network namespaces");
+        partvisor_runtime::ci::environment_missing("not root, cannot create network namespaces");
         return;
     }
     if std::process::Command::new("ip").arg("-V").output().is_err() {
-        println!("skipped: `ip` (iproute2) is not installed");
+        partvisor_runtime::ci::environment_missing("`ip` (iproute2) is not installed");
         return;
     }
     let (ns, ipa, ipb) = Netns::create().expect("create namespaces and veth");

@@ -5,8 +5,8 @@
 //! interface: a frame it sends leaves the interface and is read by part-io
 //! from the tap fd, and a frame part-io writes to the tap fd is received on
 //! the interface, where the packet socket sees it. Needs root (`TUNSETIFF`,
-//! `AF_PACKET`) and `/dev/net/tun`; otherwise each test prints
-//! `skipped: <reason>` and returns.
+//! `AF_PACKET`) and `/dev/net/tun`; otherwise each test fails under
+//! `CI=true` and elsewhere prints `skipped: <reason>` and returns.
 
 // Test and benchmark code: a failed step should fail the run loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -219,7 +219,7 @@ fn tap_name(tag: &str) -> String {
 #[test]
 fn frames_cross_between_the_tap_and_the_ports() {
     if let Some(r) = skip_reason() {
-        println!("skipped: {r}");
+        partvisor_runtime::ci::environment_missing(r);
         return;
     }
     let name = tap_name("u");
@@ -289,7 +289,7 @@ fn frames_cross_between_the_tap_and_the_ports() {
 #[test]
 fn a_tap_that_does_not_exist_is_created_up_and_removed_with_the_switch() {
     if let Some(r) = skip_reason() {
-        println!("skipped: {r}");
+        partvisor_runtime::ci::environment_missing(r);
         return;
     }
     let name = tap_name("c");
@@ -307,7 +307,7 @@ fn a_tap_that_does_not_exist_is_created_up_and_removed_with_the_switch() {
 #[test]
 fn a_tap_held_by_another_process_is_a_one_line_error() {
     if let Some(r) = skip_reason() {
-        println!("skipped: {r}");
+        partvisor_runtime::ci::environment_missing(r);
         return;
     }
     let name = tap_name("b");
