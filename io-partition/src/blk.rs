@@ -6,29 +6,23 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tracing::{error, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use tracing::warn;
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap,
 };
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{gather, scatter, ChainWalker, Malformed, Segment};
+use crate::device::{Backend, DeviceModel, LogKey};
 use crate::export::{Export, SECTOR_SIZE};
-use crate::server::{check_kick_events, config_bytes, drain_queue, Endpoint, ExitFds};
+use crate::server::{Endpoint, Mem};
 
 /// Largest queue a frontend may configure (`SET_VRING_NUM`).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -44,18 +38,17 @@ const HEADER_SIZE: u32 = 16;
 /// `IOV_MAX` on Linux: most iovecs one preadv/pwritev accepts.
 const IOV_MAX: usize = 1024;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-
-/// virtio-blk over vhost-user for one connection of one [`Export`].
-pub struct BlkBackend {
+/// The virtio-blk device model of one connection to one [`Export`].
+pub struct BlkDevice {
     export: Arc<Export>,
-    event_idx: bool,
     mem: Option<Mem>,
     config: Vec<u8>,
     walker: ChainWalker,
     iovecs: IoVecs,
-    exit_fds: ExitFds,
 }
+
+/// virtio-blk over vhost-user for one connection of one [`Export`].
+pub type BlkBackend = Backend<BlkDevice>;
 
 /// Scratch iovecs pointing into guest memory, reused for every request.
 struct IoVecs(Vec<libc::iovec>);
@@ -76,7 +69,7 @@ enum Completion {
     Malformed(Malformed),
 }
 
-impl BlkBackend {
+impl BlkDevice {
     /// A fresh device for one connection to `export`.
     pub fn new(export: Arc<Export>) -> Self {
         let mut config = vec![0u8; size_of::<virtio_blk_config>()];
@@ -104,20 +97,18 @@ impl BlkBackend {
             offset_of!(virtio_blk_config, num_queues),
             &(NUM_QUEUES as u16).to_le_bytes(),
         );
-        BlkBackend {
+        BlkDevice {
             export,
-            event_idx: false,
             mem: None,
             config,
             walker: ChainWalker::new(MAX_QUEUE_SIZE),
             iovecs: IoVecs(Vec::with_capacity(usize::from(MAX_QUEUE_SIZE) * 2)),
-            exit_fds: ExitFds::default(),
         }
     }
 
     /// Drains the available ring of `vring`; returns after signalling the
     /// guest if anything was completed and the guest asked to be told.
-    fn process_queue(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_requests(&mut self, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.as_ref() else {
             return Ok(());
         };
@@ -400,84 +391,42 @@ fn transfer(fd: i32, iovecs: &mut [libc::iovec], mut offset: u64, write: bool) -
     Ok(())
 }
 
-impl VhostUserBackendMut for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+impl DeviceModel for BlkDevice {
+    const LOG_KEY: LogKey = LogKey::Export;
+    const NUM_QUEUES: usize = NUM_QUEUES;
+    const MAX_QUEUE_SIZE: u16 = MAX_QUEUE_SIZE;
 
-    fn num_queues(&self) -> usize {
-        NUM_QUEUES
-    }
-
-    fn max_queue_size(&self) -> usize {
-        usize::from(MAX_QUEUE_SIZE)
+    fn name(&self) -> std::path::Display<'_> {
+        self.export.name()
     }
 
     fn features(&self) -> u64 {
-        let mut f = (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        let mut f = (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | (1 << VIRTIO_BLK_F_FLUSH);
         if self.export.spec.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
         f
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-    }
-
-    fn set_event_idx(&mut self, enabled: bool) {
-        self.event_idx = enabled;
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    fn config(&self) -> &[u8] {
         // Fields beyond the ones part-io fills read as zero.
-        config_bytes(&self.config, offset, size)
+        &self.config
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match self.exit_fds.create() {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                error!(export = %self.export.name(), "cannot create the worker exit eventfd: {e}");
-                None
-            }
-        }
-    }
-
-    fn update_memory(&mut self, mem: Mem) -> io::Result<()> {
+    fn update_memory(&mut self, mem: Mem) {
         self.mem = Some(mem);
-        Ok(())
     }
 
-    fn handle_event(
-        &mut self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        check_kick_events(evset)?;
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            error!(export = %self.export.name(), "event for unknown queue {device_event}");
-            return Ok(());
-        };
-        drain_queue(
-            self,
-            vring,
-            self.event_idx,
-            BlkBackend::process_queue,
-            |b, what, e| warn!(export = %b.export.name(), "{what}: {e}"),
-        )
+    fn process_queue(&mut self, _queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        self.process_requests(vring)
     }
 }
 
 impl Endpoint for Export {
-    type Backend = BlkBackend;
+    type Model = BlkDevice;
 
     fn socket(&self) -> &std::path::Path {
         &self.spec.socket
@@ -487,8 +436,8 @@ impl Endpoint for Export {
         "blk"
     }
 
-    fn new_backend(self: &Arc<Self>, _mem: &crate::server::Mem) -> BlkBackend {
-        BlkBackend::new(self.clone())
+    fn new_model(self: &Arc<Self>, _mem: &Mem) -> BlkDevice {
+        BlkDevice::new(self.clone())
     }
 
     fn count_connection(&self) -> u64 {
@@ -501,9 +450,5 @@ impl Endpoint for Export {
 
     fn summary(&self) -> String {
         self.stats.summary()
-    }
-
-    fn exit_fds(backend: &mut BlkBackend) -> &mut ExitFds {
-        &mut backend.exit_fds
     }
 }

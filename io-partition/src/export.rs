@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 use crate::chain::Malformed;
+use crate::spec::{Grammar, Key, SpecError};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -18,18 +19,8 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Errors in an `--export` argument or while opening its image.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error(
-        "export `{0}`: expected key=value pairs `socket=PATH,image=PATH[,readonly][,id=SERIAL]`"
-    )]
-    Syntax(String),
-    #[error("export `{spec}`: unknown key `{key}` (known: socket, image, readonly, id)")]
-    UnknownKey { spec: String, key: String },
-    #[error("export `{spec}`: `{key}` given twice")]
-    Duplicate { spec: String, key: &'static str },
-    #[error("export `{0}`: missing `socket=PATH`")]
-    MissingSocket(String),
-    #[error("export `{0}`: missing `image=PATH`")]
-    MissingImage(String),
+    #[error("export `{spec}`: {source}")]
+    Spec { spec: String, source: SpecError },
     #[error("export `{spec}`: id `{id}` is longer than {VIRTIO_BLK_ID_BYTES} bytes")]
     IdTooLong { spec: String, id: String },
     #[error("cannot open image {path}: {source}")]
@@ -44,6 +35,17 @@ pub enum ExportError {
     #[error("image {0} is in use (locked by another export or process)")]
     ImageLocked(PathBuf),
 }
+
+/// The keys of an `--export` spec.
+static GRAMMAR: Grammar = Grammar {
+    keys: &[
+        Key::value("socket", "PATH"),
+        Key::value("image", "PATH"),
+        Key::flag("readonly"),
+        Key::maybe_empty("id", "SERIAL"),
+    ],
+    usage: "socket=PATH,image=PATH[,readonly][,id=SERIAL]",
+};
 
 /// A parsed `--export` argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,67 +64,23 @@ impl FromStr for ExportSpec {
     type Err = ExportError;
 
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        let mut socket = None;
-        let mut image = None;
-        let mut readonly = None;
-        let mut id = None;
-        for item in spec.split(',') {
-            let (key, value) = match item.split_once('=') {
-                Some((k, v)) => (k, Some(v)),
-                None => (item, None),
-            };
-            let dup = |key| ExportError::Duplicate {
+        let wrap = |source| ExportError::Spec {
+            spec: spec.to_string(),
+            source,
+        };
+        let items = crate::spec::parse(spec, &GRAMMAR).map_err(wrap)?;
+        let id = items.value("id");
+        if let Some(id) = id.filter(|id| id.len() > VIRTIO_BLK_ID_BYTES as usize) {
+            return Err(ExportError::IdTooLong {
                 spec: spec.to_string(),
-                key,
-            };
-            match (key, value) {
-                ("socket", Some(v)) if !v.is_empty() => {
-                    if socket.replace(PathBuf::from(v)).is_some() {
-                        return Err(dup("socket"));
-                    }
-                }
-                ("image", Some(v)) if !v.is_empty() => {
-                    if image.replace(PathBuf::from(v)).is_some() {
-                        return Err(dup("image"));
-                    }
-                }
-                ("readonly", None) | ("readonly", Some("on")) | ("readonly", Some("true")) => {
-                    if readonly.replace(true).is_some() {
-                        return Err(dup("readonly"));
-                    }
-                }
-                ("readonly", Some("off")) | ("readonly", Some("false")) => {
-                    if readonly.replace(false).is_some() {
-                        return Err(dup("readonly"));
-                    }
-                }
-                ("id", Some(v)) => {
-                    if v.len() > VIRTIO_BLK_ID_BYTES as usize {
-                        return Err(ExportError::IdTooLong {
-                            spec: spec.to_string(),
-                            id: v.to_string(),
-                        });
-                    }
-                    if id.replace(v.to_string()).is_some() {
-                        return Err(dup("id"));
-                    }
-                }
-                ("socket" | "image" | "readonly" | "id", _) => {
-                    return Err(ExportError::Syntax(spec.to_string()))
-                }
-                (k, _) => {
-                    return Err(ExportError::UnknownKey {
-                        spec: spec.to_string(),
-                        key: k.to_string(),
-                    })
-                }
-            }
+                id: id.to_string(),
+            });
         }
         Ok(ExportSpec {
-            socket: socket.ok_or_else(|| ExportError::MissingSocket(spec.to_string()))?,
-            image: image.ok_or_else(|| ExportError::MissingImage(spec.to_string()))?,
-            readonly: readonly.unwrap_or(false),
-            id,
+            socket: items.required("socket").map_err(wrap)?.into(),
+            image: items.required("image").map_err(wrap)?.into(),
+            readonly: items.flag("readonly").unwrap_or(false),
+            id: id.map(str::to_string),
         })
     }
 }
@@ -283,5 +241,26 @@ mod tests {
         assert!(e("socket=a,socket=c,image=b").contains("`socket` given twice"));
         assert!(e("socket=,image=b").contains("expected key=value"));
         assert!(e("socket=a,image=b,id=123456789012345678901").contains("longer than 20"));
+    }
+
+    #[test]
+    fn readonly_off_and_an_empty_id_parse() {
+        let s: ExportSpec = "image=b,socket=s,readonly=off,id=".parse().unwrap();
+        assert!(!s.readonly);
+        assert_eq!(s.id.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn spec_errors_name_the_export_and_the_key() {
+        let e = |s: &str| s.parse::<ExportSpec>().unwrap_err().to_string();
+        assert_eq!(
+            e("socket=a,image=b,readonly=yes"),
+            "export `socket=a,image=b,readonly=yes`: `readonly` is a flag: give it alone or as readonly=on|off, not `readonly=yes`"
+        );
+        assert_eq!(
+            e("socket=a,image=b,size=3"),
+            "export `socket=a,image=b,size=3`: unknown key `size` (known: socket, image, readonly, id)"
+        );
+        assert_eq!(e("socket=a"), "export `socket=a`: missing `image=PATH`");
     }
 }

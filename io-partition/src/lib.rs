@@ -1,15 +1,16 @@
 //! `part-io`: the I/O partition of partvisor.
 //!
-//! Seed 001 (`001_70c93164bd0e16fb.txt`): guest partitions have no I/O of
-//! their own; "all I/O is performed by I/O hardware mapped to I/O
-//! partitions ... that use memory channels to communicate with their client
-//! partitions", and an I/O partition runs a "virtual storage switch
-//! (provides channel server endpoints for storage channels)"; request
-//! "completion/failure status is queued by the server partition and
-//! de-queued by the client partition". Seed 004 (`004_76be1754bd46629e.txt`)
-//! moves data "from one kernel memory space of one partition directly to the
-//! kernel memory space of \[a\] second partition" through one adapter and its
-//! driver: a shared I/O driver in one partition serving the others.
+//! Seed 001 (the seeds are listed in the project's architecture document,
+//! `ARCHITECTURE.md`): guest partitions have no I/O of their own; "all
+//! I/O is performed by I/O hardware mapped to I/O partitions ... that use
+//! memory channels to communicate with their client partitions", and an I/O
+//! partition runs a "virtual storage switch (provides channel server
+//! endpoints for storage channels)"; request "completion/failure status is
+//! queued by the server partition and de-queued by the client partition".
+//! Seed 004 moves data "from one kernel memory space of one partition
+//! directly to the kernel memory space of \[a\] second partition" through one
+//! adapter and its driver: a shared I/O driver in one partition serving the
+//! others.
 //!
 //! In partvisor an I/O partition is this process, serving vhost-user
 //! sockets: a partition monitor (`part-vmm`) hands it the guest's memory as
@@ -19,7 +20,9 @@
 //!
 //! This crate implements two backends, both built on `vhost-user-backend`
 //! (protocol handling, vrings, epoll loop) and `virtio-queue`, and served by
-//! the same listener ([`server`]) behind the same memory guard ([`guard`]):
+//! the same listener ([`server`]) behind the same memory guard ([`guard`]),
+//! with the vhost-user plumbing they share in one place ([`device`]) and one
+//! parser for their command-line specs ([`spec`]):
 //!
 //! - `part-io blk` ([`blk`]), the virtual storage switch: one process, any
 //!   number of exports (raw image file + vhost-user socket each), each served
@@ -65,8 +68,10 @@
 
 pub mod blk;
 pub mod chain;
+pub mod device;
 pub mod export;
 pub mod guard;
 pub mod net;
 pub mod server;
+pub mod spec;
 pub mod tap;

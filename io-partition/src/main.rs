@@ -8,10 +8,44 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tracing::info;
 
-use part_io::export::{Export, ExportSpec};
-use part_io::net::{PortEndpoint, PortSpec, Switch};
-use part_io::server::{self, Endpoint};
-use part_io::tap::Tap;
+use part_io::export::{Export, ExportError, ExportSpec};
+use part_io::net::{self, NetError, PortEndpoint, PortSpec, Switch};
+use part_io::server::{self, Endpoint, ListenError, ServeError};
+use part_io::tap::{Tap, TapError};
+
+/// Why `part-io` could not start; printed as one line.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("socket {0} is used by two exports")]
+    DuplicateSocket(PathBuf),
+    #[error("cannot start {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Starts a named thread; `what` names it in the error.
+fn spawn(
+    name: &str,
+    what: &'static str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, RunError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|source| RunError::Thread { what, source })
+}
 
 #[derive(Parser)]
 #[command(
@@ -75,19 +109,18 @@ fn run_net(
     ports: Vec<PortSpec>,
     tap: Option<String>,
     stats_socket: Option<PathBuf>,
-) -> Result<(), String> {
-    let tap = tap
-        .map(|name| Tap::open(&name))
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let switch = Switch::new(ports, tap).map_err(|e| e.to_string())?;
+) -> Result<(), RunError> {
+    let tap = tap.map(|name| Tap::open(&name)).transpose()?;
+    let switch = Switch::new(ports, tap)?;
     // Bind everything first: a bad argument fails the whole start.
     let mut bound = Vec::new();
     for i in 0..switch.ports().len() {
         let port = Arc::new(PortEndpoint::new(switch.clone(), i));
-        bound.push(server::bind_shared(port).map_err(|e| e.to_string())?);
+        bound.push(server::bind_shared(port)?);
     }
-    let stats = stats_socket.map(|path| bind_stats(&path)).transpose()?;
+    let stats = stats_socket
+        .map(|path| net::bind_stats(&path).map(|l| (l, path)))
+        .transpose()?;
     let mut threads = Vec::new();
     if let Some(name) = switch.uplink_name() {
         let how = if switch.uplink_created() {
@@ -97,36 +130,23 @@ fn run_net(
         };
         info!("uplink tap {name} attached{how}");
         let sw = switch.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("part-io-uplink".into())
-                .spawn(move || {
-                    if let Err(e) = sw.run_uplink() {
-                        tracing::error!("uplink stopped: {e}; ports keep switching without it");
-                    }
-                })
-                .map_err(|e| format!("cannot start the uplink thread: {e}"))?,
-        );
+        threads.push(spawn("part-io-uplink", "the uplink", move || {
+            if let Err(e) = sw.run_uplink() {
+                tracing::error!("uplink stopped: {e}; ports keep switching without it");
+            }
+        })?);
     }
     if let Some((listener, path)) = stats {
         info!("stats on {}", path.display());
         let sw = switch.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("part-io-stats".into())
-                .spawn(move || part_io::net::serve_stats(&sw, listener))
-                .map_err(|e| format!("cannot start the stats thread: {e}"))?,
-        );
+        threads.push(spawn("part-io-stats", "the stats", move || {
+            net::serve_stats(&sw, listener)
+        })?);
     }
     for b in bound {
         let p = b.export().port();
         info!(port = %b.export().name(), "port {} serving on {}", p.spec.mac, p.spec.socket.display());
-        threads.push(
-            std::thread::Builder::new()
-                .name("part-io-listen".into())
-                .spawn(move || b.serve())
-                .map_err(|e| format!("cannot start listener thread: {e}"))?,
-        );
+        threads.push(spawn("part-io-listen", "listener", move || b.serve())?);
     }
     for t in threads {
         let _ = t.join();
@@ -134,40 +154,17 @@ fn run_net(
     Ok(())
 }
 
-fn bind_stats(
-    path: &std::path::Path,
-) -> Result<(std::os::unix::net::UnixListener, PathBuf), String> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(format!(
-                "stats socket path {} exists and is not a socket; refusing to replace it",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot replace stats socket {}: {e}", path.display()))?;
-    }
-    std::os::unix::net::UnixListener::bind(path)
-        .map(|l| (l, path.to_path_buf()))
-        .map_err(|e| format!("cannot listen on stats socket {}: {e}", path.display()))
-}
-
-fn run_blk(specs: Vec<ExportSpec>) -> Result<(), String> {
+fn run_blk(specs: Vec<ExportSpec>) -> Result<(), RunError> {
     let mut sockets = HashSet::new();
     for s in &specs {
         if !sockets.insert(s.socket.clone()) {
-            return Err(format!(
-                "socket {} is used by two exports",
-                s.socket.display()
-            ));
+            return Err(RunError::DuplicateSocket(s.socket.clone()));
         }
     }
     // Open and bind everything first: a bad argument fails the whole start.
     let mut bound = Vec::new();
     for spec in specs {
-        let export = Export::open(spec).map_err(|e| e.to_string())?;
-        bound.push(server::bind(export).map_err(|e| e.to_string())?);
+        bound.push(server::bind(Export::open(spec)?)?);
     }
     let mut threads = Vec::new();
     for b in bound {
@@ -180,11 +177,7 @@ fn run_blk(specs: Vec<ExportSpec>) -> Result<(), String> {
             if e.spec.readonly { ", read-only" } else { "" },
             e.spec.socket.display()
         );
-        let t = std::thread::Builder::new()
-            .name("part-io-listen".into())
-            .spawn(move || b.serve())
-            .map_err(|e| format!("cannot start listener thread: {e}"))?;
-        threads.push(t);
+        threads.push(spawn("part-io-listen", "listener", move || b.serve())?);
     }
     for t in threads {
         let _ = t.join();

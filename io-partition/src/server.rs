@@ -2,10 +2,8 @@
 //! export or a net switch port), one connection at a time per endpoint,
 //! every endpoint in its own threads.
 
-use partvisor_runtime::sync::{CondvarExt, MutexExt, RwLockExt};
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,73 +11,21 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use partvisor_runtime::sync::{CondvarExt, MutexExt, RwLockExt};
 use tracing::{error, info, warn};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
+use crate::device::{Backend, DeviceModel};
 use crate::guard;
 
 /// Guest memory as the vhost-user daemon publishes it.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
-/// Refuses any epoll event set but `IN` on a queue's kick: what both device
-/// models' `handle_event` accept.
-pub(crate) fn check_kick_events(evset: EventSet) -> io::Result<()> {
-    if evset != EventSet::IN {
-        return Err(io::Error::other(format!(
-            "unexpected epoll events {evset:?}"
-        )));
-    }
-    Ok(())
-}
-
-/// Exactly `size` bytes of `config` from `offset` (frontends check the reply
-/// length); bytes beyond `config` read as zero.
-pub(crate) fn config_bytes(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
-    (offset..offset.saturating_add(size))
-        .map(|i| config.get(i as usize).copied().unwrap_or(0))
-        .collect()
-}
-
-/// Runs `process` on `vring` until it is drained. Without EVENT_IDX that is
-/// one pass; with it, notifications stay off while draining and the queue is
-/// drained again if the driver posted more before they were back on.
-/// `warn(backend, what, error)` logs a notification toggle that failed.
-pub(crate) fn drain_queue<B>(
-    backend: &mut B,
-    vring: &VringRwLock,
-    event_idx: bool,
-    process: fn(&mut B, &VringRwLock) -> io::Result<()>,
-    warn: fn(&B, &str, &dyn std::fmt::Display),
-) -> io::Result<()> {
-    if !event_idx {
-        return process(backend, vring);
-    }
-    loop {
-        if let Err(e) = vring.disable_notification() {
-            warn(backend, "cannot disable notifications", &e);
-        }
-        process(backend, vring)?;
-        match vring.enable_notification() {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                warn(backend, "cannot enable notifications", &e);
-                break;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// What the listener needs from a served thing (a blk export, a net port).
 pub trait Endpoint: Send + Sync + 'static {
-    /// The device model serving one connection.
-    type Backend: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static;
+    /// The device model serving one connection (inside a [`Backend`]).
+    type Model: DeviceModel;
     /// The vhost-user socket path.
     fn socket(&self) -> &Path;
     /// Name used in log lines: the socket path.
@@ -90,7 +36,7 @@ pub trait Endpoint: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// A fresh device for one connection; `mem` is the memory the daemon
     /// will publish to it (the same `GuestMemoryAtomic`).
-    fn new_backend(self: &Arc<Self>, mem: &Mem) -> Self::Backend;
+    fn new_model(self: &Arc<Self>, mem: &Mem) -> Self::Model;
     /// Counts a new connection; returns its number.
     fn count_connection(&self) -> u64;
     /// Counts a connection refused by the memory-region check.
@@ -100,59 +46,59 @@ pub trait Endpoint: Send + Sync + 'static {
     /// Called when a connection's frontend is gone, and again after its
     /// daemon is gone (its worker joined); must be idempotent.
     fn disconnected(&self) {}
-    /// The backend's worker exit eventfds (see [`ExitFds`]).
-    fn exit_fds(backend: &mut Self::Backend) -> &mut ExitFds;
-}
-
-/// The consumer ends of the worker exit eventfds a backend hands out in
-/// `VhostUserBackendMut::exit_event`.
-///
-/// `vhost-user-backend` 0.24 turns them into raw fds for its epoll set and
-/// never closes them; without this every connection would leak one fd, and a
-/// frontend reconnecting in a loop could exhaust the process's fd table for
-/// every endpoint.
-#[derive(Debug, Default)]
-pub struct ExitFds(Mutex<Vec<RawFd>>);
-
-impl ExitFds {
-    /// A new exit eventfd pair; the consumer's fd is remembered for
-    /// [`ExitFds::close_all`].
-    pub fn create(&self) -> io::Result<(EventConsumer, EventNotifier)> {
-        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        self.0.locked().push(pair.0.as_raw_fd());
-        Ok(pair)
-    }
-
-    /// Closes every remembered consumer fd.
-    ///
-    /// # Safety
-    ///
-    /// Call only after the `VhostUserDaemon` that used these fds has been
-    /// dropped (its worker threads are joined then), so nothing uses them.
-    pub unsafe fn close_all(&mut self) {
-        let fds = self.0.get_mut_unpoisoned();
-        for fd in fds.drain(..) {
-            // SAFETY: per this function's contract the fd is owned by nobody.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
 }
 
 /// Errors setting up an export's socket or serving one connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on socket {path}: {source}")]
-    Bind { path: PathBuf, source: io::Error },
-    #[error("socket path {0} exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// `vhost_user_backend::Error` implements `Display` but not
+    /// `std::error::Error`, so it is carried as data, not as a source.
     #[error("cannot set up the vhost-user daemon: {0}")]
-    Daemon(String),
+    Daemon(vhost_user_backend::Error),
     #[error("cannot set up the private daemon socket: {0}")]
-    Private(io::Error),
+    Private(#[source] io::Error),
     #[error("guest memory refused: {0}")]
-    Refused(guard::GuardError),
+    Refused(#[source] guard::GuardError),
     #[error("vhost-user message guard: {0}")]
-    Guard(guard::GuardError),
+    Guard(#[source] guard::GuardError),
+}
+
+/// Why a listening Unix socket could not be set up at a path.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("{what} path {path} exists and is not a socket; refusing to replace it")]
+    NotASocket { what: &'static str, path: PathBuf },
+    #[error("cannot replace {what} {path}: {source}")]
+    Replace {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot listen on {what} {path}: {source}")]
+    Bind {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// Listens on `path`, replacing a stale socket there; any other file there
+/// is an error. `what` names the socket in errors (`socket`, `stats socket`).
+pub fn listen(what: &'static str, path: &Path) -> Result<UnixListener, ListenError> {
+    let path = path.to_path_buf();
+    if let Ok(meta) = fs::symlink_metadata(&path) {
+        if !meta.file_type().is_socket() {
+            return Err(ListenError::NotASocket { what, path });
+        }
+        fs::remove_file(&path).map_err(|source| ListenError::Replace {
+            what,
+            path: path.clone(),
+            source,
+        })?;
+    }
+    UnixListener::bind(&path).map_err(|source| ListenError::Bind { what, path, source })
 }
 
 /// An endpoint bound to its listening socket, ready to serve.
@@ -169,17 +115,7 @@ pub fn bind<E: Endpoint>(export: E) -> Result<Bound<E>, ServeError> {
 
 /// [`bind`] for an endpoint that is already shared (a switch port).
 pub fn bind_shared<E: Endpoint>(export: Arc<E>) -> Result<Bound<E>, ServeError> {
-    let path = export.socket().to_path_buf();
-    if let Ok(meta) = fs::symlink_metadata(&path) {
-        if !meta.file_type().is_socket() {
-            return Err(ServeError::NotASocket(path));
-        }
-        fs::remove_file(&path).map_err(|source| ServeError::Bind {
-            path: path.clone(),
-            source,
-        })?;
-    }
-    let listener = UnixListener::bind(&path).map_err(|source| ServeError::Bind { path, source })?;
+    let listener = listen("socket", export.socket())?;
     Ok(Bound { export, listener })
 }
 
@@ -281,19 +217,19 @@ fn serve_connection<E: Endpoint>(export: &Arc<E>, frontend: UnixStream) {
 /// [`guard`] relay.
 fn run_connection<E: Endpoint>(export: &Arc<E>, frontend: UnixStream) -> Result<(), ServeError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(RwLock::new(export.new_backend(&mem)));
+    let backend = Arc::new(RwLock::new(Backend::new(export.new_model(&mem))));
     let result = session(export, backend.clone(), mem, frontend);
     // `session` dropped the daemon, which joined its vring worker.
     export.disconnected();
     let mut backend = backend.write_locked();
     // SAFETY: the daemon that used these fds is dropped and its worker joined.
-    unsafe { E::exit_fds(&mut backend).close_all() };
+    unsafe { backend.exit_fds_mut().close_all() };
     result
 }
 
 fn session<E: Endpoint>(
     export: &Arc<E>,
-    backend: Arc<RwLock<E::Backend>>,
+    backend: Arc<RwLock<Backend<E::Model>>>,
     mem: Mem,
     frontend: UnixStream,
 ) -> Result<(), ServeError> {
@@ -302,7 +238,7 @@ fn session<E: Endpoint>(
         backend,
         mem,
     )
-    .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    .map_err(ServeError::Daemon)?;
 
     // The daemon talks only to the guard, over a socket in a private directory.
     let dir = tempfile::Builder::new()
@@ -314,9 +250,7 @@ fn session<E: Endpoint>(
     let path_str = path
         .to_str()
         .ok_or_else(|| ServeError::Private(io::Error::other("temporary path is not UTF-8")))?;
-    daemon
-        .start_client(path_str)
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    daemon.start_client(path_str).map_err(ServeError::Daemon)?;
     let (inner, _) = private.accept().map_err(ServeError::Private)?;
     drop(private);
     drop(dir);

@@ -18,7 +18,7 @@ pub enum TapError {
     #[error("tap interface name `{0}` is empty, longer than 15 bytes or contains '/', ':' or whitespace")]
     BadName(String),
     #[error("cannot open /dev/net/tun: {0} (is the tun module loaded and the device present?)")]
-    OpenTun(io::Error),
+    OpenTun(#[source] io::Error),
     #[error("cannot attach to tap {name}: {source} (EBUSY: another process holds it; EINVAL: it is not a tap without packet info; EPERM: CAP_NET_ADMIN is needed to create it)")]
     SetIff { name: String, source: io::Error },
 }
