@@ -1,16 +1,16 @@
 //! The partvisor interconnect: a verbs-style API between partitions.
 //!
-//! Seed 000 (`000_17af8b048df7a2a0.txt`) describes an interconnect API
-//! modelled on OFED verbs through which partitions exchange data "using the
-//! same calls whether the peer is on this host or another": initialization
-//! verbs (open/query the access layer, query local and allowed remote ports,
-//! register memory, create queue pairs), data-flow verbs (post send, post
-//! receive, poll completion queue), tear-down verbs (deregister, destroy CQ
-//! and QP, deallocate PD, close access layer, port reset), work-request
-//! statuses (success, local error, remote access error, remote operation
-//! error, bad response) and per-queue-pair performance counters. Seeds 002
-//! and 003 ask that partitions on one machine move a message with one copy
-//! and no network stack, after one location lookup.
+//! Seed 000 (the seeds are listed in `ARCHITECTURE.md`) describes an
+//! interconnect API modelled on OFED verbs through which partitions exchange
+//! data "using the same calls whether the peer is on this host or another":
+//! initialization verbs (open/query the access layer, query local and
+//! allowed remote ports, register memory, create queue pairs), data-flow
+//! verbs (post send, post receive, poll completion queue), tear-down verbs
+//! (deregister, destroy CQ and QP, deallocate PD, close access layer, port
+//! reset), work-request statuses (success, local error, remote access error,
+//! remote operation error, bad response) and per-queue-pair performance
+//! counters. Seeds 002 and 003 ask that partitions on one machine move a
+//! message with one copy and no network stack, after one location lookup.
 //!
 //! This crate is that API:
 //! * [`Context`] (access layer) → [`Pd`] → [`Buffer`] (from the
@@ -33,6 +33,11 @@
 //! addresses are offsets into the peer's MR (`RemoteAddr { rkey, offset }`);
 //! a SEND waits at the target until a receive is posted (infinite RNR retry);
 //! completions of one send queue arrive in posting order.
+//!
+//! The verbs live in `src/verbs/`, one object per file (`context.rs`,
+//! `pd.rs`, `cq.rs`, `qp.rs`) plus the progress engine (`engine.rs`).
+//! Measured latency and bandwidth, with the date and command that produced
+//! them: `interconnect/README.md`.
 //!
 //! # Threat model
 //!
