@@ -370,8 +370,7 @@ mod tests {
             .unwrap();
         recv(&p, 1, rmr.sge(0, 4096));
         recv(&p, 2, rmr.sge(4096, 4096));
-        let sbuf = p.cli.buffer(4096, b'A');
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, b'A', Access::NONE);
         let send = SendWr {
             imm: Some(99),
             ..wr(10, Opcode::SendWithImm, smr.sge(0, 100), None)
@@ -404,8 +403,7 @@ mod tests {
             .pd
             .reg_mr(&tbuf, 0, 4096, Access::REMOTE_WRITE)
             .unwrap();
-        let sbuf = p.cli.buffer(4096, 3);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 3, Access::NONE);
         let w = wr(1, Opcode::RdmaWrite, smr.sge(0, 64), Some(tmr.remote(0)));
         p.cli.qp.post_send(w).unwrap();
         // Only the initiator polls; the target's own thread did the copy.
@@ -423,8 +421,7 @@ mod tests {
             .reg_mr(&rbuf, 0, 4096, Access::LOCAL_WRITE)
             .unwrap();
         recv(&p, 1, rmr.sge(0, 10));
-        let sbuf = p.cli.buffer(4096, 5);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 5, Access::NONE);
         p.cli
             .qp
             .post_send(wr(2, Opcode::Send, smr.sge(0, 20), None))
@@ -441,8 +438,7 @@ mod tests {
     #[test]
     fn a_send_waits_for_a_receive_and_counts_one_receiver_not_ready_wait() {
         let p = pair(Transport::Shm, QpCaps::default());
-        let sbuf = p.cli.buffer(4096, 8);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 8, Access::NONE);
         p.cli
             .qp
             .post_send(wr(1, Opcode::Send, smr.sge(0, 8), None))
@@ -477,8 +473,7 @@ mod tests {
             .pd
             .reg_mr(&tbuf, 4096, 4096, Access::LOCAL_WRITE | Access::REMOTE_READ)
             .unwrap();
-        let sbuf = p.cli.buffer(4096, 9);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 9, Access::NONE);
         let to = |id, len, remote| wr(id, Opcode::RdmaWrite, smr.sge(0, len), Some(remote));
         let lkey_as_rkey = RemoteAddr {
             rkey: rw.lkey(),
@@ -525,8 +520,7 @@ mod tests {
                 .pd
                 .reg_mr(&tbuf, 0, 4096, Access::REMOTE_WRITE)
                 .unwrap();
-            let sbuf = p.cli.buffer(4096, 1);
-            let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+            let (sbuf, smr) = p.cli.region(4096, 1, Access::NONE);
             let w = wr(1, Opcode::RdmaWrite, smr.sge(0, 32), Some(tmr.remote(0)));
             p.cli.qp.post_send(w).unwrap();
             assert_eq!(ids(&p.cli.poll_n(1)), [(1, WcStatus::Success)], "{t:?}");
@@ -605,8 +599,7 @@ mod tests {
             .reg_mr(&tbuf, 0, 4096, Access::REMOTE_WRITE | Access::LOCAL_WRITE)
             .unwrap();
         recv(&p, 5, tmr.sge(0, 4096));
-        let sbuf = p.cli.buffer(4096, 4);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 4, Access::NONE);
         let plain = wr(1, Opcode::RdmaWrite, smr.sge(0, 10), Some(tmr.remote(0)));
         p.cli.qp.post_send(plain).unwrap();
         assert_eq!(ids(&p.cli.poll_n(1)), [(1, WcStatus::Success)]);

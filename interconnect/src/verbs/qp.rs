@@ -618,8 +618,7 @@ mod tests {
     #[test]
     fn the_send_queue_holds_at_most_max_send_wr_outstanding_requests() {
         let p = pair(Transport::Shm, caps(2, 4));
-        let sbuf = p.cli.buffer(4096, 1);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 1, Access::NONE);
         // No receive posted at the target: both SENDs stay outstanding.
         for id in [1, 2] {
             p.cli
@@ -658,8 +657,7 @@ mod tests {
     #[test]
     fn local_errors_complete_in_posting_order_behind_earlier_requests() {
         let p = pair(Transport::Shm, QpCaps::default());
-        let sbuf = p.cli.buffer(4096, 1);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 1, Access::NONE);
         let q = &p.cli.qp;
         q.post_send(wr(1, Opcode::Send, smr.sge(0, 8), None))
             .unwrap();
@@ -730,8 +728,7 @@ mod tests {
                 })
                 .unwrap();
         }
-        let sbuf = p.cli.buffer(4096, 1);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 1, Access::NONE);
         let quiet = SendWr {
             signaled: false,
             ..wr(1, Opcode::Send, smr.sge(0, 8), None)
@@ -749,8 +746,7 @@ mod tests {
     #[test]
     fn destroying_a_connected_qp_flushes_its_sends_and_the_peer_sees_peer_closed() {
         let p = pair(Transport::Shm, QpCaps::default());
-        let sbuf = p.cli.buffer(4096, 1);
-        let smr = p.cli.pd.reg_mr(&sbuf, 0, 4096, Access::NONE).unwrap();
+        let (_sbuf, smr) = p.cli.region(4096, 1, Access::NONE);
         p.cli
             .qp
             .post_send(wr(7, Opcode::Send, smr.sge(0, 8), None))
@@ -777,8 +773,7 @@ mod tests {
             p.srv.qp.state(),
             QpState::Error("port reset or access layer closed".into())
         );
-        let buf = p.srv.buffer(4096, 0);
-        let mr = p.srv.pd.reg_mr(&buf, 0, 4096, Access::LOCAL_WRITE).unwrap();
+        let (_buf, mr) = p.srv.region(4096, 0, Access::LOCAL_WRITE);
         p.srv
             .qp
             .post_recv(RecvWr {

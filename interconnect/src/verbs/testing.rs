@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Context, ContextOptions, Cq, Pd, Qp, QpCaps};
+use super::{Context, ContextOptions, Cq, Mr, Pd, Qp, QpCaps};
 use crate::alloc::Buffer;
 use crate::connect::Listener;
 use crate::directory::{Directory, MemDirectory};
@@ -45,6 +45,13 @@ impl End {
         let b = self.pd.alloc_buffer(len).unwrap();
         b.write_at(0, &vec![fill; len as usize]).unwrap();
         b
+    }
+
+    /// A buffer of `len` bytes filled with `fill`, registered whole with `access`.
+    pub fn region(&self, len: u64, fill: u8, access: Access) -> (Buffer, Mr) {
+        let b = self.buffer(len, fill);
+        let mr = self.pd.reg_mr(&b, 0, len, access).unwrap();
+        (b, mr)
     }
 
     /// Polls until `n` completions arrived (or [`PATIENCE`] ran out).
