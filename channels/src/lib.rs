@@ -23,16 +23,12 @@
 //!   calls at all.
 //! * [`scm`]: passing memfds and eventfds over a Unix stream with
 //!   `SCM_RIGHTS`.
-//! * [`control`]: the control-channel protocol between `partd` and the
-//!   monitors it supervises (newline-delimited JSON on a Unix socket, plus
-//!   the exit record a monitor leaves behind).
 //!
 //! What this crate must never do: map a received fd without checking its
 //! seals and size, trust an index or length read from shared memory, or block
 //! without a way to be woken (every blocking wait takes a timeout or an extra
 //! fd that signals peer death).
 
-pub mod control;
 mod doorbell;
 mod error;
 pub mod memfd;

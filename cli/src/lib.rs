@@ -5,8 +5,9 @@
 //! `partd`'s HTTP/JSON API (Unix socket, `resources/api/partd.openapi.yaml`)
 //! and prints tables for people or JSON (`--json`) for scripts. This library
 //! holds what the binary and the end-to-end tests share: the socket
-//! location rules, the API client, definition loading (TOML, relative paths
-//! resolved against the file's folder) and the reply types.
+//! location rules, the API client and definition loading (TOML, relative
+//! paths resolved against the file's folder). The request and reply types
+//! are partd's own, from the API crate (`partvisor-api`).
 //!
 //! What it must never do: change anything itself. Every change goes through
 //! partd, the one writer of the resource database; partctl reads no state
@@ -19,9 +20,12 @@ use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-pub use resource_db::{FreeCapacity, Holdings, LogEntry, PartitionState};
+pub use partvisor_api::views::{ErrorBody, IoKind, IoView, PartitionView, StartTimings, VmmView};
+pub use partvisor_api::{
+    control::ExitRecord, Change, FreeCapacity, Holdings, LogEntry, LogRecord, PartitionState,
+};
 
 /// Default state dir of a system partd.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/partvisor";
@@ -43,61 +47,6 @@ pub enum CtlError {
     Definition { path: PathBuf, reason: String },
     #[error("{0}")]
     Other(String),
-}
-
-/// A monitor partd supervises.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VmmView {
-    pub pid: u32,
-    pub start_time: u64,
-    pub control_socket: PathBuf,
-    pub console_socket: PathBuf,
-    /// The cgroup weighting its shared-pool share, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<PathBuf>,
-}
-
-/// How a monitor ended (part-vmm's exit record, or partd's when it left none).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ExitView {
-    pub pid: u32,
-    pub reason: String,
-    pub status: i32,
-    pub detail: String,
-}
-
-/// A part-io process serving a partition's disks (`blk`) or a switch its
-/// NICs are on (`net`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct IoView {
-    pub kind: String,
-    #[serde(default)]
-    pub switch: Option<String>,
-    pub pid: u32,
-    pub start_time: u64,
-    /// False once the process is gone: the partition's devices need reset.
-    pub alive: bool,
-    pub sockets: Vec<PathBuf>,
-    pub log: PathBuf,
-}
-
-/// A partition as partd reports it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PartitionView {
-    pub name: String,
-    pub state: PartitionState,
-    pub definition: serde_json::Value,
-    pub holdings: Holdings,
-    #[serde(default)]
-    pub vmm: Option<VmmView>,
-    #[serde(default)]
-    pub last_exit: Option<ExitView>,
-    /// The part-io processes serving its disks and NICs.
-    #[serde(default)]
-    pub io: Vec<IoView>,
-    /// Only in the reply to a start: where partd's time went (microseconds).
-    #[serde(default)]
-    pub start_timings: Option<serde_json::Value>,
 }
 
 /// The socket to use: `--socket`, else `PARTD_SOCKET`, else the default
@@ -371,9 +320,8 @@ impl Client {
 /// partd's refusal: the reply's `error` text, else the status.
 fn api_error(status: StatusCode, reply: Option<&serde_json::Value>) -> CtlError {
     let message = reply
-        .and_then(|v| v.get("error"))
-        .and_then(|e| e.as_str())
-        .map(str::to_owned)
+        .and_then(|v| ErrorBody::deserialize(v).ok())
+        .map(|b| b.error)
         .unwrap_or_else(|| format!("partd answered {status}"));
     CtlError::Api {
         status: status.as_u16(),

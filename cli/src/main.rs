@@ -194,8 +194,8 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 t.add_row(vec![
                     p.name.clone(),
                     state(p),
-                    p.definition["vcpus"].to_string(),
-                    format!("{} MiB", p.definition["memory_mib"]),
+                    p.definition.vcpus.to_string(),
+                    format!("{} MiB", p.definition.memory_mib),
                     cpus_text(&p.holdings),
                     p.vmm
                         .as_ref()
@@ -215,7 +215,9 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             t.load_preset(UTF8_FULL_CONDENSED);
             t.add_row(vec!["name".to_string(), v.name.clone()]);
             t.add_row(vec!["state".to_string(), state(&v)]);
-            if let Some(obj) = v.definition.as_object() {
+            let definition = serde_json::to_value(&v.definition)
+                .map_err(|e| CtlError::Other(format!("cannot show the definition: {e}")))?;
+            if let Some(obj) = definition.as_object() {
                 for (k, val) in obj {
                     if k != "name" {
                         t.add_row(vec![k.clone(), plain(val)]);
@@ -352,8 +354,8 @@ fn print_log(entries: &[LogEntry]) {
     t.set_header(vec!["TX", "TIME (UTC)", "ACTOR", "CHANGES"]);
     for e in entries {
         let what = match &e.record {
-            resource_db::LogRecord::Genesis { .. } => "genesis (host configuration)".to_string(),
-            resource_db::LogRecord::Transaction { changes } => changes
+            partctl::LogRecord::Genesis { .. } => "genesis (host configuration)".to_string(),
+            partctl::LogRecord::Transaction { changes } => changes
                 .iter()
                 .map(change_text)
                 .collect::<Vec<_>>()
@@ -374,9 +376,9 @@ fn print_log(entries: &[LogEntry]) {
     println!("{t}");
 }
 
-fn change_text(c: &resource_db::Change) -> String {
-    use resource_db::Change;
-    let name = |s: resource_db::PartitionState| {
+fn change_text(c: &partctl::Change) -> String {
+    use partctl::Change;
+    let name = |s: partctl::PartitionState| {
         serde_json::to_value(s)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))

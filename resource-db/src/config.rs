@@ -1,79 +1,45 @@
-//! Host configuration: the universe of resources the database manages.
+//! Host configuration: discovering this host's resources and checking a
+//! configuration before a store is created with it. The type itself is
+//! part of the API ([`partvisor_api::HostConfig`]), since the audit log's
+//! genesis entry carries it.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+pub use partvisor_api::{DeviceKind, DeviceSpec, HostConfig};
 
 use crate::error::Error;
-use crate::model::{MacAddr, ResourceId};
-
-/// A host device that can be granted to one partition.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceKind {
-    /// A file or block device that backs a virtual disk.
-    BackingFile(PathBuf),
-    /// A TAP interface, by interface name.
-    Tap(String),
-}
-
-/// A named host device.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceSpec {
-    /// Name used as the resource key (`ResourceId::Device(name)`).
-    pub name: String,
-    /// What it is.
-    pub kind: DeviceKind,
-}
-
-/// What the database manages on this host. Build it with
-/// [`HostConfig::discover`] and override fields as needed:
-///
-/// ```no_run
-/// # fn main() -> Result<(), resource_db::Error> {
-/// let host = resource_db::HostConfig {
-///     memory_budget_mib: 8192,
-///     ..resource_db::HostConfig::discover()?
-/// };
-/// # Ok(()) }
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostConfig {
-    /// Host CPU numbers managed by the database.
-    pub cpus: Vec<u32>,
-    /// CPUs that start in the shared pool (the rest start `available` for
-    /// dedication). Must be a subset of `cpus`.
-    pub shared_pool_cpus: Vec<u32>,
-    /// Memory the database hands out, in MiB.
-    pub memory_budget_mib: u64,
-    /// First vsock CID handed out (0, 1 and 2 are reserved by vsock).
-    pub first_vsock_cid: u32,
-    /// Number of vsock CIDs.
-    pub vsock_cid_count: u32,
-    /// First MAC address handed out; must be locally administered unicast.
-    pub first_mac: MacAddr,
-    /// Number of MAC addresses (counting up in the low 24 bits).
-    pub mac_count: u32,
-    /// Host devices.
-    pub devices: Vec<DeviceSpec>,
-    /// Number of memory channel slots.
-    pub channel_count: u32,
-    /// Number of interconnect endpoints.
-    pub endpoint_count: u32,
-}
 
 /// Default share of `MemTotal` given to the budget: 3/4.
 const MEMORY_BUDGET_NUM: u64 = 3;
 const MEMORY_BUDGET_DEN: u64 = 4;
 
-impl HostConfig {
+/// What the database does with a [`HostConfig`] beyond holding it. Build
+/// one with [`HostConfigExt::discover`] and override fields as needed:
+///
+/// ```no_run
+/// # fn main() -> Result<(), resource_db::Error> {
+/// use resource_db::{HostConfig, HostConfigExt};
+/// let host = HostConfig {
+///     memory_budget_mib: 8192,
+///     ..HostConfig::discover()?
+/// };
+/// # Ok(()) }
+/// ```
+pub trait HostConfigExt: Sized {
     /// Discovers CPUs (`/sys/devices/system/cpu/online`) and memory
     /// (`/proc/meminfo` `MemTotal`, of which 3/4 becomes the budget), and
     /// uses defaults for the rest: every CPU in the shared pool, 1024 vsock
     /// CIDs from 3, 1024 MACs from `02:70:76:00:00:00`, no devices, 1024
     /// channels and 1024 endpoints.
-    pub fn discover() -> Result<HostConfig, Error> {
+    fn discover() -> Result<HostConfig, Error>;
+
+    /// Checks the configuration is self-consistent.
+    fn validate(&self) -> Result<(), Error>;
+}
+
+impl HostConfigExt for HostConfig {
+    fn discover() -> Result<HostConfig, Error> {
         let cpus = read_cpu_list(Path::new("/sys/devices/system/cpu/online"))?;
         let mem_total_kib = read_mem_total_kib(Path::new("/proc/meminfo"))?;
         Ok(HostConfig {
@@ -84,25 +50,7 @@ impl HostConfig {
         })
     }
 
-    /// A configuration with the default counts and no CPUs or memory; a base
-    /// for tests and explicit configurations.
-    pub fn empty() -> HostConfig {
-        HostConfig {
-            cpus: Vec::new(),
-            shared_pool_cpus: Vec::new(),
-            memory_budget_mib: 0,
-            first_vsock_cid: 3,
-            vsock_cid_count: 1024,
-            first_mac: MacAddr([0x02, 0x70, 0x76, 0, 0, 0]),
-            mac_count: 1024,
-            devices: Vec::new(),
-            channel_count: 1024,
-            endpoint_count: 1024,
-        }
-    }
-
-    /// Checks the configuration is self-consistent.
-    pub fn validate(&self) -> Result<(), Error> {
+    fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::InvalidConfig(m));
         let cpus: BTreeSet<u32> = self.cpus.iter().copied().collect();
         if cpus.len() != self.cpus.len() {
@@ -146,87 +94,6 @@ impl HostConfig {
             }
         }
         Ok(())
-    }
-
-    /// Every unit resource (everything but memory) this host has, in order.
-    pub fn unit_resources(&self) -> impl Iterator<Item = ResourceId> + '_ {
-        let cids =
-            (0..self.vsock_cid_count).map(|i| ResourceId::VsockCid(self.first_vsock_cid + i));
-        let base = self.first_mac.to_u64();
-        let macs = (0..self.mac_count)
-            .map(move |i| ResourceId::Mac(MacAddr::from_u64(base + u64::from(i))));
-        self.cpus
-            .iter()
-            .map(|c| ResourceId::Cpu(*c))
-            .chain(cids)
-            .chain(macs)
-            .chain(
-                self.devices
-                    .iter()
-                    .map(|d| ResourceId::Device(d.name.clone())),
-            )
-            .chain((0..self.channel_count).map(ResourceId::Channel))
-            .chain((0..self.endpoint_count).map(ResourceId::Endpoint))
-    }
-
-    /// Whether `resource` is a unit resource of this host (memory: whether the
-    /// extent is inside the budget).
-    pub fn contains(&self, resource: &ResourceId) -> bool {
-        match resource {
-            ResourceId::Cpu(c) => self.cpus.contains(c),
-            ResourceId::Memory(e) => e
-                .start_mib
-                .checked_add(e.len_mib)
-                .is_some_and(|end| end <= self.memory_budget_mib),
-            ResourceId::VsockCid(c) => {
-                *c >= self.first_vsock_cid
-                    && u64::from(*c)
-                        < u64::from(self.first_vsock_cid) + u64::from(self.vsock_cid_count)
-            }
-            ResourceId::Mac(m) => {
-                let (v, base) = (m.to_u64(), self.first_mac.to_u64());
-                v >= base && v < base + u64::from(self.mac_count)
-            }
-            ResourceId::Device(name) => self.devices.iter().any(|d| &d.name == name),
-            ResourceId::Channel(c) => *c < self.channel_count,
-            ResourceId::Endpoint(e) => *e < self.endpoint_count,
-        }
-    }
-
-    /// Names of the fields in which `self` and `other` differ.
-    pub fn differing_fields(&self, other: &HostConfig) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        let mut cmp = |name, same: bool| {
-            if !same {
-                out.push(name)
-            }
-        };
-        cmp("cpus", self.cpus == other.cpus);
-        cmp(
-            "shared_pool_cpus",
-            self.shared_pool_cpus == other.shared_pool_cpus,
-        );
-        cmp(
-            "memory_budget_mib",
-            self.memory_budget_mib == other.memory_budget_mib,
-        );
-        cmp(
-            "first_vsock_cid",
-            self.first_vsock_cid == other.first_vsock_cid,
-        );
-        cmp(
-            "vsock_cid_count",
-            self.vsock_cid_count == other.vsock_cid_count,
-        );
-        cmp("first_mac", self.first_mac == other.first_mac);
-        cmp("mac_count", self.mac_count == other.mac_count);
-        cmp("devices", self.devices == other.devices);
-        cmp("channel_count", self.channel_count == other.channel_count);
-        cmp(
-            "endpoint_count",
-            self.endpoint_count == other.endpoint_count,
-        );
-        out
     }
 }
 
@@ -281,6 +148,7 @@ fn parse_mem_total_kib(meminfo: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{DeviceKind, DeviceSpec, MacAddr};
 
     #[test]
     fn cpu_list_parses_ranges_and_singles() {
@@ -360,30 +228,5 @@ mod tests {
                 "{c:?} accepted"
             );
         }
-    }
-
-    #[test]
-    fn contains_checks_ranges() {
-        let host = HostConfig {
-            cpus: vec![0, 2],
-            memory_budget_mib: 100,
-            vsock_cid_count: 2,
-            mac_count: 2,
-            channel_count: 1,
-            endpoint_count: 1,
-            ..HostConfig::empty()
-        };
-        assert!(host.contains(&ResourceId::Cpu(2)));
-        assert!(!host.contains(&ResourceId::Cpu(1)));
-        assert!(host.contains(&ResourceId::Memory(crate::Extent::new(50, 50))));
-        assert!(!host.contains(&ResourceId::Memory(crate::Extent::new(50, 51))));
-        assert!(!host.contains(&ResourceId::Memory(crate::Extent::new(u64::MAX, 2))));
-        assert!(host.contains(&ResourceId::VsockCid(4)));
-        assert!(!host.contains(&ResourceId::VsockCid(5)));
-        assert!(host.contains(&ResourceId::Mac(MacAddr([2, 0x70, 0x76, 0, 0, 1]))));
-        assert!(!host.contains(&ResourceId::Mac(MacAddr([2, 0x70, 0x76, 0, 0, 2]))));
-        assert!(!host.contains(&ResourceId::Channel(1)));
-        assert!(!host.contains(&ResourceId::Device("x".into())));
-        assert_eq!(host.unit_resources().count(), 2 + 2 + 2 + 1 + 1);
     }
 }

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use crate::config::HostConfig;
+use crate::config::{HostConfig, HostConfigExt};
 use crate::error::{Error, Rejection};
-use crate::model::{
-    Change, Extent, Owner, PartitionId, PartitionRecord, ResourceId, ResourceKind, TxId,
-};
-use crate::state::{check_extent, unknown, Capacity, FreeCapacity, Holdings, State};
-use crate::store::{self, ApplyError, LogEntry};
+use crate::state::{check_extent, unknown, State};
+use crate::store::{self, ApplyError};
+use crate::LogEntry;
+use crate::{Capacity, FreeCapacity, Holdings};
+use crate::{Change, Extent, Owner, PartitionId, PartitionRecord, ResourceId, ResourceKind, TxId};
 
 /// How commits reach the disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

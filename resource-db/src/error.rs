@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::model::{Extent, Owner, PartitionId, PartitionState, ResourceId};
+use crate::{Extent, Owner, PartitionId, PartitionState, ResourceId};
 
 /// A change refused by the database's rules. The transaction holds nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,7 +76,7 @@ pub enum Rejection {
         capacity_milli: u64,
     },
     /// A state before image does not match.
-    #[error("precondition failed: partition {partition} is {actual:?}, the transaction expected {expected:?}")]
+    #[error("precondition failed: partition {partition} is {actual}, the transaction expected {expected}")]
     StaleState {
         /// The partition.
         partition: PartitionId,
@@ -133,18 +133,9 @@ pub enum Rejection {
         /// Parser message.
         reason: String,
     },
-    /// Invalid partition name.
-    #[error("invalid partition name {name:?}: use 1-64 of [a-z0-9_.-], starting with a letter or digit, not 'available' or 'shared-pool'")]
-    InvalidPartitionId {
-        /// The refused name.
-        name: String,
-    },
-    /// Invalid MAC address text.
-    #[error("invalid MAC address {text:?}: expected six hex pairs separated by ':'")]
-    InvalidMac {
-        /// The refused text.
-        text: String,
-    },
+    /// A name or address given as text is invalid.
+    #[error(transparent)]
+    Parse(#[from] partvisor_api::ParseError),
 }
 
 /// Everything [`crate::Db`] can return.

@@ -18,14 +18,14 @@
 //!   3/4 of `MemTotal`), kept as maximal extents that tile the budget.
 //! - vsock CIDs, MAC addresses, devices (backing files, taps), memory channel
 //!   slots and interconnect endpoints: unit resources from ranges and lists
-//!   in the [`HostConfig`] (discovered with [`HostConfig::discover`],
+//!   in the [`HostConfig`] (discovered with [`HostConfigExt::discover`],
 //!   overridable field by field).
 //! - Partitions are records (name, opaque JSON definition, state) in the same
 //!   store, created and destroyed by changes in transactions.
 //!
 //! ## API
 //! ```no_run
-//! use resource_db::{Change, Db, HostConfig, Owner, PartitionId, PartitionRecord, PartitionState, ResourceId};
+//! use resource_db::{Change, Db, HostConfig, HostConfigExt, Owner, PartitionId, PartitionRecord, PartitionState, ResourceId};
 //! # fn main() -> Result<(), resource_db::Error> {
 //! let db = Db::open("/var/lib/partvisor/resources.db", HostConfig::discover()?)?;
 //! let web = PartitionId::new("web")?;
@@ -111,18 +111,17 @@
 mod config;
 mod db;
 mod error;
-mod model;
 mod plan;
 mod state;
 mod store;
 
-pub use config::{DeviceKind, DeviceSpec, HostConfig};
+pub use config::{DeviceKind, DeviceSpec, HostConfig, HostConfigExt};
 pub use db::{Db, Durability, Options, View, WriterStats};
 pub use error::{Error, Rejection};
-pub use model::{
-    Change, Extent, MacAddr, Owner, PartitionId, PartitionRecord, PartitionState, ResourceId,
-    ResourceKind, TxId,
+/// The resource map's vocabulary is the API's: partd returns it as is.
+pub use partvisor_api::{
+    Capacity, Change, Extent, FreeCapacity, Holdings, LogEntry, LogRecord, MacAddr, Owner,
+    ParseError, PartitionId, PartitionRecord, PartitionState, ResourceId, ResourceKind, TxId,
 };
 pub use plan::Demand;
-pub use state::{Capacity, FreeCapacity, Holdings, State};
-pub use store::{LogEntry, LogRecord};
+pub use state::State;

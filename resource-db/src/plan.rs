@@ -11,8 +11,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Rejection;
-use crate::model::{Change, Extent, Owner, PartitionId, ResourceId, ResourceKind};
 use crate::state::State;
+use crate::{Change, Extent, Owner, PartitionId, ResourceId, ResourceKind};
 
 /// What a partition needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,15 +5,15 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::HostConfig;
 use crate::error::{Error, Rejection};
-use crate::model::{
-    Change, Extent, Owner, PartitionId, PartitionRecord, PartitionState, ResourceId, ResourceKind,
-    TxId,
-};
 use crate::state::{check_extent, unknown, State};
+use crate::{
+    Change, Extent, LogEntry, LogRecord, Owner, PartitionId, PartitionRecord, PartitionState,
+    ResourceId, ResourceKind, TxId,
+};
 
 /// Schema version stored in `meta`.
 const SCHEMA_VERSION: &str = "1";
@@ -58,35 +58,6 @@ CREATE TABLE IF NOT EXISTS audit_log(
     record TEXT NOT NULL
 ) STRICT;
 ";
-
-/// What one audit log entry records.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LogRecord {
-    /// The first entry: the host configuration, i.e. the initial state.
-    Genesis {
-        /// The configuration the store was created with.
-        host: HostConfig,
-    },
-    /// A committed transaction; each change carries its before and after image.
-    Transaction {
-        /// The changes, in the order they were applied.
-        changes: Vec<Change>,
-    },
-}
-
-/// One audit log entry.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogEntry {
-    /// Transaction id (position in the log, from 1).
-    pub txid: TxId,
-    /// Commit time, nanoseconds since the Unix epoch.
-    pub time_unix_ns: i64,
-    /// Who asked for it.
-    pub actor: String,
-    /// What it did.
-    pub record: LogRecord,
-}
 
 /// Failure while applying one change on the live tables.
 pub(crate) enum ApplyError {

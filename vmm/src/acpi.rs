@@ -287,11 +287,10 @@ pub fn write_tables(
     let xsdt = table_bytes(&x);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > layout::ACPI_END {
-        return Err(Error::Memory(format!(
-            "ACPI tables need {} bytes, more than the {} reserved",
-            end - layout::ACPI_START,
-            layout::ACPI_END - layout::ACPI_START
-        )));
+        return Err(Error::AcpiTooLarge {
+            need: end - layout::ACPI_START,
+            reserved: layout::ACPI_END - layout::ACPI_START,
+        });
     }
     let rsdp = table_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
     for (addr, bytes) in [
@@ -302,7 +301,7 @@ pub fn write_tables(
         (xsdt_addr, &xsdt),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(|e| Error::Memory(format!("cannot write ACPI table at {addr:#x}: {e}")))?;
+            .map_err(Error::write("an ACPI table"))?;
     }
     Ok(AcpiPlacement {
         rsdp: rsdp_addr,

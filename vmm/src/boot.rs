@@ -156,15 +156,16 @@ fn load_initrd(
 
 fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
     if cmdline.len() >= layout::CMDLINE_MAX {
-        return Err(Error::CmdlineTooLong {
+        return Err(crate::config::ConfigError::CmdlineTooLong {
             len: cmdline.len(),
             max: layout::CMDLINE_MAX - 1,
-        });
+        }
+        .into());
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(layout::CMDLINE))
-        .map_err(|e| Error::Memory(format!("cannot write the command line: {e}")))
+        .map_err(Error::write("the command line"))
 }
 
 /// Loads the kernel (and initrd) and writes the boot protocol's structures.
@@ -181,9 +182,9 @@ pub fn load(
         path: kernel.to_path_buf(),
         source,
     })?;
-    let load_err = |e: linux_loader::loader::Error| Error::KernelLoad {
+    let load_err = |source: linux_loader::loader::Error| Error::KernelLoad {
         path: kernel.to_path_buf(),
-        reason: e.to_string(),
+        source,
     };
     write_cmdline(mem, cmdline)?;
     match format {
@@ -216,10 +217,7 @@ pub fn load(
                 ))
             })?;
             if hdr.xloadflags & 1 == 0 {
-                return Err(Error::KernelLoad {
-                    path: kernel.to_path_buf(),
-                    reason: "bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)".into(),
-                });
+                return Err(Error::KernelNot64Bit(kernel.to_path_buf()));
             }
             let initrd = match initrd {
                 Some(p) => Some(load_initrd(
@@ -288,8 +286,7 @@ fn write_pvh(
         params = BootParams::new(&StartInfo(info), GuestAddress(layout::PVH_START_INFO));
     }
     params.set_sections(&memmap, GuestAddress(layout::PVH_MEMMAP));
-    PvhBootConfigurator::write_bootparams(&params, mem)
-        .map_err(|e| Error::Memory(format!("cannot write PVH start_info: {e}")))
+    PvhBootConfigurator::write_bootparams(&params, mem).map_err(Error::configure("PVH start_info"))
 }
 
 fn write_zero_page(
@@ -318,9 +315,10 @@ fn write_zero_page(
     bp.acpi_rsdp_addr = rsdp;
     let map = memory_map(ram_size);
     if map.len() > bp.e820_table.len() {
-        return Err(Error::Memory(
-            "memory map has too many entries for boot_params".into(),
-        ));
+        return Err(Error::MemoryMapTooLong {
+            entries: map.len(),
+            max: bp.e820_table.len(),
+        });
     }
     for (slot, (addr, size, kind)) in bp.e820_table.iter_mut().zip(map.iter()) {
         slot.addr = *addr;
@@ -332,14 +330,14 @@ fn write_zero_page(
         &BootParams::new(&bp, GuestAddress(layout::ZERO_PAGE)),
         mem,
     )
-    .map_err(|e| Error::Memory(format!("cannot write boot_params: {e}")))
+    .map_err(Error::configure("boot_params"))
 }
 
 /// Identity-maps the first 1 GiB with 2 MiB pages for the 64-bit entry.
 fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
     let w = |v: u64, a: u64| {
         mem.write_obj(v, GuestAddress(a))
-            .map_err(|e| Error::Memory(format!("cannot write boot page tables: {e}")))
+            .map_err(Error::write("boot page tables"))
     };
     w(layout::BOOT_PDPT | 0x3, layout::BOOT_PML4)?;
     w(layout::BOOT_PD | 0x3, layout::BOOT_PDPT)?;
@@ -352,7 +350,10 @@ fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
 /// Reads back the boot_params a bzImage boot wrote (for tests and logs).
 pub fn read_zero_page(mem: &GuestMemoryMmap) -> Result<boot_params> {
     mem.read_obj(GuestAddress(layout::ZERO_PAGE))
-        .map_err(|e| Error::Memory(format!("cannot read boot_params: {e}")))
+        .map_err(|source| Error::GuestRead {
+            what: "boot_params",
+            source,
+        })
 }
 
 #[cfg(test)]

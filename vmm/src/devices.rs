@@ -324,7 +324,7 @@ impl Devices {
                         // a line for every byte the guest prints.
                         if self.serial_lost.fetch_add(1, Ordering::Relaxed) == 0 {
                             tracing::warn!(
-                                "serial output lost a byte ({e:?}); further losses are counted"
+                                "serial output lost a byte ({e}); further losses are counted"
                             );
                         }
                     }

@@ -1,14 +1,25 @@
-//! The one error type of part-vmm. Every message names what to fix.
+//! The one error type of part-vmm. Every message names what to fix; every
+//! variant keeps the error that caused it.
 
 use std::path::PathBuf;
 
-/// Errors of the partition monitor. `Config` variants are caused by bad input
-/// and end part-vmm with [`crate::exit::ExitStatus::BadInput`]; the others are
-/// VMM failures.
+use crate::config::ConfigError;
+
+/// Errors of the partition monitor. The variants [`Error::is_bad_input`]
+/// names are caused by the operator's input and end part-vmm with
+/// [`crate::exit::ExitStatus::BadInput`]; the others are VMM failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what} socket {path} already exists; remove it or choose another path")]
+    SocketExists { what: &'static str, path: PathBuf },
+    #[error("{what} socket: cannot listen on {path}: {source}")]
+    SocketBind {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel {path}: cannot read: {source}")]
     KernelUnreadable {
         path: PathBuf,
@@ -18,8 +29,13 @@ pub enum Error {
     KernelFormat(PathBuf),
     #[error("kernel {0}: ELF image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); part-vmm boots ELF kernels only through PVH")]
     KernelNoPvh(PathBuf),
-    #[error("kernel {path}: cannot load: {reason}")]
-    KernelLoad { path: PathBuf, reason: String },
+    #[error("kernel {0}: bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)")]
+    KernelNot64Bit(PathBuf),
+    #[error("kernel {path}: cannot load: {source}")]
+    KernelLoad {
+        path: PathBuf,
+        source: linux_loader::loader::Error,
+    },
     #[error("initrd {path}: cannot read: {source}")]
     InitrdUnreadable {
         path: PathBuf,
@@ -27,10 +43,35 @@ pub enum Error {
     },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory above the kernel")]
     InitrdTooLarge { path: PathBuf, size: u64 },
-    #[error("command line is {len} bytes; the limit is {max}")]
-    CmdlineTooLong { len: usize, max: usize },
-    #[error("guest memory: {0}")]
-    Memory(String),
+    #[error("guest memory: {mib} MiB is more than this host can address")]
+    MemoryTooLarge { mib: u64 },
+    #[error("guest memory: cannot map it: {0}")]
+    MemoryMap(#[source] vm_memory::mmap::FromRangesError),
+    #[error("guest memory: a region has no host mapping: {0}")]
+    RegionUnmapped(#[source] vm_memory::GuestMemoryError),
+    #[error("guest memory: cannot write {what}: {source}")]
+    GuestWrite {
+        what: &'static str,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("guest memory: cannot read {what}: {source}")]
+    GuestRead {
+        what: &'static str,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("boot: cannot write {what}: {source}")]
+    BootConfigure {
+        what: &'static str,
+        source: linux_loader::configurator::Error,
+    },
+    #[error("boot: the memory map has {entries} entries, boot_params holds {max}")]
+    MemoryMapTooLong { entries: usize, max: usize },
+    #[error("ACPI tables need {need} bytes, more than the {reserved} reserved")]
+    AcpiTooLarge { need: u64, reserved: u64 },
+    #[error(
+        "/proc/meminfo has no MemAvailable line; cannot tell how much memory the host has free"
+    )]
+    NoMemAvailable,
     #[error("guest memory: cannot create a sealed memfd of {size} bytes: {source}")]
     GuestMemfd {
         size: u64,
@@ -41,12 +82,36 @@ pub enum Error {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("serial: {0}")]
-    Serial(String),
-    #[error("setup: {0}")]
-    Setup(String),
-    #[error("vhost-user backend {socket}: {reason}")]
-    Backend { socket: PathBuf, reason: String },
+    #[error("KVM: cannot build the boot MSR list: {0}")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
+    #[error("KVM refused MSR {index:#x}")]
+    MsrRefused { index: u32 },
+    #[error("serial: cannot open {path}: {source}")]
+    SerialOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("event loop: {0}")]
+    EventManager(#[source] event_manager::Error),
+    #[error("vhost-user backend {socket}: {what}: {source}")]
+    Backend {
+        socket: PathBuf,
+        what: &'static str,
+        source: vhost::Error,
+    },
+    #[error(
+        "vhost-user backend {socket}: does not offer VIRTIO_F_VERSION_1 (part-vmm is modern-only)"
+    )]
+    BackendNotModern { socket: PathBuf },
+    #[error(
+        "vhost-user backend {socket}: queue {queue}: {ring} ring at {gpa:#x} is outside guest RAM"
+    )]
+    RingOutsideRam {
+        socket: PathBuf,
+        queue: usize,
+        ring: &'static str,
+        gpa: u64,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -61,14 +126,18 @@ impl Error {
         matches!(
             self,
             Error::Config(_)
+                | Error::SocketExists { .. }
+                | Error::SocketBind { .. }
                 | Error::KernelUnreadable { .. }
                 | Error::KernelFormat(_)
                 | Error::KernelNoPvh(_)
+                | Error::KernelNot64Bit(_)
                 | Error::KernelLoad { .. }
                 | Error::InitrdUnreadable { .. }
                 | Error::InitrdTooLarge { .. }
-                | Error::CmdlineTooLong { .. }
                 | Error::Backend { .. }
+                | Error::BackendNotModern { .. }
+                | Error::RingOutsideRam { .. }
         )
     }
 
@@ -79,6 +148,16 @@ impl Error {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let what = what.into();
         move |source| Error::Io { what, source }
+    }
+
+    pub(crate) fn configure(
+        what: &'static str,
+    ) -> impl FnOnce(linux_loader::configurator::Error) -> Error {
+        move |source| Error::BootConfigure { what, source }
+    }
+
+    pub(crate) fn write(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
+        move |source| Error::GuestWrite { what, source }
     }
 }
 

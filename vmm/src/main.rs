@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use part_vmm::config::{DeviceConfig, Overrides, SerialConfig, VmConfig};
+use part_vmm::config::{DeviceConfig, Overrides, SerialConfig};
 use part_vmm::exit::{STATUS_BAD_INPUT, STATUS_VMM_ERROR};
 
 /// partvisor partition monitor: boots one guest in one KVM VM.
@@ -91,7 +91,7 @@ fn main() {
         control_socket: cli.control_socket,
         exit_file: cli.exit_file,
     };
-    let result = VmConfig::assemble(cli.config.as_deref(), overrides)
+    let result = part_vmm::config::assemble(cli.config.as_deref(), overrides)
         .and_then(|cfg| part_vmm::vmm::run(&cfg, &opts));
     match result {
         Ok(reason) => {

@@ -55,16 +55,15 @@ impl GuestRam {
     pub fn new(mib: u64) -> Result<GuestRam> {
         let size = mib
             .checked_mul(1 << 20)
-            .ok_or_else(|| Error::Memory(format!("{mib} MiB overflows")))?;
+            .ok_or(Error::MemoryTooLarge { mib })?;
         let memfd = create_memfd(size)?;
         let mut ranges = Vec::new();
         for (gpa, len, off) in ram_ranges(size) {
             let f = memfd.try_clone().map_err(Error::io("dup guest memfd"))?;
-            let len = usize::try_from(len).map_err(|e| Error::Memory(e.to_string()))?;
+            let len = usize::try_from(len).map_err(|_| Error::MemoryTooLarge { mib })?;
             ranges.push((GuestAddress(gpa), len, Some(FileOffset::new(f, off))));
         }
-        let memory = GuestMemoryMmap::from_ranges_with_files(&ranges)
-            .map_err(|e| Error::Memory(format!("cannot map guest memory: {e}")))?;
+        let memory = GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(Error::MemoryMap)?;
         Ok(GuestRam {
             memory,
             memfd,
@@ -77,7 +76,7 @@ impl GuestRam {
         for (slot, region) in self.memory.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| Error::Memory(format!("region without host mapping: {e}")))?;
+                .map_err(Error::RegionUnmapped)?;
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,

@@ -94,10 +94,10 @@ fn segment(gdt: &[u64], index: usize) -> kvm_segment {
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
     for (i, e) in boot_gdt().iter().enumerate() {
         mem.write_obj(*e, GuestAddress(layout::BOOT_GDT + 8 * i as u64))
-            .map_err(|e| Error::Memory(format!("cannot write the boot GDT: {e}")))?;
+            .map_err(Error::write("the boot GDT"))?;
     }
     mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT))
-        .map_err(|e| Error::Memory(format!("cannot write the boot IDT: {e}")))
+        .map_err(Error::write("the boot IDT"))
 }
 
 fn ceil_log2(n: u32) -> u32 {
@@ -171,7 +171,7 @@ fn boot_msrs() -> Result<Msrs> {
         entry(MSR_IA32_MISC_ENABLE, 1),          // fast strings
         entry(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
     ])
-    .map_err(|e| Error::Setup(format!("MSR list: {e:?}")))
+    .map_err(Error::MsrList)
 }
 
 /// A configured vCPU, ready to run on its own thread.
@@ -203,7 +203,7 @@ impl Vcpu {
         let set = fd.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
         if set != msrs.as_slice().len() {
             let index = msrs.as_slice().get(set).map_or(0, |m| m.index);
-            return Err(Error::Setup(format!("KVM refused MSR {index:#x}")));
+            return Err(Error::MsrRefused { index });
         }
         let fpu = kvm_fpu {
             fcw: 0x37f,

@@ -206,12 +206,12 @@ pub struct VirtioMmio {
     memory: GuestMemoryMmap,
 }
 
-fn vhost_err(socket: &Path, what: &str) -> impl FnOnce(vhost::Error) -> Error {
+fn vhost_err(socket: &Path, what: &'static str) -> impl FnOnce(vhost::Error) -> Error {
     let socket = socket.to_path_buf();
-    let what = what.to_string();
-    move |e| Error::Backend {
+    move |source| Error::Backend {
         socket,
-        reason: format!("{what}: {e}"),
+        what,
+        source,
     }
 }
 
@@ -227,18 +227,15 @@ impl VirtioMmio {
     ) -> Result<VirtioMmio> {
         let (base, gsi) = slot(index);
         let err = |what| vhost_err(socket, what);
-        let mut frontend =
-            Frontend::connect(socket, kind.queues() as u64).map_err(|e| Error::Backend {
-                socket: socket.to_path_buf(),
-                reason: format!("cannot connect (is the I/O partition running?): {e}"),
-            })?;
+        let mut frontend = Frontend::connect(socket, kind.queues() as u64).map_err(vhost_err(
+            socket,
+            "cannot connect (is the I/O partition running?)",
+        ))?;
         frontend.set_owner().map_err(err("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(err("GET_FEATURES"))?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(Error::Backend {
+            return Err(Error::BackendNotModern {
                 socket: socket.to_path_buf(),
-                reason: "backend does not offer VIRTIO_F_VERSION_1 (part-vmm is modern-only)"
-                    .into(),
             });
         }
         let mut config = vec![0u8; kind.config_size() as usize];
@@ -485,11 +482,14 @@ impl VirtioMmio {
                 continue;
             }
             let n = usize::from(q.num);
-            let addr = |gpa: u64, len: usize, what: &str| {
-                self.host_addr(gpa, len).ok_or_else(|| Error::Backend {
-                    socket: socket.clone(),
-                    reason: format!("queue {i}: {what} ring at {gpa:#x} is outside guest RAM"),
-                })
+            let addr = |gpa: u64, len: usize, ring: &'static str| {
+                self.host_addr(gpa, len)
+                    .ok_or_else(|| Error::RingOutsideRam {
+                        socket: socket.clone(),
+                        queue: i,
+                        ring,
+                        gpa,
+                    })
             };
             let cfg = VringConfigData {
                 queue_max_size: QUEUE_MAX,

@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::config::{DeviceConfig, HostLimits, SerialConfig, VmConfig};
+use crate::config::{self, DeviceConfig, HostLimits, SerialConfig, VmConfig};
 use crate::devices::{Devices, SerialOut, SocketConsole};
 use crate::error::{Error, Result};
 use crate::exit::ExitReason;
@@ -187,7 +187,7 @@ impl Controller {
                     self.pending_input.drain(..n);
                 }
                 Err(e) => {
-                    tracing::warn!("serial input: {e:?}");
+                    tracing::warn!("serial input: {e}");
                     break;
                 }
             }
@@ -361,14 +361,14 @@ impl MutEventSubscriber for Controller {
         }
         for (fd, _) in &self.backends {
             if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::READ_HANG_UP)) {
-                tracing::error!("event loop: cannot watch backend fd {fd}: {e:?}");
+                tracing::error!("event loop: cannot watch backend fd {fd}: {e}");
             }
         }
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("event loop: cannot watch fd {fd}: {e:?}");
+                tracing::error!("event loop: cannot watch fd {fd}: {e}");
                 self.finish(ExitReason::VmmError {
-                    detail: format!("event loop setup failed: {e:?}"),
+                    detail: format!("event loop setup failed: {e}"),
                 });
             }
         }
@@ -445,7 +445,10 @@ fn serial_endpoints(cfg: &SerialConfig) -> Result<(SerialOut, InputSource)> {
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(|e| Error::Serial(format!("cannot open {}: {e}", p.display())))?;
+                .map_err(|source| Error::SerialOpen {
+                    path: p.clone(),
+                    source,
+                })?;
             (SerialOut::File(f), InputSource::None)
         }
         SerialConfig::Socket(p) => {
@@ -474,18 +477,17 @@ impl Drop for RemoveOnDrop {
 
 /// Listens on a new Unix socket at `p`; an existing file there is an error
 /// (it may belong to another partition).
-fn bind_socket(p: &Path, what: &str) -> Result<UnixListener> {
+fn bind_socket(p: &Path, what: &'static str) -> Result<UnixListener> {
     if p.exists() {
-        return Err(Error::Config(format!(
-            "{what} socket {} already exists; remove it or choose another path",
-            p.display()
-        )));
+        return Err(Error::SocketExists {
+            what,
+            path: p.to_owned(),
+        });
     }
-    let l = UnixListener::bind(p).map_err(|e| {
-        Error::Config(format!(
-            "{what} socket: cannot listen on {}: {e}",
-            p.display()
-        ))
+    let l = UnixListener::bind(p).map_err(|source| Error::SocketBind {
+        what,
+        path: p.to_owned(),
+        source,
     })?;
     l.set_nonblocking(true)
         .map_err(Error::io(format!("{what} socket {}", p.display())))?;
@@ -496,7 +498,7 @@ fn bind_socket(p: &Path, what: &str) -> Result<UnixListener> {
 /// state exists. Errors here are bad input.
 pub fn check(cfg: &VmConfig) -> Result<Kvm> {
     let kvm = Kvm::new().map_err(Error::kvm("cannot open /dev/kvm"))?;
-    cfg.validate(&HostLimits::probe(&kvm)?)?;
+    config::validate(cfg, &HostLimits::probe(&kvm)?)?;
     boot::detect_format(&cfg.kernel)?;
     if let Some(initrd) = &cfg.initrd {
         File::open(initrd)
@@ -673,12 +675,12 @@ fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
         outcome: None,
     }));
     let mut manager: EventManager<Arc<Mutex<Controller>>> =
-        EventManager::new().map_err(|e| Error::Setup(format!("event manager: {e:?}")))?;
+        EventManager::new().map_err(Error::EventManager)?;
     manager.add_subscriber(controller.clone());
     let reason = loop {
         if let Err(e) = manager.run() {
             break ExitReason::VmmError {
-                detail: format!("event loop: {e:?}"),
+                detail: format!("event loop: {e}"),
             };
         }
         let mut c = controller.locked();

@@ -25,6 +25,9 @@ use serde::Deserialize;
 use tokio::net::{UnixListener, UnixStream};
 use tower::ServiceExt;
 
+use partvisor_api::definition::MAX_STOP_TIMEOUT_S;
+use partvisor_api::views::{ErrorBody, LogQuery, StartBody, StopBody};
+
 use crate::coordinator::{CoordError, Coordinator};
 
 /// The peer of one API connection.
@@ -161,20 +164,13 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
 impl From<CoordError> for ApiError {
     fn from(e: CoordError) -> Self {
-        let status = match &e {
-            CoordError::Invalid(_) => StatusCode::BAD_REQUEST,
-            CoordError::NotFound(_) => StatusCode::NOT_FOUND,
-            CoordError::Conflict(_) | CoordError::Capacity { .. } => StatusCode::CONFLICT,
-            CoordError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            CoordError::Db(_) | CoordError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(status, e.to_string())
+        ApiError(e.status(), e.to_string())
     }
 }
 
@@ -280,10 +276,6 @@ async fn destroy(State(api): State<Api>, Path(name): Path<String>) -> Result<Res
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StartBody {}
-
 async fn start(
     State(api): State<Api>,
     Path(name): Path<String>,
@@ -294,15 +286,6 @@ async fn start(
     Ok(Json(api.coord.start(&id).await?).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StopBody {
-    #[serde(default)]
-    force: bool,
-    #[serde(default)]
-    timeout_s: Option<u64>,
-}
-
 async fn stop(
     State(api): State<Api>,
     Path(name): Path<String>,
@@ -310,8 +293,10 @@ async fn stop(
 ) -> Result<Response, ApiError> {
     let id = Coordinator::parse_id(&name)?;
     let b: StopBody = parse_body(&body, true)?;
-    if b.timeout_s.is_some_and(|t| t > 3600) {
-        return Err(bad_request("timeout_s: at most 3600"));
+    if b.timeout_s.is_some_and(|t| t > MAX_STOP_TIMEOUT_S) {
+        return Err(bad_request(format!(
+            "timeout_s: at most {MAX_STOP_TIMEOUT_S}"
+        )));
     }
     let view = api
         .coord
@@ -322,13 +307,6 @@ async fn stop(
 
 async fn resources(State(api): State<Api>) -> Result<Response, ApiError> {
     Ok(Json(api.coord.free()?).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogQuery {
-    partition: Option<String>,
-    limit: Option<u64>,
 }
 
 async fn log(State(api): State<Api>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {

@@ -2,95 +2,19 @@
 //! TOML on disk, JSON on the wire), how partd validates it, what it demands
 //! from the resource database and the part-vmm descriptor built from it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use part_vmm::config::{DeviceConfig, SerialConfig, VmConfig};
+pub use partvisor_api::definition::{Definition, Disk, MAX_STOP_TIMEOUT_S};
+use partvisor_api::descriptor::{
+    DeviceConfig, SerialConfig, VmConfig, CMDLINE_MAX, MAX_DEVICES, MAX_XAPIC_VCPUS as MAX_VCPUS,
+};
 use resource_db::{Demand, DeviceKind, HostConfig, PartitionId};
-use serde::{Deserialize, Serialize};
 
-/// Largest vCPU count part-vmm accepts (xAPIC ids).
-const MAX_VCPUS: u32 = part_vmm::config::MAX_XAPIC_VCPUS;
-/// part-vmm's command line limit is 64 KiB including the NUL.
-const MAX_CMDLINE: usize = 64 * 1024 - 1;
-/// Longest polite-stop timeout a definition may ask for.
-const MAX_STOP_TIMEOUT_S: u64 = 3600;
+/// part-vmm's command line limit, the NUL excluded.
+const MAX_CMDLINE: usize = CMDLINE_MAX - 1;
 /// Shared-pool share given to a partition that names neither `cpus` nor
 /// `cpu_share`: a tenth of a CPU per vCPU.
 pub const DEFAULT_SHARE_MILLI_PER_VCPU: u32 = 100;
-
-fn default_vcpus() -> u32 {
-    1
-}
-
-fn default_stop_timeout_s() -> u64 {
-    10
-}
-
-/// A partition definition. Unknown keys are refused so a typo never
-/// silently changes a partition.
-///
-/// ```toml
-/// name = "web"
-/// vcpus = 2
-/// memory_mib = 64
-/// kernel = "guest.elf"        # relative to the file's folder (partctl resolves it)
-/// initrd = "initrd.img"       # optional
-/// cmdline = "stay"            # optional
-/// cpus = [1]                  # dedicated host CPUs, or:
-/// cpu_share = 0.5             # share of the shared pool, in CPUs
-/// stop_timeout_s = 10         # polite stop -> forced stop (part-vmm's own timer)
-///
-/// [[disk]]                    # a virtio-blk disk served by `part-io blk`
-/// image = "/srv/web.img"      # a backing file partd manages (partd --disk-image)
-/// read_only = false
-///
-/// [[nic]]                     # a virtio-net port on a `part-io net` switch
-/// switch = "lan"              # MAC: assigned from the resource map at create
-/// ```
-///
-/// In `cmdline`, `{mac:NAME}` (or `{mac:NAME:I}` for NIC I) stands for the
-/// MAC of partition NAME's first (I-th) NIC; partd puts it in at start.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Definition {
-    pub name: String,
-    #[serde(default = "default_vcpus")]
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub kernel: PathBuf,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd: Option<PathBuf>,
-    #[serde(default)]
-    pub cmdline: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub cpus: Vec<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_share: Option<f64>,
-    #[serde(default = "default_stop_timeout_s")]
-    pub stop_timeout_s: u64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub disk: Vec<Disk>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nic: Vec<Nic>,
-}
-
-/// A disk: a backing file the host configuration lists as a device
-/// resource (`partd --disk-image PATH`), served by the partition's
-/// `part-io blk`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Disk {
-    pub image: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-/// A network port on the switch `switch` (one `part-io net` per switch).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Nic {
-    pub switch: String,
-}
 
 /// Why a command line's `{mac:...}` could not be filled in.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -101,16 +25,13 @@ pub enum CmdlineError {
     NoMac(String, usize),
 }
 
-/// Most disks or NICs per partition (part-vmm takes at most 8 devices).
-const MAX_DEVICES: usize = 8;
-
 /// Why a definition was refused; each message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum DefinitionError {
     #[error("definition is not valid: {0}")]
-    Parse(String),
+    Parse(#[source] serde_json::Error),
     #[error(transparent)]
-    Name(#[from] resource_db::Rejection),
+    Name(#[from] resource_db::ParseError),
     #[error("vcpus {0}: must be between 1 and {MAX_VCPUS}")]
     Vcpus(u32),
     #[error("memory_mib 0: a partition needs at least 1 MiB")]
@@ -149,95 +70,51 @@ pub enum DefinitionError {
     TooManyDevices(usize),
 }
 
-impl Definition {
+/// What partd does with a [`Definition`]: check it against this host, and
+/// derive what it demands from the resource database and the part-vmm
+/// descriptor from it.
+pub trait DefinitionExt: Sized {
     /// Parses and validates a JSON definition against the host.
-    pub fn from_json(value: serde_json::Value, host: &HostConfig) -> Result<Self, DefinitionError> {
-        let def: Definition =
-            serde_json::from_value(value).map_err(|e| DefinitionError::Parse(e.to_string()))?;
-        def.validate(host)?;
+    fn from_json(value: serde_json::Value, host: &HostConfig) -> Result<Self, DefinitionError>;
+    /// The validated partition name.
+    fn id(&self) -> Result<PartitionId, DefinitionError>;
+    /// Shared-pool share in milli-CPUs (0 for a partition with dedicated CPUs).
+    fn share_milli(&self) -> u32;
+    /// What starting this partition takes from the resource database.
+    fn demand(&self) -> Demand;
+    /// The command line with every `{mac:NAME[:I]}` replaced by `mac(NAME, I)`.
+    fn expand_cmdline(
+        &self,
+        mac: impl Fn(&str, usize) -> Option<String>,
+    ) -> Result<String, CmdlineError>;
+    /// What creating this partition takes: one MAC per NIC.
+    fn nic_demand(&self) -> Demand;
+    /// The part-vmm descriptor: exactly what was granted. `affinity` is the
+    /// set of host CPUs the vCPU threads may run on; `devices` the vhost-user
+    /// sockets of its disks and NICs, in definition order.
+    fn descriptor(
+        &self,
+        console: &Path,
+        affinity: Vec<u32>,
+        devices: Vec<DeviceConfig>,
+    ) -> VmConfig;
+}
+
+impl DefinitionExt for Definition {
+    /// Parses and validates a JSON definition against the host.
+    fn from_json(value: serde_json::Value, host: &HostConfig) -> Result<Self, DefinitionError> {
+        let def: Definition = serde_json::from_value(value).map_err(DefinitionError::Parse)?;
+        validate(&def, host)?;
         Ok(def)
     }
 
     /// The validated partition name.
-    pub fn id(&self) -> Result<PartitionId, DefinitionError> {
+    fn id(&self) -> Result<PartitionId, DefinitionError> {
         Ok(PartitionId::new(&self.name)?)
     }
 
-    fn validate(&self, host: &HostConfig) -> Result<(), DefinitionError> {
-        self.id()?;
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(DefinitionError::Vcpus(self.vcpus));
-        }
-        if self.memory_mib == 0 {
-            return Err(DefinitionError::Memory);
-        }
-        check_file("kernel", &self.kernel)?;
-        if let Some(initrd) = &self.initrd {
-            check_file("initrd", initrd)?;
-        }
-        if self.cmdline.len() > MAX_CMDLINE {
-            return Err(DefinitionError::Cmdline("longer than 65535 bytes"));
-        }
-        if self.cmdline.contains('\0') {
-            return Err(DefinitionError::Cmdline("contains a NUL byte"));
-        }
-        for (i, cpu) in self.cpus.iter().enumerate() {
-            if !host.cpus.contains(cpu) {
-                return Err(DefinitionError::UnknownCpu(*cpu, host.cpus.clone()));
-            }
-            if self.cpus[..i].contains(cpu) {
-                return Err(DefinitionError::DuplicateCpu(*cpu));
-            }
-        }
-        if let Some(share) = self.cpu_share {
-            if !self.cpus.is_empty() {
-                return Err(DefinitionError::CpusAndShare);
-            }
-            if !share.is_finite() || share <= 0.0 || share > f64::from(self.vcpus) {
-                return Err(DefinitionError::Share(share, self.vcpus));
-            }
-        }
-        if self.stop_timeout_s == 0 || self.stop_timeout_s > MAX_STOP_TIMEOUT_S {
-            return Err(DefinitionError::StopTimeout(self.stop_timeout_s));
-        }
-        let n = self.disk.len() + self.nic.len();
-        if n > MAX_DEVICES {
-            return Err(DefinitionError::TooManyDevices(n));
-        }
-        let known: Vec<String> = host
-            .devices
-            .iter()
-            .filter_map(|d| match &d.kind {
-                DeviceKind::BackingFile(p) => Some(p.display().to_string()),
-                DeviceKind::Tap(_) => None,
-            })
-            .collect();
-        for (i, d) in self.disk.iter().enumerate() {
-            check_file("disk image", &d.image)?;
-            let name = d.device_name();
-            if !known.contains(&name) {
-                return Err(DefinitionError::UnknownDisk(name, known));
-            }
-            if self.disk[..i].iter().any(|o| o.image == d.image) {
-                return Err(DefinitionError::DuplicateDisk(name));
-            }
-        }
-        for nic in &self.nic {
-            let ok = !nic.switch.is_empty()
-                && nic.switch.len() <= 32
-                && nic
-                    .switch
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !ok {
-                return Err(DefinitionError::SwitchName(nic.switch.clone()));
-            }
-        }
-        Ok(())
-    }
-
     /// Shared-pool share in milli-CPUs (0 for a partition with dedicated CPUs).
-    pub fn share_milli(&self) -> u32 {
+    fn share_milli(&self) -> u32 {
         if !self.cpus.is_empty() {
             return 0;
         }
@@ -249,7 +126,7 @@ impl Definition {
     }
 
     /// What starting this partition takes from the resource database.
-    pub fn demand(&self) -> Demand {
+    fn demand(&self) -> Demand {
         Demand {
             memory_mib: self.memory_mib,
             dedicated_cpus: self.cpus.clone(),
@@ -262,7 +139,7 @@ impl Definition {
     }
 
     /// The command line with every `{mac:NAME[:I]}` replaced by `mac(NAME, I)`.
-    pub fn expand_cmdline(
+    fn expand_cmdline(
         &self,
         mac: impl Fn(&str, usize) -> Option<String>,
     ) -> Result<String, CmdlineError> {
@@ -295,7 +172,7 @@ impl Definition {
     }
 
     /// What creating this partition takes: one MAC per NIC.
-    pub fn nic_demand(&self) -> Demand {
+    fn nic_demand(&self) -> Demand {
         Demand {
             macs: u32::try_from(self.nic.len()).unwrap_or(u32::MAX),
             ..Demand::default()
@@ -305,7 +182,7 @@ impl Definition {
     /// The part-vmm descriptor: exactly what was granted. `affinity` is the
     /// set of host CPUs the vCPU threads may run on; `devices` the vhost-user
     /// sockets of its disks and NICs, in definition order.
-    pub fn descriptor(
+    fn descriptor(
         &self,
         console: &Path,
         affinity: Vec<u32>,
@@ -329,11 +206,78 @@ impl Definition {
     }
 }
 
-impl Disk {
-    /// The device resource that stands for this image: its path.
-    pub fn device_name(&self) -> String {
-        self.image.display().to_string()
+/// Checks a definition against the host (paths with partd's rights).
+fn validate(def: &Definition, host: &HostConfig) -> Result<(), DefinitionError> {
+    def.id()?;
+    if def.vcpus == 0 || def.vcpus > MAX_VCPUS {
+        return Err(DefinitionError::Vcpus(def.vcpus));
     }
+    if def.memory_mib == 0 {
+        return Err(DefinitionError::Memory);
+    }
+    check_file("kernel", &def.kernel)?;
+    if let Some(initrd) = &def.initrd {
+        check_file("initrd", initrd)?;
+    }
+    if def.cmdline.len() > MAX_CMDLINE {
+        return Err(DefinitionError::Cmdline("longer than 65535 bytes"));
+    }
+    if def.cmdline.contains('\0') {
+        return Err(DefinitionError::Cmdline("contains a NUL byte"));
+    }
+    for (i, cpu) in def.cpus.iter().enumerate() {
+        if !host.cpus.contains(cpu) {
+            return Err(DefinitionError::UnknownCpu(*cpu, host.cpus.clone()));
+        }
+        if def.cpus[..i].contains(cpu) {
+            return Err(DefinitionError::DuplicateCpu(*cpu));
+        }
+    }
+    if let Some(share) = def.cpu_share {
+        if !def.cpus.is_empty() {
+            return Err(DefinitionError::CpusAndShare);
+        }
+        if !share.is_finite() || share <= 0.0 || share > f64::from(def.vcpus) {
+            return Err(DefinitionError::Share(share, def.vcpus));
+        }
+    }
+    if def.stop_timeout_s == 0 || def.stop_timeout_s > MAX_STOP_TIMEOUT_S {
+        return Err(DefinitionError::StopTimeout(def.stop_timeout_s));
+    }
+    let n = def.disk.len() + def.nic.len();
+    if n > MAX_DEVICES {
+        return Err(DefinitionError::TooManyDevices(n));
+    }
+    let known: Vec<String> = host
+        .devices
+        .iter()
+        .filter_map(|d| match &d.kind {
+            DeviceKind::BackingFile(p) => Some(p.display().to_string()),
+            DeviceKind::Tap(_) => None,
+        })
+        .collect();
+    for (i, d) in def.disk.iter().enumerate() {
+        check_file("disk image", &d.image)?;
+        let name = d.device_name();
+        if !known.contains(&name) {
+            return Err(DefinitionError::UnknownDisk(name, known));
+        }
+        if def.disk[..i].iter().any(|o| o.image == d.image) {
+            return Err(DefinitionError::DuplicateDisk(name));
+        }
+    }
+    for nic in &def.nic {
+        let ok = !nic.switch.is_empty()
+            && nic.switch.len() <= 32
+            && nic
+                .switch
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(DefinitionError::SwitchName(nic.switch.clone()));
+        }
+    }
+    Ok(())
 }
 
 fn check_file(key: &'static str, path: &Path) -> Result<(), DefinitionError> {
@@ -355,6 +299,7 @@ fn check_file(key: &'static str, path: &Path) -> Result<(), DefinitionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn host() -> HostConfig {
         HostConfig {

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 
 use crate::process::{self, VmmRecord};
+pub use partvisor_api::views::{IoKind, IoView};
 
 /// Longest path a Unix socket can be bound at (`sun_path` holds 108 bytes
 /// with the NUL).
@@ -109,22 +110,6 @@ impl IoRecord {
         }
         true
     }
-}
-
-/// A part-io process as `show` reports it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct IoView {
-    /// `blk` or `net`.
-    pub kind: String,
-    /// The switch (net only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub switch: Option<String>,
-    pub pid: u32,
-    pub start_time: u64,
-    /// False once the process is gone: its guests' devices need reset.
-    pub alive: bool,
-    pub sockets: Vec<PathBuf>,
-    pub log: PathBuf,
 }
 
 /// Files of one switch.

@@ -61,7 +61,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use resource_db::{Db, HostConfig};
+use resource_db::{Db, HostConfig, HostConfigExt};
 
 /// partvisor coordinator daemon: serves the partd API, starts and
 /// supervises partition monitors.

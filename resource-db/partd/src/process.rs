@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use channels::SealedMemfd;
-use part_vmm::config::VmConfig;
-use part_vmm::control::{Reply, Request};
+use partvisor_api::control::{Reply, Request};
+use partvisor_api::descriptor::VmConfig;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

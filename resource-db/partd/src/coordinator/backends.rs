@@ -27,11 +27,11 @@ impl Coordinator {
             .iter()
             .find(|s| s.as_os_str().len() > io::MAX_SOCKET_PATH)
         {
-            return Err(CoordError::Invalid(format!(
-                "cannot start {id}: socket path {} is longer than {} bytes (the Unix socket limit); give partd a shorter --state-dir, or use shorter partition and switch names",
-                long.display(),
-                io::MAX_SOCKET_PATH
-            )));
+            return Err(CoordError::SocketPathTooLong {
+                id: id.clone(),
+                path: long.clone(),
+                max: io::MAX_SOCKET_PATH,
+            });
         }
         Ok(())
     }
@@ -64,7 +64,10 @@ impl Coordinator {
                 sockets.len(),
             )
             .await
-            .map_err(|e| CoordError::Internal(format!("cannot start {id}: {e}")))?;
+            .map_err(|source| CoordError::Backend {
+                id: id.clone(),
+                source,
+            })?;
             tracing::info!(
                 "{id}: part-io blk pid {} serves {} disk(s)",
                 rec.pid,
@@ -108,10 +111,10 @@ impl Coordinator {
                     continue;
                 }
                 let Some(mac) = macs.get(i) else {
-                    return Err(CoordError::Internal(format!(
-                        "partition {} has no MAC for its NIC {i}",
-                        rec.id
-                    )));
+                    return Err(CoordError::NoMac {
+                        id: rec.id.clone(),
+                        nic: i,
+                    });
                 };
                 ports.push(Port {
                     partition: rec.id.to_string(),
@@ -133,8 +136,9 @@ impl Coordinator {
     ) -> Result<(), CoordError> {
         let _g = self.switches.lock().await;
         let sf = SwitchFiles::new(&self.settings.state_dir, switch);
-        std::fs::create_dir_all(&sf.dir).map_err(|e| {
-            CoordError::Internal(format!("cannot create {}: {e}", sf.dir.display()))
+        std::fs::create_dir_all(&sf.dir).map_err(|source| CoordError::SwitchDir {
+            path: sf.dir.clone(),
+            source,
         })?;
         let want = self.members(switch)?;
         let mine: Vec<&Port> = want.iter().filter(|p| p.partition == id.as_str()).collect();
@@ -150,21 +154,22 @@ impl Coordinator {
                 .map(|p| p.partition.as_str())
                 .collect();
             if !busy.is_empty() {
-                return Err(CoordError::Conflict(format!(
-                    "cannot start {id}: switch {switch} (part-io pid {}) has no port for it and cannot be restarted while partitions are connected to it ({}); stop them, then start {id} first (the switch is then started with a port for every partition defined on it)",
-                    rec.pid,
-                    busy.join(", ")
-                )));
+                return Err(CoordError::SwitchBusy {
+                    id: id.clone(),
+                    switch: switch.to_owned(),
+                    pid: rec.pid,
+                    busy: busy.into_iter().map(str::to_owned).collect(),
+                });
             }
             tracing::info!(
                 "switch {switch}: restarting part-io pid {} to add ports for {id}",
                 rec.pid
             );
             if !rec.stop(Duration::from_secs(5)).await {
-                return Err(CoordError::Internal(format!(
-                    "switch {switch}: part-io pid {} did not end",
-                    rec.pid
-                )));
+                return Err(CoordError::SwitchStuck {
+                    switch: switch.to_owned(),
+                    pid: rec.pid,
+                });
             }
         }
         let args = io::net_args(&want, &sf.stats());
@@ -176,7 +181,10 @@ impl Coordinator {
             want.len(),
         )
         .await
-        .map_err(|e| CoordError::Internal(format!("cannot start {id}: {e}")))?;
+        .map_err(|source| CoordError::Backend {
+            id: id.clone(),
+            source,
+        })?;
         tracing::info!(
             "switch {switch}: part-io net pid {} with {} port(s)",
             rec.pid,
@@ -256,7 +264,7 @@ impl Coordinator {
         let files = self.files(&rec.id);
         if let Some(r) = process::read_json::<IoRecord>(&self.blk_record_path(&rec.id)) {
             out.push(IoView {
-                kind: "blk".into(),
+                kind: IoKind::Blk,
                 switch: None,
                 pid: r.pid,
                 start_time: r.start_time,
@@ -274,7 +282,7 @@ impl Coordinator {
             let sf = SwitchFiles::new(&self.settings.state_dir, sw);
             if let Some(r) = process::read_json::<IoRecord>(&sf.record()) {
                 out.push(IoView {
-                    kind: "net".into(),
+                    kind: IoKind::Net,
                     switch: Some(sw.to_string()),
                     pid: r.pid,
                     start_time: r.start_time,

@@ -8,10 +8,13 @@
 //! its end.
 
 mod backends;
+mod error;
 mod recover;
 mod start;
 mod stop;
 mod supervise;
+
+pub use error::CoordError;
 
 use partvisor_runtime::sync::MutexExt;
 use std::collections::HashMap;
@@ -21,18 +24,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use part_vmm::control::{ExitRecord, Request};
+use partvisor_api::control::{ExitRecord, Request};
 use resource_db::{
-    Change, Db, Error as DbError, FreeCapacity, Holdings, LogEntry, LogRecord, Owner, PartitionId,
+    Change, Db, Error as DbError, FreeCapacity, LogEntry, LogRecord, Owner, PartitionId,
     PartitionRecord, PartitionState, Rejection, ResourceId, TxId,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::definition::{Definition, DefinitionError};
-use crate::io::{self, IoRecord, IoView, Port, SwitchFiles};
+use crate::definition::{Definition, DefinitionExt};
+use crate::io::{self, IoKind, IoRecord, IoView, Port, SwitchFiles};
 use crate::process::{self, Ended, PartitionFiles, VmmProcess, VmmRecord};
-use part_vmm::config::DeviceConfig;
+use partvisor_api::descriptor::DeviceConfig;
+pub use partvisor_api::views::{PartitionView, StartTimings, VmmView};
 
 /// The actor name partd uses in the audit log.
 const ACTOR: &str = "partd";
@@ -42,31 +45,6 @@ const PLAN_ATTEMPTS: usize = 8;
 const START_DEADLINE: Duration = Duration::from_secs(30);
 /// Grace after a forced stop before partd sends SIGKILL.
 const FORCE_GRACE: Duration = Duration::from_secs(3);
-
-/// Errors of the coordinator, mapped to HTTP statuses by the API layer.
-#[derive(Debug, thiserror::Error)]
-pub enum CoordError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("no partition named {0}; `partctl list` shows the defined ones")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("cannot start {name}: {reason}; nothing was allocated (`partctl resources` shows what is free)")]
-    Capacity { name: String, reason: String },
-    #[error("{0}")]
-    Timeout(String),
-    #[error("resource database: {0}")]
-    Db(#[from] DbError),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<DefinitionError> for CoordError {
-    fn from(e: DefinitionError) -> Self {
-        CoordError::Invalid(e.to_string())
-    }
-}
 
 /// Supervision settings.
 #[derive(Clone, Debug)]
@@ -79,56 +57,6 @@ pub struct Settings {
     pub ping_timeout: Duration,
     pub unresponsive_after: Duration,
     pub cgroups: crate::cgroup::CpuCgroups,
-}
-
-/// A partition as the API shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PartitionView {
-    pub name: String,
-    pub state: PartitionState,
-    pub definition: serde_json::Value,
-    pub holdings: Holdings,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vmm: Option<VmmView>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_exit: Option<ExitRecord>,
-    /// The part-io processes serving its disks and NICs.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub io: Vec<IoView>,
-    /// Only in the reply to a start: where its time went.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_timings: Option<StartTimings>,
-}
-
-/// Where the time of one start went, in microseconds.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct StartTimings {
-    /// Checks, planning and the grant transaction (durable).
-    pub grant_us: u64,
-    /// Starting the part-io backends and waiting until they listen.
-    #[serde(default)]
-    pub io_us: u64,
-    /// Descriptor memfd, state files and fork/exec of part-vmm.
-    pub spawn_us: u64,
-    /// From the spawn until the monitor first answered a ping: the
-    /// monitor's own share (exec, KVM setup, control socket).
-    pub monitor_us: u64,
-    /// Recording `running` (durable) and building the reply.
-    pub running_us: u64,
-    /// The whole start inside partd.
-    pub total_us: u64,
-}
-
-/// The running monitor of a partition.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VmmView {
-    pub pid: u32,
-    pub start_time: u64,
-    pub control_socket: PathBuf,
-    pub console_socket: PathBuf,
-    /// The cgroup weighting its share of the shared pool, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<PathBuf>,
 }
 
 /// Where a live VMM is in its life, as the supervisor sees it.
@@ -247,7 +175,7 @@ impl Coordinator {
     fn record(&self, id: &PartitionId) -> Result<PartitionRecord, CoordError> {
         self.db
             .partition(id)?
-            .ok_or_else(|| CoordError::NotFound(id.to_string()))
+            .ok_or_else(|| CoordError::NotFound { id: id.clone() })
     }
 
     /// Moves `id` to `to` if it is in one of `from`; returns whether it did.
@@ -273,13 +201,14 @@ impl Coordinator {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(CoordError::Internal(format!(
-            "{id}: state kept changing; try again"
-        )))
+        Err(CoordError::Contended {
+            id: id.clone(),
+            what: "state kept changing",
+        })
     }
 
     pub fn parse_id(name: &str) -> Result<PartitionId, CoordError> {
-        PartitionId::new(name).map_err(|e| CoordError::Invalid(e.to_string()))
+        Ok(PartitionId::new(name)?)
     }
 
     // ----- reads -----
@@ -312,8 +241,12 @@ impl Coordinator {
             io,
             name: rec.id.to_string(),
             state: rec.state,
-            definition: serde_json::from_str(&rec.definition)
-                .unwrap_or(serde_json::Value::String(rec.definition.clone())),
+            definition: serde_json::from_str(&rec.definition).map_err(|source| {
+                CoordError::StoredDefinition {
+                    id: rec.id.clone(),
+                    source,
+                }
+            })?,
             holdings: self.db.holdings(&rec.id)?,
             vmm,
             last_exit,
@@ -357,7 +290,10 @@ impl Coordinator {
         let lock = self.lock_of(&id);
         let _g = lock.lock().await;
         let definition =
-            serde_json::to_string(&def).map_err(|e| CoordError::Internal(e.to_string()))?;
+            serde_json::to_string(&def).map_err(|source| CoordError::EncodeDefinition {
+                id: id.clone(),
+                source,
+            })?;
         let change = Change::Create {
             record: PartitionRecord {
                 id: id.clone(),
@@ -372,18 +308,17 @@ impl Coordinator {
             .db
             .snapshot()?
             .plan_grant(&id, &def.nic_demand())
-            .map_err(|r| CoordError::Capacity {
-                name: id.to_string(),
-                reason: r.to_string(),
+            .map_err(|reason| CoordError::Capacity {
+                action: "create",
+                id: id.clone(),
+                reason,
             })?;
         let mut changes = vec![change];
         changes.extend(macs);
         match self.transact(changes).await {
             Ok(_) => {}
             Err(e) if matches!(e.rejection(), Some(Rejection::PartitionExists { .. })) => {
-                return Err(CoordError::Conflict(format!(
-                    "partition {id} already exists; `partctl destroy {id}` it first or pick another name"
-                )))
+                return Err(CoordError::Exists { id })
             }
             Err(e) => return Err(e.into()),
         }
@@ -396,10 +331,10 @@ impl Coordinator {
         for _ in 0..PLAN_ATTEMPTS {
             let rec = self.record(id)?;
             if is_active(rec.state) {
-                return Err(CoordError::Conflict(format!(
-                    "partition {id} is {}; `partctl stop {id}` it first",
-                    rec.state.as_str()
-                )));
+                return Err(CoordError::StillActive {
+                    id: id.clone(),
+                    state: rec.state,
+                });
             }
             let snap = self.db.snapshot()?;
             let mut changes = snap.plan_release(id);
@@ -419,9 +354,10 @@ impl Coordinator {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(CoordError::Internal(format!(
-            "{id}: kept changing during destroy; try again"
-        )))
+        Err(CoordError::Contended {
+            id: id.clone(),
+            what: "kept changing during destroy",
+        })
     }
 }
 

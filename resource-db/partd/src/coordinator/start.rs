@@ -1,7 +1,34 @@
-//! Starting a partition: one grant transaction, its I/O partitions, then
-//! its monitor, and the monitor's registration with its supervisor.
+//! Starting a partition, in named steps: [`Coordinator::prepare_start`]
+//! (checks, nothing changes), [`Coordinator::grant`] (one transaction:
+//! everything the partition needs and `starting`), [`Coordinator::launch`]
+//! (its I/O partitions, then its monitor), registration with its
+//! supervisor, and [`Coordinator::await_first_answer`]. A launch that fails
+//! takes the one way back, [`Coordinator::roll_back`].
 
 use super::*;
+
+/// What a start needs once its checks passed.
+struct Prepared {
+    def: Definition,
+    /// The command line with every `{mac:...}` filled in.
+    cmdline: String,
+    /// The state to return to when the start changes nothing.
+    state_before: PartitionState,
+}
+
+/// A launch that did not get as far as a running monitor.
+struct LaunchFailure {
+    error: CoordError,
+    /// Where the partition goes once its grant is released.
+    outcome: Outcome,
+}
+
+enum Outcome {
+    /// Nothing was started (e.g. a busy switch): back to where it was.
+    Unchanged,
+    /// It failed: `failed`, with an exit record naming `reason`.
+    Failed { reason: &'static str },
+}
 
 impl Coordinator {
     /// Grants, spawns and waits until the monitor answers (or ends).
@@ -9,20 +36,58 @@ impl Coordinator {
         let t0 = Instant::now();
         let lock = self.lock_of(id);
         let guard = lock.lock().await;
-        let rec = self.record(id)?;
-        let state_before = rec.state;
-        if is_active(rec.state) {
-            return Err(CoordError::Conflict(format!(
-                "partition {id} is already {}",
-                rec.state.as_str()
-            )));
+        let prepared = self.prepare_start(id)?;
+        let affinity = self.grant(id, &prepared.def).await?;
+        let t_granted = Instant::now();
+        let files = self.files(id);
+        let (proc_, record, t_io) = match self.launch(id, &prepared, affinity, &files).await {
+            Ok(launched) => launched,
+            Err(failure) => return Err(self.roll_back(id, &prepared, &files, failure).await),
+        };
+        let t_spawned = Instant::now();
+        let live = self.register(id, record, files, false);
+        self.place_in_cgroup(id, &live, prepared.def.share_milli());
+        let phase = live.phase.subscribe();
+        self.supervise(id.clone(), Arc::clone(&live), proc_);
+        drop(guard);
+        let (mut view, answered) = self.await_first_answer(id, phase).await?;
+        if answered {
+            let first = live.first_answer.locked().unwrap_or(t_spawned);
+            let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+            view.start_timings = Some(StartTimings {
+                grant_us: us(t_granted - t0),
+                io_us: us(t_io - t_granted),
+                spawn_us: us(t_spawned - t_io),
+                monitor_us: us(first.saturating_duration_since(t_spawned)),
+                running_us: us(first.elapsed()),
+                total_us: us(t0.elapsed()),
+            });
         }
-        let value: serde_json::Value = serde_json::from_str(&rec.definition)
-            .map_err(|e| CoordError::Internal(format!("stored definition of {id}: {e}")))?;
-        // Files may have gone since `create`: check again.
-        let def = Definition::from_json(value, self.db.view().host())
-            .map_err(|e| CoordError::Conflict(format!("cannot start {id}: {e}")))?;
+        Ok(view)
+    }
 
+    /// Step 1: the partition may start and its definition still holds
+    /// (files may have gone since `create`). Changes nothing.
+    fn prepare_start(&self, id: &PartitionId) -> Result<Prepared, CoordError> {
+        let rec = self.record(id)?;
+        if is_active(rec.state) {
+            return Err(CoordError::AlreadyActive {
+                id: id.clone(),
+                state: rec.state,
+            });
+        }
+        let value: serde_json::Value = serde_json::from_str(&rec.definition).map_err(|source| {
+            CoordError::StoredDefinition {
+                id: id.clone(),
+                source,
+            }
+        })?;
+        let def = Definition::from_json(value, self.db.view().host()).map_err(|source| {
+            CoordError::NoLongerValid {
+                id: id.clone(),
+                source,
+            }
+        })?;
         self.check_socket_paths(id, &def)?;
         // `{mac:NAME}` in the command line: the MACs granted at create.
         let cmdline = def
@@ -31,22 +96,30 @@ impl Coordinator {
                 let macs = self.db.holdings(&p).ok()?.macs;
                 macs.get(i).map(ToString::to_string)
             })
-            .map_err(|e| CoordError::Conflict(format!("cannot start {id}: {e}")))?;
+            .map_err(|source| CoordError::Cmdline {
+                id: id.clone(),
+                source,
+            })?;
+        Ok(Prepared {
+            def,
+            cmdline,
+            state_before: rec.state,
+        })
+    }
 
-        // One transaction: everything the partition needs + `starting`.
-        let mut affinity = Vec::new();
-        let mut granted = false;
+    /// Step 2: one transaction grants everything the partition needs,
+    /// asserts the MACs it got at create, and records `starting`. Returns
+    /// the host CPUs its vCPU threads may run on.
+    async fn grant(&self, id: &PartitionId, def: &Definition) -> Result<Vec<u32>, CoordError> {
+        let capacity = |reason: Rejection| CoordError::Capacity {
+            action: "start",
+            id: id.clone(),
+            reason,
+        };
         for _ in 0..PLAN_ATTEMPTS {
             let snap = self.db.snapshot()?;
             let rec = self.record(id)?;
-            let mut changes =
-                snap.plan_grant(id, &def.demand())
-                    .map_err(|r| CoordError::Capacity {
-                        name: id.to_string(),
-                        reason: r.to_string(),
-                    })?;
-            // The MACs granted at create are asserted (before == after) in
-            // the same transaction.
+            let mut changes = snap.plan_grant(id, &def.demand()).map_err(capacity)?;
             for mac in snap.holdings(id).macs {
                 changes.push(Change::Transfer {
                     resource: ResourceId::Mac(mac),
@@ -59,9 +132,9 @@ impl Coordinator {
                 before: rec.state,
                 after: PartitionState::Starting,
             });
-            affinity = if def.cpus.is_empty() {
-                let host = snap.host();
-                host.cpus
+            let affinity = if def.cpus.is_empty() {
+                snap.host()
+                    .cpus
                     .iter()
                     .copied()
                     .filter(|c| matches!(snap.owner(&ResourceId::Cpu(*c)), Ok(Owner::SharedPool)))
@@ -70,151 +143,168 @@ impl Coordinator {
                 def.cpus.clone()
             };
             match self.transact(changes).await {
-                Ok(_) => {
-                    granted = true;
-                    break;
-                }
+                Ok(_) => return Ok(affinity),
                 Err(e) if stale(&e) => continue,
                 Err(e) => {
-                    if let Some(r) = e.rejection() {
-                        if matches!(
-                            r,
-                            Rejection::OverCapacity { .. }
-                                | Rejection::Insufficient { .. }
-                                | Rejection::Unavailable { .. }
-                        ) {
-                            return Err(CoordError::Capacity {
-                                name: id.to_string(),
-                                reason: r.to_string(),
-                            });
-                        }
-                    }
-                    return Err(e.into());
+                    return Err(match e.rejection() {
+                        Some(
+                            r @ (Rejection::OverCapacity { .. }
+                            | Rejection::Insufficient { .. }
+                            | Rejection::Unavailable { .. }),
+                        ) => capacity(r.clone()),
+                        _ => e.into(),
+                    })
                 }
             }
         }
-        if !granted {
-            return Err(CoordError::Internal(format!(
-                "{id}: resources kept changing while planning; try again"
-            )));
-        }
+        Err(CoordError::Contended {
+            id: id.clone(),
+            what: "resources kept changing while planning",
+        })
+    }
 
-        let t_granted = Instant::now();
-        let files = self.files(id);
-        // Boot order: the I/O partitions listen before the monitor starts.
-        let devices = match files.clear_run_files() {
-            Ok(()) => self.start_io(id, &def).await,
-            Err(e) => Err(CoordError::Internal(e.to_string())),
-        };
-        let devices = match devices {
-            Ok(d) => d,
-            Err(e) => {
-                // A conflict (a busy switch) starts nothing: the partition
-                // goes back to where it was. Anything else is a failure.
-                let after = if matches!(e, CoordError::Conflict(_)) {
-                    state_before
-                } else {
-                    let reason = ExitRecord {
-                        pid: 0,
-                        reason: "io-failed".into(),
-                        status: -1,
-                        detail: e.to_string(),
-                    };
-                    let _ = process::write_json_atomic(&files.exit_file(), &reason);
-                    PartitionState::Failed
-                };
-                self.let_go(id, &def).await;
-                self.release(id, after).await?;
-                return Err(e);
+    /// Step 3: the I/O partitions listen before the monitor starts; then
+    /// the monitor is spawned from its sealed descriptor.
+    async fn launch(
+        &self,
+        id: &PartitionId,
+        prepared: &Prepared,
+        affinity: Vec<u32>,
+        files: &PartitionFiles,
+    ) -> Result<(VmmProcess, VmmRecord, Instant), LaunchFailure> {
+        let failed = |reason| {
+            move |error| LaunchFailure {
+                error,
+                outcome: Outcome::Failed { reason },
             }
         };
+        files
+            .clear_run_files()
+            .map_err(|source| CoordError::Monitor {
+                id: id.clone(),
+                source,
+            })
+            .map_err(failed("io-failed"))?;
+        let devices = self
+            .start_io(id, &prepared.def)
+            .await
+            .map_err(|error| match error {
+                // A busy switch starts nothing: the partition stays as it was.
+                CoordError::SwitchBusy { .. } => LaunchFailure {
+                    error,
+                    outcome: Outcome::Unchanged,
+                },
+                error => failed("io-failed")(error),
+            })?;
         let t_io = Instant::now();
-        let spawned = {
-            let mut cfg = def.descriptor(&files.console(), affinity, devices);
-            cfg.cmdline = cmdline;
-            process::spawn(&self.settings.vmm, id.as_str(), &cfg, &files)
-        };
-        let (proc_, record) = match spawned {
-            Ok(x) => x,
-            Err(e) => {
-                let reason = ExitRecord {
-                    pid: 0,
-                    reason: "spawn-failed".into(),
-                    status: -1,
-                    detail: e.to_string(),
-                };
-                let _ = process::write_json_atomic(&files.exit_file(), &reason);
-                self.let_go(id, &def).await;
-                self.release(id, PartitionState::Failed).await?;
-                return Err(CoordError::Internal(format!("cannot start {id}: {e}")));
-            }
-        };
+        let mut cfg = prepared.def.descriptor(&files.console(), affinity, devices);
+        cfg.cmdline = prepared.cmdline.clone();
+        let (proc_, record) = process::spawn(&self.settings.vmm, id.as_str(), &cfg, files)
+            .map_err(|source| CoordError::Monitor {
+                id: id.clone(),
+                source,
+            })
+            .map_err(failed("spawn-failed"))?;
         if let Err(e) = process::write_json_atomic(&files.vmm_record(), &record) {
             tracing::warn!(
                 "{id}: cannot write {}: {e}; a restarted partd will not find this VMM",
                 files.vmm_record().display()
             );
         }
-        let t_spawned = Instant::now();
-        let live = self.register(id, record, files, false);
-        let share = def.share_milli();
-        if share > 0 {
-            // Moving a process between cgroups can take milliseconds (v1
-            // waits for RCU): done beside the start, not in its way. `finish`
-            // waits for it before removing the cgroup.
-            let cgroups = self.settings.cgroups.clone();
-            let (name, pid) = (id.to_string(), live.record.pid);
-            let placing = tokio::task::spawn_blocking(move || {
-                if let Err(e) = cgroups.place(&name, pid, share) {
-                    tracing::warn!("{name}: its share is not weighted: {e}");
-                }
-            });
-            *live.placing.locked() = Some(placing);
-        }
-        let mut phase = live.phase.subscribe();
-        self.supervise(id.clone(), Arc::clone(&live), proc_);
-        drop(guard);
+        Ok((proc_, record, t_io))
+    }
 
+    /// The one way back from a failed launch: record why (when it failed),
+    /// stop what was started for it, release the grant and set the state.
+    /// Returns the error the caller reports.
+    async fn roll_back(
+        &self,
+        id: &PartitionId,
+        prepared: &Prepared,
+        files: &PartitionFiles,
+        failure: LaunchFailure,
+    ) -> CoordError {
+        let after = match failure.outcome {
+            Outcome::Unchanged => prepared.state_before,
+            Outcome::Failed { reason } => {
+                let record = ExitRecord {
+                    pid: 0,
+                    reason: reason.into(),
+                    status: -1,
+                    detail: failure.error.to_string(),
+                };
+                if let Err(e) = process::write_json_atomic(&files.exit_file(), &record) {
+                    tracing::warn!("{id}: cannot write {}: {e}", files.exit_file().display());
+                }
+                PartitionState::Failed
+            }
+        };
+        self.let_go(id, &prepared.def).await;
+        match self.release(id, after).await {
+            Ok(()) => failure.error,
+            // The release is what the operator must see: the grant is still
+            // held. The launch error is in the log.
+            Err(e) => {
+                tracing::error!(
+                    "{id}: start failed ({}); releasing failed too",
+                    failure.error
+                );
+                e
+            }
+        }
+    }
+
+    /// Weights the monitor's shared-pool share. Moving a process between
+    /// cgroups can take milliseconds (v1 waits for RCU), so it is done
+    /// beside the start, not in its way; `finish` waits for it before
+    /// removing the cgroup.
+    fn place_in_cgroup(&self, id: &PartitionId, live: &Arc<Live>, share: u32) {
+        if share == 0 {
+            return;
+        }
+        let cgroups = self.settings.cgroups.clone();
+        let (name, pid) = (id.to_string(), live.record.pid);
+        let placing = tokio::task::spawn_blocking(move || {
+            if let Err(e) = cgroups.place(&name, pid, share) {
+                tracing::warn!("{name}: its share is not weighted: {e}");
+            }
+        });
+        *live.placing.locked() = Some(placing);
+    }
+
+    /// Last step: waits until the monitor first answers (the view, and
+    /// `true`) or ends while starting (an error naming why). `false`: the
+    /// supervisor went away first; the view is what the database says.
+    async fn await_first_answer(
+        &self,
+        id: &PartitionId,
+        mut phase: watch::Receiver<Phase>,
+    ) -> Result<(PartitionView, bool), CoordError> {
         let waited =
             tokio::time::timeout(START_DEADLINE, phase.wait_for(|p| *p != Phase::Starting)).await;
-        match waited {
-            Ok(Ok(p)) => {
-                let p = p.clone();
-                if let Phase::Ended(state) = p {
-                    let view = self.view(id)?;
-                    let why = view
-                        .last_exit
-                        .as_ref()
-                        .map(|r| r.detail.clone())
-                        .unwrap_or_default();
-                    return Err(CoordError::Conflict(format!(
-                        "partition {id} ended while starting ({}): {why}; see {}",
-                        state.as_str(),
-                        self.files(id).vmm_log().display()
-                    )));
-                }
-                let mut view = self.view(id)?;
-                let first = live
-                    .first_answer
-                    .locked()
-                    .unwrap_or(t_spawned);
-                let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-                view.start_timings = Some(StartTimings {
-                    grant_us: us(t_granted - t0),
-                    io_us: us(t_io - t_granted),
-                    spawn_us: us(t_spawned - t_io),
-                    monitor_us: us(first.saturating_duration_since(t_spawned)),
-                    running_us: us(first.elapsed()),
-                    total_us: us(t0.elapsed()),
-                });
-                Ok(view)
+        let (ended, answered) = match waited {
+            Ok(Ok(p)) => match &*p {
+                Phase::Ended(state) => (Some(*state), false),
+                _ => (None, true),
+            },
+            Ok(Err(_)) => (None, false),
+            Err(_) => {
+                return Err(CoordError::StartTimeout {
+                    id: id.clone(),
+                    secs: START_DEADLINE.as_secs(),
+                    log: self.files(id).vmm_log(),
+                })
             }
-            Ok(Err(_)) => self.view(id),
-            Err(_) => Err(CoordError::Timeout(format!(
-                "partition {id}: its monitor did not answer within {} s; it stays `starting` (see {})",
-                START_DEADLINE.as_secs(),
-                self.files(id).vmm_log().display()
-            ))),
+        };
+        let view = self.view(id)?;
+        match ended {
+            Some(state) => Err(CoordError::EndedWhileStarting {
+                id: id.clone(),
+                state,
+                why: view.last_exit.map(|r| r.detail).unwrap_or_default(),
+                log: self.files(id).vmm_log(),
+            }),
+            None => Ok((view, answered)),
         }
     }
 

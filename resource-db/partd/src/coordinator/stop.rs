@@ -17,16 +17,16 @@ impl Coordinator {
             let _g = lock.lock().await;
             let rec = self.record(id)?;
             if !is_active(rec.state) {
-                return Err(CoordError::Conflict(format!(
-                    "partition {id} is {}, not running",
-                    rec.state.as_str()
-                )));
+                return Err(CoordError::NotRunning {
+                    id: id.clone(),
+                    state: rec.state,
+                });
             }
             let Some(live) = self.live_of(id) else {
-                return Err(CoordError::Internal(format!(
-                    "partition {id} is {} but partd supervises no monitor for it",
-                    rec.state.as_str()
-                )));
+                return Err(CoordError::NotSupervised {
+                    id: id.clone(),
+                    state: rec.state,
+                });
             };
             live.stop_requested.store(true, Ordering::SeqCst);
             self.transition(
@@ -81,10 +81,10 @@ impl Coordinator {
         if ended(&mut phase, Duration::from_secs(10)).await {
             return self.view(id);
         }
-        Err(CoordError::Timeout(format!(
-            "partition {id}: monitor pid {} did not end after SIGKILL",
-            live.record.pid
-        )))
+        Err(CoordError::KillTimeout {
+            id: id.clone(),
+            pid: live.record.pid,
+        })
     }
 
     // ----- supervision -----
@@ -199,8 +199,9 @@ impl Coordinator {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(CoordError::Internal(format!(
-            "{id}: kept changing during release"
-        )))
+        Err(CoordError::Contended {
+            id: id.clone(),
+            what: "kept changing during release",
+        })
     }
 }

@@ -1,11 +1,12 @@
-//! Identifiers, owners, resources and changes: the vocabulary of the database.
+//! Identifiers, owners, resources and changes: the vocabulary of the
+//! resource map, as the database stores it and partd's API returns it.
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Rejection;
+use crate::error::ParseError;
 
 /// Name of a partition.
 ///
@@ -17,7 +18,7 @@ pub struct PartitionId(String);
 
 impl PartitionId {
     /// Validates `name` and wraps it.
-    pub fn new(name: &str) -> Result<Self, Rejection> {
+    pub fn new(name: &str) -> Result<Self, ParseError> {
         let valid_chars = name.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
         });
@@ -26,7 +27,7 @@ impl PartitionId {
             .next()
             .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if name.len() > 64 || !valid_chars || !valid_start || Owner::pseudo_name(name) {
-            return Err(Rejection::InvalidPartitionId {
+            return Err(ParseError::PartitionId {
                 name: name.to_owned(),
             });
         }
@@ -40,8 +41,8 @@ impl PartitionId {
 }
 
 impl TryFrom<String> for PartitionId {
-    type Error = Rejection;
-    fn try_from(s: String) -> Result<Self, Rejection> {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Self, ParseError> {
         PartitionId::new(&s)
     }
 }
@@ -94,8 +95,8 @@ impl Owner {
 }
 
 impl FromStr for Owner {
-    type Err = Rejection;
-    fn from_str(s: &str) -> Result<Self, Rejection> {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
         match s {
             Self::AVAILABLE => Ok(Owner::Available),
             Self::SHARED_POOL => Ok(Owner::SharedPool),
@@ -105,8 +106,8 @@ impl FromStr for Owner {
 }
 
 impl TryFrom<String> for Owner {
-    type Error = Rejection;
-    fn try_from(s: String) -> Result<Self, Rejection> {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Self, ParseError> {
         s.parse()
     }
 }
@@ -146,9 +147,9 @@ impl MacAddr {
 }
 
 impl FromStr for MacAddr {
-    type Err = Rejection;
-    fn from_str(s: &str) -> Result<Self, Rejection> {
-        let bad = || Rejection::InvalidMac { text: s.to_owned() };
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let bad = || ParseError::Mac { text: s.to_owned() };
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in &mut out {
@@ -166,8 +167,8 @@ impl FromStr for MacAddr {
 }
 
 impl TryFrom<String> for MacAddr {
-    type Error = Rejection;
-    fn try_from(s: String) -> Result<Self, Rejection> {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Self, ParseError> {
         s.parse()
     }
 }
@@ -309,8 +310,9 @@ impl ResourceId {
         }
     }
 
-    /// The key of a unit resource in the `units` table (`None` for memory).
-    pub(crate) fn unit_key(&self) -> Option<String> {
+    /// The text naming a unit resource within its kind (`3`, `disk0`,
+    /// `02:70:76:00:00:01`); `None` for memory, which is counted in extents.
+    pub fn unit_key(&self) -> Option<String> {
         match self {
             ResourceId::Cpu(n)
             | ResourceId::VsockCid(n)
@@ -323,7 +325,7 @@ impl ResourceId {
     }
 
     /// Inverse of (`kind().as_str()`, `unit_key()`).
-    pub(crate) fn from_unit(kind: &str, key: &str) -> Option<ResourceId> {
+    pub fn from_unit(kind: &str, key: &str) -> Option<ResourceId> {
         let num = || key.parse::<u32>().ok();
         Some(match kind {
             "cpu" => ResourceId::Cpu(num()?),
@@ -352,7 +354,7 @@ impl fmt::Display for ResourceId {
 }
 
 /// Life-cycle state of a partition. The database records it; it does not
-/// impose transitions (seed 001, paragraph 0164: "the low level mechanism does not make
+/// impose transitions (seed 001: "the low level mechanism does not make
 /// policy decisions"). Each change names the state it expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -385,6 +387,12 @@ impl PartitionState {
             PartitionState::Failed => "failed",
             PartitionState::Unresponsive => "unresponsive",
         }
+    }
+}
+
+impl fmt::Display for PartitionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -476,10 +484,7 @@ mod tests {
             &"x".repeat(65),
         ] {
             assert!(
-                matches!(
-                    PartitionId::new(bad),
-                    Err(Rejection::InvalidPartitionId { .. })
-                ),
+                matches!(PartitionId::new(bad), Err(ParseError::PartitionId { .. })),
                 "{bad:?} accepted"
             );
         }

@@ -1,7 +1,7 @@
 //! The control channel between partd and the monitors it supervises: the
 //! control socket a supervisor uses to watch and stop a partition, and the
-//! exit file that outlives the monitor process. `part-vmm` serves it
-//! (`part_vmm::control`), `partd` speaks it.
+//! exit record that outlives the monitor process. `part-vmm` serves it
+//! (`part_vmm::control`, which also writes the exit file), `partd` speaks it.
 //!
 //! Protocol: newline-delimited JSON over a Unix stream socket, one reply
 //! line per request line.
@@ -17,9 +17,6 @@
 //!
 //! A monitor that does not answer a ping (stopped, hung) is the
 //! supervisor's cue to mark the partition unresponsive.
-
-use std::io::Write;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -62,19 +59,6 @@ pub struct ExitRecord {
     pub detail: String,
 }
 
-/// Writes `record` to `path` atomically (temporary file, fsync, rename), so
-/// a reader sees the whole record or none.
-pub fn write_exit_file(path: &Path, record: &ExitRecord) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        serde_json::to_writer(&mut f, record)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 /// Parses one request line into a request or the reply that rejects it.
 pub fn parse(line: &str) -> std::result::Result<Request, Reply> {
     serde_json::from_str(line).map_err(|e| Reply {
@@ -103,23 +87,5 @@ mod tests {
         assert!(!bad.ok);
         assert!(bad.error.unwrap().contains("unknown variant `reboot`"));
         assert!(parse("not json").is_err());
-    }
-
-    #[test]
-    fn exit_file_is_written_whole() {
-        let dir = std::env::temp_dir().join(format!("pv-ch-exit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("exit.json");
-        let rec = ExitRecord {
-            pid: 7,
-            reason: "triple-fault".into(),
-            status: 72,
-            detail: "reason=triple-fault status=72 vcpu=1".into(),
-        };
-        write_exit_file(&p, &rec).unwrap();
-        let r: ExitRecord = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        assert_eq!(r, rec);
-        assert!(!p.with_extension("tmp").exists());
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,0 +1,94 @@
+//! A partition definition: what an operator asks for (`partctl create
+//! FILE`, TOML on disk, JSON on the wire). partd checks it against the host
+//! (`resource-db/partd`'s `definition` module); this is its form.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest polite-stop timeout a definition or a stop request may ask for,
+/// in seconds.
+pub const MAX_STOP_TIMEOUT_S: u64 = 3600;
+/// Polite-stop timeout when a definition names none, in seconds.
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 10;
+
+fn default_vcpus() -> u32 {
+    crate::descriptor::DEFAULT_VCPUS
+}
+
+fn default_stop_timeout_s() -> u64 {
+    DEFAULT_STOP_TIMEOUT_S
+}
+
+/// A partition definition. Unknown keys are refused so a typo never
+/// silently changes a partition.
+///
+/// ```toml
+/// name = "web"
+/// vcpus = 2
+/// memory_mib = 64
+/// kernel = "guest.elf"        # relative to the file's folder (partctl resolves it)
+/// initrd = "initrd.img"       # optional
+/// cmdline = "stay"            # optional
+/// cpus = [1]                  # dedicated host CPUs, or:
+/// cpu_share = 0.5             # share of the shared pool, in CPUs
+/// stop_timeout_s = 10         # polite stop -> forced stop (part-vmm's own timer)
+///
+/// [[disk]]                    # a virtio-blk disk served by `part-io blk`
+/// image = "/srv/web.img"      # a backing file partd manages (partd --disk-image)
+/// read_only = false
+///
+/// [[nic]]                     # a virtio-net port on a `part-io net` switch
+/// switch = "lan"              # MAC: assigned from the resource map at create
+/// ```
+///
+/// In `cmdline`, `{mac:NAME}` (or `{mac:NAME:I}` for NIC I) stands for the
+/// MAC of partition NAME's first (I-th) NIC; partd puts it in at start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    pub name: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpus: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_share: Option<f64>,
+    #[serde(default = "default_stop_timeout_s")]
+    pub stop_timeout_s: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk: Vec<Disk>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nic: Vec<Nic>,
+}
+
+/// A disk: a backing file the host configuration lists as a device
+/// resource (`partd --disk-image PATH`), served by the partition's
+/// `part-io blk`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub image: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A network port on the switch `switch` (one `part-io net` per switch).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    pub switch: String,
+}
+
+impl Disk {
+    /// The device resource that stands for this image: its path.
+    pub fn device_name(&self) -> String {
+        self.image.display().to_string()
+    }
+}
