@@ -38,15 +38,78 @@ pub enum CtlError {
         socket: PathBuf,
         source: std::io::Error,
     },
-    #[error("talking to partd at {socket}: {reason}")]
-    Protocol { socket: PathBuf, reason: String },
+    /// The HTTP exchange broke off (partd closed the connection, or
+    /// answered with something that is not HTTP/1.1).
+    #[error("talking to partd at {socket}: {source}")]
+    Http {
+        socket: PathBuf,
+        source: hyper::Error,
+    },
+    /// A request could not be formed; only a name with characters a URI
+    /// cannot carry gets here.
+    #[error("cannot send {path} to partd: {source}; partition names are lowercase letters, digits and '-'")]
+    Request {
+        path: String,
+        source: hyper::http::Error,
+    },
+    /// partd answered with a body this partctl does not understand.
+    #[error("unexpected reply from partd: {source}; are partd and partctl from the same build?")]
+    Reply { source: serde_json::Error },
+    /// A value could not be written as JSON (for `--json` or a request).
+    #[error("cannot encode {what} as JSON: {source}")]
+    Encode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
     /// partd refused the request; `message` is its explanation.
     #[error("{message}")]
     Api { status: u16, message: String },
-    #[error("{path}: {reason}")]
-    Definition { path: PathBuf, reason: String },
-    #[error("{0}")]
-    Other(String),
+    /// The definition file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    DefinitionRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The definition file is not TOML.
+    #[error("{path}: {source}")]
+    DefinitionToml {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    /// partd refused the definition; `message` is its explanation.
+    #[error("{path}: {message}")]
+    Definition { path: PathBuf, message: String },
+    /// A relative path (of a definition or `--kernel`) could not be made
+    /// absolute, which only fails when the working directory is gone.
+    #[error("cannot resolve {path} against the working directory: {source}")]
+    Resolve {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--dev needs $HOME (or $XDG_STATE_HOME) to find its state directory")]
+    NoHome,
+    #[error("--dev: cannot {what} {path}: {source}")]
+    DevFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--dev: cannot start {partd}: {source}; build it with `cargo build -p partd`")]
+    DevSpawn {
+        partd: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--dev: partd exited ({status}) before serving; see {log}")]
+    DevExited {
+        status: std::process::ExitStatus,
+        log: PathBuf,
+    },
+    #[error("--dev: partd did not open {socket} within {secs} s; see {log}")]
+    DevTimeout {
+        socket: PathBuf,
+        secs: u64,
+        log: PathBuf,
+    },
 }
 
 /// The socket to use: `--socket`, else `PARTD_SOCKET`, else the default
@@ -69,7 +132,7 @@ pub fn dev_state_dir() -> Result<PathBuf, CtlError> {
     }
     let home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| CtlError::Other("--dev needs $HOME (or $XDG_STATE_HOME)".into()))?;
+        .ok_or(CtlError::NoHome)?;
     Ok(PathBuf::from(home).join(".local/state/partvisor"))
 }
 
@@ -77,13 +140,18 @@ pub fn dev_state_dir() -> Result<PathBuf, CtlError> {
 /// and `[[disk]] image` paths against the file's folder; returns it as
 /// JSON for partd.
 pub fn load_definition(path: &Path) -> Result<serde_json::Value, CtlError> {
-    let fail = |reason: String| CtlError::Definition {
+    let text = std::fs::read_to_string(path).map_err(|source| CtlError::DefinitionRead {
         path: path.to_owned(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
-    let mut value = serde_json::to_value(&table).map_err(|e| fail(e.to_string()))?;
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|source| CtlError::DefinitionToml {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut value = serde_json::to_value(&table).map_err(|source| CtlError::Encode {
+        what: "the definition",
+        source,
+    })?;
     let base = path
         .parent()
         .map(Path::to_path_buf)
@@ -93,7 +161,10 @@ pub fn load_definition(path: &Path) -> Result<serde_json::Value, CtlError> {
     } else {
         base
     };
-    let base = std::path::absolute(&base).map_err(|e| fail(format!("resolving paths: {e}")))?;
+    let base = std::path::absolute(&base).map_err(|source| CtlError::Resolve {
+        path: base.clone(),
+        source,
+    })?;
     let resolve = |v: &mut serde_json::Value, key: &str| {
         if let Some(serde_json::Value::String(s)) = v.get(key) {
             let p = Path::new(s);
@@ -127,10 +198,10 @@ impl Client {
         }
     }
 
-    fn protocol_error(&self, reason: String) -> CtlError {
-        CtlError::Protocol {
+    fn http_error(&self, source: hyper::Error) -> CtlError {
+        CtlError::Http {
             socket: self.socket.clone(),
-            reason,
+            source,
         }
     }
 
@@ -153,7 +224,7 @@ impl Client {
             })?;
         hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| self.protocol_error(e.to_string()))
+            .map_err(|e| self.http_error(e))
     }
 
     /// The whole body of `resp`.
@@ -162,7 +233,7 @@ impl Client {
             .into_body()
             .collect()
             .await
-            .map_err(|e| self.protocol_error(e.to_string()))?
+            .map_err(|e| self.http_error(e))?
             .to_bytes())
     }
 
@@ -174,11 +245,13 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(StatusCode, serde_json::Value), CtlError> {
-        let proto = |reason: String| self.protocol_error(reason);
         let (mut sender, conn) = self.handshake().await?;
         let driver = tokio::spawn(conn);
         let bytes = match body {
-            Some(b) => serde_json::to_vec(b).map_err(|e| proto(e.to_string()))?,
+            Some(b) => serde_json::to_vec(b).map_err(|source| CtlError::Encode {
+                what: "the request",
+                source,
+            })?,
             None => Vec::new(),
         };
         let req = Request::builder()
@@ -187,11 +260,14 @@ impl Client {
             .header("host", "partd")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| proto(e.to_string()))?;
+            .map_err(|source| CtlError::Request {
+                path: path.to_owned(),
+                source,
+            })?;
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| proto(e.to_string()))?;
+            .map_err(|e| self.http_error(e))?;
         let status = resp.status();
         let body = self.read_body(resp).await?;
         driver.abort();
@@ -277,21 +353,21 @@ impl Client {
     /// Opens `name`'s serial console through partd (an HTTP/1.1 upgrade
     /// to `partvisor-console`); the returned stream carries it both ways.
     pub async fn console(&self, name: &str) -> Result<TokioIo<hyper::upgrade::Upgraded>, CtlError> {
-        let proto = |reason: String| self.protocol_error(reason);
         let (mut sender, conn) = self.handshake().await?;
         tokio::spawn(conn.with_upgrades());
+        let path = format!("/v1/partitions/{name}/console");
         let req = Request::builder()
             .method(Method::GET)
-            .uri(format!("/v1/partitions/{name}/console"))
+            .uri(&path)
             .header("host", "partd")
             .header("connection", "upgrade")
             .header("upgrade", "partvisor-console")
             .body(Full::new(Bytes::new()))
-            .map_err(|e| proto(e.to_string()))?;
+            .map_err(|source| CtlError::Request { path, source })?;
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| proto(e.to_string()))?;
+            .map_err(|e| self.http_error(e))?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status();
             let body = self.read_body(resp).await?;
@@ -300,7 +376,7 @@ impl Client {
         }
         let upgraded = hyper::upgrade::on(resp)
             .await
-            .map_err(|e| proto(format!("console upgrade: {e}")))?;
+            .map_err(|e| self.http_error(e))?;
         Ok(TokioIo::new(upgraded))
     }
 
@@ -330,8 +406,7 @@ fn api_error(status: StatusCode, reply: Option<&serde_json::Value>) -> CtlError 
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(v: serde_json::Value) -> Result<T, CtlError> {
-    serde_json::from_value(v)
-        .map_err(|e| CtlError::Other(format!("unexpected reply from partd: {e}")))
+    serde_json::from_value(v).map_err(|source| CtlError::Reply { source })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! against partd. Tables for people, `--json` for scripts; exit status 1 on
 //! any failure with a message that says what to do.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -107,7 +107,10 @@ fn main() {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CtlError> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| CtlError::Other(e.to_string()))?;
+    let s = serde_json::to_string_pretty(v).map_err(|source| CtlError::Encode {
+        what: "the reply",
+        source,
+    })?;
     println!("{s}");
     Ok(())
 }
@@ -124,13 +127,13 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             let mut def = partctl::load_definition(&file)?;
             if let Some(k) = kernel {
                 let k = std::path::absolute(&k)
-                    .map_err(|e| CtlError::Other(format!("--kernel {}: {e}", k.display())))?;
+                    .map_err(|source| CtlError::Resolve { path: k, source })?;
                 def["kernel"] = serde_json::Value::String(k.display().to_string());
             }
             let v = client.create(&def).await.map_err(|e| match e {
                 CtlError::Api { message, .. } => CtlError::Definition {
                     path: file.clone(),
-                    reason: message,
+                    message,
                 },
                 e => e,
             })?;
@@ -215,8 +218,11 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             t.load_preset(UTF8_FULL_CONDENSED);
             t.add_row(vec!["name".to_string(), v.name.clone()]);
             t.add_row(vec!["state".to_string(), state(&v)]);
-            let definition = serde_json::to_value(&v.definition)
-                .map_err(|e| CtlError::Other(format!("cannot show the definition: {e}")))?;
+            let definition =
+                serde_json::to_value(&v.definition).map_err(|source| CtlError::Encode {
+                    what: "the definition",
+                    source,
+                })?;
             if let Some(obj) = definition.as_object() {
                 for (k, val) in obj {
                     if k != "name" {
@@ -453,6 +459,9 @@ async fn attach_console(client: &Client, name: &str) -> Result<(), CtlError> {
     Ok(())
 }
 
+/// How long `--dev` waits for the partd it started to open its socket.
+const DEV_START_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// `--dev`: the personal partd's socket, starting that partd if none answers.
 async fn ensure_dev_partd() -> Result<PathBuf, CtlError> {
     let dir = partctl::dev_state_dir()?;
@@ -460,8 +469,11 @@ async fn ensure_dev_partd() -> Result<PathBuf, CtlError> {
     if tokio::net::UnixStream::connect(&socket).await.is_ok() {
         return Ok(socket);
     }
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| CtlError::Other(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|source| CtlError::DevFile {
+        what: "create",
+        path: dir.clone(),
+        source,
+    })?;
     let partd = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("partd")))
@@ -472,10 +484,16 @@ async fn ensure_dev_partd() -> Result<PathBuf, CtlError> {
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|e| CtlError::Other(format!("cannot open {}: {e}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| CtlError::Other(e.to_string()))?;
+        .map_err(|source| CtlError::DevFile {
+            what: "open",
+            path: log_path.clone(),
+            source,
+        })?;
+    let log2 = log.try_clone().map_err(|source| CtlError::DevFile {
+        what: "duplicate the descriptor of",
+        path: log_path.clone(),
+        source,
+    })?;
     let mut cmd = std::process::Command::new(&partd);
     cmd.arg("--state-dir")
         .arg(&dir)
@@ -484,14 +502,12 @@ async fn ensure_dev_partd() -> Result<PathBuf, CtlError> {
         .stderr(Stdio::from(log2));
     // A daemon of its own: not in partctl's session, not killed by its Ctrl-C.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().map_err(|e| {
-        CtlError::Other(format!(
-            "cannot start {}: {e}; build it with `cargo build -p partd`",
-            partd.display()
-        ))
+    let mut child = cmd.spawn().map_err(|source| CtlError::DevSpawn {
+        partd: partd.clone(),
+        source,
     })?;
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(10) {
+    while t0.elapsed() < DEV_START_TIMEOUT {
         if tokio::net::UnixStream::connect(&socket).await.is_ok() {
             eprintln!(
                 "partctl: started partd (pid {}) with state in {}; log {}",
@@ -502,20 +518,16 @@ async fn ensure_dev_partd() -> Result<PathBuf, CtlError> {
             return Ok(socket);
         }
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(CtlError::Other(format!(
-                "partd exited ({st}) before serving; see {}",
-                log_path.display()
-            )));
+            return Err(CtlError::DevExited {
+                status: st,
+                log: log_path,
+            });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(CtlError::Other(format!(
-        "partd did not open {} within 10 s; see {}",
-        socket.display(),
-        dev_log_hint(&log_path)
-    )))
-}
-
-fn dev_log_hint(p: &Path) -> String {
-    p.display().to_string()
+    Err(CtlError::DevTimeout {
+        socket,
+        secs: DEV_START_TIMEOUT.as_secs(),
+        log: log_path,
+    })
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 pub use partvisor_api::{DeviceKind, DeviceSpec, HostConfig};
 
-use crate::error::Error;
+use crate::error::{ConfigProblem, Error};
 
 /// Default share of `MemTotal` given to the budget: 3/4.
 const MEMORY_BUDGET_NUM: u64 = 3;
@@ -51,50 +51,66 @@ impl HostConfigExt for HostConfig {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        let bad = |m: String| Err(Error::InvalidConfig(m));
-        let cpus: BTreeSet<u32> = self.cpus.iter().copied().collect();
-        if cpus.len() != self.cpus.len() {
-            return bad("cpus lists a CPU twice".into());
-        }
-        let pool: BTreeSet<u32> = self.shared_pool_cpus.iter().copied().collect();
-        if pool.len() != self.shared_pool_cpus.len() {
-            return bad("shared_pool_cpus lists a CPU twice".into());
-        }
-        if let Some(c) = pool.difference(&cpus).next() {
-            return bad(format!("shared pool CPU {c} is not in cpus"));
-        }
-        if i64::try_from(self.memory_budget_mib).is_err() {
-            return bad("memory_budget_mib is too large".into());
-        }
-        if self.first_vsock_cid < 3 {
-            return bad("first_vsock_cid must be at least 3 (0-2 are reserved)".into());
-        }
-        if u64::from(self.first_vsock_cid) + u64::from(self.vsock_cid_count) > u64::from(u32::MAX) {
-            return bad("vsock CID range runs past 2^32-2".into());
-        }
-        if self.first_mac.0[0] & 0b11 != 0b10 {
-            return bad(format!(
-                "first_mac {} must be locally administered unicast (first byte x2, x6, xa or xe)",
-                self.first_mac
-            ));
-        }
-        if (self.first_mac.to_u64() & 0xff_ffff) + u64::from(self.mac_count) > 0x100_0000 {
-            return bad("MAC range runs past the low 24 bits of first_mac".into());
-        }
-        let mut names = BTreeSet::new();
-        for d in &self.devices {
-            if d.name.is_empty() || d.name.len() > 128 || d.name.chars().any(char::is_control) {
-                return bad(format!(
-                    "device name {:?} must be 1-128 printable characters",
-                    d.name
-                ));
-            }
-            if !names.insert(d.name.as_str()) {
-                return bad(format!("device {} is listed twice", d.name));
-            }
-        }
-        Ok(())
+        problem(self).map_or(Ok(()), |p| Err(Error::InvalidConfig(p)))
     }
+}
+
+/// The first thing wrong with `c`, if any.
+fn problem(c: &HostConfig) -> Option<ConfigProblem> {
+    let duplicate = |field: &'static str, list: &[u32]| {
+        let mut seen = BTreeSet::new();
+        list.iter()
+            .find(|&&cpu| !seen.insert(cpu))
+            .map(|&cpu| ConfigProblem::DuplicateCpu { field, cpu })
+    };
+    if let Some(p) = duplicate("cpus", &c.cpus) {
+        return Some(p);
+    }
+    if let Some(p) = duplicate("shared_pool_cpus", &c.shared_pool_cpus) {
+        return Some(p);
+    }
+    if let Some(&cpu) = c.shared_pool_cpus.iter().find(|p| !c.cpus.contains(p)) {
+        return Some(ConfigProblem::PoolCpuNotInCpus { cpu });
+    }
+    if i64::try_from(c.memory_budget_mib).is_err() {
+        return Some(ConfigProblem::MemoryBudgetTooLarge {
+            mib: c.memory_budget_mib,
+        });
+    }
+    if c.first_vsock_cid < 3 {
+        return Some(ConfigProblem::VsockCidReserved {
+            first: c.first_vsock_cid,
+        });
+    }
+    if u64::from(c.first_vsock_cid) + u64::from(c.vsock_cid_count) > u64::from(u32::MAX) {
+        return Some(ConfigProblem::VsockRangeOverflow {
+            first: c.first_vsock_cid,
+            count: c.vsock_cid_count,
+        });
+    }
+    if c.first_mac.0[0] & 0b11 != 0b10 {
+        return Some(ConfigProblem::MacNotLocalUnicast { mac: c.first_mac });
+    }
+    if (c.first_mac.to_u64() & 0xff_ffff) + u64::from(c.mac_count) > 0x100_0000 {
+        return Some(ConfigProblem::MacRangeOverflow {
+            first: c.first_mac,
+            count: c.mac_count,
+        });
+    }
+    let mut names = BTreeSet::new();
+    for d in &c.devices {
+        if d.name.is_empty() || d.name.len() > 128 || d.name.chars().any(char::is_control) {
+            return Some(ConfigProblem::DeviceName {
+                name: d.name.clone(),
+            });
+        }
+        if !names.insert(d.name.as_str()) {
+            return Some(ConfigProblem::DuplicateDevice {
+                name: d.name.clone(),
+            });
+        }
+    }
+    None
 }
 
 fn read(path: &Path) -> Result<String, Error> {

@@ -139,6 +139,71 @@ pub enum Rejection {
 }
 
 /// Everything [`crate::Db`] can return.
+/// What is wrong with a host configuration ([`crate::HostConfigExt::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigProblem {
+    /// A CPU list names one CPU twice.
+    #[error("{field} lists CPU {cpu} twice")]
+    DuplicateCpu {
+        /// `cpus` or `shared_pool_cpus`.
+        field: &'static str,
+        /// The CPU.
+        cpu: u32,
+    },
+    /// The shared pool holds a CPU the host does not.
+    #[error("shared pool CPU {cpu} is not in cpus")]
+    PoolCpuNotInCpus {
+        /// The CPU.
+        cpu: u32,
+    },
+    /// The memory budget does not fit the store's integers.
+    #[error("memory_budget_mib {mib} is too large (at most {})", i64::MAX)]
+    MemoryBudgetTooLarge {
+        /// The budget given.
+        mib: u64,
+    },
+    /// The vsock CID range starts in the reserved CIDs.
+    #[error("first_vsock_cid {first} must be at least 3 (0-2 are reserved)")]
+    VsockCidReserved {
+        /// The first CID given.
+        first: u32,
+    },
+    /// The vsock CID range runs past the largest CID.
+    #[error("vsock CID range {first} + {count} runs past 2^32-2")]
+    VsockRangeOverflow {
+        /// First CID.
+        first: u32,
+        /// Number of CIDs.
+        count: u32,
+    },
+    /// The first MAC is not a locally administered unicast address.
+    #[error("first_mac {mac} must be locally administered unicast (first byte x2, x6, xa or xe)")]
+    MacNotLocalUnicast {
+        /// The MAC given.
+        mac: crate::MacAddr,
+    },
+    /// The MAC range leaves the first MAC's low 24 bits.
+    #[error("MAC range of {count} from {first} runs past the low 24 bits of first_mac")]
+    MacRangeOverflow {
+        /// First MAC.
+        first: crate::MacAddr,
+        /// Number of MACs.
+        count: u32,
+    },
+    /// A device name is empty, too long or not printable.
+    #[error("device name {name:?} must be 1-128 printable characters")]
+    DeviceName {
+        /// The name given.
+        name: String,
+    },
+    /// Two devices share a name.
+    #[error("device {name} is listed twice")]
+    DuplicateDevice {
+        /// The name.
+        name: String,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Change number `index` (0-based) of the transaction was refused; the
@@ -155,7 +220,7 @@ pub enum Error {
     Invalid(#[from] Rejection),
     /// The host configuration is not usable.
     #[error("invalid host configuration: {0}")]
-    InvalidConfig(String),
+    InvalidConfig(#[from] ConfigProblem),
     /// Reading the host failed during discovery.
     #[error("cannot discover host configuration from {path}: {reason}")]
     Discovery {

@@ -117,7 +117,7 @@ mod store;
 
 pub use config::{DeviceKind, DeviceSpec, HostConfig, HostConfigExt};
 pub use db::{Db, Durability, Options, View, WriterStats};
-pub use error::{Error, Rejection};
+pub use error::{ConfigProblem, Error, Rejection};
 /// The resource map's vocabulary is the API's: partd returns it as is.
 pub use partvisor_api::{
     Capacity, Change, Extent, FreeCapacity, Holdings, LogEntry, LogRecord, MacAddr, Owner,
