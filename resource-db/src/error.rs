@@ -289,3 +289,10 @@ impl Error {
         }
     }
 }
+
+/// A name or address that does not parse is refused like any other input.
+impl From<partvisor_api::ParseError> for Error {
+    fn from(e: partvisor_api::ParseError) -> Self {
+        Error::Invalid(Rejection::Parse(e))
+    }
+}
