@@ -16,12 +16,12 @@ use virtio_bindings::bindings::virtio_net::{
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
-use super::frame::{push_tail, Body, Frame, Source};
+use super::frame::{mac_at, push_tail, Body, Frame, Source};
 use super::stats::bump;
 use super::switch::{Port, RxPath, Switch, Touched};
 use super::{
-    MacAddr, CONFIG_LEN, ETH_HDR, HDR_LEN, MAX_FRAME, MAX_QUEUE_SIZE, MIN_FRAME,
-    NUM_BUFFERS_OFFSET, NUM_QUEUES, RX_QUEUE, TX_BATCH, TX_QUEUE,
+    CONFIG_LEN, ETH_HDR, HDR_LEN, MAX_FRAME, MAX_QUEUE_SIZE, MIN_FRAME, NUM_BUFFERS_OFFSET,
+    NUM_QUEUES, RX_QUEUE, TX_BATCH, TX_QUEUE,
 };
 use crate::chain::{gather, ChainWalker, Malformed, Segment};
 use crate::device::{Backend, DeviceModel, LogKey};
@@ -263,7 +263,7 @@ impl NetDevice {
                 if f.eth[6..12] != port.spec.mac.0 {
                     let n = bump(&port.stats.dropped_spoof);
                     if n <= 8 || n.is_power_of_two() {
-                        warn!(port = %port.spec.socket.display(), "frame from source {} dropped: the port's MAC is {} ({n} so far)", MacAddr::from_slice(&f.eth[6..12]), port.spec.mac);
+                        warn!(port = %port.spec.socket.display(), "frame from source {} dropped: the port's MAC is {} ({n} so far)", mac_at(&f.eth[6..12]), port.spec.mac);
                     }
                     continue;
                 }

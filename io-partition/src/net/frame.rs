@@ -44,8 +44,16 @@ impl Frame<'_> {
 
     /// Destination address.
     pub(super) fn dst(&self) -> MacAddr {
-        MacAddr::from_slice(&self.eth[0..6])
+        mac_at(&self.eth[0..6])
     }
+}
+
+/// The address in the first six bytes of `b`, which the caller has checked
+/// is at least that long (a header slice).
+pub(super) fn mac_at(b: &[u8]) -> MacAddr {
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&b[..6]);
+    MacAddr(m)
 }
 
 /// Where a frame entered the switch.

@@ -54,14 +54,14 @@ use std::time::Duration;
 
 pub mod backend;
 pub mod frame;
-pub mod mac;
 pub mod spec;
 pub mod stats;
 pub mod switch;
 pub mod uplink;
 
 pub use backend::{NetBackend, NetDevice, PortEndpoint};
-pub use mac::MacAddr;
+/// The one MAC address type of the project (see the API crate).
+pub use partvisor_api::MacAddr;
 pub use spec::{NetError, PortSpec};
 pub use stats::{bind_stats, serve_stats, PortCounters, PortStats, UplinkCounters};
 pub use switch::{Port, Switch};

@@ -11,8 +11,8 @@ use crate::spec::{Grammar, Key, SpecError};
 pub enum NetError {
     #[error("port `{spec}`: {source}")]
     Spec { spec: String, source: SpecError },
-    #[error("`{0}` is not a MAC address (six two-digit hex bytes separated by ':')")]
-    BadMac(String),
+    #[error(transparent)]
+    Mac(#[from] partvisor_api::ParseError),
     #[error(
         "port MAC {0} is a multicast/broadcast or all-zero address; a port needs a unicast MAC"
     )]

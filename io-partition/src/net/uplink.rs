@@ -9,9 +9,10 @@ use std::os::fd::AsRawFd;
 use tracing::warn;
 use vm_memory::GuestMemoryBackend;
 
+use super::frame::mac_at;
 use super::frame::{Body, Frame, Source};
 use super::stats::{bump, UplinkStats};
-use super::{MacAddr, Switch, ETH_HDR, MAX_FRAME, MIN_FRAME, TX_BATCH};
+use super::{Switch, ETH_HDR, MAX_FRAME, MIN_FRAME, TX_BATCH};
 use crate::tap::Tap;
 
 /// The uplink: a TAP device and its counters.
@@ -122,7 +123,7 @@ impl Switch {
                     bump(&up.stats.dropped_bad_frame);
                     continue;
                 }
-                let src = MacAddr::from_slice(&frame[6..12]);
+                let src = mac_at(&frame[6..12]);
                 if src.is_multicast() || self.by_mac.contains_key(&src) {
                     bump(&up.stats.dropped_spoof);
                     continue;

@@ -10,7 +10,7 @@ pub enum ParseError {
         name: String,
     },
     /// Invalid MAC address text.
-    #[error("invalid MAC address {text:?}: expected six hex pairs separated by ':'")]
+    #[error("`{text}` is not a MAC address (six two-digit hex bytes separated by ':')")]
     Mac {
         /// The refused text.
         text: String,

@@ -128,12 +128,17 @@ impl fmt::Display for Owner {
     }
 }
 
-/// An Ethernet MAC address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// An Ethernet MAC address; on the wire and in messages `02:00:00:00:00:0a`.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
+    /// A group (broadcast or multicast) address: the I/G bit is set.
+    pub fn is_multicast(self) -> bool {
+        self.0[0] & 1 != 0
+    }
+
     /// The address as a 48-bit number.
     pub fn to_u64(self) -> u64 {
         self.0.iter().fold(0, |acc, b| (acc << 8) | u64::from(*b))
@@ -187,6 +192,12 @@ impl fmt::Display for MacAddr {
             "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
             b[0], b[1], b[2], b[3], b[4], b[5]
         )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
