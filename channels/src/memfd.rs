@@ -23,29 +23,9 @@ impl SealedMemfd {
     /// growing. More seals (see [`SealedMemfd::seal_future_write`]) may be
     /// added later by the owner.
     pub fn create(name: &str, len: u64) -> Result<Self, ChannelError> {
-        if len == 0 {
-            return Err(ChannelError::Geometry("memfd length must be non-zero"));
-        }
-        let cname = CString::new(name.replace('\0', "?"))
-            .map_err(|_| ChannelError::Geometry("memfd name contains NUL"))?;
-        // SAFETY: cname is a valid NUL-terminated string; flags are valid.
-        let raw = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if raw < 0 {
-            return Err(ChannelError::os("memfd_create"));
-        }
-        // SAFETY: raw is a freshly created fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let size = libc::off_t::try_from(len)
-            .map_err(|_| ChannelError::Geometry("memfd length too large"))?;
-        // SAFETY: fd is a valid memfd we own.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
-            return Err(ChannelError::os("ftruncate(memfd)"));
-        }
-        let this = SealedMemfd { fd, len };
-        this.add_seals(REQUIRED_SEALS)?;
-        Ok(this)
+        let fd = unsealed(name, len)?;
+        add_seals(fd.as_fd(), REQUIRED_SEALS)?;
+        Ok(SealedMemfd { fd, len })
     }
 
     /// A memfd holding exactly `contents`, sealed against shrinking, growing
@@ -118,11 +98,7 @@ impl SealedMemfd {
 
     /// Adds `seals` (`F_SEAL_*` bits) to the file.
     pub fn add_seals(&self, seals: i32) -> Result<(), ChannelError> {
-        // SAFETY: F_ADD_SEALS on a valid fd only changes the file's seal set.
-        if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(ChannelError::os("fcntl(F_ADD_SEALS)"));
-        }
-        Ok(())
+        add_seals(self.fd.as_fd(), seals)
     }
 
     /// Current seal set.
@@ -158,6 +134,42 @@ impl SealedMemfd {
 
 /// The seal set (`F_GET_SEALS`) of any fd; fails for an fd that is not a
 /// memfd (a pipe, a plain file on most filesystems).
+/// Creates a zero-filled memfd of `len` bytes that allows sealing but has no
+/// seal yet. Only for what must be able to hold fewer seals than
+/// [`SealedMemfd`] guarantees: tests of the checks that refuse such files,
+/// and hostile peers; everything else uses [`SealedMemfd::create`].
+pub fn unsealed(name: &str, len: u64) -> Result<OwnedFd, ChannelError> {
+    if len == 0 {
+        return Err(ChannelError::Geometry("memfd length must be non-zero"));
+    }
+    let cname = CString::new(name.replace('\0', "?"))
+        .map_err(|_| ChannelError::Geometry("memfd name contains NUL"))?;
+    // SAFETY: cname is a valid NUL-terminated string; flags are valid.
+    let raw =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(ChannelError::os("memfd_create"));
+    }
+    // SAFETY: raw is a freshly created fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let size =
+        libc::off_t::try_from(len).map_err(|_| ChannelError::Geometry("memfd length too large"))?;
+    // SAFETY: fd is a valid memfd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
+        return Err(ChannelError::os("ftruncate(memfd)"));
+    }
+    Ok(fd)
+}
+
+/// Adds `seals` (`F_SEAL_*` bits) to the memfd `fd`.
+pub fn add_seals(fd: BorrowedFd<'_>, seals: i32) -> Result<(), ChannelError> {
+    // SAFETY: F_ADD_SEALS on a valid fd only changes the file's seal set.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(ChannelError::os("fcntl(F_ADD_SEALS)"));
+    }
+    Ok(())
+}
+
 pub fn seals_of(fd: BorrowedFd<'_>) -> Result<i32, ChannelError> {
     // SAFETY: F_GET_SEALS reads the seal set of a valid fd and has no other effect.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };

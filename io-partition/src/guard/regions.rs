@@ -109,7 +109,7 @@ pub(super) fn check(msg: &Message) -> Result<(), GuardError> {
 mod tests {
     use super::*;
     use channels::SealedMemfd;
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::AsFd;
 
     /// A memfd of `size` bytes sealed against shrinking and growing.
     fn sealed(size: u64) -> OwnedFd {
@@ -118,20 +118,8 @@ mod tests {
 
     /// A memfd of `size` bytes with exactly `seals` (fewer than required).
     fn memfd(size: u64, seals: i32) -> OwnedFd {
-        // SAFETY: memfd_create with a valid C string; the fd is owned below.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"guard-test".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        assert!(fd >= 0);
-        // SAFETY: fd was just created and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        File::from(fd.try_clone().unwrap()).set_len(size).unwrap();
-        // SAFETY: plain fcntl on our fd.
-        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
-        assert_eq!(rc, 0);
+        let fd = channels::memfd::unsealed("guard-test", size).unwrap();
+        channels::memfd::add_seals(fd.as_fd(), seals).unwrap();
         fd
     }
 

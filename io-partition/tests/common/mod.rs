@@ -10,7 +10,7 @@ pub mod net;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -161,21 +161,11 @@ pub fn sock(dir: &Path, i: usize) -> PathBuf {
 
 /// Guest memory: a memfd with the given seals, mapped at guest address 0.
 pub fn guest_memory(seals: i32) -> GuestMemoryMmap<()> {
-    // SAFETY: memfd_create with a valid C string; the fd is owned below.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"part-io-test-guest".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    assert!(fd >= 0);
-    // SAFETY: fd was just created and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
+    let fd = channels::memfd::unsealed("part-io-test-guest", MEM_SIZE as u64).unwrap();
     if seals != 0 {
-        // SAFETY: plain fcntl on our fd.
-        assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0);
+        channels::memfd::add_seals(fd.as_fd(), seals).unwrap();
     }
+    let file = File::from(fd);
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
         MEM_SIZE,

@@ -14,7 +14,7 @@ use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
 
 const SLOTS: u64 = 1024;
 const SLOT: u64 = 72;
@@ -33,20 +33,16 @@ struct Raw {
     seq: u64,
 }
 
+/// A memfd of `len` bytes as a raw fd (-1 if it cannot be made), sealed
+/// against resizing only if `seal`: the hostile peer offers both kinds.
 fn memfd(len: u64, seal: bool) -> i32 {
-    // SAFETY: plain syscalls on fds we create; results checked by the caller's use.
-    unsafe {
-        let fd = libc::memfd_create(c"hostile".as_ptr(), libc::MFD_ALLOW_SEALING);
-        libc::ftruncate(fd, len as i64);
-        if seal {
-            libc::fcntl(
-                fd,
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-            );
-        }
-        fd
+    let Ok(fd) = channels::memfd::unsealed("hostile", len) else {
+        return -1;
+    };
+    if seal && channels::memfd::add_seals(fd.as_fd(), channels::memfd::REQUIRED_SEALS).is_err() {
+        return -1;
     }
+    fd.into_raw_fd()
 }
 
 fn map(fd: i32, len: u64, prot: i32) -> *mut u8 {
