@@ -29,8 +29,8 @@ QEMU_VERSION_PREFIX='1:7.2+'
 #   iproute2: network-namespace, veth and tap tests;
 #   util-linux (setpriv) and systemd (systemd-analyze): partd's uid and unit
 #     tests;
-#   bc: .ci/run's phase timing; ca-certificates: apt over https mirrors.
-PACKAGES=(lz4 binutils iproute2 bc util-linux systemd python3 ca-certificates)
+#   ca-certificates: apt over https mirrors.
+PACKAGES=(lz4 binutils iproute2 util-linux systemd python3 ca-certificates)
 QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils)
 
 export DEBIAN_FRONTEND=noninteractive
