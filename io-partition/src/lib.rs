@@ -36,6 +36,9 @@
 //!   socket each, the MAC the resource map assigned to the partition), with
 //!   an optional TAP uplink ([`tap`]) so that the I/O partition, not the
 //!   guests, owns the path to the outside.
+//! - `part-io vsock` ([`vsock`]), under construction: guest sockets between
+//!   partitions relayed with one copy and credit enforced per connection;
+//!   so far its packet checks and credit books, not yet a command.
 //!
 //! # What it must never do
 //!
@@ -75,3 +78,4 @@ pub mod net;
 pub mod server;
 pub mod spec;
 pub mod tap;
+pub mod vsock;

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 pub use partvisor_api::descriptor::{
-    DeviceConfig, SerialConfig, VmConfig, CMDLINE_MAX, DEFAULT_MEMORY_MIB, DEFAULT_STOP_TIMEOUT_MS,
-    DEFAULT_VCPUS, MAX_DEVICES, MAX_XAPIC_VCPUS,
+    DeviceConfig, SerialConfig, VmConfig, CID_ANY, CMDLINE_MAX, DEFAULT_MEMORY_MIB,
+    DEFAULT_STOP_TIMEOUT_MS, DEFAULT_VCPUS, MAX_DEVICES, MAX_XAPIC_VCPUS, MIN_GUEST_CID,
 };
 
 use crate::error::{Error, Result};
@@ -44,6 +44,10 @@ pub enum ConfigError {
     AffinityUnknownCpu { cpu: usize, host_cpus: usize },
     #[error("{count} devices: a partition has at most {MAX_DEVICES} virtio devices")]
     TooManyDevices { count: usize },
+    #[error("{count} vsock devices: a guest has one vsock address, so at most one vsock device")]
+    TooManyVsock { count: usize },
+    #[error("vsock guest_cid {cid}: must be at least {MIN_GUEST_CID} (0-2 are reserved) and not {CID_ANY}")]
+    GuestCid { cid: u32 },
 }
 
 /// Values given on the command line; each overrides the file's.
@@ -168,6 +172,20 @@ pub fn validate(cfg: &VmConfig, host: &HostLimits) -> std::result::Result<(), Co
             count: cfg.devices.len(),
         });
     }
+    let cids: Vec<u32> = cfg
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            DeviceConfig::VhostUserVsock { guest_cid, .. } => Some(*guest_cid),
+            _ => None,
+        })
+        .collect();
+    if cids.len() > 1 {
+        return Err(ConfigError::TooManyVsock { count: cids.len() });
+    }
+    if let Some(&cid) = cids.iter().find(|&&c| c < MIN_GUEST_CID || c == CID_ANY) {
+        return Err(ConfigError::GuestCid { cid });
+    }
     Ok(())
 }
 
@@ -267,6 +285,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at most 8"));
+        let vsock = |guest_cid| DeviceConfig::VhostUserVsock {
+            socket: "/v".into(),
+            guest_cid,
+        };
+        c.devices = vec![vsock(3), vsock(4)];
+        assert_eq!(
+            validate(&c, &HOST).unwrap_err().to_string(),
+            "2 vsock devices: a guest has one vsock address, so at most one vsock device"
+        );
+        for cid in [0, 1, 2, u32::MAX] {
+            c.devices = vec![vsock(cid)];
+            assert!(validate(&c, &HOST)
+                .unwrap_err()
+                .to_string()
+                .starts_with(&format!("vsock guest_cid {cid}: must be at least 3")));
+        }
+        c.devices = vec![vsock(3)];
+        validate(&c, &HOST).unwrap();
         c.devices.clear();
         c.cpu_affinity = Some(vec![1, 2]);
         assert!(validate(&c, &HOST)

@@ -103,6 +103,12 @@ pub enum Error {
         "vhost-user backend {socket}: does not offer VIRTIO_F_VERSION_1 (part-vmm is modern-only)"
     )]
     BackendNotModern { socket: PathBuf },
+    #[error("vhost-user backend {socket}: its config space gives the guest CID {got}, but this partition's CID is {expected}; the backend serves another partition's socket")]
+    VsockCidMismatch {
+        socket: PathBuf,
+        expected: u32,
+        got: u64,
+    },
     #[error(
         "vhost-user backend {socket}: queue {queue}: {ring} ring at {gpa:#x} is outside guest RAM"
     )]
@@ -137,6 +143,7 @@ impl Error {
                 | Error::InitrdTooLarge { .. }
                 | Error::Backend { .. }
                 | Error::BackendNotModern { .. }
+                | Error::VsockCidMismatch { .. }
                 | Error::RingOutsideRam { .. }
         )
     }

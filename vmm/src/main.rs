@@ -43,6 +43,14 @@ struct Cli {
     /// devices).
     #[arg(long, value_name = "SOCKET")]
     vhost_user_net: Vec<PathBuf>,
+    /// Adds a virtio-vsock device served by the vhost-user backend
+    /// listening on SOCKET (part-io vsock, vhost-device-vsock); needs
+    /// --vsock-cid.
+    #[arg(long, value_name = "SOCKET", requires = "vsock_cid")]
+    vhost_user_vsock: Option<PathBuf>,
+    /// The guest's vsock CID (3 or more), which the backend must confirm.
+    #[arg(long, value_name = "CID", requires = "vhost_user_vsock")]
+    vsock_cid: Option<u32>,
     /// Serve the supervisor's control socket here (see part_vmm::control).
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -84,6 +92,11 @@ fn main() {
                 cli.vhost_user_net
                     .into_iter()
                     .map(|socket| DeviceConfig::VhostUserNet { socket }),
+            )
+            .chain(
+                cli.vhost_user_vsock
+                    .zip(cli.vsock_cid)
+                    .map(|(socket, guest_cid)| DeviceConfig::VhostUserVsock { socket, guest_cid }),
             )
             .collect(),
     };

@@ -98,6 +98,10 @@ const VIRTIO_NET_CTRL_FEATURES: u64 = bit(net::VIRTIO_NET_F_CTRL_VQ)
 pub enum DeviceKind {
     Block,
     Net,
+    /// virtio-vsock for the guest with CID `cid`.
+    Vsock {
+        cid: u32,
+    },
 }
 
 impl DeviceKind {
@@ -105,6 +109,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Net => virtio_bindings::virtio_ids::VIRTIO_ID_NET,
             DeviceKind::Block => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+            DeviceKind::Vsock { .. } => virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK,
         }
     }
     fn config_size(self) -> u32 {
@@ -113,13 +118,27 @@ impl DeviceKind {
             DeviceKind::Block => 60,
             // mac[6], status, max_virtqueue_pairs, mtu (virtio 1.2 5.1.4).
             DeviceKind::Net => 12,
+            // guest_cid, le64 (virtio 1.2 5.10.4).
+            DeviceKind::Vsock { .. } => 8,
         }
     }
+    /// Queues the driver sees.
     fn queues(self) -> usize {
         match self {
             DeviceKind::Block => 1,
             // receiveq, transmitq.
             DeviceKind::Net => 2,
+            // rx, tx, event.
+            DeviceKind::Vsock { .. } => 3,
+        }
+    }
+    /// Queues handed to the backend: all but vsock's event queue, which
+    /// belongs to the device model (as in QEMU's vhost-user-vsock), so it is
+    /// the VMM, not a backend, that tells the guest its transport was reset.
+    fn backend_queues(self) -> usize {
+        match self {
+            DeviceKind::Vsock { .. } => 2,
+            k => k.queues(),
         }
     }
     /// Device-specific features part-vmm never passes through.
@@ -127,12 +146,14 @@ impl DeviceKind {
         match self {
             DeviceKind::Block => VIRTIO_BLK_F_MQ,
             DeviceKind::Net => VIRTIO_NET_CTRL_FEATURES,
+            DeviceKind::Vsock { .. } => 0,
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Block => "blk",
             DeviceKind::Net => "net",
+            DeviceKind::Vsock { .. } => "vsock",
         }
     }
 }
@@ -181,6 +202,25 @@ pub fn cmdline_word(index: usize) -> String {
     format!("virtio_mmio.device=4K@{base:#x}:{gsi}")
 }
 
+/// The vsock config space (`guest_cid`, le64) for the partition with CID
+/// `cid`. A backend that answered GET_CONFIG (`from_backend` not all zero)
+/// must name that CID: one that names another serves another partition's
+/// socket, and the guest must not come up with someone else's address.
+fn vsock_config(socket: &Path, cid: u32, from_backend: &[u8]) -> Result<Vec<u8>> {
+    let mut le = [0u8; 8];
+    let n = from_backend.len().min(8);
+    le[..n].copy_from_slice(&from_backend[..n]);
+    let got = u64::from_le_bytes(le);
+    if got != 0 && got != u64::from(cid) {
+        return Err(Error::VsockCidMismatch {
+            socket: socket.to_path_buf(),
+            expected: cid,
+            got,
+        });
+    }
+    Ok(u64::from(cid).to_le_bytes().to_vec())
+}
+
 /// One virtio-mmio transport fronting one vhost-user backend.
 pub struct VirtioMmio {
     pub name: String,
@@ -227,10 +267,9 @@ impl VirtioMmio {
     ) -> Result<VirtioMmio> {
         let (base, gsi) = slot(index);
         let err = |what| vhost_err(socket, what);
-        let mut frontend = Frontend::connect(socket, kind.queues() as u64).map_err(vhost_err(
-            socket,
-            "cannot connect (is the I/O partition running?)",
-        ))?;
+        let mut frontend = Frontend::connect(socket, kind.backend_queues() as u64).map_err(
+            vhost_err(socket, "cannot connect (is the I/O partition running?)"),
+        )?;
         frontend.set_owner().map_err(err("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(err("GET_FEATURES"))?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {
@@ -265,7 +304,10 @@ impl VirtioMmio {
                 config = payload;
             }
         }
-        let kicks = (0..kind.queues())
+        if let DeviceKind::Vsock { cid } = kind {
+            config = vsock_config(socket, cid, &config)?;
+        }
+        let kicks = (0..kind.backend_queues())
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd")))
             .collect::<Result<Vec<_>>>()?;
         for (q, kick) in kicks.iter().enumerate() {
@@ -477,7 +519,8 @@ impl VirtioMmio {
         self.frontend
             .set_mem_table(&regions)
             .map_err(err("SET_MEM_TABLE"))?;
-        for (i, q) in self.queues.clone().iter().enumerate() {
+        let backend_queues = self.kind.backend_queues();
+        for (i, q) in self.queues.clone().iter().enumerate().take(backend_queues) {
             if !q.ready {
                 continue;
             }
@@ -533,7 +576,7 @@ impl VirtioMmio {
     /// Driver reset: stop the backend's rings and forget the negotiation.
     fn reset(&mut self) {
         if self.active && !self.broken {
-            for i in 0..self.queues.len() {
+            for i in 0..self.kind.backend_queues() {
                 if self.queues[i].ready {
                     if let Err(e) = self.frontend.get_vring_base(i) {
                         tracing::warn!("{}: GET_VRING_BASE on reset: {e}", self.name);
@@ -597,6 +640,32 @@ mod tests {
         assert_eq!(net & (1 << 17), 0, "VIRTIO_NET_F_CTRL_VQ hidden");
         assert_ne!(net & (1 << 5), 0, "VIRTIO_NET_F_MAC passes");
         assert_eq!(offered_features(DeviceKind::Net, 1 << 5), 1 << 5);
+    }
+
+    #[test]
+    fn vsock_config_is_the_granted_cid_and_a_backend_naming_another_is_refused() {
+        let s = Path::new("/v.sock");
+        assert_eq!(vsock_config(s, 7, &[0; 8]).unwrap(), 7u64.to_le_bytes());
+        assert_eq!(
+            vsock_config(s, 7, &7u64.to_le_bytes()).unwrap(),
+            7u64.to_le_bytes()
+        );
+        let e = vsock_config(s, 7, &9u64.to_le_bytes()).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::VsockCidMismatch {
+                expected: 7,
+                got: 9,
+                ..
+            }
+        ));
+        assert!(e.is_bad_input());
+        let vsock = DeviceKind::Vsock { cid: 3 };
+        assert_eq!(
+            (vsock.id(), vsock.queues(), vsock.backend_queues()),
+            (19, 3, 2)
+        );
+        assert_eq!(vsock.config_size(), 8);
     }
 
     #[test]

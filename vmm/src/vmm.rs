@@ -569,6 +569,13 @@ fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
             DeviceConfig::VhostUserNet { socket } => {
                 VirtioMmio::connect(i, DeviceKind::Net, socket, &vm, &ram.memory)
             }
+            DeviceConfig::VhostUserVsock { socket, guest_cid } => VirtioMmio::connect(
+                i,
+                DeviceKind::Vsock { cid: *guest_cid },
+                socket,
+                &vm,
+                &ram.memory,
+            ),
         })
         .collect::<Result<Vec<_>>>()?;
     let slots: Vec<(u64, u32)> = virtio.iter().map(|d| (d.base, d.gsi)).collect();

@@ -42,7 +42,7 @@
 //!
 //! # Files
 //!
-//! - [`spec`]: the `--port` argument; [`mac`]: the MAC address type.
+//! - [`spec`]: the `--port` argument (MACs are the API crate's [`MacAddr`]).
 //! - [`switch`]: ports and forwarding (learning, flooding, the source-MAC
 //!   lock, dropping when a receiver is full).
 //! - [`frame`]: a frame in flight and the copies into receive buffers.

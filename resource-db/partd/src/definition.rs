@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-pub use partvisor_api::definition::{Definition, Disk, MAX_STOP_TIMEOUT_S};
+pub use partvisor_api::definition::{Definition, Disk, Vsock, MAX_STOP_TIMEOUT_S};
 use partvisor_api::descriptor::{
     DeviceConfig, SerialConfig, VmConfig, CMDLINE_MAX, MAX_DEVICES, MAX_XAPIC_VCPUS as MAX_VCPUS,
 };
@@ -66,7 +66,15 @@ pub enum DefinitionError {
     DuplicateDisk(String),
     #[error("nic switch {0:?}: a switch name is 1-32 characters a-z, 0-9 and '-'")]
     SwitchName(String),
-    #[error("disk + nic: at most {MAX_DEVICES} devices per partition, got {0}")]
+    #[error("vsock accept: {from:?} port {port}: {why}")]
+    VsockAccept {
+        from: String,
+        port: u32,
+        why: &'static str,
+    },
+    #[error("vsock accept: {from:?} lists no ports; name the ports it may connect to")]
+    VsockNoPorts { from: String },
+    #[error("disk + nic + vsock: at most {MAX_DEVICES} devices per partition, got {0}")]
     TooManyDevices(usize),
 }
 
@@ -132,6 +140,7 @@ impl DefinitionExt for Definition {
             dedicated_cpus: self.cpus.clone(),
             cpu_share_milli: self.share_milli(),
             devices: self.disk.iter().map(Disk::device_name).collect(),
+            vsock_cids: u32::from(self.vsock.is_some()),
             // MACs are granted at create and kept until destroy (see
             // `nic_demand`), so a switch knows every member's MAC.
             ..Demand::default()
@@ -244,7 +253,10 @@ fn validate(def: &Definition, host: &HostConfig) -> Result<(), DefinitionError> 
     if def.stop_timeout_s == 0 || def.stop_timeout_s > MAX_STOP_TIMEOUT_S {
         return Err(DefinitionError::StopTimeout(def.stop_timeout_s));
     }
-    let n = def.disk.len() + def.nic.len();
+    if let Some(vsock) = &def.vsock {
+        validate_vsock(vsock)?;
+    }
+    let n = def.disk.len() + def.nic.len() + usize::from(def.vsock.is_some());
     if n > MAX_DEVICES {
         return Err(DefinitionError::TooManyDevices(n));
     }
@@ -275,6 +287,39 @@ fn validate(def: &Definition, host: &HostConfig) -> Result<(), DefinitionError> 
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !ok {
             return Err(DefinitionError::SwitchName(nic.switch.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Each `accept` entry names a valid partition and ports a guest can
+/// listen on (`VMADDR_PORT_ANY`, u32::MAX, is never one), each port once.
+fn validate_vsock(vsock: &Vsock) -> Result<(), DefinitionError> {
+    for (i, a) in vsock.accept.iter().enumerate() {
+        PartitionId::new(&a.from)?;
+        if a.ports.is_empty() {
+            return Err(DefinitionError::VsockNoPorts {
+                from: a.from.clone(),
+            });
+        }
+        for (j, &port) in a.ports.iter().enumerate() {
+            let bad = |why| {
+                Err(DefinitionError::VsockAccept {
+                    from: a.from.clone(),
+                    port,
+                    why,
+                })
+            };
+            if port == u32::MAX {
+                return bad("is VMADDR_PORT_ANY, not a port");
+            }
+            let earlier = a.ports[..j].contains(&port)
+                || vsock.accept[..i]
+                    .iter()
+                    .any(|o| o.from == a.from && o.ports.contains(&port));
+            if earlier {
+                return bad("is listed twice");
+            }
         }
     }
     Ok(())
@@ -379,6 +424,27 @@ mod tests {
             ),
             (serde_json::json!({"vcpus": "two"}), "invalid type"),
             (serde_json::json!({"cmdline": "a\u{0}b"}), "NUL"),
+            (
+                serde_json::json!({"vsock": {"accept": [{"from": "Web", "ports": [1]}]}}),
+                "invalid partition name \"Web\"",
+            ),
+            (
+                serde_json::json!({"vsock": {"accept": [{"from": "web", "ports": []}]}}),
+                "vsock accept: \"web\" lists no ports",
+            ),
+            (
+                serde_json::json!({"vsock": {"accept": [{"from": "web", "ports": [u32::MAX]}]}}),
+                "port 4294967295: is VMADDR_PORT_ANY",
+            ),
+            (
+                serde_json::json!({"vsock": {"accept": [
+                    {"from": "web", "ports": [80]}, {"from": "web", "ports": [80]}]}}),
+                "\"web\" port 80: is listed twice",
+            ),
+            (
+                serde_json::json!({"vsock": {"allow": []}}),
+                "unknown field `allow`",
+            ),
         ];
         for (extra, want) in cases {
             let e = parse(extra.clone()).unwrap_err().to_string();
@@ -456,6 +522,20 @@ mod tests {
         assert!(matches!(with("{mac:b"), Err(CmdlineError::Malformed(_))));
         assert!(matches!(with("{mac:b:x}"), Err(CmdlineError::Malformed(_))));
         assert!(matches!(with("{mac:B}"), Err(CmdlineError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_vsock_section_demands_one_cid_and_accepts_only_what_it_lists() {
+        let def = parse(serde_json::json!({"vsock": {"accept": [
+            {"from": "web", "ports": [80, 443]}, {"from": "cron", "ports": [80]}]}}))
+        .unwrap();
+        assert_eq!(def.demand().vsock_cids, 1);
+        let v = def.vsock.as_ref().unwrap();
+        assert!(v.accepts("web", 443) && v.accepts("cron", 80));
+        assert!(!v.accepts("cron", 443) && !v.accepts("db", 80));
+        let none = parse(serde_json::json!({})).unwrap();
+        assert_eq!(none.demand().vsock_cids, 0);
+        assert!(!Vsock::default().accepts("web", 80), "default deny");
     }
 
     #[test]

@@ -40,6 +40,11 @@ fn default_stop_timeout_s() -> u64 {
 ///
 /// [[nic]]                     # a virtio-net port on a `part-io net` switch
 /// switch = "lan"              # MAC: assigned from the resource map at create
+///
+/// [vsock]                     # AF_VSOCK; the CID is granted at start
+/// accept = [                  # who may connect to this partition (default: nobody)
+///   { from = "web", ports = [5432] },
+/// ]
 /// ```
 ///
 /// In `cmdline`, `{mac:NAME}` (or `{mac:NAME:I}` for NIC I) stands for the
@@ -66,6 +71,38 @@ pub struct Definition {
     pub disk: Vec<Disk>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nic: Vec<Nic>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+}
+
+/// Guest sockets (virtio-vsock served by `part-io vsock`). The partition
+/// gets a CID from the resource map when it starts and gives it back when
+/// it stops. Connections are refused unless the listening partition's
+/// `accept` names the connecting partition and the port: participation is
+/// by allowlist, and it is the listener's to give.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept: Vec<VsockAccept>,
+}
+
+/// Partition `from` may connect to these ports of the partition whose
+/// definition holds this entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockAccept {
+    pub from: String,
+    pub ports: Vec<u32>,
+}
+
+impl Vsock {
+    /// Whether partition `from` may connect to `port` of this partition.
+    pub fn accepts(&self, from: &str, port: u32) -> bool {
+        self.accept
+            .iter()
+            .any(|a| a.from == from && a.ports.contains(&port))
+    }
 }
 
 /// A disk: a backing file the host configuration lists as a device

@@ -143,7 +143,18 @@ pub enum DeviceConfig {
     /// virtio-net whose device model is the vhost-user backend on `socket`
     /// (a port of a part-io net switch).
     VhostUserNet { socket: PathBuf },
+    /// virtio-vsock whose device model is the vhost-user backend on `socket`
+    /// (part-io vsock, vhost-device-vsock); `guest_cid` is the CID granted to
+    /// the partition, which the backend's config space must repeat.
+    VhostUserVsock { socket: PathBuf, guest_cid: u32 },
 }
+
+/// The lowest CID a guest can have: 0 is the hypervisor, 1 local loopback,
+/// 2 the host.
+pub const MIN_GUEST_CID: u32 = 3;
+
+/// `VMADDR_CID_ANY`, never a guest's address.
+pub const CID_ANY: u32 = u32::MAX;
 
 impl VmConfig {
     /// Parses a JSON descriptor; serde's error names the unknown key, wrong

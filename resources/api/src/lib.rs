@@ -38,7 +38,7 @@ pub mod host;
 pub mod resources;
 pub mod views;
 
-pub use definition::{Definition, Disk, Nic};
+pub use definition::{Definition, Disk, Nic, Vsock, VsockAccept};
 pub use error::ParseError;
 pub use holdings::{Capacity, FreeCapacity, Holdings, LogEntry, LogRecord};
 pub use host::{DeviceKind, DeviceSpec, HostConfig};

@@ -126,6 +126,10 @@ pub enum CoordError {
     },
     #[error("switch {switch}: part-io pid {pid} did not end")]
     SwitchStuck { switch: String, pid: u32 },
+    /// Until partd launches `part-io vsock`, a partition asking for vsock is
+    /// refused rather than started without the device it asked for.
+    #[error("cannot start {id}: its definition has a [vsock] section, and this partd does not start a vsock backend yet; remove the section to start it without vsock")]
+    VsockNotServed { id: PartitionId },
 }
 
 impl CoordError {
@@ -143,6 +147,7 @@ impl CoordError {
             | Cmdline { .. }
             | Capacity { .. }
             | SwitchBusy { .. }
+            | VsockNotServed { .. }
             | EndedWhileStarting { .. } => StatusCode::CONFLICT,
             StartTimeout { .. } | KillTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Db(_)

@@ -89,6 +89,9 @@ impl Coordinator {
             }
         })?;
         self.check_socket_paths(id, &def)?;
+        if def.vsock.is_some() {
+            return Err(CoordError::VsockNotServed { id: id.clone() });
+        }
         // `{mac:NAME}` in the command line: the MACs granted at create.
         let cmdline = def
             .expand_cmdline(|name, i| {
