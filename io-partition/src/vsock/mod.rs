@@ -39,3 +39,4 @@
 
 pub mod credit;
 pub mod packet;
+pub mod table;
