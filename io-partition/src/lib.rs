@@ -71,6 +71,7 @@
 
 pub mod blk;
 pub mod chain;
+pub mod copy;
 pub mod device;
 pub mod export;
 pub mod guard;

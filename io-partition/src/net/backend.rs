@@ -16,7 +16,7 @@ use virtio_bindings::bindings::virtio_net::{
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
-use super::frame::{mac_at, push_tail, Body, Frame, Source};
+use super::frame::{mac_at, Body, Frame, Source};
 use super::stats::bump;
 use super::switch::{Port, RxPath, Switch, Touched};
 use super::{
@@ -24,6 +24,7 @@ use super::{
     NUM_QUEUES, RX_QUEUE, TX_BATCH, TX_QUEUE,
 };
 use crate::chain::{gather, ChainWalker, Malformed, Segment};
+use crate::copy::push_tail;
 use crate::device::{Backend, DeviceModel, LogKey};
 use crate::server::{Endpoint, Mem};
 

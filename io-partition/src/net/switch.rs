@@ -17,13 +17,14 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
-use super::frame::{Body, Cursor, Frame, Source};
+use super::frame::{Body, Frame, Source};
 use super::stats::{bump, PortStats, UplinkStats};
 use super::uplink::Uplink;
 use super::{
     MacAddr, NetError, PortSpec, HDR_LEN, LEARN_AGE, MAX_FRAME, MAX_LEARNED, NUM_BUFFERS_OFFSET,
 };
 use crate::chain::{ChainWalker, Malformed};
+use crate::copy::Cursor;
 use crate::server::Mem;
 use crate::tap::Tap;
 
