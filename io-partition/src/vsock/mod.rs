@@ -39,4 +39,5 @@
 
 pub mod credit;
 pub mod packet;
+pub mod spec;
 pub mod table;
