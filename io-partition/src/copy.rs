@@ -80,6 +80,25 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Appends the segments of `segs` that cover bytes `skip..skip + len` (or
+/// fewer, if `segs` ends first).
+pub(crate) fn push_range(segs: &[Segment], skip: usize, len: usize, out: &mut Vec<Segment>) {
+    let start = out.len();
+    push_tail(segs, skip, out);
+    let mut left = len;
+    let mut keep = start;
+    for s in &mut out[start..] {
+        if left == 0 {
+            break;
+        }
+        let n = (s.len as usize).min(left);
+        s.len = n as u32;
+        left -= n;
+        keep += 1;
+    }
+    out.truncate(keep);
+}
+
 /// Appends the segments of `segs` that lie after its first `skip` bytes.
 pub(crate) fn push_tail(segs: &[Segment], mut skip: usize, out: &mut Vec<Segment>) {
     for s in segs {
@@ -169,6 +188,25 @@ mod tests {
         // More than the destination holds.
         let mut c = Cursor::new(&dst, &dst_segs[..1]);
         assert!(c.put_guest(&src, &src_segs).is_err());
+    }
+
+    #[test]
+    fn push_range_takes_exactly_the_bytes_asked_for() {
+        let r = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+            write: false,
+        };
+        let segs = [r(0x100, 44), r(0x200, 10), r(0x300, 50)];
+        let mut out = vec![r(0x9000, 1)];
+        push_range(&segs, 44, 15, &mut out);
+        assert_eq!(out, vec![r(0x9000, 1), r(0x200, 10), r(0x300, 5)]);
+        out.clear();
+        push_range(&segs, 50, 1000, &mut out);
+        assert_eq!(out, vec![r(0x206, 4), r(0x300, 50)]);
+        out.clear();
+        push_range(&segs, 10, 0, &mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use part_io::export::{Export, ExportError, ExportSpec};
 use part_io::net::{self, NetError, PortEndpoint, PortSpec, Switch};
 use part_io::server::{self, Endpoint, ListenError, ServeError};
 use part_io::tap::{Tap, TapError};
+use part_io::vsock::{self, Relay, StaticDirectory, VsockEndpoint, VsockError};
 
 /// Why `part-io` could not start; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ enum RunError {
     Net(#[from] NetError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error(transparent)]
     Serve(#[from] ServeError),
     #[error(transparent)]
@@ -83,6 +86,15 @@ enum Command {
         #[arg(long = "stats-socket", value_name = "PATH")]
         stats_socket: Option<PathBuf>,
     },
+    /// Guest sockets (AF_VSOCK) between partitions: one relay whose ports
+    /// are vhost-user-vsock devices, one socket per partition.
+    Vsock {
+        /// `socket=PATH,cid=N[,accept=CID:PORT+...]`; repeat for more
+        /// partitions. A partition only sends from its CID, and only the
+        /// CIDs and ports in its `accept` list may connect to it.
+        #[arg(long = "port", value_name = "SPEC", required = true)]
+        ports: Vec<vsock::PortSpec>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -95,6 +107,7 @@ fn main() -> ExitCode {
             tap,
             stats_socket,
         } => run_net(ports, tap, stats_socket),
+        Command::Vsock { ports } => run_vsock(ports),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,6 +159,28 @@ fn run_net(
     for b in bound {
         let p = b.export().port();
         info!(port = %b.export().name(), "port {} serving on {}", p.spec.mac, p.spec.socket.display());
+        threads.push(spawn("part-io-listen", "listener", move || b.serve())?);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn run_vsock(ports: Vec<vsock::PortSpec>) -> Result<(), RunError> {
+    let directory = StaticDirectory::new(&ports)?;
+    let relay = Relay::new(ports, Box::new(directory));
+    // Bind everything first: a bad argument fails the whole start.
+    let mut bound = Vec::new();
+    for i in 0..relay.ports().len() {
+        bound.push(server::bind_shared(Arc::new(VsockEndpoint::new(
+            relay.clone(),
+            i,
+        )))?);
+    }
+    let mut threads = Vec::new();
+    for (b, p) in bound.into_iter().zip(relay.ports()) {
+        info!(port = %b.export().name(), "vsock CID {} serving on {}", p.spec.cid, p.spec.socket.display());
         threads.push(spawn("part-io-listen", "listener", move || b.serve())?);
     }
     for t in threads {

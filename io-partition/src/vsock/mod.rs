@@ -37,7 +37,27 @@
 //! connection the listener's definition does not accept; hold more for a
 //! connection than its receiver advertised.
 
+pub mod backend;
 pub mod credit;
 pub mod packet;
+pub mod relay;
 pub mod spec;
+pub mod stats;
 pub mod table;
+
+pub use backend::{VsockBackend, VsockDevice, VsockEndpoint};
+pub use relay::Relay;
+pub use spec::{PortSpec, StaticDirectory, VsockError};
+
+/// Queues served (the event queue stays with the VMM).
+pub const NUM_QUEUES: usize = 2;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Largest queue a frontend may configure.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Chains taken off a transmit ring at a time.
+pub const TX_BATCH: usize = 64;
+/// Connections one partition may have initiated and not yet closed.
+pub const TABLE_LIMIT: usize = 64;

@@ -1,0 +1,297 @@
+//! The vhost-user-vsock device of one partition's connection: config space
+//! (the partition's CID), publishing its rx ring to the relay, and the tx
+//! path (take a batch off the ring, check each header, relay, complete).
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tracing::warn;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+
+use super::packet::{Header, Op, HDR_LEN};
+use super::relay::{Payload, Relay, RxPath, VsockPort};
+use super::stats::VsockStats;
+use super::{MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_BATCH, TX_QUEUE};
+use crate::chain::{gather, ChainWalker, Malformed, Segment};
+use crate::copy::push_range;
+use crate::device::{Backend, DeviceModel, LogKey};
+use crate::server::{Endpoint, Mem};
+
+/// One partition's port of the relay, as served by the listener.
+pub struct VsockEndpoint {
+    relay: Arc<Relay>,
+    index: usize,
+}
+
+impl VsockEndpoint {
+    /// Port `index` of `relay`.
+    pub fn new(relay: Arc<Relay>, index: usize) -> VsockEndpoint {
+        VsockEndpoint { relay, index }
+    }
+
+    fn port(&self) -> &VsockPort {
+        &self.relay.ports()[self.index]
+    }
+}
+
+impl Endpoint for VsockEndpoint {
+    type Model = VsockDevice;
+
+    fn socket(&self) -> &Path {
+        &self.port().spec.socket
+    }
+
+    fn kind(&self) -> &'static str {
+        "vsock"
+    }
+
+    fn new_model(self: &Arc<Self>, mem: &Mem) -> VsockDevice {
+        VsockDevice::new(self.relay.clone(), self.index, mem.clone())
+    }
+
+    fn count_connection(&self) -> u64 {
+        self.port().connected.store(true, Ordering::Relaxed);
+        VsockStats::bump(&self.port().stats.connections)
+    }
+
+    fn count_refused_region(&self) {
+        VsockStats::bump(&self.port().stats.refused_regions);
+    }
+
+    fn summary(&self) -> String {
+        self.relay.summary(self.index)
+    }
+
+    fn disconnected(&self) {
+        self.port().connected.store(false, Ordering::Relaxed);
+        self.relay.port_gone(self.index);
+    }
+}
+
+/// One checked packet taken off the tx ring.
+struct TxPacket {
+    header: Header,
+    /// Its payload's segments in `VsockDevice::tx_segs`.
+    segs: std::ops::Range<usize>,
+}
+
+/// virtio-vsock over vhost-user for one connection of one partition.
+pub type VsockBackend = Backend<VsockDevice>;
+
+/// The virtio-vsock device model of one connection.
+pub struct VsockDevice {
+    relay: Arc<Relay>,
+    index: usize,
+    mem: Mem,
+    config: [u8; 8],
+    walker: ChainWalker,
+    /// Heads taken off the tx ring, to complete; false for a head outside
+    /// the queue (no used entry can name it).
+    heads: Vec<(u16, bool)>,
+    packets: Vec<TxPacket>,
+    tx_segs: Vec<Segment>,
+    rx_published: bool,
+}
+
+impl VsockDevice {
+    fn new(relay: Arc<Relay>, index: usize, mem: Mem) -> VsockDevice {
+        let cid = u64::from(relay.ports()[index].spec.cid);
+        VsockDevice {
+            relay,
+            index,
+            mem,
+            config: cid.to_le_bytes(),
+            walker: ChainWalker::new(MAX_QUEUE_SIZE),
+            heads: Vec::with_capacity(TX_BATCH),
+            packets: Vec::with_capacity(TX_BATCH),
+            tx_segs: Vec::with_capacity(TX_BATCH * 2),
+            rx_published: false,
+        }
+    }
+
+    fn port(&self) -> &VsockPort {
+        &self.relay.ports()[self.index]
+    }
+
+    fn publish_rx(&mut self, vrings: &[VringRwLock]) {
+        if self.rx_published {
+            return;
+        }
+        let Some(vring) = vrings.get(RX_QUEUE) else {
+            return;
+        };
+        self.relay.publish_rx(
+            self.index,
+            RxPath {
+                vring: vring.clone(),
+                mem: self.mem.clone(),
+            },
+        );
+        self.rx_published = true;
+    }
+
+    /// Takes up to [`TX_BATCH`] chains off the tx ring (holding its lock
+    /// only for that) and checks each; returns how many it took.
+    fn take_tx_batch(&mut self, mem: &GuestMemoryMmap<()>, vring: &VringRwLock) -> usize {
+        self.heads.clear();
+        self.packets.clear();
+        self.tx_segs.clear();
+        let port = &self.relay.ports()[self.index];
+        let (stats, name, cid) = (&port.stats, port.spec.socket.display(), port.spec.cid);
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        if let Err(e) = queue.iter(mem) {
+            let n = stats.count_malformed(Malformed::BadAvailIndex);
+            if n.is_power_of_two() {
+                warn!(port = %name, "transmit queue unusable until reset: {e} ({n} kicks so far)");
+            }
+            return 0;
+        }
+        let desc_table = GuestAddress(queue.desc_table());
+        let queue_size = queue.size();
+        while self.heads.len() < TX_BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match self.walker.walk_segments(mem, desc_table, queue_size, head) {
+                Err(kind) => {
+                    self.heads.push((head, kind != Malformed::BadHead));
+                    let n = stats.count_malformed(kind);
+                    if n <= 8 || n.is_power_of_two() {
+                        warn!(port = %name, "malformed transmit chain (head {head}): {}; returned with length 0 ({n} so far)", kind.name());
+                    }
+                }
+                Ok(()) => {
+                    self.heads.push((head, true));
+                    let segs = self.walker.segments();
+                    let total: usize = segs.iter().map(|s| s.len as usize).sum();
+                    let mut hdr = [0u8; HDR_LEN];
+                    let readable = !segs.iter().any(|s| s.write);
+                    if !readable || gather(mem, segs, 0, &mut hdr).is_err() {
+                        let n = VsockStats::bump(&stats.bad_buffer);
+                        if n <= 8 || n.is_power_of_two() {
+                            warn!(port = %name, "bad transmit buffer (head {head}, {total} bytes): needs a {HDR_LEN}-byte header in device-readable descriptors; dropped ({n} so far)");
+                        }
+                        continue;
+                    }
+                    let header = match Header::from_guest(&hdr, u64::from(cid)) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            let n = stats.count_bad_header(&e);
+                            if n <= 8 || n.is_power_of_two() {
+                                warn!(port = %name, "transmit packet (head {head}) refused: {e} ({n} so far)");
+                            }
+                            continue;
+                        }
+                    };
+                    if total - HDR_LEN < header.len as usize {
+                        let n = VsockStats::bump(&stats.bad_buffer);
+                        if n <= 8 || n.is_power_of_two() {
+                            warn!(port = %name, "transmit packet (head {head}) says {} payload bytes but its buffer holds {}; dropped ({n} so far)", header.len, total - HDR_LEN);
+                        }
+                        continue;
+                    }
+                    let start = self.tx_segs.len();
+                    if header.op == Op::Rw {
+                        push_range(segs, HDR_LEN, header.len as usize, &mut self.tx_segs);
+                    }
+                    self.packets.push(TxPacket {
+                        header,
+                        segs: start..self.tx_segs.len(),
+                    });
+                }
+            }
+        }
+        self.heads.len()
+    }
+
+    /// Returns the batch's chains to the guest (used length 0) and signals it.
+    fn complete_tx(&mut self, mem: &GuestMemoryMmap<()>, vring: &VringRwLock) -> io::Result<()> {
+        let name = self.port().spec.socket.display();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let mut added = false;
+        for &(head, _) in self.heads.iter().filter(|(_, complete)| *complete) {
+            match queue.add_used(mem, head, 0) {
+                Ok(()) => added = true,
+                Err(e) => warn!(port = %name, "cannot add used entry: {e}"),
+            }
+        }
+        if added {
+            match queue.needs_notification(mem) {
+                Ok(true) => state.signal_used_queue()?,
+                Ok(false) => {}
+                Err(e) => warn!(port = %name, "cannot read used_event: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Drains the tx ring: every packet is relayed, its payload copied from
+    /// this guest's buffers straight into the receiver's, before the
+    /// buffers go back to this guest.
+    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        loop {
+            let mem = self.mem.memory();
+            let taken = self.take_tx_batch(&mem, vring);
+            for p in &self.packets {
+                let payload = if p.header.op == Op::Rw && p.header.len > 0 {
+                    Payload::Guest {
+                        mem: &mem,
+                        segs: &self.tx_segs[p.segs.clone()],
+                    }
+                } else {
+                    Payload::None
+                };
+                self.relay.relay(self.index, &p.header, payload);
+            }
+            self.complete_tx(&mem, vring)?;
+            if taken < TX_BATCH {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl DeviceModel for VsockDevice {
+    const LOG_KEY: LogKey = LogKey::Port;
+    const NUM_QUEUES: usize = NUM_QUEUES;
+    const MAX_QUEUE_SIZE: u16 = MAX_QUEUE_SIZE;
+
+    fn name(&self) -> std::path::Display<'_> {
+        self.port().spec.socket.display()
+    }
+
+    fn features(&self) -> u64 {
+        // Stream sockets only: with no vsock feature bit, both sides act as
+        // if VIRTIO_VSOCK_F_STREAM was negotiated (virtio 1.2 5.10.3).
+        0
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    // No `update_memory`: `self.mem` is the same GuestMemoryAtomic the
+    // daemon updates.
+
+    fn kicked(&mut self, vrings: &[VringRwLock]) {
+        self.publish_rx(vrings);
+    }
+
+    fn process_queue(&mut self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        match queue {
+            TX_QUEUE => self.process_tx(vring),
+            // New receive buffers: deliver what waited for them.
+            _ => {
+                self.relay.flush(self.index);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The relay: every partition's vsock port, the connection table, and the
+//! delivery of a packet into a receiver's rx buffers.
+//!
+//! Delivery never waits. A packet goes straight from the sender's tx
+//! buffers into the receiver's rx buffers (one copy); a RW larger than one
+//! rx buffer is split across several, each with its own header. If the
+//! receiver has no buffer posted, what is left is copied into that port's
+//! queue and delivered when it posts more. The queue cannot grow past what
+//! receivers advertised: the table charges every RW against the receiver's
+//! credit, whose `buf_alloc` it caps, so it holds at most
+//! `MAX_BUF_ALLOC` bytes per connection.
+//!
+//! Locks: the table's lock is held only for one decision; a port's `rx`
+//! lock (then its vring lock) only while delivering to it. A thread never
+//! holds two ports' `rx` locks, nor the table lock while delivering.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use partvisor_runtime::sync::MutexExt;
+use tracing::warn;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+
+use super::packet::{Header, HDR_LEN};
+use super::spec::PortSpec;
+use super::stats::VsockStats;
+use super::table::{Action, Directory, Event, Table};
+use super::{MAX_QUEUE_SIZE, TABLE_LIMIT};
+use crate::chain::{gather, ChainWalker, Malformed, Segment};
+use crate::copy::{push_range, Cursor};
+use crate::server::Mem;
+
+/// Where a packet's payload is.
+#[derive(Clone, Copy)]
+pub enum Payload<'a> {
+    /// No payload (`len` 0).
+    None,
+    /// In the sender's guest memory, exactly `len` bytes in these segments.
+    Guest {
+        mem: &'a GuestMemoryMmap<()>,
+        segs: &'a [Segment],
+    },
+    /// In part-io's memory (queued earlier).
+    Bytes(&'a [u8]),
+}
+
+impl Payload<'_> {
+    /// Appends bytes `off..off + n` to `out`.
+    fn put(
+        &self,
+        off: usize,
+        n: usize,
+        out: &mut Cursor<'_>,
+        scratch: &mut Vec<Segment>,
+    ) -> Result<(), ()> {
+        match self {
+            Payload::None => Ok(()),
+            Payload::Bytes(b) => out.put(b.get(off..off + n).ok_or(())?),
+            Payload::Guest { mem, segs } => {
+                scratch.clear();
+                push_range(segs, off, n, scratch);
+                out.put_guest(mem, scratch)
+            }
+        }
+    }
+
+    /// Bytes `off..off + n` copied out.
+    fn copy(&self, off: usize, n: usize) -> Result<Vec<u8>, ()> {
+        match self {
+            Payload::None => Ok(Vec::new()),
+            Payload::Bytes(b) => Ok(b.get(off..off + n).ok_or(())?.to_vec()),
+            Payload::Guest { mem, segs } => {
+                let mut v = vec![0u8; n];
+                gather(*mem, segs, off, &mut v)?;
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// A port's receive ring, published by its connection once the frontend
+/// has set up its queues; cleared when the connection ends.
+pub(super) struct RxPath {
+    pub(super) vring: VringRwLock,
+    pub(super) mem: Mem,
+}
+
+/// A packet waiting for receive buffers.
+struct Queued {
+    header: Header,
+    payload: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Rx {
+    path: Option<RxPath>,
+    walker: Option<ChainWalker>,
+    queue: VecDeque<Queued>,
+    scratch: Vec<Segment>,
+}
+
+/// One partition's vsock device.
+pub struct VsockPort {
+    pub spec: PortSpec,
+    pub stats: VsockStats,
+    rx: Mutex<Rx>,
+    pub(super) connected: AtomicBool,
+}
+
+/// Every port of one `part-io vsock`, and their connections.
+pub struct Relay {
+    ports: Vec<VsockPort>,
+    by_cid: HashMap<u64, usize>,
+    table: Mutex<Table>,
+    directory: Box<dyn Directory + Send + Sync>,
+}
+
+impl Relay {
+    /// A relay over `ports` (distinct CIDs and sockets, checked by the
+    /// directory's constructor) asking `directory` about every connection.
+    pub fn new(ports: Vec<PortSpec>, directory: Box<dyn Directory + Send + Sync>) -> Arc<Relay> {
+        let by_cid = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (u64::from(p.cid), i))
+            .collect();
+        Arc::new(Relay {
+            ports: ports
+                .into_iter()
+                .map(|spec| VsockPort {
+                    spec,
+                    stats: VsockStats::default(),
+                    rx: Mutex::new(Rx::default()),
+                    connected: AtomicBool::new(false),
+                })
+                .collect(),
+            by_cid,
+            table: Mutex::new(Table::new(TABLE_LIMIT)),
+            directory,
+        })
+    }
+
+    /// The ports, in command-line order.
+    pub fn ports(&self) -> &[VsockPort] {
+        &self.ports
+    }
+
+    /// One line with every counter of port `index`.
+    pub fn summary(&self, index: usize) -> String {
+        let p = &self.ports[index];
+        let t = self.table.locked().counters(u64::from(p.spec.cid));
+        p.stats.summary(&t)
+    }
+
+    /// Makes port `index`'s receive ring reachable.
+    pub(super) fn publish_rx(&self, index: usize, path: RxPath) {
+        let port = &self.ports[index];
+        let mut rx = port.rx.locked();
+        rx.path = Some(path);
+        rx.walker = Some(ChainWalker::new(MAX_QUEUE_SIZE));
+        tracing::info!(port = %port.spec.socket.display(), cid = port.spec.cid, "vsock receive queue ready");
+    }
+
+    /// Port `index`'s frontend is gone: its connections end (the other ends
+    /// get a RST) and what was queued for it is dropped.
+    pub(super) fn port_gone(&self, index: usize) {
+        let port = &self.ports[index];
+        {
+            let mut rx = port.rx.locked();
+            rx.path = None;
+            rx.queue.clear();
+            port.stats.queued_bytes.store(0, Ordering::Relaxed);
+        }
+        let resets = self.table.locked().partition_gone(u64::from(port.spec.cid));
+        for a in resets {
+            self.act(&a, Payload::None);
+        }
+    }
+
+    /// Runs `header` (checked, from port `index`) through the table and
+    /// delivers what it says; `payload` is the RW payload in the sender's
+    /// memory.
+    pub(super) fn relay(&self, index: usize, header: &Header, payload: Payload<'_>) {
+        let outcome = self.table.locked().packet(header, self.directory.as_ref());
+        if let Some(e) = outcome.event {
+            let port = &self.ports[index];
+            let n = port.stats.bad_header.load(Ordering::Relaxed);
+            if matches!(e, Event::Refused(_)) || n < 8 {
+                warn!(port = %port.spec.socket.display(), cid = port.spec.cid, "{} -> {} {:?}: {}", header.src, header.dst, header.op, describe(&e));
+            }
+        }
+        for a in &outcome.actions {
+            let p = match a {
+                Action::Forward { .. } if outcome.deliver_payload => payload,
+                _ => Payload::None,
+            };
+            if let (Action::Forward { .. }, true) = (a, outcome.deliver_payload) {
+                VsockStats::bump(&self.ports[index].stats.tx_packets);
+                self.ports[index]
+                    .stats
+                    .tx_bytes
+                    .fetch_add(u64::from(header.len), Ordering::Relaxed);
+            }
+            self.act(a, p);
+        }
+    }
+
+    fn act(&self, a: &Action, payload: Payload<'_>) {
+        let (Action::Forward { to, header } | Action::Reset { to, header }) = a;
+        if let Some(&j) = self.by_cid.get(to) {
+            self.deliver(j, header, payload);
+        }
+    }
+
+    /// Puts `header` and its payload into port `j`'s rx buffers, queueing
+    /// what does not fit now.
+    fn deliver(&self, j: usize, header: &Header, payload: Payload<'_>) {
+        let port = &self.ports[j];
+        let mut rx = port.rx.locked();
+        if rx.path.is_none() {
+            return;
+        }
+        let filled = if rx.queue.is_empty() {
+            fill(port, &mut rx, header, payload)
+        } else {
+            Filled::default()
+        };
+        if filled.complete(header) {
+            return;
+        }
+        let len = header.len as usize;
+        match payload.copy(filled.bytes, len - filled.bytes) {
+            Ok(rest) => {
+                let mut h = *header;
+                h.len = rest.len() as u32;
+                port.stats
+                    .queued_bytes
+                    .fetch_add(rest.len() as u64, Ordering::Relaxed);
+                rx.queue.push_back(Queued {
+                    header: h,
+                    payload: rest,
+                });
+            }
+            Err(()) => {
+                port.stats.count_malformed(Malformed::BadAddress);
+            }
+        }
+    }
+
+    /// Port `index` posted receive buffers: delivers what was queued.
+    pub(super) fn flush(&self, index: usize) {
+        let port = &self.ports[index];
+        let mut rx = port.rx.locked();
+        while let Some(mut q) = rx.queue.pop_front() {
+            let filled = fill(port, &mut rx, &q.header, Payload::Bytes(&q.payload));
+            port.stats
+                .queued_bytes
+                .fetch_sub(filled.bytes as u64, Ordering::Relaxed);
+            if !filled.complete(&q.header) {
+                q.payload.drain(..filled.bytes);
+                q.header.len = q.payload.len() as u32;
+                rx.queue.push_front(q);
+                return;
+            }
+        }
+    }
+}
+
+/// What [`fill`] put into a receiver's buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Filled {
+    /// Payload bytes.
+    bytes: usize,
+    /// Packets (buffers used with a header in them).
+    packets: usize,
+}
+
+impl Filled {
+    /// Whether all of `header`'s packet went in (a packet without payload
+    /// needs one buffer).
+    fn complete(&self, header: &Header) -> bool {
+        if header.len == 0 {
+            self.packets > 0
+        } else {
+            self.bytes == header.len as usize
+        }
+    }
+}
+
+fn describe(e: &Event) -> String {
+    match e {
+        Event::Refused(r) => format!("refused: {r}"),
+        Event::Credit(c) => format!("credit rule broken: {c}; connection reset"),
+        Event::Protocol => "not valid in the connection's state; connection reset".into(),
+        Event::NoConnection => "no such connection; answered with a reset".into(),
+    }
+}
+
+/// Fills the port's rx buffers with `header` and its payload, one packet
+/// per buffer, until it is all in or the buffers run out; signals the
+/// receiver if it used any buffer.
+fn fill(port: &VsockPort, rx: &mut Rx, header: &Header, payload: Payload<'_>) -> Filled {
+    let mut filled = Filled::default();
+    let Rx {
+        path,
+        walker,
+        scratch,
+        ..
+    } = rx;
+    let (Some(path), Some(walker)) = (path.as_ref(), walker.as_mut()) else {
+        return filled;
+    };
+    let mem = path.mem.memory();
+    let mut state = path.vring.get_mut();
+    let queue = state.get_queue_mut();
+    let desc_table = GuestAddress(queue.desc_table());
+    let queue_size = queue.size();
+    let len = header.len as usize;
+    let mut used = false;
+    let name = port.spec.socket.display();
+    while !filled.complete(header) {
+        let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let used_len = match walker.walk_segments(&*mem, desc_table, queue_size, head) {
+            Err(Malformed::BadHead) => {
+                // No used entry can name a head outside the queue.
+                port.stats.count_malformed(Malformed::BadHead);
+                continue;
+            }
+            Err(kind) => {
+                let n = port.stats.count_malformed(kind);
+                if n <= 8 || n.is_power_of_two() {
+                    warn!(port = %name, "malformed receive chain (head {head}): {}; returned with length 0 ({n} so far)", kind.name());
+                }
+                0
+            }
+            Ok(()) => {
+                let segs = walker.segments();
+                let room: usize = segs.iter().map(|s| s.len as usize).sum();
+                if segs.iter().any(|s| !s.write) || room <= HDR_LEN {
+                    let n = VsockStats::bump(&port.stats.bad_rx_buffer);
+                    if n <= 8 || n.is_power_of_two() {
+                        warn!(port = %name, "receive buffer (head {head}, {room} bytes) is not device-writable or has no room past the {HDR_LEN}-byte header; returned with length 0 ({n} so far)");
+                    }
+                    0
+                } else {
+                    let chunk = (len - filled.bytes).min(room - HDR_LEN);
+                    let mut h = *header;
+                    h.len = chunk as u32;
+                    let mut out = Cursor::new(&mem, segs);
+                    let ok = out
+                        .put(&h.encode())
+                        .and_then(|()| payload.put(filled.bytes, chunk, &mut out, scratch));
+                    if ok.is_err() {
+                        port.stats.count_malformed(Malformed::BadAddress);
+                        0
+                    } else {
+                        filled.bytes += chunk;
+                        filled.packets += 1;
+                        VsockStats::bump(&port.stats.rx_packets);
+                        port.stats
+                            .rx_bytes
+                            .fetch_add(chunk as u64, Ordering::Relaxed);
+                        (HDR_LEN + chunk) as u32
+                    }
+                }
+            }
+        };
+        match queue.add_used(&*mem, head, used_len) {
+            Ok(()) => used = true,
+            Err(e) => warn!(port = %name, "cannot add used entry: {e}"),
+        }
+    }
+    if used {
+        match queue.needs_notification(&*mem) {
+            Ok(true) => {
+                if let Err(e) = state.signal_used_queue() {
+                    warn!(port = %name, "cannot signal the receive queue: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!(port = %name, "cannot read used_event: {e}"),
+        }
+    }
+    filled
+}

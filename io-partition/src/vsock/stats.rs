@@ -1,0 +1,90 @@
+//! Per-partition counters of `part-io vsock`: what it relayed, and each
+//! kind of misbehaviour it refused, so an operator can see who did what.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::packet::BadHeader;
+use super::table::TableCounters;
+use crate::chain::Malformed;
+
+fn bump(c: &AtomicU64) -> u64 {
+    c.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// Counters of one partition's vsock device.
+#[derive(Debug, Default)]
+pub struct VsockStats {
+    pub connections: AtomicU64,
+    pub refused_regions: AtomicU64,
+    /// Packets taken off its tx queue and accepted.
+    pub tx_packets: AtomicU64,
+    /// Payload bytes it sent that were delivered.
+    pub tx_bytes: AtomicU64,
+    /// Packets put on its rx queue.
+    pub rx_packets: AtomicU64,
+    /// Payload bytes put on its rx queue.
+    pub rx_bytes: AtomicU64,
+    /// Headers refused ([`BadHeader`]), all kinds together.
+    pub bad_header: AtomicU64,
+    /// Of which: a source CID that was not its own.
+    pub spoofed: AtomicU64,
+    /// tx buffers whose payload was shorter than the header's `len`, or
+    /// that held a device-writable descriptor.
+    pub bad_buffer: AtomicU64,
+    /// rx buffers too small for a header, or not device-writable.
+    pub bad_rx_buffer: AtomicU64,
+    /// Malformed chains, per [`Malformed`] kind.
+    pub malformed: [AtomicU64; Malformed::ALL.len()],
+    /// Payload bytes waiting for its rx buffers now.
+    pub queued_bytes: AtomicU64,
+}
+
+impl VsockStats {
+    /// Counts a refused header; returns how many there were so far.
+    pub fn count_bad_header(&self, e: &BadHeader) -> u64 {
+        if matches!(e, BadHeader::Spoofed { .. }) {
+            bump(&self.spoofed);
+        }
+        bump(&self.bad_header)
+    }
+
+    /// Counts a malformed chain; returns how many of its kind so far.
+    pub fn count_malformed(&self, kind: Malformed) -> u64 {
+        bump(&self.malformed[kind.index()])
+    }
+
+    pub(super) fn bump(c: &AtomicU64) -> u64 {
+        bump(c)
+    }
+
+    /// One line with every counter, the table's included.
+    pub fn summary(&self, table: &TableCounters) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut s = format!(
+            "connections={} tx_packets={} tx_bytes={} rx_packets={} rx_bytes={} queued_bytes={} \
+             open={} lookups={} refused={} credit_violations={} protocol_errors={} no_connection={} \
+             bad_header={} spoofed={} bad_buffer={} bad_rx_buffer={} refused_regions={}",
+            g(&self.connections),
+            g(&self.tx_packets),
+            g(&self.tx_bytes),
+            g(&self.rx_packets),
+            g(&self.rx_bytes),
+            g(&self.queued_bytes),
+            table.open,
+            table.lookups,
+            table.refused,
+            table.credit_violations,
+            table.protocol_errors,
+            table.no_connection,
+            g(&self.bad_header),
+            g(&self.spoofed),
+            g(&self.bad_buffer),
+            g(&self.bad_rx_buffer),
+            g(&self.refused_regions),
+        );
+        for k in Malformed::ALL {
+            s.push_str(&format!(" {}={}", k.name(), g(&self.malformed[k.index()])));
+        }
+        s
+    }
+}

@@ -1,0 +1,326 @@
+//! `part-io vsock` driven by test-side frontends: three "guests" (CIDs 3, 4
+//! and 5; 4 accepts 3 on port 80 and nobody else) with their rx and tx
+//! queues in sealed memfds.
+
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::net::NetDevice;
+use common::*;
+use vhost::vhost_user::VhostUserFrontend;
+use vm_memory::{Bytes, GuestAddress};
+
+const HDR_LEN: usize = 44;
+const RX_BUF: u32 = 2048;
+/// Receive buffers of the test frontend (`common::net` ring layout).
+const RX_BUFS: u64 = 0x10_0000;
+const RX_STRIDE: u64 = 2048;
+/// Transmit buffers: our own area, 64 KiB apart.
+const TX_BUFS: u64 = 0x30_0000;
+const TX_STRIDE: u64 = 0x1_0000;
+const QUIET: Duration = Duration::from_millis(200);
+
+const REQUEST: u16 = 1;
+const RESPONSE: u16 = 2;
+const RST: u16 = 3;
+const RW: u16 = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hdr {
+    src: (u64, u32),
+    dst: (u64, u32),
+    len: u32,
+    op: u16,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+impl Hdr {
+    fn new(op: u16, src: (u64, u32), dst: (u64, u32)) -> Hdr {
+        Hdr {
+            src,
+            dst,
+            len: 0,
+            op,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    fn encode(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0..8].copy_from_slice(&self.src.0.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst.0.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src.1.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst.1.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&1u16.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Hdr {
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        assert_eq!(u16::from_le_bytes([b[28], b[29]]), 1, "stream type");
+        Hdr {
+            src: (u64_at(0), u32_at(16)),
+            dst: (u64_at(8), u32_at(20)),
+            len: u32_at(24),
+            op: u16::from_le_bytes([b[30], b[31]]),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
+struct Guest {
+    dev: NetDevice,
+    next_tx: u16,
+}
+
+impl Guest {
+    /// Connects to port `i`, posts 16 receive buffers of [`RX_BUF`] bytes.
+    fn attach(p: &PartIo, i: usize) -> Guest {
+        let mut dev = NetDevice::connect(
+            &p.dir.path().join(format!("p{i}.sock")),
+            guest_memory(SEALED),
+            16,
+            false,
+        )
+        .unwrap();
+        for id in 0..16 {
+            dev.post_rx_len(id, RX_BUF);
+        }
+        dev.kick(0);
+        Guest { dev, next_tx: 0 }
+    }
+
+    fn config_cid(&mut self) -> u64 {
+        let (_, payload) = self
+            .dev
+            .fe
+            .get_config(
+                0,
+                8,
+                vhost::vhost_user::message::VhostUserConfigFlags::empty(),
+                &[0; 8],
+            )
+            .unwrap();
+        u64::from_le_bytes(payload.try_into().unwrap())
+    }
+
+    /// Sends `h` (with `payload`, whose length goes into `h.len` unless
+    /// `len` overrides it) in one descriptor.
+    fn send_raw(&mut self, mut h: Hdr, payload: &[u8], len: Option<u32>) {
+        h.len = len.unwrap_or(payload.len() as u32);
+        while self.dev.pop_used(1).is_some() {}
+        let id = self.next_tx % 16;
+        self.next_tx += 1;
+        let addr = TX_BUFS + u64::from(id) * TX_STRIDE;
+        self.dev
+            .mem
+            .write_slice(&h.encode(), GuestAddress(addr))
+            .unwrap();
+        self.dev
+            .mem
+            .write_slice(payload, GuestAddress(addr + HDR_LEN as u64))
+            .unwrap();
+        self.dev
+            .put_desc(1, id, addr, (HDR_LEN + payload.len()) as u32, 0, 0);
+        self.dev.push_avail(1, id);
+        self.dev.kick(1);
+    }
+
+    fn send(&mut self, h: Hdr, payload: &[u8]) {
+        self.send_raw(h, payload, None);
+    }
+
+    /// The next received packet within `timeout`; reposts its buffer.
+    fn recv_timeout(&mut self, timeout: Duration) -> Option<(Hdr, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((id, len)) = self.dev.pop_used(0) {
+                assert!(len as usize >= HDR_LEN, "used length {len}");
+                let mut buf = vec![0u8; len as usize];
+                self.dev
+                    .mem
+                    .read_slice(&mut buf, GuestAddress(RX_BUFS + u64::from(id) * RX_STRIDE))
+                    .unwrap();
+                let h = Hdr::decode(&buf);
+                assert_eq!(
+                    h.len as usize,
+                    len as usize - HDR_LEN,
+                    "used length = 44 + len"
+                );
+                self.dev.post_rx_len(id, RX_BUF);
+                self.dev.kick(0);
+                return Some((h, buf.split_off(HDR_LEN)));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn recv(&mut self) -> (Hdr, Vec<u8>) {
+        self.recv_timeout(TIMEOUT).expect("no packet received")
+    }
+
+    fn expect_nothing(&mut self) {
+        if let Some(p) = self.recv_timeout(QUIET) {
+            panic!("unexpected packet {:?}", p.0);
+        }
+    }
+}
+
+fn spawn_relay() -> PartIo {
+    let dir = tempfile::tempdir().unwrap();
+    let port = |i: usize, rest: &str| {
+        format!(
+            "socket={},{rest}",
+            dir.path().join(format!("p{i}.sock")).display()
+        )
+    };
+    let args = vec![
+        "vsock".to_string(),
+        "--port".into(),
+        port(0, "cid=3"),
+        "--port".into(),
+        port(1, "cid=4,accept=3:80"),
+        "--port".into(),
+        port(2, "cid=5"),
+    ];
+    PartIo::spawn_args(dir, &args, 3)
+}
+
+/// Three attached guests whose receive queues the relay knows.
+fn three_guests(p: &PartIo) -> (Guest, Guest, Guest) {
+    let g = (
+        Guest::attach(p, 0),
+        Guest::attach(p, 1),
+        Guest::attach(p, 2),
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while p.log().matches("vsock receive queue ready").count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "receive queues never ready:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    g
+}
+
+const A: (u64, u32) = (3, 1025);
+const B: (u64, u32) = (4, 80);
+
+/// Opens A -> B:80 and checks both sides of the handshake.
+fn connect(a: &mut Guest, b: &mut Guest) {
+    a.send(Hdr::new(REQUEST, A, B), &[]);
+    let (h, _) = b.recv();
+    assert_eq!(h, Hdr::new(REQUEST, A, B));
+    b.send(Hdr::new(RESPONSE, B, A), &[]);
+    let (h, _) = a.recv();
+    assert_eq!(h, Hdr::new(RESPONSE, B, A));
+}
+
+#[test]
+fn config_space_carries_each_partitions_cid() {
+    let p = spawn_relay();
+    let (mut a, mut b, mut c) = three_guests(&p);
+    assert_eq!((a.config_cid(), b.config_cid(), c.config_cid()), (3, 4, 5));
+}
+
+#[test]
+fn an_accepted_connection_carries_data_split_across_receive_buffers_intact() {
+    let p = spawn_relay();
+    let (mut a, mut b, _c) = three_guests(&p);
+    connect(&mut a, &mut b);
+    let data = pattern(7, 10_000);
+    a.send(Hdr::new(RW, A, B), &data);
+    let mut got = Vec::new();
+    let mut packets = 0;
+    while got.len() < data.len() {
+        let (h, payload) = b.recv();
+        assert_eq!((h.op, h.src, h.dst), (RW, A, B));
+        assert!(h.len as usize <= RX_BUF as usize - HDR_LEN);
+        got.extend_from_slice(&payload);
+        packets += 1;
+    }
+    assert_eq!(got, data);
+    assert_eq!(packets, 5, "10000 bytes in 2004-byte buffers");
+    // And back, after B tells A it consumed everything.
+    let mut back = Hdr::new(RW, B, A);
+    back.fwd_cnt = 10_000;
+    b.send(back, b"pong");
+    let (h, payload) = a.recv();
+    assert_eq!(
+        (h.op, h.fwd_cnt, payload.as_slice()),
+        (RW, 10_000, &b"pong"[..])
+    );
+}
+
+#[test]
+fn a_partition_not_accepted_gets_a_reset_and_the_listener_sees_nothing() {
+    let p = spawn_relay();
+    let (_a, mut b, mut c) = three_guests(&p);
+    let from_c = (5, 2000);
+    c.send(Hdr::new(REQUEST, from_c, B), &[]);
+    let (h, _) = c.recv();
+    assert_eq!((h.op, h.src, h.dst), (RST, B, from_c));
+    b.expect_nothing();
+    p.wait_log("refused: the listener's definition does not accept this partition");
+}
+
+#[test]
+fn a_spoofed_source_cid_is_not_delivered() {
+    let p = spawn_relay();
+    let (_a, mut b, mut c) = three_guests(&p);
+    // C pretends to be A, who is accepted.
+    c.send(Hdr::new(REQUEST, A, B), &[]);
+    b.expect_nothing();
+    c.expect_nothing();
+    p.wait_log("source CID 3 is not the partition's CID 5");
+}
+
+#[test]
+fn a_credit_liar_loses_its_connection_at_both_ends() {
+    let p = spawn_relay();
+    let (mut a, mut b, _c) = three_guests(&p);
+    connect(&mut a, &mut b);
+    // B advertised 65536 bytes; A sends 65537 in two packets.
+    a.send_raw(Hdr::new(RW, A, B), &[1u8; 100], Some(100));
+    let mut got = 0;
+    while got < 100 {
+        got += b.recv().1.len();
+    }
+    a.send_raw(Hdr::new(RW, A, B), &vec![2u8; 65_437], None);
+    let (h, _) = a.recv();
+    assert_eq!((h.op, h.src, h.dst), (RST, B, A));
+    let (h, _) = b.recv();
+    assert_eq!((h.op, h.src, h.dst), (RST, A, B));
+    p.wait_log("credit rule broken: sent 65437 bytes with only 65436 bytes of credit");
+}
+
+#[test]
+fn when_a_partition_goes_its_peers_are_reset_within_a_second() {
+    let p = spawn_relay();
+    let (mut a, mut b, _c) = three_guests(&p);
+    connect(&mut a, &mut b);
+    let t0 = Instant::now();
+    drop(b);
+    let (h, _) = a
+        .recv_timeout(Duration::from_secs(1))
+        .expect("no reset within a second of the listener going");
+    assert_eq!((h.op, h.src, h.dst), (RST, B, A));
+    eprintln!("reset after {:?}", t0.elapsed());
+}
