@@ -94,6 +94,10 @@ enum Command {
         /// CIDs and ports in its `accept` list may connect to it.
         #[arg(long = "port", value_name = "SPEC", required = true)]
         ports: Vec<vsock::PortSpec>,
+        /// Unix socket answering every connection with one JSON line of
+        /// per-partition counters.
+        #[arg(long = "stats-socket", value_name = "PATH")]
+        stats_socket: Option<PathBuf>,
     },
 }
 
@@ -107,7 +111,10 @@ fn main() -> ExitCode {
             tap,
             stats_socket,
         } => run_net(ports, tap, stats_socket),
-        Command::Vsock { ports } => run_vsock(ports),
+        Command::Vsock {
+            ports,
+            stats_socket,
+        } => run_vsock(ports, stats_socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,7 +174,7 @@ fn run_net(
     Ok(())
 }
 
-fn run_vsock(ports: Vec<vsock::PortSpec>) -> Result<(), RunError> {
+fn run_vsock(ports: Vec<vsock::PortSpec>, stats_socket: Option<PathBuf>) -> Result<(), RunError> {
     let directory = StaticDirectory::new(&ports)?;
     let relay = Relay::new(ports, Box::new(directory));
     // Bind everything first: a bad argument fails the whole start.
@@ -178,7 +185,17 @@ fn run_vsock(ports: Vec<vsock::PortSpec>) -> Result<(), RunError> {
             i,
         )))?);
     }
+    let stats = stats_socket
+        .map(|path| server::listen("stats socket", &path).map(|l| (l, path)))
+        .transpose()?;
     let mut threads = Vec::new();
+    if let Some((listener, path)) = stats {
+        info!("stats on {}", path.display());
+        let r = relay.clone();
+        threads.push(spawn("part-io-stats", "the stats", move || {
+            server::serve_lines(listener, || r.stats_json())
+        })?);
+    }
     for (b, p) in bound.into_iter().zip(relay.ports()) {
         info!(port = %b.export().name(), "vsock CID {} serving on {}", p.spec.cid, p.spec.socket.display());
         threads.push(spawn("part-io-listen", "listener", move || b.serve())?);

@@ -84,6 +84,25 @@ pub enum ListenError {
     },
 }
 
+/// Answers every connection on `listener` with one line, `line()` and a
+/// newline, forever (the stats sockets of the switch and the vsock relay).
+pub fn serve_lines(listener: UnixListener, line: impl Fn() -> String) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(mut s) => {
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                let mut text = line();
+                text.push('\n');
+                let _ = io::Write::write_all(&mut s, text.as_bytes());
+            }
+            Err(e) => {
+                warn!("stats socket accept failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// Listens on `path`, replacing a stale socket there; any other file there
 /// is an error. `what` names the socket in errors (`socket`, `stats socket`).
 pub fn listen(what: &'static str, path: &Path) -> Result<UnixListener, ListenError> {

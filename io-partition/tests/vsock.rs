@@ -1,6 +1,6 @@
 //! `part-io vsock` driven by test-side frontends: three "guests" (CIDs 3, 4
-//! and 5; 4 accepts 3 on port 80 and nobody else) with their rx and tx
-//! queues in sealed memfds.
+//! and 5; 4 accepts 3 and 5 on port 80, 3 accepts 5 on port 90, nobody
+//! else is accepted) with their rx and tx queues in sealed memfds.
 
 // Test and benchmark code: a failed step should fail the run loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::net::NetDevice;
+use common::net::{stats, NetDevice};
 use common::*;
 use vhost::vhost_user::VhostUserFrontend;
 use vm_memory::{Bytes, GuestAddress};
@@ -28,6 +28,7 @@ const REQUEST: u16 = 1;
 const RESPONSE: u16 = 2;
 const RST: u16 = 3;
 const RW: u16 = 5;
+const CREDIT_UPDATE: u16 = 6;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Hdr {
@@ -192,11 +193,13 @@ fn spawn_relay() -> PartIo {
     let args = vec![
         "vsock".to_string(),
         "--port".into(),
-        port(0, "cid=3"),
+        port(0, "cid=3,accept=5:90"),
         "--port".into(),
-        port(1, "cid=4,accept=3:80"),
+        port(1, "cid=4,accept=3:80+5:80"),
         "--port".into(),
         port(2, "cid=5"),
+        "--stats-socket".into(),
+        dir.path().join("stats.sock").display().to_string(),
     ];
     PartIo::spawn_args(dir, &args, 3)
 }
@@ -269,14 +272,203 @@ fn an_accepted_connection_carries_data_split_across_receive_buffers_intact() {
     );
 }
 
+/// Counter `name` of the port with CID `cid`.
+fn stat(p: &PartIo, cid: u64, name: &str) -> u64 {
+    let s = stats(p);
+    let port = s["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["cid"] == cid)
+        .unwrap()
+        .clone();
+    port[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {port}"))
+}
+
+const C_TO_A: ((u64, u32), (u64, u32)) = ((5, 3000), (3, 90));
+
+/// Streams `total` bytes (a multiple of 16000) from C to A:90 in 16000-byte packets, A reading
+/// and returning credit as it goes; returns the rate in MB/s.
+fn stream_c_to_a(a: &mut Guest, c: &mut Guest, total: usize) -> f64 {
+    let (from, to) = C_TO_A;
+    c.send(Hdr::new(REQUEST, from, to), &[]);
+    assert_eq!(a.recv().0.op, REQUEST);
+    a.send(Hdr::new(RESPONSE, to, from), &[]);
+    assert_eq!(c.recv().0.op, RESPONSE);
+    let chunk = pattern(3, 16_000);
+    let t0 = Instant::now();
+    let (mut sent, mut got, mut credit_fwd) = (0usize, 0usize, 0u32);
+    while got < total {
+        // Send while A's advertised 65536 bytes allow.
+        while sent < total && sent - credit_fwd as usize + chunk.len() <= 65_536 {
+            c.send(Hdr::new(RW, from, to), &chunk);
+            sent += chunk.len();
+        }
+        let (h, payload) = a.recv();
+        assert_eq!((h.op, h.src, h.dst), (RW, from, to));
+        let at = got % chunk.len();
+        assert_eq!(
+            payload[..],
+            chunk[at..at + payload.len()],
+            "stream content at {got}"
+        );
+        got += payload.len();
+        if got - credit_fwd as usize >= 32_000 {
+            let mut update = Hdr::new(CREDIT_UPDATE, to, from);
+            update.fwd_cnt = got as u32;
+            a.send(update, &[]);
+            // C may use the new credit once it has seen the update, as a
+            // guest does: sending on an update still in flight would be
+            // sending past the credit part-io knows of.
+            let (h, _) = c.recv();
+            assert_eq!((h.op, h.fwd_cnt), (CREDIT_UPDATE, got as u32));
+            credit_fwd = h.fwd_cnt;
+        }
+    }
+    total as f64 / t0.elapsed().as_secs_f64() / 1e6
+}
+
+#[test]
+fn a_receiver_that_stops_reading_stalls_only_its_own_connection() {
+    let p = spawn_relay();
+    let (mut a, mut b, mut c) = three_guests(&p);
+    let baseline = stream_c_to_a(&mut a, &mut c, 128 * 16_000);
+    // A -> B with B not reading: A sends the 64000 bytes B's credit allows.
+    connect(&mut a, &mut b);
+    let data = pattern(9, 64_000);
+    for part in data.chunks(16_000) {
+        a.send(Hdr::new(RW, A, B), part);
+    }
+    // Each 16000-byte packet takes 8 of B's 2004-byte buffers, so B's 16
+    // buffers hold two packets; the other two wait in part-io.
+    let per_packet = 16_000u64.div_ceil(RX_BUF as u64 - HDR_LEN as u64);
+    let want_queued = 64_000 - (16 / per_packet) * 16_000;
+    assert_eq!(want_queued, 32_000);
+    let deadline = Instant::now() + TIMEOUT;
+    while stat(&p, 4, "queued_bytes") != want_queued {
+        assert!(
+            Instant::now() < deadline,
+            "queued {}",
+            stat(&p, 4, "queued_bytes")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Meanwhile C's stream to A runs as before.
+    let (from, to) = C_TO_A;
+    c.send(Hdr::new(RST, from, to), &[]);
+    assert_eq!(a.recv().0.op, RST);
+    let stalled = stream_c_to_a(&mut a, &mut c, 128 * 16_000);
+    eprintln!(
+        "C -> A through part-io vsock: {baseline:.0} MB/s alone, {stalled:.0} MB/s while A -> B \
+         is stalled on B ({want_queued} bytes queued for B, bounded by B's credit)"
+    );
+    // B reads at last: everything arrives, in order.
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let (h, payload) = b.recv();
+        assert_eq!((h.op, h.src, h.dst), (RW, A, B));
+        got.extend_from_slice(&payload);
+    }
+    assert_eq!(got, data);
+    assert_eq!(stat(&p, 4, "queued_bytes"), 0);
+    assert_eq!(stat(&p, 3, "credit_violations"), 0);
+}
+
+#[test]
+fn a_request_flood_is_cut_at_the_limit_and_others_still_connect() {
+    let p = spawn_relay();
+    let (mut a, mut b, mut c) = three_guests(&p);
+    for port in 0..100u32 {
+        a.send(Hdr::new(REQUEST, (3, 10_000 + port), B), &[]);
+        if port % 8 == 7 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let mut resets = 0;
+    while let Some((h, _)) = a.recv_timeout(QUIET) {
+        assert_eq!(h.op, RST);
+        resets += 1;
+    }
+    assert_eq!(
+        resets, 36,
+        "requests past the 64-connection limit are reset"
+    );
+    assert_eq!(stat(&p, 3, "refused"), 36);
+    assert_eq!(stat(&p, 3, "lookups"), 64);
+    // B sees the 64 it can have; C still reaches B.
+    let mut requests = 0;
+    while let Some((h, _)) = b.recv_timeout(QUIET) {
+        assert_eq!((h.op, h.src.0), (REQUEST, 3));
+        requests += 1;
+    }
+    assert_eq!(requests, 64);
+    let from_c = (5, 1);
+    c.send(Hdr::new(REQUEST, from_c, B), &[]);
+    assert_eq!(b.recv().0, Hdr::new(REQUEST, from_c, B));
+    assert_eq!(stat(&p, 5, "refused"), 0);
+}
+
+#[test]
+fn malformed_chains_are_counted_and_hurt_only_their_sender() {
+    let p = spawn_relay();
+    let (mut a, mut b, mut c) = three_guests(&p);
+    // A descriptor outside guest memory, a loop, a too-short header, a
+    // device-writable tx buffer and a header that claims more payload than
+    // it has.
+    a.dev.put_desc(1, 0, (MEM_SIZE as u64) + 0x1000, 64, 0, 0);
+    a.dev.push_avail(1, 0);
+    a.dev.put_desc(1, 1, TX_BUFS, 44, NEXT, 2);
+    a.dev.put_desc(1, 2, TX_BUFS, 44, NEXT, 1);
+    a.dev.push_avail(1, 1);
+    a.dev.put_desc(1, 3, TX_BUFS, 20, 0, 0);
+    a.dev.push_avail(1, 3);
+    a.dev.put_desc(1, 4, TX_BUFS, 44, WRITE, 0);
+    a.dev.push_avail(1, 4);
+    let mut liar = Hdr::new(RW, A, B);
+    liar.len = 5000;
+    a.dev
+        .mem
+        .write_slice(&liar.encode(), GuestAddress(TX_BUFS + 0x8000))
+        .unwrap();
+    a.dev.put_desc(1, 5, TX_BUFS + 0x8000, 44 + 10, 0, 0);
+    a.dev.push_avail(1, 5);
+    a.dev.kick(1);
+    let deadline = Instant::now() + TIMEOUT;
+    while stat(&p, 3, "bad_buffer") < 3 {
+        assert!(Instant::now() < deadline, "{}", stats(&p));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stat(&p, 3, "bad_address"), 1);
+    assert_eq!(stat(&p, 3, "loop"), 1);
+    assert_eq!(stat(&p, 3, "bad_buffer"), 3);
+    // Every chain went back to A (used length 0), and C's traffic to B is
+    // untouched.
+    let mut used = 0;
+    while a.dev.pop_used(1).is_some() {
+        used += 1;
+    }
+    assert_eq!(used, 5);
+    let from_c = (5, 7);
+    c.send(Hdr::new(REQUEST, from_c, B), &[]);
+    assert_eq!(b.recv().0.op, REQUEST);
+    b.send(Hdr::new(RESPONSE, B, from_c), &[]);
+    assert_eq!(c.recv().0.op, RESPONSE);
+    c.send(Hdr::new(RW, from_c, B), b"intact");
+    assert_eq!(b.recv().1, b"intact");
+    assert_eq!(stat(&p, 5, "bad_buffer") + stat(&p, 4, "bad_buffer"), 0);
+}
+
 #[test]
 fn a_partition_not_accepted_gets_a_reset_and_the_listener_sees_nothing() {
     let p = spawn_relay();
     let (_a, mut b, mut c) = three_guests(&p);
-    let from_c = (5, 2000);
-    c.send(Hdr::new(REQUEST, from_c, B), &[]);
+    // B accepts C on port 80 only.
+    let (from_c, b81) = ((5, 2000), (4, 81));
+    c.send(Hdr::new(REQUEST, from_c, b81), &[]);
     let (h, _) = c.recv();
-    assert_eq!((h.op, h.src, h.dst), (RST, B, from_c));
+    assert_eq!((h.op, h.src, h.dst), (RST, b81, from_c));
     b.expect_nothing();
     p.wait_log("refused: the listener's definition does not accept this partition");
 }

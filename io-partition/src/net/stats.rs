@@ -2,15 +2,12 @@
 //! one-line summary logged at every disconnect, and the stats socket that
 //! answers every connection with all of them as one JSON line.
 
-use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use partvisor_runtime::sync::MutexExt;
 use serde::Serialize;
-use tracing::warn;
 
 use super::{MacAddr, Switch};
 use crate::chain::Malformed;
@@ -213,18 +210,5 @@ pub fn bind_stats(path: &Path) -> Result<UnixListener, ListenError> {
 /// Serves `switch.stats_json()` on `listener`: one JSON line per connection,
 /// forever.
 pub fn serve_stats(switch: &Switch, listener: UnixListener) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(mut s) => {
-                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-                let mut line = switch.stats_json();
-                line.push('\n');
-                let _ = s.write_all(line.as_bytes());
-            }
-            Err(e) => {
-                warn!("stats socket accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    crate::server::serve_lines(listener, || switch.stats_json());
 }

@@ -155,6 +155,27 @@ impl Relay {
         p.stats.summary(&t)
     }
 
+    /// Every port's counters as one JSON object:
+    /// `{"ports": [{"cid": N, "socket": PATH, "rx_ready": bool, COUNTER: N, ...}]}`.
+    pub fn stats_json(&self) -> String {
+        let ports: Vec<serde_json::Value> = self
+            .ports
+            .iter()
+            .map(|p| {
+                let t = self.table.locked().counters(u64::from(p.spec.cid));
+                let mut m = serde_json::Map::new();
+                m.insert("cid".into(), p.spec.cid.into());
+                m.insert("socket".into(), p.spec.socket.display().to_string().into());
+                m.insert("rx_ready".into(), p.rx.locked().path.is_some().into());
+                for (k, v) in p.stats.counters(&t) {
+                    m.insert(k.into(), v.into());
+                }
+                serde_json::Value::Object(m)
+            })
+            .collect();
+        serde_json::json!({ "ports": ports }).to_string()
+    }
+
     /// Makes port `index`'s receive ring reachable.
     pub(super) fn publish_rx(&self, index: usize, path: RxPath) {
         let port = &self.ports[index];

@@ -57,34 +57,40 @@ impl VsockStats {
         bump(c)
     }
 
-    /// One line with every counter, the table's included.
-    pub fn summary(&self, table: &TableCounters) -> String {
+    /// Every counter by name, the table's included.
+    pub fn counters(&self, table: &TableCounters) -> Vec<(&'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut s = format!(
-            "connections={} tx_packets={} tx_bytes={} rx_packets={} rx_bytes={} queued_bytes={} \
-             open={} lookups={} refused={} credit_violations={} protocol_errors={} no_connection={} \
-             bad_header={} spoofed={} bad_buffer={} bad_rx_buffer={} refused_regions={}",
-            g(&self.connections),
-            g(&self.tx_packets),
-            g(&self.tx_bytes),
-            g(&self.rx_packets),
-            g(&self.rx_bytes),
-            g(&self.queued_bytes),
-            table.open,
-            table.lookups,
-            table.refused,
-            table.credit_violations,
-            table.protocol_errors,
-            table.no_connection,
-            g(&self.bad_header),
-            g(&self.spoofed),
-            g(&self.bad_buffer),
-            g(&self.bad_rx_buffer),
-            g(&self.refused_regions),
-        );
+        let mut v = vec![
+            ("connections", g(&self.connections)),
+            ("tx_packets", g(&self.tx_packets)),
+            ("tx_bytes", g(&self.tx_bytes)),
+            ("rx_packets", g(&self.rx_packets)),
+            ("rx_bytes", g(&self.rx_bytes)),
+            ("queued_bytes", g(&self.queued_bytes)),
+            ("open", table.open),
+            ("lookups", table.lookups),
+            ("refused", table.refused),
+            ("credit_violations", table.credit_violations),
+            ("protocol_errors", table.protocol_errors),
+            ("no_connection", table.no_connection),
+            ("bad_header", g(&self.bad_header)),
+            ("spoofed", g(&self.spoofed)),
+            ("bad_buffer", g(&self.bad_buffer)),
+            ("bad_rx_buffer", g(&self.bad_rx_buffer)),
+            ("refused_regions", g(&self.refused_regions)),
+        ];
         for k in Malformed::ALL {
-            s.push_str(&format!(" {}={}", k.name(), g(&self.malformed[k.index()])));
+            v.push((k.name(), g(&self.malformed[k.index()])));
         }
-        s
+        v
+    }
+
+    /// One line with every counter, for logs.
+    pub fn summary(&self, table: &TableCounters) -> String {
+        self.counters(table)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
