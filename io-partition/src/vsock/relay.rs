@@ -207,10 +207,12 @@ impl Relay {
     pub(super) fn relay(&self, index: usize, header: &Header, payload: Payload<'_>) {
         let outcome = self.table.locked().packet(header, self.directory.as_ref());
         if let Some(e) = outcome.event {
+            // Logged at first, then at powers of two: a flooding guest
+            // cannot flood the log.
             let port = &self.ports[index];
-            let n = port.stats.bad_header.load(Ordering::Relaxed);
-            if matches!(e, Event::Refused(_)) || n < 8 {
-                warn!(port = %port.spec.socket.display(), cid = port.spec.cid, "{} -> {} {:?}: {}", header.src, header.dst, header.op, describe(&e));
+            let n = VsockStats::bump(&port.stats.table_events);
+            if n <= 8 || n.is_power_of_two() {
+                warn!(port = %port.spec.socket.display(), cid = port.spec.cid, "{} -> {} {:?}: {} ({n} refusals and resets so far)", header.src, header.dst, header.op, describe(&e));
             }
         }
         for a in &outcome.actions {

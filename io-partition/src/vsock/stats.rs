@@ -37,6 +37,9 @@ pub struct VsockStats {
     pub malformed: [AtomicU64; Malformed::ALL.len()],
     /// Payload bytes waiting for its rx buffers now.
     pub queued_bytes: AtomicU64,
+    /// Refusals and resets the table decided on its packets (for rate
+    /// limiting their log lines; the kinds are in the table's counters).
+    pub table_events: AtomicU64,
 }
 
 impl VsockStats {
