@@ -71,8 +71,20 @@ fn main() {
                 std::process::exit(0);
             }
             let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid arguments");
-            eprintln!("part-vmm: {}", first.trim_start_matches("error: "));
+            let mut lines = msg.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut first = lines
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ")
+                .to_string();
+            // "the following required arguments were not provided:" names
+            // them on the next line; one line keeps both.
+            if first.ends_with(':') {
+                if let Some(what) = lines.next() {
+                    first = format!("{first} {what}");
+                }
+            }
+            eprintln!("part-vmm: {first}");
             std::process::exit(STATUS_BAD_INPUT);
         }
     };

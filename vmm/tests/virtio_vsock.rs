@@ -1,0 +1,113 @@
+//! virtio-vsock through part-vmm's vhost-user frontend and `part-io vsock`:
+//! the handshake, the CID the backend must confirm, and the flags.
+
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+const BAD_INPUT: i32 = 64;
+
+/// Starts `part-io vsock` with one port (`cid`) and a stats socket.
+fn start_relay(dir: &Path, cid: u32) -> (Backend, PathBuf, PathBuf) {
+    let sock = dir.join("v.sock");
+    let stats = dir.join("vsock-stats.sock");
+    let args = vec![
+        "vsock".to_string(),
+        "--port".into(),
+        format!("socket={},cid={cid}", sock.display()),
+        "--stats-socket".into(),
+        stats.display().to_string(),
+    ];
+    let backend = spawn_part_io(&args, dir.join("part-io.log"));
+    wait_for_sockets(&[&sock, &stats]);
+    (backend, sock, stats)
+}
+
+fn connections(stats: &Path) -> u64 {
+    switch_stats(stats)["ports"][0]["connections"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn a_guest_boots_with_its_vsock_device_when_the_backend_confirms_the_cid() {
+    let _l = vm_lock();
+    let dir = scratch("vsock-boot");
+    let (relay, sock, stats) = start_relay(&dir, 3);
+    let r = run_guest(
+        "",
+        &[
+            "--vhost-user-vsock",
+            sock.to_str().unwrap(),
+            "--vsock-cid",
+            "3",
+        ],
+    );
+    assert_eq!(r.code(), 0, "serial:\n{}\nlog:\n{}", r.serial, r.log);
+    assert!(
+        r.log.contains("virtio-vsock0: ") && r.log.contains(&sock.display().to_string()),
+        "{}",
+        r.log
+    );
+    assert_eq!(connections(&stats), 1, "{}", relay.log_text());
+}
+
+#[test]
+fn a_backend_serving_another_cid_is_refused_before_the_guest_runs() {
+    let _l = vm_lock();
+    let dir = scratch("vsock-cid");
+    let (_relay, sock, _stats) = start_relay(&dir, 3);
+    let r = run_guest(
+        "",
+        &[
+            "--vhost-user-vsock",
+            sock.to_str().unwrap(),
+            "--vsock-cid",
+            "4",
+        ],
+    );
+    assert_eq!(r.code(), BAD_INPUT, "log:\n{}", r.log);
+    assert!(
+        r.log
+            .contains("its config space gives the guest CID 3, but this partition's CID is 4"),
+        "{}",
+        r.log
+    );
+    assert!(!r.serial.contains("partvisor-testguest"), "the guest ran");
+}
+
+#[test]
+fn vsock_flags_come_as_a_pair_and_reserved_cids_are_refused() {
+    let g = guest();
+    let kernel = g.to_str().unwrap();
+    let r = run(&[
+        "--kernel",
+        kernel,
+        "--vhost-user-vsock",
+        "/nonexistent.sock",
+    ]);
+    assert_eq!(r.code(), BAD_INPUT, "{}", r.log);
+    assert!(r.log.contains("--vsock-cid"), "{}", r.log);
+    let r = run(&["--kernel", kernel, "--vsock-cid", "3"]);
+    assert_eq!(r.code(), BAD_INPUT, "{}", r.log);
+    assert!(r.log.contains("--vhost-user-vsock"), "{}", r.log);
+    let r = run(&[
+        "--kernel",
+        kernel,
+        "--vhost-user-vsock",
+        "/nonexistent.sock",
+        "--vsock-cid",
+        "2",
+    ]);
+    assert_eq!(r.code(), BAD_INPUT, "{}", r.log);
+    assert!(
+        r.log.contains("vsock guest_cid 2: must be at least 3"),
+        "{}",
+        r.log
+    );
+}
