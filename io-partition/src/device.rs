@@ -21,6 +21,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -147,6 +149,34 @@ impl<M: DeviceModel> Backend<M> {
         }
         Ok(())
     }
+}
+
+/// Puts `heads` on `vring`'s used ring with length 0 (buffers the device
+/// only read, or refused) and signals the driver if it asked to be;
+/// failures are logged under `name`. Shared by every transmit path.
+pub fn complete_read_only(
+    mem: &GuestMemoryMmap<()>,
+    vring: &VringRwLock,
+    heads: impl IntoIterator<Item = u16>,
+    name: &dyn fmt::Display,
+) -> io::Result<()> {
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    let mut added = false;
+    for head in heads {
+        match queue.add_used(mem, head, 0) {
+            Ok(()) => added = true,
+            Err(e) => warn!(port = %name, "cannot add used entry: {e}"),
+        }
+    }
+    if added {
+        match queue.needs_notification(mem) {
+            Ok(true) => state.signal_used_queue()?,
+            Ok(false) => {}
+            Err(e) => warn!(port = %name, "cannot read used_event: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// Refuses any epoll event set but `IN` on a queue's kick.

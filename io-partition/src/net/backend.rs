@@ -25,7 +25,7 @@ use super::{
 };
 use crate::chain::{gather, ChainWalker, Malformed, Segment};
 use crate::copy::push_tail;
-use crate::device::{Backend, DeviceModel, LogKey};
+use crate::device::{complete_read_only, Backend, DeviceModel, LogKey};
 use crate::server::{Endpoint, Mem};
 
 /// One port of a switch, as served by the listener.
@@ -228,28 +228,6 @@ impl NetDevice {
         self.tx.len()
     }
 
-    /// Returns the batch's chains to the guest (used length 0) and signals it.
-    fn complete_tx(&mut self, mem: &GuestMemoryMmap<()>, vring: &VringRwLock) -> io::Result<()> {
-        let name = self.switch.ports[self.index].spec.socket.display();
-        let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        let mut added = false;
-        for e in self.tx.iter().filter(|e| e.complete) {
-            match queue.add_used(mem, e.head, 0) {
-                Ok(()) => added = true,
-                Err(e) => warn!(port = %name, "cannot add used entry: {e}"),
-            }
-        }
-        if added {
-            match queue.needs_notification(mem) {
-                Ok(true) => state.signal_used_queue()?,
-                Ok(false) => {}
-                Err(e) => warn!(port = %name, "cannot read used_event: {e}"),
-            }
-        }
-        Ok(())
-    }
-
     /// Drains the transmit ring, forwarding every frame. Frames are copied
     /// from the sender's buffers straight into the receivers' before the
     /// sender gets its buffers back; no lock is held across ports.
@@ -284,7 +262,13 @@ impl NetDevice {
                     .forward(Source::Port(self.index), &frame, &mut self.touched);
             }
             self.switch.notify(&mut self.touched);
-            self.complete_tx(&mem, vring)?;
+            let heads = self.tx.iter().filter(|e| e.complete).map(|e| e.head);
+            complete_read_only(
+                &mem,
+                vring,
+                heads,
+                &self.switch.ports[self.index].spec.socket.display(),
+            )?;
             if taken < TX_BATCH {
                 return Ok(());
             }

@@ -18,7 +18,7 @@ use super::stats::VsockStats;
 use super::{MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_BATCH, TX_QUEUE};
 use crate::chain::{gather, ChainWalker, Malformed, Segment};
 use crate::copy::push_range;
-use crate::device::{Backend, DeviceModel, LogKey};
+use crate::device::{complete_read_only, Backend, DeviceModel, LogKey};
 use crate::server::{Endpoint, Mem};
 
 /// One partition's port of the relay, as served by the listener.
@@ -210,28 +210,6 @@ impl VsockDevice {
         self.heads.len()
     }
 
-    /// Returns the batch's chains to the guest (used length 0) and signals it.
-    fn complete_tx(&mut self, mem: &GuestMemoryMmap<()>, vring: &VringRwLock) -> io::Result<()> {
-        let name = self.port().spec.socket.display();
-        let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        let mut added = false;
-        for &(head, _) in self.heads.iter().filter(|(_, complete)| *complete) {
-            match queue.add_used(mem, head, 0) {
-                Ok(()) => added = true,
-                Err(e) => warn!(port = %name, "cannot add used entry: {e}"),
-            }
-        }
-        if added {
-            match queue.needs_notification(mem) {
-                Ok(true) => state.signal_used_queue()?,
-                Ok(false) => {}
-                Err(e) => warn!(port = %name, "cannot read used_event: {e}"),
-            }
-        }
-        Ok(())
-    }
-
     /// Drains the tx ring: every packet is relayed, its payload copied from
     /// this guest's buffers straight into the receiver's, before the
     /// buffers go back to this guest.
@@ -250,7 +228,13 @@ impl VsockDevice {
                 };
                 self.relay.relay(self.index, &p.header, payload);
             }
-            self.complete_tx(&mem, vring)?;
+            let heads = self.heads.iter().filter(|(_, ok)| *ok).map(|&(h, _)| h);
+            complete_read_only(
+                &mem,
+                vring,
+                heads,
+                &self.relay.ports()[self.index].spec.socket.display(),
+            )?;
             if taken < TX_BATCH {
                 return Ok(());
             }
