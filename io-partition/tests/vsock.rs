@@ -504,6 +504,26 @@ fn a_credit_liar_loses_its_connection_at_both_ends() {
 }
 
 #[test]
+fn a_listener_without_a_receive_queue_gets_no_half_open_connection() {
+    let p = spawn_relay();
+    // B (CID 4) is not attached: its device has no receive queue.
+    let mut a = Guest::attach(&p, 0);
+    let deadline = Instant::now() + TIMEOUT;
+    while !p.log().contains("vsock receive queue ready") {
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.send(Hdr::new(REQUEST, A, B), &[]);
+    let (h, _) = a.recv();
+    assert_eq!(
+        (h.op, h.src, h.dst),
+        (RST, B, A),
+        "refused at once, not after a timeout"
+    );
+    assert_eq!(stat(&p, 3, "open"), 0);
+}
+
+#[test]
 fn when_a_partition_goes_its_peers_are_reset_within_a_second() {
     let p = spawn_relay();
     let (mut a, mut b, _c) = three_guests(&p);

@@ -17,6 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use partvisor_runtime::sync::MutexExt;
 use tracing::warn;
@@ -24,7 +25,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
-use super::packet::{Header, HDR_LEN};
+use super::packet::{Header, Op, HDR_LEN};
 use super::spec::PortSpec;
 use super::stats::VsockStats;
 use super::table::{Action, Directory, Event, Table};
@@ -197,7 +198,8 @@ impl Relay {
         }
         let resets = self.table.locked().partition_gone(u64::from(port.spec.cid));
         for a in resets {
-            self.act(&a, Payload::None);
+            // A peer without a receive queue has nothing to reset.
+            let _ = self.act(&a, Payload::None);
         }
     }
 
@@ -205,7 +207,18 @@ impl Relay {
     /// delivers what it says; `payload` is the RW payload in the sender's
     /// memory.
     pub(super) fn relay(&self, index: usize, header: &Header, payload: Payload<'_>) {
-        let outcome = self.table.locked().packet(header, self.directory.as_ref());
+        let (outcome, expired) = {
+            let mut table = self.table.locked();
+            let expired = if header.op == Op::Request {
+                table.expire(Instant::now())
+            } else {
+                Vec::new()
+            };
+            (table.packet(header, self.directory.as_ref()), expired)
+        };
+        for a in &expired {
+            let _ = self.act(a, Payload::None);
+        }
         if let Some(e) = outcome.event {
             // Logged at first, then at powers of two: a flooding guest
             // cannot flood the log.
@@ -227,24 +240,36 @@ impl Relay {
                     .tx_bytes
                     .fetch_add(u64::from(header.len), Ordering::Relaxed);
             }
-            self.act(a, p);
+            if !self.act(a, p) {
+                if let Action::Forward { header, .. } = a {
+                    // A RST nobody can receive needs no answer.
+                    if header.op == Op::Rst {
+                        continue;
+                    }
+                    let rst = self.table.locked().undeliverable(header);
+                    let _ = self.act(&rst, Payload::None);
+                }
+            }
         }
     }
 
-    fn act(&self, a: &Action, payload: Payload<'_>) {
+    /// Delivers one action's packet; false if its receiver cannot take
+    /// packets (unknown, or no receive queue yet).
+    fn act(&self, a: &Action, payload: Payload<'_>) -> bool {
         let (Action::Forward { to, header } | Action::Reset { to, header }) = a;
-        if let Some(&j) = self.by_cid.get(to) {
-            self.deliver(j, header, payload);
+        match self.by_cid.get(to) {
+            Some(&j) => self.deliver(j, header, payload),
+            None => false,
         }
     }
 
     /// Puts `header` and its payload into port `j`'s rx buffers, queueing
     /// what does not fit now.
-    fn deliver(&self, j: usize, header: &Header, payload: Payload<'_>) {
+    fn deliver(&self, j: usize, header: &Header, payload: Payload<'_>) -> bool {
         let port = &self.ports[j];
         let mut rx = port.rx.locked();
         if rx.path.is_none() {
-            return;
+            return false;
         }
         let filled = if rx.queue.is_empty() {
             fill(port, &mut rx, header, payload)
@@ -252,7 +277,7 @@ impl Relay {
             Filled::default()
         };
         if filled.complete(header) {
-            return;
+            return true;
         }
         let len = header.len as usize;
         match payload.copy(filled.bytes, len - filled.bytes) {
@@ -271,6 +296,7 @@ impl Relay {
                 port.stats.count_malformed(Malformed::BadAddress);
             }
         }
+        true
     }
 
     /// Port `index` posted receive buffers: delivers what was queued.

@@ -24,6 +24,7 @@
 //!   dropped and the other ends get a RST ([`Table::partition_gone`]).
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use super::credit::{Credit, CreditError};
 use super::packet::{Addr, Header, Op};
@@ -105,11 +106,18 @@ enum State {
 #[derive(Clone, Copy, Debug)]
 struct Conn {
     state: State,
+    /// When the REQUEST went through.
+    opened: Instant,
     /// Data from the initiator to the listener.
     to_listener: Credit,
     /// Data from the listener to the initiator.
     to_initiator: Credit,
 }
+
+/// How long a listener has to answer a REQUEST before part-io resets the
+/// connection: a listener that never answers must not use up its callers'
+/// connection limits. (Linux gives up on its side after 2 s.)
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Key: (initiator, listener).
 type Key = (Addr, Addr);
@@ -213,6 +221,7 @@ impl Table {
             Lookup::Local => {
                 let mut conn = Conn {
                     state: State::Connecting,
+                    opened: Instant::now(),
                     to_listener: Credit::default(),
                     to_initiator: Credit::default(),
                 };
@@ -271,6 +280,47 @@ impl Table {
             ],
             event: Some(event),
             deliver_payload: false,
+        }
+    }
+
+    /// Resets every connection whose listener has not answered its REQUEST
+    /// within [`CONNECT_TIMEOUT`] of `now`; returns the RSTs for both ends.
+    pub fn expire(&mut self, now: Instant) -> Vec<Action> {
+        let stale: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state == State::Connecting && now.duration_since(c.opened) >= CONNECT_TIMEOUT
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        stale
+            .into_iter()
+            .flat_map(|(i, l)| {
+                self.conns.remove(&(i, l));
+                [
+                    Action::Reset {
+                        to: i.cid,
+                        header: Header::control(Op::Rst, l, i),
+                    },
+                    Action::Reset {
+                        to: l.cid,
+                        header: Header::control(Op::Rst, i, l),
+                    },
+                ]
+            })
+            .collect()
+    }
+
+    /// `h` was to be forwarded but its receiver cannot take packets (no
+    /// receive queue yet): the connection, if any, is dropped and the
+    /// sender gets a RST.
+    pub fn undeliverable(&mut self, h: &Header) -> Action {
+        self.conns.remove(&(h.src, h.dst));
+        self.conns.remove(&(h.dst, h.src));
+        Action::Reset {
+            to: h.src.cid,
+            header: h.reset_reply(),
         }
     }
 
@@ -537,6 +587,37 @@ mod tests {
         assert_eq!((t.counters(3).open, t.counters(5).open), (0, 0));
         let o = t.packet(&pkt(Op::Rw, A, B, 1, 1000, 0), &dir);
         assert_eq!(o.event, Some(Event::NoConnection));
+    }
+
+    #[test]
+    fn a_listener_that_never_answers_has_its_pending_connections_reset() {
+        let (mut t, dir) = (Table::new(8), Dir::default());
+        t.packet(&pkt(Op::Request, A, B, 0, 1000, 0), &dir);
+        assert!(t.expire(Instant::now()).is_empty(), "not yet");
+        let later = Instant::now() + CONNECT_TIMEOUT;
+        let to: Vec<u64> = t
+            .expire(later)
+            .iter()
+            .map(|a| match a {
+                Action::Reset { to, .. } => *to,
+                Action::Forward { .. } => panic!("{a:?}"),
+            })
+            .collect();
+        assert_eq!(to, vec![3, 4]);
+        assert_eq!(t.counters(3).open, 0);
+        // An established connection is not expired.
+        open(&mut t, &dir);
+        assert!(t.expire(later + CONNECT_TIMEOUT).is_empty());
+    }
+
+    #[test]
+    fn an_undeliverable_request_leaves_no_connection_behind() {
+        let (mut t, dir) = (Table::new(8), Dir::default());
+        let h = pkt(Op::Request, A, B, 0, 1000, 0);
+        t.packet(&h, &dir);
+        let a = t.undeliverable(&h);
+        assert!(matches!(a, Action::Reset { to: 3, .. }));
+        assert_eq!(t.counters(3).open, 0);
     }
 
     #[test]
