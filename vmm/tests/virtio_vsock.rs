@@ -57,6 +57,103 @@ fn a_guest_boots_with_its_vsock_device_when_the_backend_confirms_the_cid() {
     assert_eq!(connections(&stats), 1, "{}", relay.log_text());
 }
 
+fn port_stat(stats: &Path, cid: u64, name: &str) -> serde_json::Value {
+    let s = switch_stats(stats);
+    s["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["cid"] == cid)
+        .unwrap_or_else(|| panic!("no port with cid {cid}: {s}"))[name]
+        .clone()
+}
+
+fn vsock_args(sock: &Path, cid: u32) -> [String; 4] {
+    [
+        "--vhost-user-vsock".into(),
+        sock.display().to_string(),
+        "--vsock-cid".into(),
+        cid.to_string(),
+    ]
+}
+
+#[test]
+fn two_guests_exchange_a_verified_stream_and_a_third_not_accepted_is_refused() {
+    let _l = vm_lock();
+    let dir = scratch("vsock-pair");
+    let (a, b, c) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("c.sock"));
+    let stats = dir.join("stats.sock");
+    let args = vec![
+        "vsock".to_string(),
+        "--port".into(),
+        format!("socket={},cid=3", a.display()),
+        "--port".into(),
+        format!("socket={},cid=4,accept=3:5000", b.display()),
+        "--port".into(),
+        format!("socket={},cid=5", c.display()),
+        "--stats-socket".into(),
+        stats.display().to_string(),
+    ];
+    let relay = spawn_part_io(&args, dir.join("part-io.log"));
+    wait_for_sockets(&[&a, &b, &c, &stats]);
+
+    let vb = vsock_args(&b, 4);
+    let vb: Vec<&str> = vb.iter().map(String::as_str).collect();
+    let listener = Running::start(
+        &mut guest_command("vsock=listen:5000:1M", &vb),
+        "vsock: listening",
+    );
+    let t0 = std::time::Instant::now();
+    while port_stat(&stats, 4, "rx_ready") != true {
+        assert!(t0.elapsed() < deadline(), "{}", relay.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let va = vsock_args(&a, 3);
+    let va: Vec<&str> = va.iter().map(String::as_str).collect();
+    let sender = run_guest("vsock=send:4:5000:1M", &va);
+    assert_eq!(
+        sender.code(),
+        0,
+        "serial:\n{}\nlog:\n{}\nrelay:\n{}",
+        sender.serial,
+        sender.log,
+        relay.log_text()
+    );
+    assert!(
+        sender
+            .value("vsock: sent")
+            .starts_with("1048576 bytes to 4:5000 in "),
+        "{}",
+        sender.serial
+    );
+    let rx = listener.finish("listener");
+    assert_eq!(rx.code(), 0, "serial:\n{}\nlog:\n{}", rx.serial, rx.log);
+    assert!(
+        rx.value("vsock: received")
+            .starts_with("1048576 bytes from 3:"),
+        "{}",
+        rx.serial
+    );
+    eprintln!(
+        "guest to guest through part-io vsock (debug build, nested KVM): {} / {}",
+        sender.value("vsock: sent"),
+        rx.value("vsock: received")
+    );
+    assert_eq!(port_stat(&stats, 3, "credit_violations"), 0);
+    assert_eq!(
+        port_stat(&stats, 3, "lookups"),
+        1,
+        "one lookup per connection"
+    );
+
+    let vc = vsock_args(&c, 5);
+    let vc: Vec<&str> = vc.iter().map(String::as_str).collect();
+    let refused = run_guest("vsock=send:4:5000:4096", &vc);
+    assert_eq!(refused.code(), 34, "serial:\n{}", refused.serial);
+    assert_eq!(refused.lines("vsock: connect to 4:5000 refused").len(), 1);
+    assert_eq!(port_stat(&stats, 5, "refused"), 1);
+}
+
 #[test]
 fn a_backend_serving_another_cid_is_refused_before_the_guest_runs() {
     let _l = vm_lock();

@@ -266,16 +266,18 @@ impl DeviceModel for VsockDevice {
 
     fn kicked(&mut self, vrings: &[VringRwLock]) {
         self.publish_rx(vrings);
+        // A receive kick means new buffers: deliver what waited for them.
+        // (A transmit kick gets the same cheap check.)
+        self.relay.flush(self.index);
     }
 
-    fn process_queue(&mut self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
-        match queue {
-            TX_QUEUE => self.process_tx(vring),
-            // New receive buffers: deliver what waited for them.
-            _ => {
-                self.relay.flush(self.index);
-                Ok(())
-            }
-        }
+    fn drains(&self, queue: usize) -> bool {
+        // Receive buffers are not drained: they are filled as packets come
+        // (a drain loop would spin on buffers nobody has packets for).
+        queue == TX_QUEUE
+    }
+
+    fn process_queue(&mut self, _queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        self.process_tx(vring)
     }
 }

@@ -291,6 +291,7 @@ impl Relay {
                     header: h,
                     payload: rest,
                 });
+                pump(port, &mut rx);
             }
             Err(()) => {
                 port.stats.count_malformed(Malformed::BadAddress);
@@ -303,8 +304,18 @@ impl Relay {
     pub(super) fn flush(&self, index: usize) {
         let port = &self.ports[index];
         let mut rx = port.rx.locked();
+        pump(port, &mut rx);
+    }
+}
+
+/// Delivers the port's queue until it is empty or the receiver has no
+/// buffer left; in that case asks the driver to notify the next buffer it
+/// posts (with EVENT_IDX the driver would not kick otherwise), checking
+/// once more for buffers posted in between.
+fn pump(port: &VsockPort, rx: &mut Rx) {
+    loop {
         while let Some(mut q) = rx.queue.pop_front() {
-            let filled = fill(port, &mut rx, &q.header, Payload::Bytes(&q.payload));
+            let filled = fill(port, rx, &q.header, Payload::Bytes(&q.payload));
             port.stats
                 .queued_bytes
                 .fetch_sub(filled.bytes as u64, Ordering::Relaxed);
@@ -312,6 +323,20 @@ impl Relay {
                 q.payload.drain(..filled.bytes);
                 q.header.len = q.payload.len() as u32;
                 rx.queue.push_front(q);
+                break;
+            }
+        }
+        let Some(path) = rx.path.as_ref() else {
+            return;
+        };
+        if rx.queue.is_empty() {
+            return;
+        }
+        match path.vring.enable_notification() {
+            Ok(true) => continue,
+            Ok(false) => return,
+            Err(e) => {
+                warn!(port = %port.spec.socket.display(), "cannot enable receive notifications: {e}");
                 return;
             }
         }

@@ -325,7 +325,8 @@ impl Table {
     }
 
     /// Drops every connection partition `cid` was an end of; returns the
-    /// RSTs for the other ends.
+    /// RSTs for the other ends. Its counters stay (they are per port, for
+    /// the life of the process, as the switch's).
     pub fn partition_gone(&mut self, cid: u64) -> Vec<Action> {
         let gone: Vec<Key> = self
             .conns
@@ -333,7 +334,6 @@ impl Table {
             .filter(|(i, l)| i.cid == cid || l.cid == cid)
             .copied()
             .collect();
-        self.counters.remove(&cid);
         gone.into_iter()
             .filter_map(|(i, l)| {
                 self.conns.remove(&(i, l));

@@ -393,3 +393,61 @@ pub fn parse_net(value: &str) -> Option<NetWord> {
     };
     Some(word)
 }
+
+/// Cmdline key of the virtio-vsock actions.
+pub const VSOCK_KEY: &str = "vsock";
+
+/// One `vsock=` word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VsockWord {
+    /// `vsock=cid`: initialise the device, print its CID.
+    Cid,
+    /// `vsock=listen:PORT:BYTES`: accept one connection on PORT and
+    /// receive BYTES bytes of the test pattern, verifying them.
+    Listen {
+        /// Port listened on.
+        port: u32,
+        /// Bytes to receive.
+        bytes: u64,
+    },
+    /// `vsock=send:CID:PORT:BYTES`: connect to CID:PORT and send BYTES
+    /// bytes of the test pattern within the peer's credit.
+    Send {
+        /// Peer CID.
+        cid: u64,
+        /// Peer port.
+        port: u32,
+        /// Bytes to send.
+        bytes: u64,
+    },
+}
+
+/// Parse the value of a `vsock=` word.
+pub fn parse_vsock(value: &str) -> Option<VsockWord> {
+    let mut parts = value.split(':');
+    let op = parts.next()?;
+    let mut next = || parts.next().and_then(memparse);
+    let word = match op {
+        "cid" => VsockWord::Cid,
+        "listen" => VsockWord::Listen {
+            port: u32::try_from(next()?).ok()?,
+            bytes: next()?,
+        },
+        "send" => VsockWord::Send {
+            cid: next()?,
+            port: u32::try_from(next()?).ok()?,
+            bytes: next()?,
+        },
+        _ => return None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(word)
+}
+
+/// Byte `i` of the vsock test stream (so a receiver can check every byte
+/// without the sender's help).
+pub fn vsock_pattern(i: u64) -> u8 {
+    ((i.wrapping_mul(2_654_435_761) >> 13) ^ i) as u8
+}

@@ -4,12 +4,17 @@
 
 pub mod actions;
 pub mod blk;
+pub mod clock;
 pub mod net;
 pub mod report;
+pub mod vsock;
 
 use crate::drivers::{lapic, platform};
 use crate::say;
-use crate::words::{parse_blk, parse_net, parse_virtio_mmio, BLK_KEY, NET_KEY, VIRTIO_MMIO_KEY};
+use crate::words::{
+    parse_blk, parse_net, parse_virtio_mmio, parse_vsock, BLK_KEY, NET_KEY, VIRTIO_MMIO_KEY,
+    VSOCK_KEY,
+};
 
 /// What bring-up learned, for the actions.
 pub struct Boot {
@@ -58,6 +63,7 @@ pub fn run(cmdline: &str, boot: &Boot) -> ! {
     let mut failure = None;
     let mut devices = blk::Devices::new();
     let mut net = net::NetState::new();
+    let mut vsock = vsock::VsockState::new();
     for word in cmdline.split_ascii_whitespace() {
         if let Some((VIRTIO_MMIO_KEY, value)) = word.split_once('=') {
             match parse_virtio_mmio(value) {
@@ -85,6 +91,14 @@ pub fn run(cmdline: &str, boot: &Boot) -> ! {
                 }
                 None => say!("warn: unknown word {word}"),
             },
+            Some((VSOCK_KEY, value)) => match parse_vsock(value) {
+                Some(w) => {
+                    if let Err(c) = vsock.run(boot, &devices, w) {
+                        failure.get_or_insert(c);
+                    }
+                }
+                None => say!("warn: unknown word {word}"),
+            },
             Some(("exit", n)) => match n.parse::<u8>() {
                 Ok(n) => code = u32::from(n),
                 Err(_) => say!("warn: unknown word {word}"),
@@ -101,6 +115,7 @@ pub fn run(cmdline: &str, boot: &Boot) -> ! {
             _ => say!("warn: unknown word {word}"),
         }
     }
+    drop(vsock);
     drop(net);
     drop(devices);
     exit(failure.unwrap_or(code))

@@ -8,7 +8,6 @@
 //! which is also the clock ([`Clock`]).
 
 use crate::arch::{irq_total, VEC_VIRTIO};
-use crate::drivers::lapic;
 use crate::drivers::virtio_mmio::Transport;
 use crate::drivers::virtio_net::{DeviceError, Net, DEVICE_NET};
 use crate::net_frame::{
@@ -18,6 +17,7 @@ use crate::net_frame::{
 use crate::say;
 use crate::words::NetWord;
 use crate::workloads::blk::Devices;
+use crate::workloads::clock::Clock;
 use crate::workloads::Boot;
 
 /// Exit code: a `net=` word found no modern virtio-net device.
@@ -43,8 +43,6 @@ const POKE_NS: u64 = 200_000_000;
 const ANY_NS: u64 = 10_000_000_000;
 /// Transmit buffers get this long to be completed before a word ends.
 const DRAIN_NS: u64 = 2_000_000_000;
-/// Longest single timer arming.
-const MAX_ARM_NS: u64 = 1_000_000_000;
 /// Frames taken from the receive ring per batch.
 const BATCH: usize = 64;
 /// `bad-tx` gives the device this long to react.
@@ -53,54 +51,6 @@ const BAD_NS: u64 = 1_000_000_000;
 const BAD_TX_BYTES: u32 = 4;
 /// `expect-none` prints at most this many frames.
 const SHOW_MAX: u32 = 16;
-
-/// Monotonic nanoseconds from the LAPIC one-shot timer (1 GHz under KVM),
-/// re-armed for each sleep and at least once a second.
-struct Clock {
-    base: u64,
-    armed: u64,
-}
-
-impl Clock {
-    fn start() -> Clock {
-        lapic::timer_oneshot_ns(MAX_ARM_NS);
-        Clock {
-            base: 0,
-            armed: MAX_ARM_NS,
-        }
-    }
-
-    /// Nanoseconds since [`Clock::start`]. An expired arming is replaced
-    /// by a fresh one (so a busy loop that never sleeps keeps time too; the
-    /// time between the expiry and this call is lost, at most one loop).
-    fn now(&mut self) -> u64 {
-        let left = u64::from(lapic::timer_remaining());
-        if left == 0 {
-            self.base += self.armed;
-            self.armed = MAX_ARM_NS;
-            lapic::timer_oneshot_ns(MAX_ARM_NS);
-            return self.base;
-        }
-        self.base + self.armed - left.min(self.armed)
-    }
-
-    /// Make sure the timer fires by `deadline` (and within a second).
-    fn arm_until(&mut self, deadline: u64) {
-        let now = self.now();
-        if deadline < self.base + self.armed {
-            let ns = deadline.saturating_sub(now).clamp(1_000, MAX_ARM_NS);
-            self.base = now;
-            self.armed = ns;
-            lapic::timer_oneshot_ns(ns);
-        }
-    }
-}
-
-impl Drop for Clock {
-    fn drop(&mut self) {
-        lapic::timer_oneshot_ns(0);
-    }
-}
 
 /// One received frame, decoded before its buffer goes back.
 #[derive(Clone, Copy)]

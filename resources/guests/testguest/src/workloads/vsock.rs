@@ -1,0 +1,455 @@
+//! The `vsock=` actions on a virtio-vsock device: one stream connection
+//! at a time, as a listener (`listen`, verifying every byte) or a sender
+//! (`send`, within the peer's credit). Report lines and exit codes are
+//! listed in resources/guests/README.md.
+//!
+//! Every wait sleeps in HLT and is bounded by the LAPIC one-shot timer.
+
+use crate::arch::{irq_total, VEC_VIRTIO};
+use crate::drivers::virtio_mmio::Transport;
+use crate::drivers::virtio_vsock::{DeviceError, Vsock, DEVICE_VSOCK, HDR_LEN, MAX_PAYLOAD};
+use crate::say;
+use crate::words::{vsock_pattern, VsockWord};
+use crate::workloads::blk::Devices;
+use crate::workloads::clock::Clock;
+use crate::workloads::Boot;
+
+/// Exit code: a `vsock=` word found no modern virtio-vsock device.
+pub const EXIT_NO_DEVICE: u32 = 30;
+/// Exit code: the device could not be initialised.
+pub const EXIT_INIT: u32 = 31;
+/// Exit code: `listen` received bytes that are not the pattern.
+pub const EXIT_VERIFY: u32 = 32;
+/// Exit code: a bounded wait ran out.
+pub const EXIT_TIMEOUT: u32 = 33;
+/// Exit code: the connection was refused or reset.
+pub const EXIT_RESET: u32 = 34;
+/// Exit code: the device needs a reset or returned a buffer never posted.
+pub const EXIT_DEVICE: u32 = 35;
+
+/// How long a listener waits for its peer, and a sender for the answer.
+const PEER_NS: u64 = 10_000_000_000;
+/// A transfer in progress must advance within this time.
+const PROGRESS_NS: u64 = 2_000_000_000;
+/// What this guest advertises as its receive buffer.
+const BUF_ALLOC: u32 = 256 * 1024;
+/// Consumed bytes after which the listener sends a credit update.
+const CREDIT_EVERY: u32 = 64 * 1024;
+
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+
+/// The fields of a header this guest uses.
+#[derive(Clone, Copy)]
+struct Hdr {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
+}
+
+impl Hdr {
+    fn decode(b: &[u8]) -> Hdr {
+        Hdr {
+            src_cid: le64(b, 0),
+            dst_cid: le64(b, 8),
+            src_port: le32(b, 16),
+            dst_port: le32(b, 20),
+            len: le32(b, 24),
+            op: u16::from_le_bytes([b[30], b[31]]),
+            flags: le32(b, 32),
+            buf_alloc: le32(b, 36),
+            fwd_cnt: le32(b, 40),
+        }
+    }
+
+    fn encode(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&1u16.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+}
+
+/// How a word ended early.
+enum Fail {
+    Timeout(&'static str),
+    Reset,
+    Verify(u64),
+    Device(DeviceError),
+}
+
+impl Fail {
+    fn report(self) -> u32 {
+        match self {
+            Fail::Timeout(what) => {
+                say!("vsock: timeout: {what}");
+                EXIT_TIMEOUT
+            }
+            Fail::Reset => {
+                say!("vsock: connection reset");
+                EXIT_RESET
+            }
+            Fail::Verify(at) => {
+                say!("vsock: received byte {at} is not the pattern");
+                EXIT_VERIFY
+            }
+            Fail::Device(e) => {
+                say!("vsock: device error: {e:?}");
+                EXIT_DEVICE
+            }
+        }
+    }
+}
+
+/// One connection's state as this guest sees it.
+struct Conn {
+    me: (u64, u32),
+    peer: (u64, u32),
+    /// Payload bytes sent; the peer's last buf_alloc and fwd_cnt.
+    tx_cnt: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Payload bytes consumed, and at the last credit update.
+    fwd_cnt: u32,
+    fwd_told: u32,
+}
+
+impl Conn {
+    fn header(&self, op: u16, len: u32) -> [u8; HDR_LEN] {
+        Hdr {
+            src_cid: self.me.0,
+            dst_cid: self.peer.0,
+            src_port: self.me.1,
+            dst_port: self.peer.1,
+            len,
+            op,
+            flags: if op == OP_SHUTDOWN { 3 } else { 0 },
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: self.fwd_cnt,
+        }
+        .encode()
+    }
+
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    fn ours(&self, h: &Hdr) -> bool {
+        (h.src_cid, h.src_port) == self.peer && (h.dst_cid, h.dst_port) == self.me
+    }
+}
+
+/// The device and the clock of one word.
+struct Link<'a> {
+    dev: &'a mut Vsock,
+    clock: Clock,
+}
+
+impl Link<'_> {
+    /// Queue a packet, waiting for a free transmit buffer.
+    fn send(&mut self, hdr: &[u8; HDR_LEN], payload: impl Fn(&mut [u8]) -> usize) -> Result<(), Fail> {
+        let deadline = self.clock.now() + PROGRESS_NS;
+        loop {
+            self.dev.service();
+            if self.dev.send(hdr, &payload) {
+                self.dev.flush();
+                return Ok(());
+            }
+            self.sleep(deadline, "no transmit buffer came back")?;
+        }
+    }
+
+    /// Sleep until an interrupt (or `deadline`, then fail with `what`).
+    fn sleep(&mut self, deadline: u64, what: &'static str) -> Result<(), Fail> {
+        let seen = irq_total();
+        if let Some(e) = self.dev.error() {
+            return Err(Fail::Device(e));
+        }
+        if self.clock.now() >= deadline {
+            return Err(Fail::Timeout(what));
+        }
+        if self.dev.arm() {
+            return Ok(());
+        }
+        self.clock.arm_until(deadline);
+        crate::abi::wait(seen);
+        Ok(())
+    }
+
+    /// The next packet: its header, and `on_payload` run on its payload
+    /// before the buffer goes back.
+    fn recv(
+        &mut self,
+        deadline: u64,
+        what: &'static str,
+        mut on_payload: impl FnMut(&Hdr, &[u8]) -> Result<(), Fail>,
+    ) -> Result<Hdr, Fail> {
+        loop {
+            self.dev.service();
+            if let Some(rx) = self.dev.recv() {
+                let bytes = self.dev.packet(rx);
+                let h = Hdr::decode(bytes);
+                let end = (HDR_LEN + h.len as usize).min(bytes.len());
+                let r = on_payload(&h, &bytes[HDR_LEN..end]);
+                self.dev.recycle(rx.desc);
+                self.dev.flush();
+                r?;
+                return Ok(h);
+            }
+            self.sleep(deadline, what)?;
+        }
+    }
+}
+
+/// State of the `vsock=` words: the selected device, once initialised.
+pub struct VsockState {
+    dev: Option<Vsock>,
+}
+
+impl VsockState {
+    /// No device initialised yet.
+    pub fn new() -> VsockState {
+        VsockState { dev: None }
+    }
+
+    /// Run one `vsock=` word. `Err(code)` is the exit code of its failure
+    /// (already reported).
+    pub fn run(&mut self, boot: &Boot, devices: &Devices, word: VsockWord) -> Result<(), u32> {
+        if self.dev.is_none() {
+            let Some(t) = devices.device(DEVICE_VSOCK, 0) else {
+                say!("vsock: no usable virtio-vsock device");
+                return Err(EXIT_NO_DEVICE);
+            };
+            self.dev = Some(init(boot, t)?);
+        }
+        let Some(dev) = self.dev.as_mut() else {
+            return Err(EXIT_INIT);
+        };
+        let mut link = Link {
+            dev,
+            clock: Clock::start(),
+        };
+        let result = match word {
+            VsockWord::Cid => Ok(()),
+            VsockWord::Listen { port, bytes } => listen(&mut link, port, bytes),
+            VsockWord::Send { cid, port, bytes } => send(&mut link, cid, port, bytes),
+        };
+        result.map_err(Fail::report)
+    }
+}
+
+fn init(boot: &Boot, t: Transport) -> Result<Vsock, u32> {
+    if !boot.route_gsi(t.gsi, VEC_VIRTIO) {
+        say!("vsock: init failed: gsi {} is on no IOAPIC", t.gsi);
+        return Err(EXIT_INIT);
+    }
+    let dev = Vsock::init(t).map_err(|e| {
+        say!("vsock: init failed: {}", e.describe());
+        EXIT_INIT
+    })?;
+    say!(
+        "vsock: ready cid={} queue={} features=0x{:016x}",
+        dev.cid,
+        dev.rx_size(),
+        dev.features
+    );
+    Ok(dev)
+}
+
+/// Accept one connection on `port`, receive and verify `bytes` bytes,
+/// then close it.
+fn listen(link: &mut Link<'_>, port: u32, bytes: u64) -> Result<(), Fail> {
+    say!("vsock: listening on port {port}");
+    let cid = link.dev.cid;
+    let deadline = link.clock.now() + PEER_NS;
+    let req = loop {
+        let h = link.recv(deadline, "no connection request", |_, _| Ok(()))?;
+        if h.op == OP_REQUEST && h.dst_port == port && h.dst_cid == cid {
+            break h;
+        }
+    };
+    let mut c = Conn {
+        me: (cid, port),
+        peer: (req.src_cid, req.src_port),
+        tx_cnt: 0,
+        peer_buf_alloc: req.buf_alloc,
+        peer_fwd_cnt: req.fwd_cnt,
+        fwd_cnt: 0,
+        fwd_told: 0,
+    };
+    let hdr = c.header(OP_RESPONSE, 0);
+    link.send(&hdr, |_| 0)?;
+    let t0 = link.clock.now();
+    let mut got = 0u64;
+    while got < bytes {
+        let deadline = link.clock.now() + PROGRESS_NS;
+        let mut bad = None;
+        let h = link.recv(deadline, "the stream stalled", |h, payload| {
+            if h.op == OP_RW {
+                for (i, b) in payload.iter().enumerate() {
+                    let at = got + i as u64;
+                    if *b != vsock_pattern(at) && bad.is_none() {
+                        bad = Some(at);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        if !c.ours(&h) {
+            continue;
+        }
+        match h.op {
+            OP_RST => return Err(Fail::Reset),
+            OP_RW => {
+                if let Some(at) = bad {
+                    return Err(Fail::Verify(at));
+                }
+                got += u64::from(h.len);
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(h.len);
+            }
+            _ => {}
+        }
+        if c.fwd_cnt.wrapping_sub(c.fwd_told) >= CREDIT_EVERY || h.op == OP_CREDIT_REQUEST {
+            let hdr = c.header(OP_CREDIT_UPDATE, 0);
+            link.send(&hdr, |_| 0)?;
+            c.fwd_told = c.fwd_cnt;
+        }
+    }
+    let us = (link.clock.now() - t0) / 1000;
+    say!(
+        "vsock: received {got} bytes from {}:{} ok in {us} us",
+        c.peer.0,
+        c.peer.1
+    );
+    // The sender shuts down once it has sent everything; the RST answers
+    // that (as a Linux listener does) and ends the connection.
+    let deadline = link.clock.now() + PROGRESS_NS;
+    loop {
+        let h = link.recv(deadline, "no shutdown after the stream", |_, _| Ok(()))?;
+        if c.ours(&h) && (h.op == OP_SHUTDOWN || h.op == OP_RST) {
+            break;
+        }
+    }
+    let hdr = c.header(OP_RST, 0);
+    link.send(&hdr, |_| 0)
+}
+
+/// Connect to `cid:port` and send `bytes` bytes within the peer's credit,
+/// then shut the connection down.
+fn send(link: &mut Link<'_>, cid: u64, port: u32, bytes: u64) -> Result<(), Fail> {
+    let me = (link.dev.cid, 1024 + (link.clock.now() as u32 % 30_000));
+    let mut c = Conn {
+        me,
+        peer: (cid, port),
+        tx_cnt: 0,
+        peer_buf_alloc: 0,
+        peer_fwd_cnt: 0,
+        fwd_cnt: 0,
+        fwd_told: 0,
+    };
+    let hdr = c.header(OP_REQUEST, 0);
+    link.send(&hdr, |_| 0)?;
+    let deadline = link.clock.now() + PEER_NS;
+    loop {
+        let h = link.recv(deadline, "no answer to the connection request", |_, _| Ok(()))?;
+        if !c.ours(&h) {
+            continue;
+        }
+        match h.op {
+            OP_RESPONSE => {
+                c.peer_buf_alloc = h.buf_alloc;
+                c.peer_fwd_cnt = h.fwd_cnt;
+                break;
+            }
+            OP_RST => {
+                say!("vsock: connect to {cid}:{port} refused");
+                return Err(Fail::Reset);
+            }
+            _ => {}
+        }
+    }
+    let t0 = link.clock.now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let room = c.credit().min(MAX_PAYLOAD as u32);
+        if room == 0 {
+            // Wait for the peer's credit (asking once it stalls).
+            let deadline = link.clock.now() + PROGRESS_NS;
+            let h = link.recv(deadline, "no credit from the peer", |_, _| Ok(()))?;
+            if c.ours(&h) {
+                if h.op == OP_RST {
+                    return Err(Fail::Reset);
+                }
+                c.peer_buf_alloc = h.buf_alloc;
+                c.peer_fwd_cnt = h.fwd_cnt;
+            }
+            continue;
+        }
+        let n = u64::from(room).min(bytes - sent) as usize;
+        let hdr = c.header(OP_RW, n as u32);
+        let from = sent;
+        link.send(&hdr, |buf| {
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = vsock_pattern(from + i as u64);
+            }
+            n
+        })?;
+        sent += n as u64;
+        c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+        // Take any credit update that arrived, without waiting.
+        link.dev.service();
+        while let Some(rx) = link.dev.recv() {
+            let h = Hdr::decode(link.dev.packet(rx));
+            link.dev.recycle(rx.desc);
+            if c.ours(&h) {
+                if h.op == OP_RST {
+                    link.dev.flush();
+                    return Err(Fail::Reset);
+                }
+                c.peer_buf_alloc = h.buf_alloc;
+                c.peer_fwd_cnt = h.fwd_cnt;
+            }
+        }
+        link.dev.flush();
+    }
+    let us = (link.clock.now() - t0) / 1000;
+    say!("vsock: sent {sent} bytes to {cid}:{port} in {us} us");
+    let hdr = c.header(OP_SHUTDOWN, 0);
+    link.send(&hdr, |_| 0)?;
+    // The listener answers with a RST once it has everything.
+    let deadline = link.clock.now() + PROGRESS_NS;
+    loop {
+        let h = link.recv(deadline, "no reset after the shutdown", |_, _| Ok(()))?;
+        if c.ours(&h) && h.op == OP_RST {
+            return Ok(());
+        }
+    }
+}
