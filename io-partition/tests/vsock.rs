@@ -289,6 +289,16 @@ fn stat(p: &PartIo, cid: u64, name: &str) -> u64 {
 
 const C_TO_A: ((u64, u32), (u64, u32)) = ((5, 3000), (3, 90));
 
+/// Resident memory of the part-io process.
+fn rss_kib(p: &PartIo) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// Streams `total` bytes (a multiple of 16000) from C to A:90 in 16000-byte packets, A reading
 /// and returning credit as it goes; returns the rate in MB/s.
 fn stream_c_to_a(a: &mut Guest, c: &mut Guest, total: usize) -> f64 {
@@ -335,6 +345,7 @@ fn a_receiver_that_stops_reading_stalls_only_its_own_connection() {
     let p = spawn_relay();
     let (mut a, mut b, mut c) = three_guests(&p);
     let baseline = stream_c_to_a(&mut a, &mut c, 128 * 16_000);
+    let rss_before = rss_kib(&p);
     // A -> B with B not reading: A sends the 64000 bytes B's credit allows.
     connect(&mut a, &mut b);
     let data = pattern(9, 64_000);
@@ -363,6 +374,12 @@ fn a_receiver_that_stops_reading_stalls_only_its_own_connection() {
     eprintln!(
         "C -> A through part-io vsock: {baseline:.0} MB/s alone, {stalled:.0} MB/s while A -> B \
          is stalled on B ({want_queued} bytes queued for B, bounded by B's credit)"
+    );
+    let rss_after = rss_kib(&p);
+    eprintln!("part-io RSS {rss_before} KiB before the stall, {rss_after} KiB with it");
+    assert!(
+        rss_after < rss_before + 4096,
+        "part-io grew from {rss_before} to {rss_after} KiB"
     );
     // B reads at last: everything arrives, in order.
     let mut got = Vec::new();
