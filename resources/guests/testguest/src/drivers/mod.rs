@@ -10,4 +10,5 @@ pub mod serial;
 pub mod virtio_blk;
 pub mod virtio_mmio;
 pub mod virtio_net;
+pub mod virtio_pair;
 pub mod virtio_vsock;

@@ -470,7 +470,7 @@ fn init(boot: &Boot, t: Transport) -> Result<Net, u32> {
         return Err(EXIT_INIT);
     }
     let net = Net::init(t).map_err(|e| {
-        say!("net: init failed: {}", e.describe());
+        say!("net: init failed: {}", e.describe("network"));
         EXIT_INIT
     })?;
     say_ready(&net);

@@ -272,7 +272,7 @@ fn init(boot: &Boot, t: Transport) -> Result<Vsock, u32> {
         return Err(EXIT_INIT);
     }
     let dev = Vsock::init(t).map_err(|e| {
-        say!("vsock: init failed: {}", e.describe());
+        say!("vsock: init failed: {}", e.describe("socket"));
         EXIT_INIT
     })?;
     say!(
