@@ -12,7 +12,7 @@ use part_io::export::{Export, ExportError, ExportSpec};
 use part_io::net::{self, NetError, PortEndpoint, PortSpec, Switch};
 use part_io::server::{self, Endpoint, ListenError, ServeError};
 use part_io::tap::{Tap, TapError};
-use part_io::vsock::{self, Relay, StaticDirectory, VsockEndpoint, VsockError};
+use part_io::vsock::{self, Entries, Relay, VsockEndpoint, VsockError, VsockPort};
 
 /// Why `part-io` could not start; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +89,19 @@ enum Command {
     /// Guest sockets (AF_VSOCK) between partitions: one relay whose ports
     /// are vhost-user-vsock devices, one socket per partition.
     Vsock {
-        /// `socket=PATH,cid=N[,accept=CID:PORT+...]`; repeat for more
-        /// partitions. A partition only sends from its CID, and only the
-        /// CIDs and ports in its `accept` list may connect to it.
-        #[arg(long = "port", value_name = "SPEC", required = true)]
+        /// `socket=PATH,cid=N[,uds=PATH][,accept=CID:PORT+...]`; repeat
+        /// for more partitions. A partition only sends from its CID, and
+        /// only the CIDs and ports in its `accept` list may connect to it.
+        #[arg(
+            long = "port",
+            value_name = "SPEC",
+            required_unless_present = "control"
+        )]
         ports: Vec<vsock::PortSpec>,
+        /// Unix socket (mode 0600) on which partd adds and removes
+        /// partitions and reads counters (newline-delimited JSON).
+        #[arg(long = "control", value_name = "PATH")]
+        control: Option<PathBuf>,
         /// Unix socket answering every connection with one JSON line of
         /// per-partition counters.
         #[arg(long = "stats-socket", value_name = "PATH")]
@@ -113,8 +121,9 @@ fn main() -> ExitCode {
         } => run_net(ports, tap, stats_socket),
         Command::Vsock {
             ports,
+            control,
             stats_socket,
-        } => run_vsock(ports, stats_socket),
+        } => run_vsock(ports, control, stats_socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,19 +183,27 @@ fn run_net(
     Ok(())
 }
 
-fn run_vsock(ports: Vec<vsock::PortSpec>, stats_socket: Option<PathBuf>) -> Result<(), RunError> {
-    let directory = StaticDirectory::new(&ports)?;
-    let relay = Relay::new(ports, Box::new(directory));
+fn run_vsock(
+    ports: Vec<vsock::PortSpec>,
+    control: Option<PathBuf>,
+    stats_socket: Option<PathBuf>,
+) -> Result<(), RunError> {
+    let relay = Relay::new(Entries::from_ports(&ports)?);
     // Bind everything first: a bad argument fails the whole start.
     let mut bound = Vec::new();
-    for i in 0..relay.ports().len() {
+    for p in &ports {
+        let port = VsockPort::new(p.cid, p.socket.clone());
         bound.push(server::bind_shared(Arc::new(VsockEndpoint::new(
             relay.clone(),
-            i,
+            port.clone(),
         )))?);
+        relay.insert_port(port);
     }
     let stats = stats_socket
         .map(|path| server::listen("stats socket", &path).map(|l| (l, path)))
+        .transpose()?;
+    let control = control
+        .map(|path| vsock::control::listen(&path).map(|l| (l, path)))
         .transpose()?;
     let mut threads = Vec::new();
     if let Some((listener, path)) = stats {
@@ -196,9 +213,17 @@ fn run_vsock(ports: Vec<vsock::PortSpec>, stats_socket: Option<PathBuf>) -> Resu
             server::serve_lines(listener, || r.stats_json())
         })?);
     }
-    for (b, p) in bound.into_iter().zip(relay.ports()) {
-        info!(port = %b.export().name(), "vsock CID {} serving on {}", p.spec.cid, p.spec.socket.display());
+    for b in bound {
+        let p = b.export().vsock_port().clone();
+        info!(port = %b.export().name(), "vsock CID {} serving on {}", p.cid, p.socket.display());
         threads.push(spawn("part-io-listen", "listener", move || b.serve())?);
+    }
+    if let Some((listener, path)) = control {
+        info!("control serving on {}", path.display());
+        let r = relay.clone();
+        threads.push(spawn("part-io-control", "the control socket", move || {
+            vsock::control::serve(&r, listener)
+        })?);
     }
     for t in threads {
         let _ = t.join();

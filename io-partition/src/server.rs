@@ -46,6 +46,11 @@ pub trait Endpoint: Send + Sync + 'static {
     /// Called when a connection's frontend is gone, and again after its
     /// daemon is gone (its worker joined); must be idempotent.
     fn disconnected(&self) {}
+    /// Whether the endpoint was taken out of service: its listener stops
+    /// at the next accept (a vsock port partd removed).
+    fn retired(&self) -> bool {
+        false
+    }
 }
 
 /// Errors setting up an export's socket or serving one connection.
@@ -144,7 +149,8 @@ impl<E: Endpoint> Bound<E> {
         &self.export
     }
 
-    /// Accepts connections forever, one at a time. A frontend that connects
+    /// Accepts connections, one at a time, until the endpoint is retired
+    /// (see [`wake`]). A frontend that connects
     /// while another is being served waits up to [`HANDOVER_GRACE`] for the
     /// previous session to finish tearing down (a VMM that reconnects right
     /// after a disconnect, or a readiness probe followed by the real
@@ -162,6 +168,10 @@ impl<E: Endpoint> Bound<E> {
                     continue;
                 }
             };
+            if self.export.retired() {
+                info!(export = %self.export.name(), "taken out of service; no longer listening");
+                return;
+            }
             if !slot.acquire(HANDOVER_GRACE) {
                 warn!(export = %self.export.name(), "refusing a second frontend: the export is already connected");
                 drop(stream);
@@ -181,6 +191,14 @@ impl<E: Endpoint> Bound<E> {
             }
         }
     }
+}
+
+/// Wakes the listener on `path` so that it sees its endpoint retired:
+/// connects once (the listener drops that connection and ends), then removes
+/// the socket file.
+pub fn wake(path: &Path) {
+    let _ = UnixStream::connect(path);
+    let _ = fs::remove_file(path);
 }
 
 /// How long a new frontend waits for the previous session of its export to end.

@@ -24,17 +24,22 @@ use crate::server::{Endpoint, Mem};
 /// One partition's port of the relay, as served by the listener.
 pub struct VsockEndpoint {
     relay: Arc<Relay>,
-    index: usize,
+    port: Arc<VsockPort>,
 }
 
 impl VsockEndpoint {
-    /// Port `index` of `relay`.
-    pub fn new(relay: Arc<Relay>, index: usize) -> VsockEndpoint {
-        VsockEndpoint { relay, index }
+    /// `port` of `relay`.
+    pub fn new(relay: Arc<Relay>, port: Arc<VsockPort>) -> VsockEndpoint {
+        VsockEndpoint { relay, port }
     }
 
     fn port(&self) -> &VsockPort {
-        &self.relay.ports()[self.index]
+        &self.port
+    }
+
+    /// The port served.
+    pub fn vsock_port(&self) -> &Arc<VsockPort> {
+        &self.port
     }
 }
 
@@ -42,7 +47,7 @@ impl Endpoint for VsockEndpoint {
     type Model = VsockDevice;
 
     fn socket(&self) -> &Path {
-        &self.port().spec.socket
+        &self.port.socket
     }
 
     fn kind(&self) -> &'static str {
@@ -50,7 +55,7 @@ impl Endpoint for VsockEndpoint {
     }
 
     fn new_model(self: &Arc<Self>, mem: &Mem) -> VsockDevice {
-        VsockDevice::new(self.relay.clone(), self.index, mem.clone())
+        VsockDevice::new(self.relay.clone(), self.port.clone(), mem.clone())
     }
 
     fn count_connection(&self) -> u64 {
@@ -63,12 +68,16 @@ impl Endpoint for VsockEndpoint {
     }
 
     fn summary(&self) -> String {
-        self.relay.summary(self.index)
+        self.relay.summary(&self.port)
     }
 
     fn disconnected(&self) {
-        self.port().connected.store(false, Ordering::Relaxed);
-        self.relay.port_gone(self.index);
+        self.port.connected.store(false, Ordering::Relaxed);
+        self.relay.port_gone(&self.port);
+    }
+
+    fn retired(&self) -> bool {
+        self.port.retired.load(Ordering::SeqCst)
     }
 }
 
@@ -85,7 +94,7 @@ pub type VsockBackend = Backend<VsockDevice>;
 /// The virtio-vsock device model of one connection.
 pub struct VsockDevice {
     relay: Arc<Relay>,
-    index: usize,
+    port: Arc<VsockPort>,
     mem: Mem,
     config: [u8; 8],
     walker: ChainWalker,
@@ -98,11 +107,11 @@ pub struct VsockDevice {
 }
 
 impl VsockDevice {
-    fn new(relay: Arc<Relay>, index: usize, mem: Mem) -> VsockDevice {
-        let cid = u64::from(relay.ports()[index].spec.cid);
+    fn new(relay: Arc<Relay>, port: Arc<VsockPort>, mem: Mem) -> VsockDevice {
+        let cid = u64::from(port.cid);
         VsockDevice {
             relay,
-            index,
+            port,
             mem,
             config: cid.to_le_bytes(),
             walker: ChainWalker::new(MAX_QUEUE_SIZE),
@@ -113,10 +122,6 @@ impl VsockDevice {
         }
     }
 
-    fn port(&self) -> &VsockPort {
-        &self.relay.ports()[self.index]
-    }
-
     fn publish_rx(&mut self, vrings: &[VringRwLock]) {
         if self.rx_published {
             return;
@@ -125,7 +130,7 @@ impl VsockDevice {
             return;
         };
         self.relay.publish_rx(
-            self.index,
+            &self.port,
             RxPath {
                 vring: vring.clone(),
                 mem: self.mem.clone(),
@@ -140,8 +145,8 @@ impl VsockDevice {
         self.heads.clear();
         self.packets.clear();
         self.tx_segs.clear();
-        let port = &self.relay.ports()[self.index];
-        let (stats, name, cid) = (&port.stats, port.spec.socket.display(), port.spec.cid);
+        let port = &*self.port;
+        let (stats, name, cid) = (&port.stats, port.socket.display(), port.cid);
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
         if let Err(e) = queue.iter(mem) {
@@ -226,15 +231,10 @@ impl VsockDevice {
                 } else {
                     Payload::None
                 };
-                self.relay.relay(self.index, &p.header, payload);
+                self.relay.relay(&self.port, &p.header, payload);
             }
             let heads = self.heads.iter().filter(|(_, ok)| *ok).map(|&(h, _)| h);
-            complete_read_only(
-                &mem,
-                vring,
-                heads,
-                &self.relay.ports()[self.index].spec.socket.display(),
-            )?;
+            complete_read_only(&mem, vring, heads, &self.port.socket.display())?;
             if taken < TX_BATCH {
                 return Ok(());
             }
@@ -248,7 +248,7 @@ impl DeviceModel for VsockDevice {
     const MAX_QUEUE_SIZE: u16 = MAX_QUEUE_SIZE;
 
     fn name(&self) -> std::path::Display<'_> {
-        self.port().spec.socket.display()
+        self.port.socket.display()
     }
 
     fn features(&self) -> u64 {
@@ -268,7 +268,7 @@ impl DeviceModel for VsockDevice {
         self.publish_rx(vrings);
         // A receive kick means new buffers: deliver what waited for them.
         // (A transmit kick gets the same cheap check.)
-        self.relay.flush(self.index);
+        self.relay.flush(&self.port);
     }
 
     fn drains(&self, queue: usize) -> bool {

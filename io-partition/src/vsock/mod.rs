@@ -38,7 +38,9 @@
 //! connection than its receiver advertised.
 
 pub mod backend;
+pub mod control;
 pub mod credit;
+pub mod directory;
 pub mod packet;
 pub mod relay;
 pub mod spec;
@@ -46,8 +48,9 @@ pub mod stats;
 pub mod table;
 
 pub use backend::{VsockBackend, VsockDevice, VsockEndpoint};
-pub use relay::Relay;
-pub use spec::{PortSpec, StaticDirectory, VsockError};
+pub use directory::Entries;
+pub use relay::{Relay, VsockPort};
+pub use spec::{PortSpec, VsockError};
 
 /// Queues served (the event queue stays with the VMM).
 pub const NUM_QUEUES: usize = 2;

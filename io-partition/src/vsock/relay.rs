@@ -15,20 +15,23 @@
 //! holds two ports' `rx` locks, nor the table lock while delivering.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use partvisor_runtime::sync::MutexExt;
+use partvisor_api::vsock::Entry;
+use partvisor_runtime::sync::{MutexExt, RwLockExt};
 use tracing::warn;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
+use super::directory::Entries;
 use super::packet::{Header, Op, HDR_LEN};
-use super::spec::PortSpec;
+use super::spec::VsockError;
 use super::stats::VsockStats;
-use super::table::{Action, Directory, Event, Table};
+use super::table::{Action, Event, Table};
 use super::{MAX_QUEUE_SIZE, TABLE_LIMIT};
 use crate::chain::{gather, ChainWalker, Malformed, Segment};
 use crate::copy::{push_range, Cursor};
@@ -105,68 +108,147 @@ struct Rx {
 
 /// One partition's vsock device.
 pub struct VsockPort {
-    pub spec: PortSpec,
+    /// The partition's CID (its config space, and the only source it may
+    /// send from).
+    pub cid: u32,
+    /// The vhost-user socket part-io listens on.
+    pub socket: PathBuf,
     pub stats: VsockStats,
     rx: Mutex<Rx>,
     pub(super) connected: AtomicBool,
+    /// Taken out of the relay: its listener stops at the next accept.
+    pub(super) retired: AtomicBool,
 }
 
-/// Every port of one `part-io vsock`, and their connections.
-pub struct Relay {
-    ports: Vec<VsockPort>,
-    by_cid: HashMap<u64, usize>,
-    table: Mutex<Table>,
-    directory: Box<dyn Directory + Send + Sync>,
-}
-
-impl Relay {
-    /// A relay over `ports` (distinct CIDs and sockets, checked by the
-    /// directory's constructor) asking `directory` about every connection.
-    pub fn new(ports: Vec<PortSpec>, directory: Box<dyn Directory + Send + Sync>) -> Arc<Relay> {
-        let by_cid = ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (u64::from(p.cid), i))
-            .collect();
-        Arc::new(Relay {
-            ports: ports
-                .into_iter()
-                .map(|spec| VsockPort {
-                    spec,
-                    stats: VsockStats::default(),
-                    rx: Mutex::new(Rx::default()),
-                    connected: AtomicBool::new(false),
-                })
-                .collect(),
-            by_cid,
-            table: Mutex::new(Table::new(TABLE_LIMIT)),
-            directory,
+impl VsockPort {
+    /// A port for `cid` served on `socket`.
+    pub fn new(cid: u32, socket: PathBuf) -> Arc<VsockPort> {
+        Arc::new(VsockPort {
+            cid,
+            socket,
+            stats: VsockStats::default(),
+            rx: Mutex::new(Rx::default()),
+            connected: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         })
     }
 
-    /// The ports, in command-line order.
-    pub fn ports(&self) -> &[VsockPort] {
-        &self.ports
+    /// Whether a frontend is attached.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// What taking a partition out of the relay did.
+#[derive(Debug, Default)]
+pub struct Removed {
+    /// Its port, if it had one here (its listener is the caller's to stop).
+    pub port: Option<Arc<VsockPort>>,
+    /// Connections reset.
+    pub reset: u64,
+    /// Whether a frontend of that CID (this port or one removed earlier) is
+    /// still attached.
+    pub connected: bool,
+}
+
+impl std::fmt::Debug for VsockPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockPort")
+            .field("cid", &self.cid)
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every port of one `part-io vsock`, the directory and the connections.
+pub struct Relay {
+    ports: RwLock<HashMap<u64, Arc<VsockPort>>>,
+    /// Ports taken out while their frontend was still attached.
+    retired: Mutex<Vec<Arc<VsockPort>>>,
+    table: Mutex<Table>,
+    directory: RwLock<Entries>,
+}
+
+impl Relay {
+    /// A relay with `directory` and no ports.
+    pub fn new(directory: Entries) -> Arc<Relay> {
+        Arc::new(Relay {
+            ports: RwLock::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
+            table: Mutex::new(Table::new(TABLE_LIMIT)),
+            directory: RwLock::new(directory),
+        })
     }
 
-    /// One line with every counter of port `index`.
-    pub fn summary(&self, index: usize) -> String {
-        let p = &self.ports[index];
-        let t = self.table.locked().counters(u64::from(p.spec.cid));
-        p.stats.summary(&t)
+    /// Makes `port` reachable (its CID's directory entry is the caller's).
+    /// Returns the port it replaced, if any.
+    pub fn insert_port(&self, port: Arc<VsockPort>) -> Option<Arc<VsockPort>> {
+        self.ports.write_locked().insert(u64::from(port.cid), port)
     }
 
-    /// Every port's counters as one JSON object:
-    /// `{"ports": [{"cid": N, "socket": PATH, "rx_ready": bool, COUNTER: N, ...}]}`.
-    pub fn stats_json(&self) -> String {
+    /// Checks `entry` against the directory (see [`Entries::check`]);
+    /// `Ok(true)` when it only updates an entry already there.
+    pub fn check_entry(&self, entry: &Entry) -> Result<bool, VsockError> {
+        let d = self.directory.read_locked();
+        d.check(entry.cid, &entry.partition, entry.socket.as_deref())
+    }
+
+    /// Adds or replaces a directory entry.
+    pub fn set_entry(&self, entry: Entry) {
+        self.directory.write_locked().insert(entry);
+    }
+
+    /// Takes partition `cid` out: its directory entry and port go, and every
+    /// connection it was an end of is reset at the other end.
+    pub fn remove(&self, cid: u32) -> Removed {
+        self.directory.write_locked().remove(cid);
+        let port = self.ports.write_locked().remove(&u64::from(cid));
+        if let Some(p) = &port {
+            p.retired.store(true, Ordering::SeqCst);
+        }
+        let resets = self.table.locked().partition_gone(u64::from(cid));
+        let reset = resets.len() as u64;
+        for a in resets {
+            let _ = self.act(&a, Payload::None);
+        }
+        let mut retired = self.retired.locked();
+        if let Some(p) = &port {
+            retired.push(p.clone());
+        }
+        retired.retain(|p| p.is_connected());
+        let connected = retired.iter().any(|p| p.cid == cid);
+        Removed {
+            port,
+            reset,
+            connected,
+        }
+    }
+
+    /// The ports, by CID.
+    pub fn ports(&self) -> Vec<Arc<VsockPort>> {
+        let mut v: Vec<Arc<VsockPort>> = self.ports.read_locked().values().cloned().collect();
+        v.sort_by_key(|p| p.cid);
+        v
+    }
+
+    /// One line with every counter of `port`.
+    pub fn summary(&self, port: &VsockPort) -> String {
+        let t = self.table.locked().counters(u64::from(port.cid));
+        port.stats.summary(&t)
+    }
+
+    /// Every port's counters as one JSON value:
+    /// `{"ports": [{"cid": N, "socket": PATH, "connected": bool, "rx_ready": bool, COUNTER: N, ...}]}`.
+    pub fn stats(&self) -> serde_json::Value {
         let ports: Vec<serde_json::Value> = self
-            .ports
+            .ports()
             .iter()
             .map(|p| {
-                let t = self.table.locked().counters(u64::from(p.spec.cid));
+                let t = self.table.locked().counters(u64::from(p.cid));
                 let mut m = serde_json::Map::new();
-                m.insert("cid".into(), p.spec.cid.into());
-                m.insert("socket".into(), p.spec.socket.display().to_string().into());
+                m.insert("cid".into(), p.cid.into());
+                m.insert("socket".into(), p.socket.display().to_string().into());
+                m.insert("connected".into(), p.is_connected().into());
                 m.insert("rx_ready".into(), p.rx.locked().path.is_some().into());
                 for (k, v) in p.stats.counters(&t) {
                     m.insert(k.into(), v.into());
@@ -174,39 +256,48 @@ impl Relay {
                 serde_json::Value::Object(m)
             })
             .collect();
-        serde_json::json!({ "ports": ports }).to_string()
+        serde_json::json!({ "ports": ports })
     }
 
-    /// Makes port `index`'s receive ring reachable.
-    pub(super) fn publish_rx(&self, index: usize, path: RxPath) {
-        let port = &self.ports[index];
+    /// [`Relay::stats`] as one line of text.
+    pub fn stats_json(&self) -> String {
+        self.stats().to_string()
+    }
+
+    /// Makes `port`'s receive ring reachable.
+    pub(super) fn publish_rx(&self, port: &VsockPort, path: RxPath) {
         let mut rx = port.rx.locked();
         rx.path = Some(path);
         rx.walker = Some(ChainWalker::new(MAX_QUEUE_SIZE));
-        tracing::info!(port = %port.spec.socket.display(), cid = port.spec.cid, "vsock receive queue ready");
+        tracing::info!(port = %port.socket.display(), cid = port.cid, "vsock receive queue ready");
     }
 
-    /// Port `index`'s frontend is gone: its connections end (the other ends
-    /// get a RST) and what was queued for it is dropped.
-    pub(super) fn port_gone(&self, index: usize) {
-        let port = &self.ports[index];
+    /// `port`'s frontend is gone: its connections end (the other ends get
+    /// a RST) and what was queued for it is dropped. A port taken out of
+    /// the relay whose CID has a new port already leaves the new port's
+    /// connections alone.
+    pub(super) fn port_gone(&self, port: &Arc<VsockPort>) {
         {
             let mut rx = port.rx.locked();
             rx.path = None;
             rx.queue.clear();
             port.stats.queued_bytes.store(0, Ordering::Relaxed);
         }
-        let resets = self.table.locked().partition_gone(u64::from(port.spec.cid));
+        let current = self.ports.read_locked().get(&u64::from(port.cid)).cloned();
+        if current.is_some_and(|c| !Arc::ptr_eq(&c, port)) {
+            return;
+        }
+        let resets = self.table.locked().partition_gone(u64::from(port.cid));
         for a in resets {
             // A peer without a receive queue has nothing to reset.
             let _ = self.act(&a, Payload::None);
         }
     }
 
-    /// Runs `header` (checked, from port `index`) through the table and
+    /// Runs `header` (checked, from `port`) through the table and
     /// delivers what it says; `payload` is the RW payload in the sender's
     /// memory.
-    pub(super) fn relay(&self, index: usize, header: &Header, payload: Payload<'_>) {
+    pub(super) fn relay(&self, port: &VsockPort, header: &Header, payload: Payload<'_>) {
         let (outcome, expired) = {
             let mut table = self.table.locked();
             let expired = if header.op == Op::Request {
@@ -214,7 +305,8 @@ impl Relay {
             } else {
                 Vec::new()
             };
-            (table.packet(header, self.directory.as_ref()), expired)
+            let directory = self.directory.read_locked();
+            (table.packet(header, &*directory), expired)
         };
         for a in &expired {
             let _ = self.act(a, Payload::None);
@@ -222,10 +314,9 @@ impl Relay {
         if let Some(e) = outcome.event {
             // Logged at first, then at powers of two: a flooding guest
             // cannot flood the log.
-            let port = &self.ports[index];
             let n = VsockStats::bump(&port.stats.table_events);
             if n <= 8 || n.is_power_of_two() {
-                warn!(port = %port.spec.socket.display(), cid = port.spec.cid, "{} -> {} {:?}: {} ({n} refusals and resets so far)", header.src, header.dst, header.op, describe(&e));
+                warn!(port = %port.socket.display(), cid = port.cid, "{} -> {} {:?}: {} ({n} refusals and resets so far)", header.src, header.dst, header.op, describe(&e));
             }
         }
         for a in &outcome.actions {
@@ -234,9 +325,8 @@ impl Relay {
                 _ => Payload::None,
             };
             if let (Action::Forward { .. }, true) = (a, outcome.deliver_payload) {
-                VsockStats::bump(&self.ports[index].stats.tx_packets);
-                self.ports[index]
-                    .stats
+                VsockStats::bump(&port.stats.tx_packets);
+                port.stats
                     .tx_bytes
                     .fetch_add(u64::from(header.len), Ordering::Relaxed);
             }
@@ -257,16 +347,16 @@ impl Relay {
     /// packets (unknown, or no receive queue yet).
     fn act(&self, a: &Action, payload: Payload<'_>) -> bool {
         let (Action::Forward { to, header } | Action::Reset { to, header }) = a;
-        match self.by_cid.get(to) {
-            Some(&j) => self.deliver(j, header, payload),
+        let port = self.ports.read_locked().get(to).cloned();
+        match port {
+            Some(p) => self.deliver(&p, header, payload),
             None => false,
         }
     }
 
-    /// Puts `header` and its payload into port `j`'s rx buffers, queueing
+    /// Puts `header` and its payload into `port`'s rx buffers, queueing
     /// what does not fit now.
-    fn deliver(&self, j: usize, header: &Header, payload: Payload<'_>) -> bool {
-        let port = &self.ports[j];
+    fn deliver(&self, port: &VsockPort, header: &Header, payload: Payload<'_>) -> bool {
         let mut rx = port.rx.locked();
         if rx.path.is_none() {
             return false;
@@ -300,9 +390,8 @@ impl Relay {
         true
     }
 
-    /// Port `index` posted receive buffers: delivers what was queued.
-    pub(super) fn flush(&self, index: usize) {
-        let port = &self.ports[index];
+    /// `port` posted receive buffers: delivers what was queued.
+    pub(super) fn flush(&self, port: &VsockPort) {
         let mut rx = port.rx.locked();
         pump(port, &mut rx);
     }
@@ -336,7 +425,7 @@ fn pump(port: &VsockPort, rx: &mut Rx) {
             Ok(true) => continue,
             Ok(false) => return,
             Err(e) => {
-                warn!(port = %port.spec.socket.display(), "cannot enable receive notifications: {e}");
+                warn!(port = %port.socket.display(), "cannot enable receive notifications: {e}");
                 return;
             }
         }
@@ -394,7 +483,7 @@ fn fill(port: &VsockPort, rx: &mut Rx, header: &Header, payload: Payload<'_>) ->
     let queue_size = queue.size();
     let len = header.len as usize;
     let mut used = false;
-    let name = port.spec.socket.display();
+    let name = port.socket.display();
     while !filled.complete(header) {
         let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
             break;

@@ -1,14 +1,12 @@
-//! The `--port socket=PATH,cid=N[,accept=CID:PORT+...]` argument of
-//! `part-io vsock`, and the static directory the ports make.
+//! The `--port socket=PATH,cid=N[,uds=PATH][,accept=CID:PORT+...]`
+//! argument of `part-io vsock` (ports fixed at start; partd adds them over
+//! the control socket instead), and the errors of vsock ports.
 
-use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use partvisor_api::descriptor::{CID_ANY, MIN_GUEST_CID};
 
-use super::packet::Addr;
-use super::table::{Directory, Lookup, Refusal};
 use crate::spec::{Grammar, Key, SpecError};
 
 /// Errors in `part-io vsock` arguments.
@@ -20,19 +18,22 @@ pub enum VsockError {
     Cid { spec: String, cid: String },
     #[error("port `{spec}`: accept entry `{entry}` is not CID:PORT (e.g. 4:5432)")]
     Accept { spec: String, entry: String },
-    #[error("CID {0} is given to two ports; every partition has its own")]
-    DuplicateCid(u32),
+    #[error("CID {cid} is held by partition {partition}; every partition has its own")]
+    CidHeld { cid: u32, partition: String },
     #[error("socket {0} is used by two ports")]
     DuplicateSocket(PathBuf),
+    #[error("entry for CID {cid}: {why}")]
+    BadEntry { cid: u32, why: &'static str },
 }
 
 static GRAMMAR: Grammar = Grammar {
     keys: &[
         Key::value("socket", "PATH"),
         Key::value("cid", "N"),
+        Key::value("uds", "PATH"),
         Key::maybe_empty("accept", "CID:PORT+CID:PORT"),
     ],
-    usage: "socket=PATH,cid=N[,accept=CID:PORT+...]",
+    usage: "socket=PATH,cid=N[,uds=PATH][,accept=CID:PORT+...]",
 };
 
 /// A parsed `--port` argument: one partition's vsock device.
@@ -43,11 +44,14 @@ pub struct PortSpec {
     /// The partition's CID (its config space, and the only source it may
     /// send from).
     pub cid: u32,
+    /// The hybrid host socket (Firecracker's `uds_path`), if any.
+    pub host_socket: Option<PathBuf>,
     /// Who may connect to this partition: (peer CID, port here).
     pub accept: Vec<(u32, u32)>,
 }
 
-fn guest_cid(text: &str) -> Option<u32> {
+/// `text` as a guest CID (from [`MIN_GUEST_CID`], not [`CID_ANY`]).
+pub fn guest_cid(text: &str) -> Option<u32> {
     text.parse::<u32>()
         .ok()
         .filter(|c| *c >= MIN_GUEST_CID && *c != CID_ANY)
@@ -86,48 +90,9 @@ impl FromStr for PortSpec {
         Ok(PortSpec {
             socket: items.required("socket").map_err(wrap)?.into(),
             cid,
+            host_socket: items.value("uds").map(PathBuf::from),
             accept,
         })
-    }
-}
-
-/// The directory of a `part-io vsock` started with fixed ports: every
-/// partition is local, and each port's `accept` list is its policy.
-#[derive(Debug)]
-pub struct StaticDirectory {
-    accept: HashMap<u32, HashSet<(u32, u32)>>,
-}
-
-impl StaticDirectory {
-    /// The directory of `ports`; refuses two ports with one CID or socket.
-    pub fn new(ports: &[PortSpec]) -> Result<StaticDirectory, VsockError> {
-        let mut accept = HashMap::new();
-        let mut sockets = HashSet::new();
-        for p in ports {
-            if accept
-                .insert(p.cid, p.accept.iter().copied().collect())
-                .is_some()
-            {
-                return Err(VsockError::DuplicateCid(p.cid));
-            }
-            if !sockets.insert(&p.socket) {
-                return Err(VsockError::DuplicateSocket(p.socket.clone()));
-            }
-        }
-        Ok(StaticDirectory { accept })
-    }
-}
-
-impl Directory for StaticDirectory {
-    fn lookup(&self, from_cid: u64, to: Addr) -> Lookup {
-        let (Ok(from), Ok(cid)) = (u32::try_from(from_cid), u32::try_from(to.cid)) else {
-            return Lookup::Refused(Refusal::UnknownCid);
-        };
-        match self.accept.get(&cid) {
-            None => Lookup::Refused(Refusal::UnknownCid),
-            Some(a) if a.contains(&(from, to.port)) => Lookup::Local,
-            Some(_) => Lookup::Refused(Refusal::NotAccepted),
-        }
     }
 }
 
@@ -145,11 +110,14 @@ mod tests {
             PortSpec {
                 socket: "/run/v3.sock".into(),
                 cid: 3,
+                host_socket: None,
                 accept: vec![(4, 80), (5, 443)]
             }
         );
         let bare: PortSpec = "socket=/s,cid=7".parse().unwrap();
         assert!(bare.accept.is_empty(), "default deny");
+        let hybrid: PortSpec = "socket=/s,cid=7,uds=/h/v.sock".parse().unwrap();
+        assert_eq!(hybrid.host_socket, Some("/h/v.sock".into()));
         let e = |s: &str| s.parse::<PortSpec>().unwrap_err().to_string();
         assert_eq!(
             e("socket=/s,cid=2"),
@@ -161,37 +129,5 @@ mod tests {
         assert!(e("socket=/s,cid=3,accept=1:80").contains("accept entry `1:80`"));
         assert!(e("socket=/s,cid=3,accept=4:4294967295").contains("accept entry"));
         assert!(e("socket=/s,cid=3,groups=a").contains("unknown key `groups`"));
-    }
-
-    #[test]
-    fn the_static_directory_accepts_only_listed_peers_and_ports() {
-        let ports: Vec<PortSpec> = ["socket=/a,cid=3,accept=4:80", "socket=/b,cid=4"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        let d = StaticDirectory::new(&ports).unwrap();
-        let at = |cid, port| Addr { cid, port };
-        assert_eq!(d.lookup(4, at(3, 80)), Lookup::Local);
-        assert_eq!(
-            d.lookup(4, at(3, 81)),
-            Lookup::Refused(Refusal::NotAccepted)
-        );
-        assert_eq!(
-            d.lookup(3, at(4, 80)),
-            Lookup::Refused(Refusal::NotAccepted)
-        );
-        assert_eq!(d.lookup(3, at(9, 80)), Lookup::Refused(Refusal::UnknownCid));
-        assert_eq!(
-            d.lookup(3, at(1 << 40, 80)),
-            Lookup::Refused(Refusal::UnknownCid)
-        );
-        let dup: Vec<PortSpec> = ["socket=/a,cid=3", "socket=/b,cid=3"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert!(matches!(
-            StaticDirectory::new(&dup),
-            Err(VsockError::DuplicateCid(3))
-        ));
     }
 }

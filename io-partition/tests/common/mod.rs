@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod vsock;
 
 use std::fs::File;
 use std::io::Read;

@@ -1,6 +1,6 @@
 //! # partvisor-api: the types every partvisor process puts on a wire
 //!
-//! partd, part-vmm and partctl talk to each other in JSON; this crate holds
+//! partd, part-vmm, part-io and partctl talk to each other in JSON; this crate holds
 //! each message's type once, so the three cannot drift apart:
 //!
 //! - [`descriptor`]: the partition descriptor partd writes (a sealed memfd)
@@ -12,6 +12,8 @@
 //!   (partition names, owners, resources, changes, the audit log's entries,
 //!   capacities), which partd's API returns as is.
 //! - [`definition`]: a partition definition as an operator writes it.
+//! - [`vsock`]: the vsock directory partd pushes to `part-io vsock` (who
+//!   holds which CID, where, and whom it accepts).
 //! - [`views`]: partd's HTTP request and response bodies. The OpenAPI
 //!   document beside this crate (`resources/api/partd.openapi.yaml`)
 //!   describes them; a test here deserialises every example it gives into
@@ -37,6 +39,7 @@ pub mod holdings;
 pub mod host;
 pub mod resources;
 pub mod views;
+pub mod vsock;
 
 pub use definition::{Definition, Disk, Nic, Vsock, VsockAccept};
 pub use error::ParseError;

@@ -1,0 +1,180 @@
+//! Test-side vhost-user-vsock frontend: a "guest" whose rx (0) and tx (1)
+//! queues are laid out as in [`super::net`], and the virtio-vsock header.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::VhostUserFrontend;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::net::NetDevice;
+use super::{guest_memory, PartIo, SEALED, TIMEOUT};
+
+pub const HDR_LEN: usize = 44;
+pub const RX_BUF: u32 = 2048;
+/// Receive buffers of the test frontend (`common::net` ring layout).
+pub const RX_BUFS: u64 = 0x10_0000;
+pub const RX_STRIDE: u64 = 2048;
+/// Transmit buffers: our own area, 64 KiB apart.
+pub const TX_BUFS: u64 = 0x30_0000;
+pub const TX_STRIDE: u64 = 0x1_0000;
+pub const QUIET: Duration = Duration::from_millis(200);
+
+pub const REQUEST: u16 = 1;
+pub const RESPONSE: u16 = 2;
+pub const RST: u16 = 3;
+pub const RW: u16 = 5;
+pub const CREDIT_UPDATE: u16 = 6;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hdr {
+    pub src: (u64, u32),
+    pub dst: (u64, u32),
+    pub len: u32,
+    pub op: u16,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl Hdr {
+    pub fn new(op: u16, src: (u64, u32), dst: (u64, u32)) -> Hdr {
+        Hdr {
+            src,
+            dst,
+            len: 0,
+            op,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0..8].copy_from_slice(&self.src.0.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst.0.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src.1.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst.1.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&1u16.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Hdr {
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        assert_eq!(u16::from_le_bytes([b[28], b[29]]), 1, "stream type");
+        Hdr {
+            src: (u64_at(0), u32_at(16)),
+            dst: (u64_at(8), u32_at(20)),
+            len: u32_at(24),
+            op: u16::from_le_bytes([b[30], b[31]]),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
+pub struct Guest {
+    pub dev: NetDevice,
+    pub next_tx: u16,
+}
+
+impl Guest {
+    /// Connects to port `i` of a relay started in `p`'s directory (socket
+    /// `p<i>.sock`).
+    pub fn attach(p: &PartIo, i: usize) -> Guest {
+        Guest::attach_at(&p.dir.path().join(format!("p{i}.sock")))
+    }
+
+    /// Connects to the vhost-user socket at `socket`, posts 16 receive
+    /// buffers of [`RX_BUF`] bytes.
+    pub fn attach_at(socket: &Path) -> Guest {
+        let mut dev = NetDevice::connect(socket, guest_memory(SEALED), 16, false).unwrap();
+        for id in 0..16 {
+            dev.post_rx_len(id, RX_BUF);
+        }
+        dev.kick(0);
+        Guest { dev, next_tx: 0 }
+    }
+
+    pub fn config_cid(&mut self) -> u64 {
+        let (_, payload) = self
+            .dev
+            .fe
+            .get_config(
+                0,
+                8,
+                vhost::vhost_user::message::VhostUserConfigFlags::empty(),
+                &[0; 8],
+            )
+            .unwrap();
+        u64::from_le_bytes(payload.try_into().unwrap())
+    }
+
+    /// Sends `h` (with `payload`, whose length goes into `h.len` unless
+    /// `len` overrides it) in one descriptor.
+    pub fn send_raw(&mut self, mut h: Hdr, payload: &[u8], len: Option<u32>) {
+        h.len = len.unwrap_or(payload.len() as u32);
+        while self.dev.pop_used(1).is_some() {}
+        let id = self.next_tx % 16;
+        self.next_tx += 1;
+        let addr = TX_BUFS + u64::from(id) * TX_STRIDE;
+        self.dev
+            .mem
+            .write_slice(&h.encode(), GuestAddress(addr))
+            .unwrap();
+        self.dev
+            .mem
+            .write_slice(payload, GuestAddress(addr + HDR_LEN as u64))
+            .unwrap();
+        self.dev
+            .put_desc(1, id, addr, (HDR_LEN + payload.len()) as u32, 0, 0);
+        self.dev.push_avail(1, id);
+        self.dev.kick(1);
+    }
+
+    pub fn send(&mut self, h: Hdr, payload: &[u8]) {
+        self.send_raw(h, payload, None);
+    }
+
+    /// The next received packet within `timeout`; reposts its buffer.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<(Hdr, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((id, len)) = self.dev.pop_used(0) {
+                assert!(len as usize >= HDR_LEN, "used length {len}");
+                let mut buf = vec![0u8; len as usize];
+                self.dev
+                    .mem
+                    .read_slice(&mut buf, GuestAddress(RX_BUFS + u64::from(id) * RX_STRIDE))
+                    .unwrap();
+                let h = Hdr::decode(&buf);
+                assert_eq!(
+                    h.len as usize,
+                    len as usize - HDR_LEN,
+                    "used length = 44 + len"
+                );
+                self.dev.post_rx_len(id, RX_BUF);
+                self.dev.kick(0);
+                return Some((h, buf.split_off(HDR_LEN)));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    pub fn recv(&mut self) -> (Hdr, Vec<u8>) {
+        self.recv_timeout(TIMEOUT).expect("no packet received")
+    }
+
+    pub fn expect_nothing(&mut self) {
+        if let Some(p) = self.recv_timeout(QUIET) {
+            panic!("unexpected packet {:?}", p.0);
+        }
+    }
+}
