@@ -245,6 +245,18 @@ impl Partd {
         self.ctl_ok(&["create", def.to_str().unwrap()]);
     }
 
+    /// Writes a 64 MiB definition with `cmdline` and extra TOML into the
+    /// state dir and returns its path.
+    pub fn definition_with(&self, name: &str, cmdline: &str, extra: &str) -> PathBuf {
+        let p = self.path().join(format!("{name}.toml"));
+        let text = format!(
+            "name = \"{name}\"\nmemory_mib = 64\nkernel = \"{}\"\ncmdline = \"{cmdline}\"\n{extra}\n",
+            guest().display()
+        );
+        std::fs::write(&p, text).expect("write definition");
+        p
+    }
+
     /// Writes a definition file into the state dir and returns its path.
     pub fn definition(&self, name: &str, extra: &str) -> PathBuf {
         let p = self.path().join(format!("{name}.toml"));
@@ -344,6 +356,14 @@ pub fn kill(pid: u32, sig: i32) {
     unsafe {
         libc::kill(pid as libc::pid_t, sig);
     }
+}
+
+/// The console socket in a `show --json` view.
+pub fn console_of(v: &serde_json::Value) -> PathBuf {
+    v["vmm"]["console_socket"]
+        .as_str()
+        .expect("console socket in the view")
+        .into()
 }
 
 /// Reads a partition's console (its backlog first) until `needle` appears.

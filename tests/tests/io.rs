@@ -7,31 +7,13 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use partvisor_e2e::{alive, vm_lock, wait_console, Partd};
+use partvisor_e2e::{alive, console_of, vm_lock, wait_console, Partd};
 use resource_db::PartitionId;
 
 const BOOT: Duration = Duration::from_secs(90);
-
-fn console_of(v: &serde_json::Value) -> PathBuf {
-    v["vmm"]["console_socket"]
-        .as_str()
-        .expect("console socket")
-        .into()
-}
-
-/// Writes a definition with `cmdline` and extra TOML into the state dir.
-fn definition(partd: &Partd, name: &str, cmdline: &str, extra: &str) -> PathBuf {
-    let p = partd.path().join(format!("{name}.toml"));
-    let text = format!(
-        "name = \"{name}\"\nmemory_mib = 64\nkernel = \"{}\"\ncmdline = \"{cmdline}\"\n{extra}\n",
-        partvisor_e2e::guest().display()
-    );
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 /// The part-io process of `kind` in a `show` view.
 fn io_of<'a>(v: &'a serde_json::Value, kind: &str) -> &'a serde_json::Value {
@@ -105,8 +87,7 @@ fn disk_and_nic_backends_start_before_the_guest_and_its_memory_returns_only_afte
     let partd = Partd::start(&["--disk-image", &img_s]);
     let view = partd.view();
     let free_before = view.free().unwrap();
-    let def = definition(
-        &partd,
+    let def = partd.definition_with(
         "web",
         "blk=write:7:64 blk=verify:7:64 stay",
         &format!("[[disk]]\nimage = \"{img_s}\"\n[[nic]]\nswitch = \"lan\"\n"),
@@ -200,15 +181,10 @@ fn two_partitions_on_one_switch_exchange_10000_frames_without_loss() {
     let _vm = vm_lock();
     let partd = Partd::start(&[]);
     let nic = "[[nic]]\nswitch = \"lan\"\n";
-    let b = definition(&partd, "b", "net=recv:10000 stay", nic);
+    let b = partd.definition_with("b", "net=recv:10000 stay", nic);
     let created = partd.ctl_json(&["create", b.to_str().unwrap()]);
     let b_mac = created["holdings"]["macs"][0].as_str().unwrap().to_string();
-    let a = definition(
-        &partd,
-        "a",
-        &format!("net=send:{b_mac}:10000:1000 stay"),
-        nic,
-    );
+    let a = partd.definition_with("a", &format!("net=send:{b_mac}:10000:1000 stay"), nic);
     partd.ctl_ok(&["create", a.to_str().unwrap()]);
 
     let vb = partd.ctl_json(&["start", "b"]);
@@ -235,7 +211,7 @@ fn two_partitions_on_one_switch_exchange_10000_frames_without_loss() {
     }
 
     // The definition-level way: `{mac:b}` is filled in at start.
-    let c = definition(&partd, "c", "net=send:{mac:b}:100:64 stay", nic);
+    let c = partd.definition_with("c", "net=send:{mac:b}:100:64 stay", nic);
     partd.ctl_ok(&["create", c.to_str().unwrap()]);
     let vc = partd.ctl_json(&["start", "c"]);
     let pid = vc["vmm"]["pid"].as_u64().unwrap();
@@ -243,7 +219,7 @@ fn two_partitions_on_one_switch_exchange_10000_frames_without_loss() {
     let cfg = part_vmm::config::VmConfig::from_json(&desc).unwrap();
     assert_eq!(cfg.cmdline, format!("net=send:{b_mac}:100:64 stay"));
     partd.ctl_ok(&["stop", "c", "--force"]);
-    let d = definition(&partd, "d", "x={mac:nobody}", "");
+    let d = partd.definition_with("d", "x={mac:nobody}", "");
     partd.ctl_ok(&["create", d.to_str().unwrap()]);
     let err = partd.ctl_err(&["start", "d"]);
     assert!(err.contains("{mac:nobody:0}: no such partition"), "{err}");
@@ -257,7 +233,7 @@ fn a_switch_without_a_port_for_a_newcomer_is_restarted_only_when_nobody_is_conne
     let partd = Partd::start(&[]);
     let view = partd.view();
     let nic = "[[nic]]\nswitch = \"lan\"\n";
-    let a = definition(&partd, "a", "stay", nic);
+    let a = partd.definition_with("a", "stay", nic);
     partd.ctl_ok(&["create", a.to_str().unwrap()]);
     let va = partd.ctl_json(&["start", "a"]);
     let first = io_of(&va, "net")["pid"].as_u64().unwrap() as u32;
@@ -265,7 +241,7 @@ fn a_switch_without_a_port_for_a_newcomer_is_restarted_only_when_nobody_is_conne
 
     // c was defined after the switch started: it has no port, and a is
     // connected, so the switch is not restarted and c does not start.
-    let c = definition(&partd, "c", "stay", nic);
+    let c = partd.definition_with("c", "stay", nic);
     partd.ctl_ok(&["create", c.to_str().unwrap()]);
     let err = partd.ctl_err(&["start", "c"]);
     assert!(
@@ -318,8 +294,7 @@ fn a_restarted_partd_still_waits_for_the_disk_backend_before_releasing() {
     let img = disk_image(img_dir.path(), "d.img");
     let img_s = img.display().to_string();
     let mut partd = Partd::start(&["--disk-image", &img_s]);
-    let def = definition(
-        &partd,
+    let def = partd.definition_with(
         "d",
         "blk=write:3:8 stay",
         &format!("[[disk]]\nimage = \"{img_s}\"\nread_only = false\n"),
@@ -350,8 +325,7 @@ fn a_restarted_partd_still_waits_for_the_disk_backend_before_releasing() {
 fn a_nic_whose_socket_path_cannot_be_bound_is_refused_before_anything_is_granted() {
     let partd = Partd::start(&[]);
     let name = format!("p{}", "x".repeat(63));
-    let def = definition(
-        &partd,
+    let def = partd.definition_with(
         &name,
         "stay",
         &format!("[[nic]]\nswitch = \"{}\"\n", "s".repeat(32)),

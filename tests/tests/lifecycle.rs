@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use partvisor_e2e::{alive, kill, vm_lock, wait_console, wait_gone, Partd};
+use partvisor_e2e::{alive, console_of, kill, vm_lock, wait_console, wait_gone, Partd};
 use resource_db::{Change, LogRecord, Owner, PartitionId, PartitionState, ResourceId};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -15,13 +15,6 @@ fn pid_of(v: &serde_json::Value) -> u32 {
     v["vmm"]["pid"]
         .as_u64()
         .expect("a running partition has a monitor pid") as u32
-}
-
-fn console_of(v: &serde_json::Value) -> std::path::PathBuf {
-    v["vmm"]["console_socket"]
-        .as_str()
-        .expect("console socket")
-        .into()
 }
 
 #[test]

@@ -16,13 +16,24 @@ const MAX_CMDLINE: usize = CMDLINE_MAX - 1;
 /// `cpu_share`: a tenth of a CPU per vCPU.
 pub const DEFAULT_SHARE_MILLI_PER_VCPU: u32 = 100;
 
-/// Why a command line's `{mac:...}` could not be filled in.
+/// Why a command line's `{mac:...}` or `{cid:...}` could not be filled in.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CmdlineError {
-    #[error("cmdline: {0:?} is not of the form {{mac:NAME}} or {{mac:NAME:INDEX}}")]
+    #[error("cmdline: {0:?} is not of the form {{mac:NAME}}, {{mac:NAME:INDEX}} or {{cid:NAME}}")]
     Malformed(String),
     #[error("cmdline: {{mac:{0}:{1}}}: no such partition or it has no NIC {1}")]
     NoMac(String, usize),
+    #[error("cmdline: {{cid:{0}}}: no such partition, or it is not running with a [vsock] section (start it first)")]
+    NoCid(String),
+}
+
+/// A placeholder in a command line, filled in at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placeholder<'a> {
+    /// `{mac:NAME[:I]}`: the MAC of partition NAME's NIC I (granted at create).
+    Mac(&'a str, usize),
+    /// `{cid:NAME}`: the vsock CID partition NAME holds (granted at start).
+    Cid(&'a str),
 }
 
 /// Why a definition was refused; each message names the key.
@@ -90,10 +101,10 @@ pub trait DefinitionExt: Sized {
     fn share_milli(&self) -> u32;
     /// What starting this partition takes from the resource database.
     fn demand(&self) -> Demand;
-    /// The command line with every `{mac:NAME[:I]}` replaced by `mac(NAME, I)`.
+    /// The command line with every placeholder `p` replaced by `value(p)`.
     fn expand_cmdline(
         &self,
-        mac: impl Fn(&str, usize) -> Option<String>,
+        value: impl Fn(Placeholder<'_>) -> Option<String>,
     ) -> Result<String, CmdlineError>;
     /// What creating this partition takes: one MAC per NIC.
     fn nic_demand(&self) -> Demand;
@@ -147,33 +158,46 @@ impl DefinitionExt for Definition {
         }
     }
 
-    /// The command line with every `{mac:NAME[:I]}` replaced by `mac(NAME, I)`.
+    /// The command line with every placeholder `p` replaced by `value(p)`.
     fn expand_cmdline(
         &self,
-        mac: impl Fn(&str, usize) -> Option<String>,
+        value: impl Fn(Placeholder<'_>) -> Option<String>,
     ) -> Result<String, CmdlineError> {
-        const OPEN: &str = "{mac:";
         let mut out = String::with_capacity(self.cmdline.len());
         let mut rest = self.cmdline.as_str();
-        while let Some(at) = rest.find(OPEN) {
+        while let Some(at) = rest.find('{') {
             out.push_str(&rest[..at]);
-            let after = &rest[at + OPEN.len()..];
+            let tail = &rest[at..];
+            let Some(kind) = ["{mac:", "{cid:"].into_iter().find(|k| tail.starts_with(k)) else {
+                out.push('{');
+                rest = &tail[1..];
+                continue;
+            };
+            let after = &tail[kind.len()..];
             let Some(end) = after.find('}') else {
-                return Err(CmdlineError::Malformed(rest[at..].to_string()));
+                return Err(CmdlineError::Malformed(tail.to_string()));
             };
             let inner = &after[..end];
-            let (name, index) = match inner.split_once(':') {
-                Some((n, i)) => match i.parse::<usize>() {
-                    Ok(i) => (n, i),
-                    Err(_) => return Err(CmdlineError::Malformed(format!("{{mac:{inner}}}"))),
-                },
-                None => (inner, 0),
+            let malformed = || CmdlineError::Malformed(format!("{kind}{inner}}}"));
+            let p = if kind == "{cid:" {
+                Placeholder::Cid(inner)
+            } else {
+                match inner.split_once(':') {
+                    Some((n, i)) => {
+                        Placeholder::Mac(n, i.parse::<usize>().map_err(|_| malformed())?)
+                    }
+                    None => Placeholder::Mac(inner, 0),
+                }
             };
+            let (Placeholder::Mac(name, _) | Placeholder::Cid(name)) = p;
             if PartitionId::new(name).is_err() {
-                return Err(CmdlineError::Malformed(format!("{{mac:{inner}}}")));
+                return Err(malformed());
             }
-            let m = mac(name, index).ok_or_else(|| CmdlineError::NoMac(name.to_string(), index))?;
-            out.push_str(&m);
+            let v = value(p).ok_or_else(|| match p {
+                Placeholder::Mac(n, i) => CmdlineError::NoMac(n.to_string(), i),
+                Placeholder::Cid(n) => CmdlineError::NoCid(n.to_string()),
+            })?;
+            out.push_str(&v);
             rest = &after[end + 1..];
         }
         out.push_str(rest);
@@ -496,10 +520,11 @@ mod tests {
     }
 
     #[test]
-    fn mac_placeholders_are_filled_in_and_bad_ones_named() {
-        let lookup = |name: &str, i: usize| match (name, i) {
-            ("b", 0) => Some("02:70:76:00:00:01".to_string()),
-            ("b", 1) => Some("02:70:76:00:00:02".to_string()),
+    fn mac_and_cid_placeholders_are_filled_in_and_bad_ones_named() {
+        let lookup = |p: Placeholder<'_>| match p {
+            Placeholder::Mac("b", 0) => Some("02:70:76:00:00:01".to_string()),
+            Placeholder::Mac("b", 1) => Some("02:70:76:00:00:02".to_string()),
+            Placeholder::Cid("b") => Some("7".to_string()),
             _ => None,
         };
         let with = |cmdline: &str| {
@@ -511,6 +536,15 @@ mod tests {
             "net=send:02:70:76:00:00:01:10:64 x=02:70:76:00:00:02 stay"
         );
         assert_eq!(with("no placeholders {x}").unwrap(), "no placeholders {x}");
+        assert_eq!(
+            with("vsock=send:{cid:b}:80:1M {{mac:b}").unwrap(),
+            "vsock=send:7:80:1M {02:70:76:00:00:01"
+        );
+        assert_eq!(
+            with("{cid:c}").unwrap_err(),
+            CmdlineError::NoCid("c".into())
+        );
+        assert!(matches!(with("{cid:b:1}"), Err(CmdlineError::Malformed(_))));
         assert_eq!(
             with("{mac:c}").unwrap_err(),
             CmdlineError::NoMac("c".into(), 0)

@@ -13,6 +13,13 @@
 //!   `connected: false` (part-io unmaps a guest's memory before it marks
 //!   the port disconnected).
 //!
+//! - Guest sockets: one `part-io vsock` per host, `vsock/`, pid in
+//!   `vsock.json`, log in `vsock.log`, control socket `control.sock`. partd
+//!   adds a partition (its directory entry and vhost-user socket
+//!   `vsock/<name>.sock`) before its monitor starts and removes it after;
+//!   the hybrid host socket is `partitions/<name>/vsock.sock`. Unmapped =
+//!   a `remove` answers `connected: false` (or the relay is gone).
+//!
 //! Ready = the process logged one `serving` line per socket (part-io logs it
 //! after the socket listens).
 
@@ -136,6 +143,114 @@ impl SwitchFiles {
         self.dir.join(format!("{partition}-{index}.sock"))
     }
 }
+
+/// Files of the host's guest-socket relay.
+pub struct VsockFiles {
+    pub dir: PathBuf,
+}
+
+impl VsockFiles {
+    pub fn new(state_dir: &Path) -> Self {
+        VsockFiles {
+            dir: state_dir.join("vsock"),
+        }
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("vsock.json")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("vsock.log")
+    }
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    pub fn port_socket(&self, partition: &str) -> PathBuf {
+        self.dir.join(format!("{partition}.sock"))
+    }
+}
+
+/// `part-io vsock` arguments: no ports, partd adds them.
+pub fn vsock_args(files: &VsockFiles) -> Vec<String> {
+    vec![
+        "vsock".into(),
+        "--control".into(),
+        files.control().display().to_string(),
+    ]
+}
+
+/// Why a request to the vsock relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockControlError {
+    #[error("cannot reach the vsock relay at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("vsock relay at {path}: {source}")]
+    Exchange {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("vsock relay at {path} gave no reply within {secs} s")]
+    Timeout { path: PathBuf, secs: u64 },
+    #[error("vsock relay at {path} gave a reply partd cannot read: {source}")]
+    BadReply {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("vsock relay refused: {0}")]
+    Refused(String),
+}
+
+/// Sends one request to the relay's control socket and returns its
+/// (successful) reply.
+pub async fn vsock_request(
+    control: &Path,
+    req: &partvisor_api::vsock::Request,
+) -> Result<partvisor_api::vsock::Reply, VsockControlError> {
+    use tokio::io::AsyncWriteExt;
+    let io = |source| VsockControlError::Exchange {
+        path: control.to_owned(),
+        source,
+    };
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(control)
+            .await
+            .map_err(|source| VsockControlError::Connect {
+                path: control.to_owned(),
+                source,
+            })?;
+        let (r, mut w) = stream.into_split();
+        let mut line = serde_json::to_string(req).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push('\n');
+        w.write_all(line.as_bytes()).await.map_err(io)?;
+        let mut reply = String::new();
+        tokio::io::BufReader::new(r)
+            .read_line(&mut reply)
+            .await
+            .map_err(io)?;
+        serde_json::from_str::<partvisor_api::vsock::Reply>(&reply).map_err(|source| {
+            VsockControlError::BadReply {
+                path: control.to_owned(),
+                source,
+            }
+        })
+    };
+    let reply = tokio::time::timeout(VSOCK_CONTROL_DEADLINE, exchange)
+        .await
+        .map_err(|_| VsockControlError::Timeout {
+            path: control.to_owned(),
+            secs: VSOCK_CONTROL_DEADLINE.as_secs(),
+        })??;
+    if reply.ok {
+        Ok(reply)
+    } else {
+        Err(VsockControlError::Refused(reply.error.unwrap_or_default()))
+    }
+}
+
+/// How long partd waits for the vsock relay to answer one request.
+const VSOCK_CONTROL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Starts part-io with `args`, stderr into `log` (truncated), in its own
 /// session so it outlives partd, and waits until it logged `ready_lines`

@@ -48,7 +48,9 @@ fn default_stop_timeout_s() -> u64 {
 /// ```
 ///
 /// In `cmdline`, `{mac:NAME}` (or `{mac:NAME:I}` for NIC I) stands for the
-/// MAC of partition NAME's first (I-th) NIC; partd puts it in at start.
+/// MAC of partition NAME's first (I-th) NIC, and `{cid:NAME}` for the vsock
+/// CID of partition NAME (which must be running); partd puts them in at
+/// start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Definition {

@@ -75,6 +75,9 @@ pub enum IoKind {
     Blk,
     /// `part-io net`: a switch, shared by the partitions on it.
     Net,
+    /// `part-io vsock`: the host's guest-socket relay, shared by every
+    /// partition with a `[vsock]` section.
+    Vsock,
 }
 
 impl fmt::Display for IoKind {
@@ -82,12 +85,14 @@ impl fmt::Display for IoKind {
         f.write_str(match self {
             IoKind::Blk => "blk",
             IoKind::Net => "net",
+            IoKind::Vsock => "vsock",
         })
     }
 }
 
-/// A part-io process serving a partition's disks (`blk`) or a switch its
-/// NICs are on (`net`).
+/// A part-io process serving a partition's disks (`blk`), a switch its
+/// NICs are on (`net`) or its guest sockets (`vsock`: sockets are its
+/// vhost-user socket, then its hybrid host socket).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IoView {
     pub kind: IoKind,

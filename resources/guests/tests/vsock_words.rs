@@ -10,7 +10,16 @@ fn vsock_words_parse_with_sizes_and_bad_ones_are_refused() {
         parse_vsock("listen:5000:1M"),
         Some(VsockWord::Listen {
             port: 5000,
-            bytes: 1 << 20
+            recv: 1 << 20,
+            send: 0
+        })
+    );
+    assert_eq!(
+        parse_vsock("listen:5000:1G:1G"),
+        Some(VsockWord::Listen {
+            port: 5000,
+            recv: 1 << 30,
+            send: 1 << 30
         })
     );
     assert_eq!(
@@ -18,18 +27,47 @@ fn vsock_words_parse_with_sizes_and_bad_ones_are_refused() {
         Some(VsockWord::Send {
             cid: 4,
             port: 5000,
-            bytes: 64 << 10
+            send: 64 << 10,
+            recv: 0
+        })
+    );
+    assert_eq!(
+        parse_vsock("send:4:5000:64K:1M"),
+        Some(VsockWord::Send {
+            cid: 4,
+            port: 5000,
+            send: 64 << 10,
+            recv: 1 << 20
+        })
+    );
+    assert_eq!(parse_vsock("echo:7"), Some(VsockWord::Echo { port: 7 }));
+    assert_eq!(
+        parse_vsock("ping:2:7:1000:64"),
+        Some(VsockWord::Ping {
+            cid: 2,
+            port: 7,
+            count: 1000,
+            size: 64
         })
     );
     for bad in [
         "",
         "cid:3",
         "listen:5000",
-        "listen:5000:1M:2",
+        "listen:5000:1M:2:3",
+        "listen:5000:1M:x",
         "send:4:5000",
         "send:4:4294967296:1",
+        "send:4:4294967295:1",
+        "send:4:5000:1:1:1",
         "listen:x:1",
         "connect:4:5000:1",
+        "echo",
+        "echo:1:2",
+        "ping:4:7:0:64",
+        "ping:4:7:2049:64",
+        "ping:4:7:10:4053",
+        "ping:4:7:10",
     ] {
         assert_eq!(parse_vsock(bad), None, "{bad:?}");
     }

@@ -1,5 +1,5 @@
 //! I/O partitions of a partition: starting them before its monitor (boot
-//! order), and letting go of them after it.
+//! order), and letting go of them after it. (Guest sockets: [`super::vsock`].)
 
 use super::*;
 
@@ -22,6 +22,15 @@ impl Coordinator {
             let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
             sockets.push(sf.port_socket(id.as_str(), i));
             sockets.push(sf.stats());
+        }
+        if def.vsock.is_some() {
+            let vf = VsockFiles::new(&self.settings.state_dir);
+            sockets.push(vf.port_socket(id.as_str()));
+            sockets.push(vf.control());
+            // Guest -> host connections reach `<host socket>_<port>`.
+            let mut host = self.vsock_host_socket(id).into_os_string();
+            host.push("_4294967294");
+            sockets.push(host.into());
         }
         if let Some(long) = sockets
             .iter()
@@ -93,6 +102,7 @@ impl Coordinator {
                 socket: sf.port_socket(id.as_str(), i),
             });
         }
+        devices.extend(self.start_vsock(id, def).await?);
         Ok(devices)
     }
 
@@ -250,7 +260,8 @@ impl Coordinator {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        if !def.disk.is_empty() || !def.nic.is_empty() {
+        self.stop_vsock(id, def).await;
+        if !def.disk.is_empty() || !def.nic.is_empty() || def.vsock.is_some() {
             tracing::info!("{id}: every backend has unmapped its memory");
         }
     }
@@ -297,6 +308,7 @@ impl Coordinator {
                 });
             }
         }
+        out.extend(self.vsock_view(&rec.id, &def));
         out
     }
 }

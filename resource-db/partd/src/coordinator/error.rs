@@ -119,6 +119,13 @@ pub enum CoordError {
     Backend { id: PartitionId, source: IoError },
     #[error("partition {id} has no MAC for its NIC {nic}")]
     NoMac { id: PartitionId, nic: usize },
+    #[error("partition {id} was granted no vsock CID for its [vsock] section")]
+    NoCid { id: PartitionId },
+    #[error("cannot start {id}: {source}")]
+    Vsock {
+        id: PartitionId,
+        source: crate::io::VsockControlError,
+    },
     #[error("cannot create {path}: {source}")]
     SwitchDir {
         path: PathBuf,
@@ -126,10 +133,6 @@ pub enum CoordError {
     },
     #[error("switch {switch}: part-io pid {pid} did not end")]
     SwitchStuck { switch: String, pid: u32 },
-    /// Until partd launches `part-io vsock`, a partition asking for vsock is
-    /// refused rather than started without the device it asked for.
-    #[error("cannot start {id}: its definition has a [vsock] section, and this partd does not start a vsock backend yet; remove the section to start it without vsock")]
-    VsockNotServed { id: PartitionId },
 }
 
 impl CoordError {
@@ -147,7 +150,6 @@ impl CoordError {
             | Cmdline { .. }
             | Capacity { .. }
             | SwitchBusy { .. }
-            | VsockNotServed { .. }
             | EndedWhileStarting { .. } => StatusCode::CONFLICT,
             StartTimeout { .. } | KillTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Db(_)
@@ -158,6 +160,8 @@ impl CoordError {
             | Monitor { .. }
             | Backend { .. }
             | NoMac { .. }
+            | NoCid { .. }
+            | Vsock { .. }
             | SwitchDir { .. }
             | SwitchStuck { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -13,6 +13,7 @@ mod recover;
 mod start;
 mod stop;
 mod supervise;
+mod vsock;
 
 pub use error::CoordError;
 
@@ -32,7 +33,7 @@ use resource_db::{
 use tokio::sync::watch;
 
 use crate::definition::{Definition, DefinitionExt};
-use crate::io::{self, IoKind, IoRecord, IoView, Port, SwitchFiles};
+use crate::io::{self, IoKind, IoRecord, IoView, Port, SwitchFiles, VsockFiles};
 use crate::process::{self, Ended, PartitionFiles, VmmProcess, VmmRecord};
 use partvisor_api::descriptor::DeviceConfig;
 pub use partvisor_api::views::{PartitionView, StartTimings, VmmView};
@@ -88,6 +89,8 @@ pub struct Coordinator {
     locks: Mutex<HashMap<PartitionId, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises starting and restarting switches.
     switches: tokio::sync::Mutex<()>,
+    /// Serialises starting the vsock relay.
+    vsock: tokio::sync::Mutex<()>,
 }
 
 fn stale(e: &DbError) -> bool {
@@ -148,6 +151,7 @@ impl Coordinator {
             live: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             switches: tokio::sync::Mutex::new(()),
+            vsock: tokio::sync::Mutex::new(()),
         })
     }
 

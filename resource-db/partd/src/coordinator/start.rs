@@ -6,6 +6,7 @@
 //! takes the one way back, [`Coordinator::roll_back`].
 
 use super::*;
+use crate::definition::Placeholder;
 
 /// What a start needs once its checks passed.
 struct Prepared {
@@ -89,15 +90,20 @@ impl Coordinator {
             }
         })?;
         self.check_socket_paths(id, &def)?;
-        if def.vsock.is_some() {
-            return Err(CoordError::VsockNotServed { id: id.clone() });
-        }
-        // `{mac:NAME}` in the command line: the MACs granted at create.
+        // `{mac:NAME}` in the command line: the MACs granted at create;
+        // `{cid:NAME}`: the CID a running partition holds.
         let cmdline = def
-            .expand_cmdline(|name, i| {
-                let p = PartitionId::new(name).ok()?;
-                let macs = self.db.holdings(&p).ok()?.macs;
-                macs.get(i).map(ToString::to_string)
+            .expand_cmdline(|placeholder| match placeholder {
+                Placeholder::Mac(name, i) => {
+                    let p = PartitionId::new(name).ok()?;
+                    let macs = self.db.holdings(&p).ok()?.macs;
+                    macs.get(i).map(ToString::to_string)
+                }
+                Placeholder::Cid(name) => {
+                    let p = PartitionId::new(name).ok()?;
+                    let cids = self.db.holdings(&p).ok()?.vsock_cids;
+                    cids.first().map(ToString::to_string)
+                }
             })
             .map_err(|source| CoordError::Cmdline {
                 id: id.clone(),

@@ -402,47 +402,97 @@ pub const VSOCK_KEY: &str = "vsock";
 pub enum VsockWord {
     /// `vsock=cid`: initialise the device, print its CID.
     Cid,
-    /// `vsock=listen:PORT:BYTES`: accept one connection on PORT and
-    /// receive BYTES bytes of the test pattern, verifying them.
+    /// `vsock=listen:PORT:RECV[:SEND]`: accept one connection on PORT,
+    /// receive RECV bytes of the test pattern (verifying every byte) while
+    /// sending SEND bytes of it (default 0), both directions at once.
     Listen {
         /// Port listened on.
         port: u32,
         /// Bytes to receive.
-        bytes: u64,
+        recv: u64,
+        /// Bytes to send.
+        send: u64,
     },
-    /// `vsock=send:CID:PORT:BYTES`: connect to CID:PORT and send BYTES
-    /// bytes of the test pattern within the peer's credit.
+    /// `vsock=send:CID:PORT:SEND[:RECV]`: connect to CID:PORT, send SEND
+    /// bytes of the test pattern within the peer's credit while receiving
+    /// and verifying RECV bytes (default 0).
     Send {
         /// Peer CID.
         cid: u64,
         /// Peer port.
         port: u32,
         /// Bytes to send.
-        bytes: u64,
+        send: u64,
+        /// Bytes to receive.
+        recv: u64,
+    },
+    /// `vsock=echo:PORT`: accept one connection on PORT and send back
+    /// every byte it receives until the peer shuts it down.
+    Echo {
+        /// Port listened on.
+        port: u32,
+    },
+    /// `vsock=ping:CID:PORT:COUNT:SIZE`: connect to an echo at CID:PORT and
+    /// time COUNT round trips of SIZE bytes (at most [`MAX_PINGS`] and
+    /// [`MAX_PING_SIZE`]); prints p50 and p99.
+    Ping {
+        /// Peer CID.
+        cid: u64,
+        /// Peer port.
+        port: u32,
+        /// Round trips.
+        count: u32,
+        /// Bytes per message.
+        size: u32,
     },
 }
+
+/// Most round trips one `vsock=ping` word times.
+pub const MAX_PINGS: u32 = 2048;
+/// Largest `vsock=ping` message (one packet).
+pub const MAX_PING_SIZE: u32 = 4052;
 
 /// Parse the value of a `vsock=` word.
 pub fn parse_vsock(value: &str) -> Option<VsockWord> {
     let mut parts = value.split(':');
     let op = parts.next()?;
-    let mut next = || parts.next().and_then(memparse);
-    let word = match op {
-        "cid" => VsockWord::Cid,
-        "listen" => VsockWord::Listen {
-            port: u32::try_from(next()?).ok()?,
-            bytes: next()?,
+    // Numbers after the op: up to four, each a size (`64K`, `1G`, ...).
+    let mut n = [None; 4];
+    let mut count = 0;
+    for p in parts {
+        *n.get_mut(count)? = Some(memparse(p)?);
+        count += 1;
+    }
+    let port = |v: Option<u64>| {
+        v.and_then(|v| u32::try_from(v).ok())
+            .filter(|p| *p != u32::MAX)
+    };
+    let in_range = |v: Option<u64>, max: u32| {
+        v.and_then(|v| u32::try_from(v).ok())
+            .filter(|v| (1..=max).contains(v))
+    };
+    let word = match (op, count) {
+        ("cid", 0) => VsockWord::Cid,
+        ("listen", 2 | 3) => VsockWord::Listen {
+            port: port(n[0])?,
+            recv: n[1]?,
+            send: n[2].unwrap_or(0),
         },
-        "send" => VsockWord::Send {
-            cid: next()?,
-            port: u32::try_from(next()?).ok()?,
-            bytes: next()?,
+        ("send", 3 | 4) => VsockWord::Send {
+            cid: n[0]?,
+            port: port(n[1])?,
+            send: n[2]?,
+            recv: n[3].unwrap_or(0),
+        },
+        ("echo", 1) => VsockWord::Echo { port: port(n[0])? },
+        ("ping", 4) => VsockWord::Ping {
+            cid: n[0]?,
+            port: port(n[1])?,
+            count: in_range(n[2], MAX_PINGS)?,
+            size: in_range(n[3], MAX_PING_SIZE)?,
         },
         _ => return None,
     };
-    if parts.next().is_some() {
-        return None;
-    }
     Some(word)
 }
 

@@ -11,7 +11,7 @@
 use crate::drivers::virtio_mmio::{Transport, F_RING_EVENT_IDX};
 use crate::drivers::virtio_pair::{DmaCell, InitError, Pair};
 
-pub use crate::drivers::virtio_pair::{DeviceError, RX, TX};
+pub use crate::drivers::virtio_pair::DeviceError;
 
 /// Device id of a network device.
 pub const DEVICE_NET: u32 = 1;

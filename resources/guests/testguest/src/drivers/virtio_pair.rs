@@ -93,13 +93,15 @@ impl core::fmt::Display for DescribeInit {
         match self.e {
             InitError::NotModern => write!(f, "not a modern virtio-mmio {} device", self.what),
             InitError::Negotiate(e) => f.write_str(e.describe()),
-            InitError::QueueUnavailable(0) => f.write_str("receive queue 0 missing or already ready"),
+            InitError::QueueUnavailable(0) => {
+                f.write_str("receive queue 0 missing or already ready")
+            }
             InitError::QueueUnavailable(_) => {
                 f.write_str("transmit queue 1 missing or already ready")
             }
-            InitError::Busy => f.write_str(
-                "an earlier device never finished its reset, its buffers stay reserved",
-            ),
+            InitError::Busy => {
+                f.write_str("an earlier device never finished its reset, its buffers stay reserved")
+            }
         }
     }
 }
@@ -264,7 +266,10 @@ impl<const BUF: usize, const N: usize> Pair<BUF, N> {
             return None;
         }
         self.rx_posted[d] = false;
-        Some(Used { desc: d as u16, len })
+        Some(Used {
+            desc: d as u16,
+            len,
+        })
     }
 
     /// Bytes `from..to` of receive buffer `desc` (until it is recycled).

@@ -12,7 +12,7 @@
 use crate::drivers::virtio_mmio::{Transport, F_RING_EVENT_IDX};
 use crate::drivers::virtio_pair::{DmaCell, InitError, Pair};
 
-pub use crate::drivers::virtio_pair::{DeviceError, RX, TX};
+pub use crate::drivers::virtio_pair::DeviceError;
 
 /// Device id of a socket device.
 pub const DEVICE_VSOCK: u32 = 19;
@@ -62,11 +62,6 @@ impl Vsock {
     /// Receive queue size.
     pub fn rx_size(&self) -> u16 {
         self.q.rx_size()
-    }
-
-    /// Packets handed to the device and not yet completed.
-    pub fn tx_in_flight(&self) -> usize {
-        self.q.tx_in_flight()
     }
 
     /// The first device error seen, if any.

@@ -1,6 +1,7 @@
 //! The `vsock=` actions on a virtio-vsock device: one stream connection
-//! at a time, as a listener (`listen`, verifying every byte) or a sender
-//! (`send`, within the peer's credit). Report lines and exit codes are
+//! at a time, as a listener (`listen`, `echo`) or a connector (`send`,
+//! `ping`); `listen` and `send` move the test pattern in both directions
+//! at once, within the peer's credit, verifying every byte received. Report lines and exit codes are
 //! listed in resources/guests/README.md.
 //!
 //! Every wait sleeps in HLT and is bounded by the LAPIC one-shot timer.
@@ -9,7 +10,7 @@ use crate::arch::{irq_total, VEC_VIRTIO};
 use crate::drivers::virtio_mmio::Transport;
 use crate::drivers::virtio_vsock::{DeviceError, Vsock, DEVICE_VSOCK, HDR_LEN, MAX_PAYLOAD};
 use crate::say;
-use crate::words::{vsock_pattern, VsockWord};
+use crate::words::{vsock_pattern, VsockWord, MAX_PINGS};
 use crate::workloads::blk::Devices;
 use crate::workloads::clock::Clock;
 use crate::workloads::Boot;
@@ -175,7 +176,11 @@ struct Link<'a> {
 
 impl Link<'_> {
     /// Queue a packet, waiting for a free transmit buffer.
-    fn send(&mut self, hdr: &[u8; HDR_LEN], payload: impl Fn(&mut [u8]) -> usize) -> Result<(), Fail> {
+    fn send(
+        &mut self,
+        hdr: &[u8; HDR_LEN],
+        payload: impl Fn(&mut [u8]) -> usize,
+    ) -> Result<(), Fail> {
         let deadline = self.clock.now() + PROGRESS_NS;
         loop {
             self.dev.service();
@@ -259,8 +264,24 @@ impl VsockState {
         };
         let result = match word {
             VsockWord::Cid => Ok(()),
-            VsockWord::Listen { port, bytes } => listen(&mut link, port, bytes),
-            VsockWord::Send { cid, port, bytes } => send(&mut link, cid, port, bytes),
+            VsockWord::Listen {
+                port,
+                recv,
+                send: tx,
+            } => listen(&mut link, port, recv, tx),
+            VsockWord::Send {
+                cid,
+                port,
+                send: tx,
+                recv,
+            } => send(&mut link, cid, port, tx, recv),
+            VsockWord::Echo { port } => echo(&mut link, port),
+            VsockWord::Ping {
+                cid,
+                port,
+                count,
+                size,
+            } => ping(&mut link, cid, port, count, size),
         };
         result.map_err(Fail::report)
     }
@@ -284,9 +305,164 @@ fn init(boot: &Boot, t: Transport) -> Result<Vsock, u32> {
     Ok(dev)
 }
 
-/// Accept one connection on `port`, receive and verify `bytes` bytes,
-/// then close it.
-fn listen(link: &mut Link<'_>, port: u32, bytes: u64) -> Result<(), Fail> {
+/// FNV-1a 64 over a byte stream: the checksum both ends print.
+#[derive(Clone, Copy)]
+struct Sum(u64);
+
+impl Sum {
+    fn new() -> Sum {
+        Sum(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn add(&mut self, b: u8) {
+        self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+}
+
+/// What one connection moves: totals, progress and checksums.
+struct Flow {
+    send_total: u64,
+    recv_total: u64,
+    sent: u64,
+    got: u64,
+    tx_sum: Sum,
+    rx_sum: Sum,
+    /// The peer sent SHUTDOWN.
+    peer_shut: bool,
+    /// A credit update is owed to the peer.
+    owe_update: bool,
+}
+
+impl Flow {
+    fn new(send_total: u64, recv_total: u64) -> Flow {
+        Flow {
+            send_total,
+            recv_total,
+            sent: 0,
+            got: 0,
+            tx_sum: Sum::new(),
+            rx_sum: Sum::new(),
+            peer_shut: false,
+            owe_update: false,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.sent == self.send_total && self.got >= self.recv_total && !self.owe_update
+    }
+}
+
+/// Takes every packet waiting: verifies and counts RW payloads of `c`
+/// against the pattern, keeps the peer's credit, notes SHUTDOWN and
+/// CREDIT_REQUEST. Returns whether anything arrived.
+fn take_rx(link: &mut Link<'_>, c: &mut Conn, f: &mut Flow) -> Result<bool, Fail> {
+    let mut any = false;
+    link.dev.service();
+    while let Some(rx) = link.dev.recv() {
+        any = true;
+        let bytes = link.dev.packet(rx);
+        let h = Hdr::decode(bytes);
+        let mut bad = None;
+        if c.ours(&h) && h.op == OP_RW {
+            let end = (HDR_LEN + h.len as usize).min(bytes.len());
+            for (i, b) in bytes[HDR_LEN..end].iter().enumerate() {
+                let at = f.got + i as u64;
+                if *b != vsock_pattern(at) && bad.is_none() {
+                    bad = Some(at);
+                }
+                f.rx_sum.add(*b);
+            }
+        }
+        link.dev.recycle(rx.desc);
+        if !c.ours(&h) {
+            continue;
+        }
+        if let Some(at) = bad {
+            link.dev.flush();
+            return Err(Fail::Verify(at));
+        }
+        c.peer_buf_alloc = h.buf_alloc;
+        c.peer_fwd_cnt = h.fwd_cnt;
+        match h.op {
+            OP_RST => {
+                link.dev.flush();
+                return Err(Fail::Reset);
+            }
+            OP_RW => {
+                f.got += u64::from(h.len);
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(h.len);
+            }
+            OP_SHUTDOWN => f.peer_shut = true,
+            OP_CREDIT_REQUEST => f.owe_update = true,
+            _ => {}
+        }
+    }
+    if c.fwd_cnt.wrapping_sub(c.fwd_told) >= CREDIT_EVERY {
+        f.owe_update = true;
+    }
+    Ok(any)
+}
+
+/// Moves `f`'s bytes over `c` in both directions at once until both totals
+/// are reached: sends while the peer has credit and a transmit buffer is
+/// free, takes what arrives, sleeps (HLT) when neither can advance.
+fn exchange(link: &mut Link<'_>, c: &mut Conn, f: &mut Flow) -> Result<(), Fail> {
+    let mut last = link.clock.now();
+    loop {
+        let mut progressed = take_rx(link, c, f)?;
+        if f.owe_update {
+            let hdr = c.header(OP_CREDIT_UPDATE, 0);
+            if link.dev.send(&hdr, |_| 0) {
+                c.fwd_told = c.fwd_cnt;
+                f.owe_update = false;
+                progressed = true;
+            }
+        }
+        while f.sent < f.send_total {
+            let room = c.credit().min(MAX_PAYLOAD as u32);
+            if room == 0 {
+                break;
+            }
+            let n = u64::from(room).min(f.send_total - f.sent) as usize;
+            let hdr = c.header(OP_RW, n as u32);
+            let from = f.sent;
+            let mut sum = f.tx_sum;
+            let queued = link.dev.send(&hdr, |buf| {
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    *b = vsock_pattern(from + i as u64);
+                    sum.add(*b);
+                }
+                n
+            });
+            if !queued {
+                break;
+            }
+            f.tx_sum = sum;
+            f.sent += n as u64;
+            c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+            // The header carried our fwd_cnt: that is a credit update too.
+            c.fwd_told = c.fwd_cnt;
+            progressed = true;
+        }
+        link.dev.flush();
+        if f.done() {
+            return Ok(());
+        }
+        if progressed {
+            last = link.clock.now();
+            continue;
+        }
+        let what = if f.sent < f.send_total && c.credit() == 0 {
+            "no credit from the peer"
+        } else {
+            "the stream stalled"
+        };
+        link.sleep(last + PROGRESS_NS, what)?;
+    }
+}
+
+/// Waits for the first REQUEST to `port` and answers it.
+fn accept(link: &mut Link<'_>, port: u32) -> Result<Conn, Fail> {
     say!("vsock: listening on port {port}");
     let cid = link.dev.cid;
     let deadline = link.clock.now() + PEER_NS;
@@ -296,7 +472,7 @@ fn listen(link: &mut Link<'_>, port: u32, bytes: u64) -> Result<(), Fail> {
             break h;
         }
     };
-    let mut c = Conn {
+    let c = Conn {
         me: (cid, port),
         peer: (req.src_cid, req.src_port),
         tx_cnt: 0,
@@ -307,64 +483,11 @@ fn listen(link: &mut Link<'_>, port: u32, bytes: u64) -> Result<(), Fail> {
     };
     let hdr = c.header(OP_RESPONSE, 0);
     link.send(&hdr, |_| 0)?;
-    let t0 = link.clock.now();
-    let mut got = 0u64;
-    while got < bytes {
-        let deadline = link.clock.now() + PROGRESS_NS;
-        let mut bad = None;
-        let h = link.recv(deadline, "the stream stalled", |h, payload| {
-            if h.op == OP_RW {
-                for (i, b) in payload.iter().enumerate() {
-                    let at = got + i as u64;
-                    if *b != vsock_pattern(at) && bad.is_none() {
-                        bad = Some(at);
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        if !c.ours(&h) {
-            continue;
-        }
-        match h.op {
-            OP_RST => return Err(Fail::Reset),
-            OP_RW => {
-                if let Some(at) = bad {
-                    return Err(Fail::Verify(at));
-                }
-                got += u64::from(h.len);
-                c.fwd_cnt = c.fwd_cnt.wrapping_add(h.len);
-            }
-            _ => {}
-        }
-        if c.fwd_cnt.wrapping_sub(c.fwd_told) >= CREDIT_EVERY || h.op == OP_CREDIT_REQUEST {
-            let hdr = c.header(OP_CREDIT_UPDATE, 0);
-            link.send(&hdr, |_| 0)?;
-            c.fwd_told = c.fwd_cnt;
-        }
-    }
-    let us = (link.clock.now() - t0) / 1000;
-    say!(
-        "vsock: received {got} bytes from {}:{} ok in {us} us",
-        c.peer.0,
-        c.peer.1
-    );
-    // The sender shuts down once it has sent everything; the RST answers
-    // that (as a Linux listener does) and ends the connection.
-    let deadline = link.clock.now() + PROGRESS_NS;
-    loop {
-        let h = link.recv(deadline, "no shutdown after the stream", |_, _| Ok(()))?;
-        if c.ours(&h) && (h.op == OP_SHUTDOWN || h.op == OP_RST) {
-            break;
-        }
-    }
-    let hdr = c.header(OP_RST, 0);
-    link.send(&hdr, |_| 0)
+    Ok(c)
 }
 
-/// Connect to `cid:port` and send `bytes` bytes within the peer's credit,
-/// then shut the connection down.
-fn send(link: &mut Link<'_>, cid: u64, port: u32, bytes: u64) -> Result<(), Fail> {
+/// Sends a REQUEST to `cid:port` and waits for the RESPONSE.
+fn connect(link: &mut Link<'_>, cid: u64, port: u32) -> Result<Conn, Fail> {
     let me = (link.dev.cid, 1024 + (link.clock.now() as u32 % 30_000));
     let mut c = Conn {
         me,
@@ -379,7 +502,9 @@ fn send(link: &mut Link<'_>, cid: u64, port: u32, bytes: u64) -> Result<(), Fail
     link.send(&hdr, |_| 0)?;
     let deadline = link.clock.now() + PEER_NS;
     loop {
-        let h = link.recv(deadline, "no answer to the connection request", |_, _| Ok(()))?;
+        let h = link.recv(deadline, "no answer to the connection request", |_, _| {
+            Ok(())
+        })?;
         if !c.ours(&h) {
             continue;
         }
@@ -387,7 +512,7 @@ fn send(link: &mut Link<'_>, cid: u64, port: u32, bytes: u64) -> Result<(), Fail
             OP_RESPONSE => {
                 c.peer_buf_alloc = h.buf_alloc;
                 c.peer_fwd_cnt = h.fwd_cnt;
-                break;
+                return Ok(c);
             }
             OP_RST => {
                 say!("vsock: connect to {cid}:{port} refused");
@@ -396,55 +521,12 @@ fn send(link: &mut Link<'_>, cid: u64, port: u32, bytes: u64) -> Result<(), Fail
             _ => {}
         }
     }
-    let t0 = link.clock.now();
-    let mut sent = 0u64;
-    while sent < bytes {
-        let room = c.credit().min(MAX_PAYLOAD as u32);
-        if room == 0 {
-            // Wait for the peer's credit (asking once it stalls).
-            let deadline = link.clock.now() + PROGRESS_NS;
-            let h = link.recv(deadline, "no credit from the peer", |_, _| Ok(()))?;
-            if c.ours(&h) {
-                if h.op == OP_RST {
-                    return Err(Fail::Reset);
-                }
-                c.peer_buf_alloc = h.buf_alloc;
-                c.peer_fwd_cnt = h.fwd_cnt;
-            }
-            continue;
-        }
-        let n = u64::from(room).min(bytes - sent) as usize;
-        let hdr = c.header(OP_RW, n as u32);
-        let from = sent;
-        link.send(&hdr, |buf| {
-            for (i, b) in buf[..n].iter_mut().enumerate() {
-                *b = vsock_pattern(from + i as u64);
-            }
-            n
-        })?;
-        sent += n as u64;
-        c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
-        // Take any credit update that arrived, without waiting.
-        link.dev.service();
-        while let Some(rx) = link.dev.recv() {
-            let h = Hdr::decode(link.dev.packet(rx));
-            link.dev.recycle(rx.desc);
-            if c.ours(&h) {
-                if h.op == OP_RST {
-                    link.dev.flush();
-                    return Err(Fail::Reset);
-                }
-                c.peer_buf_alloc = h.buf_alloc;
-                c.peer_fwd_cnt = h.fwd_cnt;
-            }
-        }
-        link.dev.flush();
-    }
-    let us = (link.clock.now() - t0) / 1000;
-    say!("vsock: sent {sent} bytes to {cid}:{port} in {us} us");
+}
+
+/// The connecting side's end: SHUTDOWN, then wait for the listener's RST.
+fn close_as_connector(link: &mut Link<'_>, c: &Conn) -> Result<(), Fail> {
     let hdr = c.header(OP_SHUTDOWN, 0);
     link.send(&hdr, |_| 0)?;
-    // The listener answers with a RST once it has everything.
     let deadline = link.clock.now() + PROGRESS_NS;
     loop {
         let h = link.recv(deadline, "no reset after the shutdown", |_, _| Ok(()))?;
@@ -452,4 +534,151 @@ fn send(link: &mut Link<'_>, cid: u64, port: u32, bytes: u64) -> Result<(), Fail
             return Ok(());
         }
     }
+}
+
+/// The listening side's end: wait for the peer's SHUTDOWN (unless it came
+/// already), answer with a RST as a Linux listener does.
+fn close_as_listener(link: &mut Link<'_>, c: &Conn, shut: bool) -> Result<(), Fail> {
+    if !shut {
+        let deadline = link.clock.now() + PROGRESS_NS;
+        loop {
+            let h = link.recv(deadline, "no shutdown after the stream", |_, _| Ok(()))?;
+            if c.ours(&h) && (h.op == OP_SHUTDOWN || h.op == OP_RST) {
+                break;
+            }
+        }
+    }
+    let hdr = c.header(OP_RST, 0);
+    link.send(&hdr, |_| 0)
+}
+
+fn report(link: &mut Link<'_>, c: &Conn, f: &Flow, t0: u64) {
+    let us = (link.clock.now() - t0) / 1000;
+    let (peer_cid, peer_port) = c.peer;
+    if f.recv_total > 0 {
+        say!(
+            "vsock: received {} bytes from {peer_cid}:{peer_port} ok in {us} us sum={:016x}",
+            f.got,
+            f.rx_sum.0
+        );
+    }
+    if f.send_total > 0 {
+        say!(
+            "vsock: sent {} bytes to {peer_cid}:{peer_port} in {us} us sum={:016x}",
+            f.sent,
+            f.tx_sum.0
+        );
+    }
+}
+
+/// Accept one connection on `port`; receive and verify `recv` bytes while
+/// sending `send`; then close it.
+fn listen(link: &mut Link<'_>, port: u32, recv: u64, send: u64) -> Result<(), Fail> {
+    let mut c = accept(link, port)?;
+    let t0 = link.clock.now();
+    let mut f = Flow::new(send, recv);
+    exchange(link, &mut c, &mut f)?;
+    report(link, &c, &f, t0);
+    close_as_listener(link, &c, f.peer_shut)
+}
+
+/// Connect to `cid:port`; send `send` bytes within the peer's credit while
+/// receiving and verifying `recv`; then shut the connection down.
+fn send(link: &mut Link<'_>, cid: u64, port: u32, send: u64, recv: u64) -> Result<(), Fail> {
+    let mut c = connect(link, cid, port)?;
+    let t0 = link.clock.now();
+    let mut f = Flow::new(send, recv);
+    exchange(link, &mut c, &mut f)?;
+    report(link, &c, &f, t0);
+    close_as_connector(link, &c)
+}
+
+/// Accept one connection on `port` and send every RW payload back until
+/// the peer shuts down.
+fn echo(link: &mut Link<'_>, port: u32) -> Result<(), Fail> {
+    let mut c = accept(link, port)?;
+    let mut buf = [0u8; MAX_PAYLOAD];
+    let mut echoed = 0u64;
+    loop {
+        let mut n = 0usize;
+        let deadline = link.clock.now() + PEER_NS;
+        let h = link.recv(deadline, "the pinger went quiet", |h, payload| {
+            if h.op == OP_RW {
+                n = payload.len().min(buf.len());
+                buf[..n].copy_from_slice(&payload[..n]);
+            }
+            Ok(())
+        })?;
+        if !c.ours(&h) {
+            continue;
+        }
+        c.peer_buf_alloc = h.buf_alloc;
+        c.peer_fwd_cnt = h.fwd_cnt;
+        match h.op {
+            OP_RST => return Err(Fail::Reset),
+            OP_SHUTDOWN => break,
+            OP_RW => {
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(h.len);
+                // The peer's credit is far larger than one message.
+                let hdr = c.header(OP_RW, n as u32);
+                link.send(&hdr, |out| {
+                    out[..n].copy_from_slice(&buf[..n]);
+                    n
+                })?;
+                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                c.fwd_told = c.fwd_cnt;
+                echoed += n as u64;
+            }
+            _ => {}
+        }
+    }
+    say!("vsock: echoed {echoed} bytes");
+    close_as_listener(link, &c, true)
+}
+
+/// Connect to an echo at `cid:port` and time `count` round trips of `size`
+/// bytes; prints the median and 99th percentile.
+fn ping(link: &mut Link<'_>, cid: u64, port: u32, count: u32, size: u32) -> Result<(), Fail> {
+    let mut c = connect(link, cid, port)?;
+    let mut rtt = [0u32; MAX_PINGS as usize];
+    let n = size as usize;
+    for sample in rtt.iter_mut().take(count as usize) {
+        let t = link.clock.now();
+        let hdr = c.header(OP_RW, size);
+        link.send(&hdr, |buf| {
+            for (j, b) in buf[..n].iter_mut().enumerate() {
+                *b = vsock_pattern(j as u64);
+            }
+            n
+        })?;
+        c.tx_cnt = c.tx_cnt.wrapping_add(size);
+        let mut back = 0usize;
+        while back < n {
+            let deadline = link.clock.now() + PROGRESS_NS;
+            let h = link.recv(deadline, "no echo", |_, _| Ok(()))?;
+            if !c.ours(&h) {
+                continue;
+            }
+            c.peer_buf_alloc = h.buf_alloc;
+            c.peer_fwd_cnt = h.fwd_cnt;
+            match h.op {
+                OP_RST => return Err(Fail::Reset),
+                OP_RW => {
+                    back += h.len as usize;
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add(h.len);
+                }
+                _ => {}
+            }
+        }
+        *sample = u32::try_from(link.clock.now() - t).unwrap_or(u32::MAX);
+    }
+    let samples = &mut rtt[..count as usize];
+    samples.sort_unstable();
+    let at = |q: usize| samples[(samples.len() * q / 100).min(samples.len() - 1)];
+    say!(
+        "vsock: {count} round trips of {size} bytes to {cid}:{port}: p50={} ns p99={} ns",
+        at(50),
+        at(99)
+    );
+    close_as_connector(link, &c)
 }
