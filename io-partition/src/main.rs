@@ -12,7 +12,7 @@ use part_io::export::{Export, ExportError, ExportSpec};
 use part_io::net::{self, NetError, PortEndpoint, PortSpec, Switch};
 use part_io::server::{self, Endpoint, ListenError, ServeError};
 use part_io::tap::{Tap, TapError};
-use part_io::vsock::{self, Entries, Relay, VsockEndpoint, VsockError, VsockPort};
+use part_io::vsock::{self, Entries, Relay, VsockError};
 
 /// Why `part-io` could not start; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,8 @@ enum RunError {
     Serve(#[from] ServeError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    VsockBind(#[from] vsock::bound::BindError),
     #[error("socket {0} is used by two exports")]
     DuplicateSocket(PathBuf),
     #[error("cannot start {what} thread: {source}")]
@@ -192,12 +194,12 @@ fn run_vsock(
     // Bind everything first: a bad argument fails the whole start.
     let mut bound = Vec::new();
     for p in &ports {
-        let port = VsockPort::new(p.cid, p.socket.clone());
-        bound.push(server::bind_shared(Arc::new(VsockEndpoint::new(
-            relay.clone(),
-            port.clone(),
-        )))?);
-        relay.insert_port(port);
+        bound.push(vsock::bound::bind(
+            &relay,
+            p.cid,
+            p.socket.clone(),
+            p.host_socket.clone(),
+        )?);
     }
     let stats = stats_socket
         .map(|path| server::listen("stats socket", &path).map(|l| (l, path)))
@@ -214,9 +216,17 @@ fn run_vsock(
         })?);
     }
     for b in bound {
-        let p = b.export().vsock_port().clone();
-        info!(port = %b.export().name(), "vsock CID {} serving on {}", p.cid, p.socket.display());
-        threads.push(spawn("part-io-listen", "listener", move || b.serve())?);
+        let p = b.port().clone();
+        match &p.host {
+            Some(h) => info!(
+                "vsock CID {} serving on {}, host services on {}",
+                p.cid,
+                p.socket.display(),
+                h.path.display()
+            ),
+            None => info!("vsock CID {} serving on {}", p.cid, p.socket.display()),
+        }
+        threads.extend(b.spawn()?);
     }
     if let Some((listener, path)) = control {
         info!("control serving on {}", path.display());

@@ -18,8 +18,8 @@ use std::time::Duration;
 use partvisor_api::vsock::{Entry, Location, Reply, Request};
 use tracing::{info, warn};
 
-use super::backend::VsockEndpoint;
-use super::relay::{Relay, VsockPort};
+use super::bound::{self, BindError};
+use super::relay::Relay;
 use super::spec::{guest_cid, VsockError};
 use crate::server::{self, ListenError};
 
@@ -105,6 +105,9 @@ pub fn handle(relay: &Arc<Relay>, req: Request) -> Reply {
             let removed = relay.remove(cid);
             if let Some(p) = &removed.port {
                 server::wake(&p.socket);
+                if let Some(h) = &p.host {
+                    server::wake(&h.path);
+                }
                 info!(
                     cid,
                     "partition removed: {} connection(s) reset; {}",
@@ -145,30 +148,32 @@ fn add(relay: &Arc<Relay>, entry: Entry) -> Result<(), AddError> {
     let socket = match (&entry.location, &entry.socket) {
         (Location::Local, Some(s)) => Some(s.clone()),
         (Location::Local, None) => return Err(bad("a local partition needs a socket")),
-        (Location::Remote { .. }, None) => None,
-        (Location::Remote { .. }, Some(_)) => {
-            return Err(bad("a remote partition is not served here; give no socket"))
+        (Location::Remote { .. }, None) if entry.host_socket.is_none() => None,
+        (Location::Remote { .. }, _) => {
+            return Err(bad(
+                "a remote partition is not served here; give no socket and no host socket",
+            ))
         }
     };
     let update = relay.check_entry(&entry).map_err(AddError::Entry)?;
     let cid = entry.cid;
-    // An update keeps its port; a remote partition has none here.
+    // An update keeps its port (and host socket); a remote partition has
+    // none here.
     let Some(socket) = socket.filter(|_| !update) else {
         relay.set_entry(entry);
         return Ok(());
     };
-    let port = VsockPort::new(cid, socket.clone());
-    let bound = server::bind_shared(Arc::new(VsockEndpoint::new(relay.clone(), port.clone())))
-        .map_err(|e| AddError::Serve(Box::new(e)))?;
+    let bound = bound::bind(relay, cid, socket.clone(), entry.host_socket.clone())?;
+    let host = entry.host_socket.clone();
     relay.set_entry(entry);
-    relay.insert_port(port);
-    info!("vsock CID {cid} serving on {}", socket.display());
-    let spawned = thread::Builder::new()
-        .name("part-io-listen".into())
-        .spawn(move || bound.serve());
-    if let Err(e) = spawned {
-        relay.remove(cid);
-        return Err(AddError::Thread(e));
+    bound.spawn()?;
+    match host {
+        Some(h) => info!(
+            "vsock CID {cid} serving on {}, host services on {}",
+            socket.display(),
+            h.display()
+        ),
+        None => info!("vsock CID {cid} serving on {}", socket.display()),
     }
     Ok(())
 }
@@ -179,7 +184,5 @@ enum AddError {
     #[error(transparent)]
     Entry(VsockError),
     #[error(transparent)]
-    Serve(Box<server::ServeError>),
-    #[error("cannot start the listener thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Bind(#[from] BindError),
 }

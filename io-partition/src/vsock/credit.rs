@@ -49,6 +49,11 @@ impl Credit {
         self.relayed.wrapping_sub(self.fwd_cnt)
     }
 
+    /// The receiver's last `fwd_cnt`.
+    pub fn fwd_cnt(&self) -> u32 {
+        self.fwd_cnt
+    }
+
     /// Bytes the sender may still send.
     pub fn free(&self) -> u32 {
         self.buf_alloc.saturating_sub(self.in_flight())

@@ -38,9 +38,11 @@
 //! connection than its receiver advertised.
 
 pub mod backend;
+pub mod bound;
 pub mod control;
 pub mod credit;
 pub mod directory;
+pub mod hybrid;
 pub mod packet;
 pub mod relay;
 pub mod spec;

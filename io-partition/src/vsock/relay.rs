@@ -28,7 +28,8 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
 use super::directory::Entries;
-use super::packet::{Header, Op, HDR_LEN};
+use super::hybrid::HostSide;
+use super::packet::{Header, Op, HDR_LEN, HOST_CID};
 use super::spec::VsockError;
 use super::stats::VsockStats;
 use super::table::{Action, Event, Table};
@@ -71,17 +72,24 @@ impl Payload<'_> {
         }
     }
 
+    /// Bytes `off..off + out.len()` copied into `out`.
+    pub(super) fn read_into(&self, off: usize, out: &mut [u8]) -> Result<(), ()> {
+        match self {
+            Payload::None if out.is_empty() => Ok(()),
+            Payload::None => Err(()),
+            Payload::Bytes(b) => {
+                out.copy_from_slice(b.get(off..off + out.len()).ok_or(())?);
+                Ok(())
+            }
+            Payload::Guest { mem, segs } => gather(*mem, segs, off, out),
+        }
+    }
+
     /// Bytes `off..off + n` copied out.
     fn copy(&self, off: usize, n: usize) -> Result<Vec<u8>, ()> {
-        match self {
-            Payload::None => Ok(Vec::new()),
-            Payload::Bytes(b) => Ok(b.get(off..off + n).ok_or(())?.to_vec()),
-            Payload::Guest { mem, segs } => {
-                let mut v = vec![0u8; n];
-                gather(*mem, segs, off, &mut v)?;
-                Ok(v)
-            }
-        }
+        let mut v = vec![0u8; n];
+        self.read_into(off, &mut v)?;
+        Ok(v)
     }
 }
 
@@ -113,6 +121,8 @@ pub struct VsockPort {
     pub cid: u32,
     /// The vhost-user socket part-io listens on.
     pub socket: PathBuf,
+    /// Its hybrid host socket and connections, if it has one.
+    pub host: Option<HostSide>,
     pub stats: VsockStats,
     rx: Mutex<Rx>,
     pub(super) connected: AtomicBool,
@@ -121,11 +131,12 @@ pub struct VsockPort {
 }
 
 impl VsockPort {
-    /// A port for `cid` served on `socket`.
-    pub fn new(cid: u32, socket: PathBuf) -> Arc<VsockPort> {
+    /// A port for `cid` served on `socket`, with host services on `host`.
+    pub fn new(cid: u32, socket: PathBuf, host: Option<HostSide>) -> Arc<VsockPort> {
         Arc::new(VsockPort {
             cid,
             socket,
+            host,
             stats: VsockStats::default(),
             rx: Mutex::new(Rx::default()),
             connected: AtomicBool::new(false),
@@ -205,6 +216,10 @@ impl Relay {
         let port = self.ports.write_locked().remove(&u64::from(cid));
         if let Some(p) = &port {
             p.retired.store(true, Ordering::SeqCst);
+            if let Some(h) = &p.host {
+                h.retired.store(true, Ordering::SeqCst);
+                h.close_all();
+            }
         }
         let resets = self.table.locked().partition_gone(u64::from(cid));
         let reset = resets.len() as u64;
@@ -250,6 +265,10 @@ impl Relay {
                 m.insert("socket".into(), p.socket.display().to_string().into());
                 m.insert("connected".into(), p.is_connected().into());
                 m.insert("rx_ready".into(), p.rx.locked().path.is_some().into());
+                if let Some(h) = &p.host {
+                    m.insert("host_socket".into(), h.path.display().to_string().into());
+                    m.insert("host_open".into(), h.open().into());
+                }
                 for (k, v) in p.stats.counters(&t) {
                     m.insert(k.into(), v.into());
                 }
@@ -283,6 +302,9 @@ impl Relay {
             rx.queue.clear();
             port.stats.queued_bytes.store(0, Ordering::Relaxed);
         }
+        if let Some(h) = &port.host {
+            h.close_all();
+        }
         let current = self.ports.read_locked().get(&u64::from(port.cid)).cloned();
         if current.is_some_and(|c| !Arc::ptr_eq(&c, port)) {
             return;
@@ -297,7 +319,18 @@ impl Relay {
     /// Runs `header` (checked, from `port`) through the table and
     /// delivers what it says; `payload` is the RW payload in the sender's
     /// memory.
-    pub(super) fn relay(&self, port: &VsockPort, header: &Header, payload: Payload<'_>) {
+    pub(super) fn relay(
+        self: &Arc<Self>,
+        port: &Arc<VsockPort>,
+        header: &Header,
+        payload: Payload<'_>,
+    ) {
+        if header.dst.cid == HOST_CID {
+            if let Some(host) = &port.host {
+                host.from_guest(self, port, header, payload);
+                return;
+            }
+        }
         let (outcome, expired) = {
             let mut table = self.table.locked();
             let expired = if header.op == Op::Request {
@@ -356,7 +389,7 @@ impl Relay {
 
     /// Puts `header` and its payload into `port`'s rx buffers, queueing
     /// what does not fit now.
-    fn deliver(&self, port: &VsockPort, header: &Header, payload: Payload<'_>) -> bool {
+    pub(super) fn deliver(&self, port: &VsockPort, header: &Header, payload: Payload<'_>) -> bool {
         let mut rx = port.rx.locked();
         if rx.path.is_none() {
             return false;

@@ -24,6 +24,8 @@ pub enum VsockError {
     DuplicateSocket(PathBuf),
     #[error("entry for CID {cid}: {why}")]
     BadEntry { cid: u32, why: &'static str },
+    #[error("host socket path {0} is too long: with a port suffix (`_4294967295`) it must fit a Unix socket address ({max} bytes)", max = super::hybrid::MAX_PATH)]
+    HostSocketTooLong(PathBuf),
 }
 
 static GRAMMAR: Grammar = Grammar {

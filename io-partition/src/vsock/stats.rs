@@ -40,6 +40,22 @@ pub struct VsockStats {
     /// Refusals and resets the table decided on its packets (for rate
     /// limiting their log lines; the kinds are in the table's counters).
     pub table_events: AtomicU64,
+    /// Hybrid connections opened (either way).
+    pub host_connections: AtomicU64,
+    /// Hybrid connections refused: no host listener, the guest refused or
+    /// did not answer, limits.
+    pub host_refused: AtomicU64,
+    /// Hybrid connections reset by part-io for the guest's misbehaviour.
+    pub host_resets: AtomicU64,
+    /// Packets not valid in a hybrid connection's state, and bad `CONNECT`
+    /// lines from host processes.
+    pub host_protocol_errors: AtomicU64,
+    /// Hybrid connections the guest broke the credit rules on.
+    pub host_credit_violations: AtomicU64,
+    /// Bytes read from host processes and delivered to the guest.
+    pub host_to_guest_bytes: AtomicU64,
+    /// Bytes the guest sent that were written to host processes.
+    pub guest_to_host_bytes: AtomicU64,
 }
 
 impl VsockStats {
@@ -81,6 +97,13 @@ impl VsockStats {
             ("bad_buffer", g(&self.bad_buffer)),
             ("bad_rx_buffer", g(&self.bad_rx_buffer)),
             ("refused_regions", g(&self.refused_regions)),
+            ("host_connections", g(&self.host_connections)),
+            ("host_refused", g(&self.host_refused)),
+            ("host_resets", g(&self.host_resets)),
+            ("host_protocol_errors", g(&self.host_protocol_errors)),
+            ("host_credit_violations", g(&self.host_credit_violations)),
+            ("host_to_guest_bytes", g(&self.host_to_guest_bytes)),
+            ("guest_to_host_bytes", g(&self.guest_to_host_bytes)),
         ];
         for k in Malformed::ALL {
             v.push((k.name(), g(&self.malformed[k.index()])));

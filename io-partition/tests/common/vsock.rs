@@ -24,7 +24,9 @@ pub const REQUEST: u16 = 1;
 pub const RESPONSE: u16 = 2;
 pub const RST: u16 = 3;
 pub const RW: u16 = 5;
+pub const SHUTDOWN: u16 = 4;
 pub const CREDIT_UPDATE: u16 = 6;
+pub const CREDIT_REQUEST: u16 = 7;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hdr {
@@ -32,6 +34,7 @@ pub struct Hdr {
     pub dst: (u64, u32),
     pub len: u32,
     pub op: u16,
+    pub flags: u32,
     pub buf_alloc: u32,
     pub fwd_cnt: u32,
 }
@@ -43,6 +46,7 @@ impl Hdr {
             dst,
             len: 0,
             op,
+            flags: 0,
             buf_alloc: 65536,
             fwd_cnt: 0,
         }
@@ -57,6 +61,7 @@ impl Hdr {
         b[24..28].copy_from_slice(&self.len.to_le_bytes());
         b[28..30].copy_from_slice(&1u16.to_le_bytes());
         b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
         b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
         b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
         b
@@ -71,6 +76,7 @@ impl Hdr {
             dst: (u64_at(8), u32_at(20)),
             len: u32_at(24),
             op: u16::from_le_bytes([b[30], b[31]]),
+            flags: u32_at(32),
             buf_alloc: u32_at(36),
             fwd_cnt: u32_at(40),
         }
