@@ -30,6 +30,7 @@ QEMU_VERSION_PREFIX='1:7.2+'
 #   util-linux (setpriv) and systemd (systemd-analyze): partd's uid and unit
 #     tests;
 #   ca-certificates: apt over https mirrors.
+# Crates installed with cargo: vhost-device-vsock (below).
 PACKAGES=(lz4 binutils iproute2 util-linux systemd python3 ca-certificates)
 QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils)
 
@@ -76,6 +77,15 @@ for tool in fmt clippy; do
         exit 1
     fi
 done
+
+# vhost-device-vsock: the rust-vmm vsock backend the vsock interop test and
+# benchmark run beside part-io vsock. Pinned: its command line (`--vm
+# guest-cid=..,socket=..,uds-path=..[,groups=..]`) is what the tests use.
+VHOST_DEVICE_VSOCK_VERSION=0.3.0
+if [ "$(vhost-device-vsock --version 2>/dev/null)" != "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION" ]; then
+    cargo install --locked --quiet "vhost-device-vsock@$VHOST_DEVICE_VSOCK_VERSION"
+fi
+echo "setup: $(vhost-device-vsock --version)"
 
 # Linux smoke test kernel (writes target/linux/status; see the script).
 resources/linux/fetch-kernel.sh target/linux

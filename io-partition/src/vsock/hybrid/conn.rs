@@ -55,6 +55,17 @@ pub struct State {
     /// The guest closed its socket (SHUTDOWN with both flags): once what
     /// it sent is written, it gets the RST that ends the connection.
     pub guest_closing: bool,
+    /// The guest reset the connection: nothing more goes to it; what it
+    /// sent before is still written to the host process, then the
+    /// connection closes.
+    pub guest_reset: bool,
+}
+
+impl State {
+    /// Whether nothing may be sent to the guest any more.
+    pub fn guest_gone(&self) -> bool {
+        self.phase == Phase::Closed || self.guest_reset
+    }
 }
 
 /// One hybrid connection.
@@ -95,6 +106,7 @@ impl HostConn {
                 fwd_told: 0,
                 guest_done_sending: false,
                 guest_closing: false,
+                guest_reset: false,
             }),
             changed: Condvar::new(),
             stream: Mutex::new(None),
@@ -171,7 +183,7 @@ pub fn read_loop(conn: &Arc<HostConn>, relay: &Relay, port: &Arc<VsockPort>) {
         let room = {
             let mut s = conn.lock();
             loop {
-                if s.phase == Phase::Closed {
+                if s.guest_gone() {
                     return;
                 }
                 let free = s.to_guest.free() as usize;
@@ -185,7 +197,7 @@ pub fn read_loop(conn: &Arc<HostConn>, relay: &Relay, port: &Arc<VsockPort>) {
             Ok(0) | Err(_) => {
                 // The host process closed its end (or the connection was
                 // closed here): the guest hears it as a full shutdown.
-                if conn.lock().phase != Phase::Closed {
+                if !conn.lock().guest_gone() {
                     conn.tell(relay, port, Op::Shutdown, SHUTDOWN_RCV | SHUTDOWN_SEND);
                 }
                 return;
@@ -195,7 +207,7 @@ pub fn read_loop(conn: &Arc<HostConn>, relay: &Relay, port: &Arc<VsockPort>) {
         let order = conn.order.locked();
         let h = {
             let mut s = conn.lock();
-            if s.phase == Phase::Closed || s.to_guest.send(n as u32).is_err() {
+            if s.guest_gone() || s.to_guest.send(n as u32).is_err() {
                 return;
             }
             let mut h = conn.header(Op::Rw, &s);
@@ -234,6 +246,11 @@ pub fn write_loop(conn: &Arc<HostConn>, relay: &Relay, port: &Arc<VsockPort>) {
                 if !s.to_host.is_empty() {
                     break;
                 }
+                if s.guest_reset {
+                    drop(s);
+                    conn.close();
+                    return;
+                }
                 if s.guest_closing {
                     drop(s);
                     conn.tell(relay, port, Op::Rst, 0);
@@ -253,7 +270,7 @@ pub fn write_loop(conn: &Arc<HostConn>, relay: &Relay, port: &Arc<VsockPort>) {
         }
         if stream.write_all(&chunk).is_err() {
             // The host process went (or part-io closed the connection).
-            if conn.lock().phase != Phase::Closed {
+            if !conn.lock().guest_gone() {
                 conn.close();
                 conn.tell(relay, port, Op::Rst, 0);
             }
@@ -270,7 +287,8 @@ pub fn write_loop(conn: &Arc<HostConn>, relay: &Relay, port: &Arc<VsockPort>) {
             let _ = s.from_guest.receiver_update(HOST_BUF, fwd);
             // Tell the guest once half our buffer is free again, or when
             // everything it sent is out.
-            fwd.wrapping_sub(s.fwd_told) >= HOST_BUF / 2 || s.to_host.is_empty()
+            !s.guest_gone()
+                && (fwd.wrapping_sub(s.fwd_told) >= HOST_BUF / 2 || s.to_host.is_empty())
         };
         if update {
             conn.tell(relay, port, Op::CreditUpdate, 0);

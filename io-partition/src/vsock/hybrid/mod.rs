@@ -170,6 +170,10 @@ impl HostSide {
             return;
         };
         let mut s = conn.lock();
+        if s.guest_reset {
+            // The guest ended it already; what it still sends is stale.
+            return;
+        }
         if let Err(e) = s.to_guest.receiver_update(h.buf_alloc, h.fwd_cnt) {
             drop(s);
             VsockStats::bump(&stats.host_credit_violations);
@@ -180,6 +184,8 @@ impl HostSide {
             (Op::Response, Phase::Connecting) if conn.host_initiated => {
                 s.phase = Phase::Open;
             }
+            // What it sent before still reaches the host process.
+            (Op::Rst, Phase::Open) => s.guest_reset = true,
             (Op::Rst, _) => {
                 drop(s);
                 conn.close();
