@@ -15,6 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use partvisor_e2e::{console_of, vm_lock, wait_console, Partd};
+use partvisor_test_guest::vsock_host;
 
 const BOOT: Duration = Duration::from_secs(90);
 /// Generous: a debug-built part-io relays about 100 MB/s here.
@@ -26,14 +27,7 @@ fn test_bytes() -> String {
 
 /// A size as the guest's words take it (`64K`, `1G`, ...).
 fn bytes_of(text: &str) -> u64 {
-    let shift = match text.chars().last() {
-        Some('K') => 10,
-        Some('M') => 20,
-        Some('G') => 30,
-        _ => 0,
-    };
-    let digits = text.trim_end_matches(['K', 'M', 'G']);
-    digits.parse::<u64>().unwrap() << shift
+    partvisor_test_guest::words::memparse(text).unwrap()
 }
 
 /// One request to the host's vsock relay (its control socket).
@@ -246,66 +240,6 @@ fn when_the_listener_stops_its_peer_is_reset_within_a_second_and_the_cid_waits_f
     let _ = partd.wait_state("web", "failed", BOOT);
 }
 
-/// Byte `i` of the guest's vsock test stream (`vsock_pattern` of the test
-/// guest's words).
-fn pattern(i: u64) -> u8 {
-    ((i.wrapping_mul(2_654_435_761) >> 13) ^ i) as u8
-}
-
-/// FNV-1a 64, as the guest prints its `sum=`.
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    fn add(&mut self, b: u8) {
-        self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    fn text(self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
-
-/// The host process's side of one hybrid connection: writes `n` bytes of
-/// the pattern and then shuts its write half, while reading (and checking)
-/// what the guest sends until the connection ends. Returns the sums of
-/// what it sent and what it received.
-fn host_exchange(stream: UnixStream, n: u64) -> (String, String) {
-    let mut out = stream.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        let mut sum = Fnv::new();
-        let mut at = 0u64;
-        while at < n {
-            let chunk: Vec<u8> = (at..n.min(at + 65536)).map(pattern).collect();
-            chunk.iter().for_each(|b| sum.add(*b));
-            out.write_all(&chunk).unwrap();
-            at += chunk.len() as u64;
-        }
-        out.shutdown(std::net::Shutdown::Write).unwrap();
-        sum.text()
-    });
-    let mut input = stream;
-    input.set_read_timeout(Some(TRANSFER)).unwrap();
-    let mut sum = Fnv::new();
-    let mut got = 0u64;
-    let mut buf = vec![0u8; 65536];
-    loop {
-        let k = input.read(&mut buf).unwrap();
-        if k == 0 {
-            break;
-        }
-        for b in &buf[..k] {
-            assert_eq!(*b, pattern(got), "byte {got} from the guest");
-            sum.add(*b);
-            got += 1;
-        }
-    }
-    assert_eq!(got, n, "bytes from the guest");
-    (writer.join().unwrap(), sum.text())
-}
-
 #[test]
 fn host_processes_talk_to_a_partition_through_its_hybrid_socket_both_ways() {
     let _vm = vm_lock();
@@ -324,11 +258,11 @@ fn host_processes_talk_to_a_partition_through_its_hybrid_socket_both_ways() {
     let listener = std::os::unix::net::UnixListener::bind(dir.join("vsock.sock_6000")).unwrap();
     let served = std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
-        host_exchange(s, n)
+        vsock_host::exchange(s, n, n, TRANSFER).unwrap()
     });
     let v = partd.ctl_json(&["start", "svc"]);
     let cid = v["holdings"]["vsock_cids"][0].as_u64().unwrap();
-    let (host_sent, host_got) = served.join().unwrap();
+    let ex = served.join().unwrap();
     let text = wait_console(&console_of(&v), "vsock: listening on port 6001", BOOT);
     assert!(
         text.contains(&format!("vsock: sent {n} bytes to 2:6000 in")),
@@ -346,27 +280,16 @@ fn host_processes_talk_to_a_partition_through_its_hybrid_socket_both_ways() {
     );
 
     // And the other way: a host process opens the connection.
-    let mut s = UnixStream::connect(dir.join("vsock.sock")).unwrap();
-    s.write_all(b"CONNECT 6001\n").unwrap();
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-        line.push(b[0]);
-    }
-    let line = String::from_utf8(line).unwrap();
-    let host_port: u32 = line
-        .strip_prefix("OK ")
-        .unwrap_or_else(|| panic!("answer {line:?}"))
-        .parse()
-        .unwrap();
-    assert!(host_port >= 1 << 30, "{line}");
-    let (host_sent, host_got) = host_exchange(s, n);
+    let (s, host_port) = vsock_host::connect(&dir.join("vsock.sock"), 6001).unwrap();
+    assert!(host_port >= 1 << 30, "host port {host_port}");
+    let ex = vsock_host::exchange(s, n, n, TRANSFER).unwrap();
+    assert_eq!(ex.received_bytes, n);
     let text = wait_console(&console_of(&v), "stay: idle", BOOT);
     let from = format!("bytes from 2:{host_port}");
-    assert_eq!(sum_after(&text, &from), host_sent, "host -> guest");
+    assert_eq!(sum_after(&text, &from), ex.sent, "host -> guest");
     assert_eq!(
         sum_after(&text, &format!("bytes to 2:{host_port}")),
-        host_got,
+        ex.received,
         "guest -> host"
     );
     let st = port_stats(&partd, cid);

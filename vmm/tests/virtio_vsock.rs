@@ -57,26 +57,6 @@ fn a_guest_boots_with_its_vsock_device_when_the_backend_confirms_the_cid() {
     assert_eq!(connections(&stats), 1, "{}", relay.log_text());
 }
 
-fn port_stat(stats: &Path, cid: u64, name: &str) -> serde_json::Value {
-    let s = switch_stats(stats);
-    s["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["cid"] == cid)
-        .unwrap_or_else(|| panic!("no port with cid {cid}: {s}"))[name]
-        .clone()
-}
-
-fn vsock_args(sock: &Path, cid: u32) -> [String; 4] {
-    [
-        "--vhost-user-vsock".into(),
-        sock.display().to_string(),
-        "--vsock-cid".into(),
-        cid.to_string(),
-    ]
-}
-
 #[test]
 fn two_guests_exchange_a_verified_stream_and_a_third_not_accepted_is_refused() {
     let _l = vm_lock();
@@ -104,7 +84,7 @@ fn two_guests_exchange_a_verified_stream_and_a_third_not_accepted_is_refused() {
         "vsock: listening",
     );
     let t0 = std::time::Instant::now();
-    while port_stat(&stats, 4, "rx_ready") != true {
+    while vsock_port_stat(&stats, 4, "rx_ready") != true {
         assert!(t0.elapsed() < deadline(), "{}", relay.log_text());
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
@@ -139,9 +119,9 @@ fn two_guests_exchange_a_verified_stream_and_a_third_not_accepted_is_refused() {
         sender.value("vsock: sent"),
         rx.value("vsock: received")
     );
-    assert_eq!(port_stat(&stats, 3, "credit_violations"), 0);
+    assert_eq!(vsock_port_stat(&stats, 3, "credit_violations"), 0);
     assert_eq!(
-        port_stat(&stats, 3, "lookups"),
+        vsock_port_stat(&stats, 3, "lookups"),
         1,
         "one lookup per connection"
     );
@@ -151,7 +131,7 @@ fn two_guests_exchange_a_verified_stream_and_a_third_not_accepted_is_refused() {
     let refused = run_guest("vsock=send:4:5000:4096", &vc);
     assert_eq!(refused.code(), 34, "serial:\n{}", refused.serial);
     assert_eq!(refused.lines("vsock: connect to 4:5000 refused").len(), 1);
-    assert_eq!(port_stat(&stats, 5, "refused"), 1);
+    assert_eq!(vsock_port_stat(&stats, 5, "refused"), 1);
 }
 
 #[test]

@@ -20,7 +20,8 @@
 //! test can inject a frame through a TAP device and check what a guest
 //! sent. The `net=send` / `net=recv` pair is seed 001's partitions talking
 //! through the I/O partition's virtual Ethernet switch, flow-controlled so
-//! that a switch that drops frames for a full ring never has to.
+//! that a switch that drops frames for a full ring never has to. The host
+//! end of the `vsock=` words over a hybrid socket is [`vsock_host`].
 //!
 //! It must never share compiler flags, profiles or wrappers with the host
 //! build, and the guest must never run anything but its tiny, checked `.cpl0`
@@ -34,6 +35,7 @@ pub mod cpl0_check;
 #[path = "../testguest/src/net_frame.rs"]
 pub mod net_frame;
 pub mod report;
+pub mod vsock_host;
 #[path = "../testguest/src/words.rs"]
 pub mod words;
 

@@ -366,3 +366,26 @@ pub fn wait_rx_ready(stats: &Path, mac: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Counter `name` of the vsock port with `cid` (a `part-io vsock` stats
+/// socket).
+pub fn vsock_port_stat(stats: &Path, cid: u64, name: &str) -> serde_json::Value {
+    let s = switch_stats(stats);
+    s["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["cid"] == cid)
+        .unwrap_or_else(|| panic!("no port with cid {cid}: {s}"))[name]
+        .clone()
+}
+
+/// part-vmm's flags for a vhost-user vsock device on `sock` with `cid`.
+pub fn vsock_args(sock: &Path, cid: u32) -> [String; 4] {
+    [
+        "--vhost-user-vsock".into(),
+        sock.display().to_string(),
+        "--vsock-cid".into(),
+        cid.to_string(),
+    ]
+}
