@@ -268,14 +268,15 @@ fn host_processes_talk_to_a_partition_through_its_hybrid_socket_both_ways() {
         text.contains(&format!("vsock: sent {n} bytes to 2:6000 in")),
         "{text}"
     );
+    assert_eq!(ex.received_bytes, n);
     assert_eq!(
         sum_after(&text, "bytes to 2:6000"),
-        host_got,
+        ex.received,
         "guest -> host"
     );
     assert_eq!(
         sum_after(&text, "bytes from 2:6000"),
-        host_sent,
+        ex.sent,
         "host -> guest"
     );
 
