@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The main job: builds everything, starts a partd with its state in a fresh
 # folder under $HOME, creates two guest partitions (main-job/alpha.toml and
-# main-job/beta.toml: a disk and a NIC on switch `lan` each) and boots them.
-# partd starts their I/O partitions first: one `part-io blk` per guest for
-# its disk and one `part-io net` for the switch. The guests write and verify
-# their disks, alpha sends 10,000 frames to beta through the switch, beta
-# checks every one. The job prints what happened, stops both guests (their
+# main-job/beta.toml: a disk, a NIC on switch `lan` and a guest socket
+# device each) and boots them. partd starts their I/O partitions first: one
+# `part-io blk` per guest for its disk, one `part-io net` for the switch and
+# the host's one `part-io vsock`. The guests write and verify their disks,
+# alpha sends 10,000 frames to beta through the switch, beta checks every
+# one; then they talk over AF_VSOCK (64 MiB each way at once, checksums
+# compared, and 64-byte round trips) and the job prints the throughput and
+# round-trip figures. It prints what happened, stops both guests (their
 # memory returns to `available` once the backends have let go of it) and
 # exits non-zero if any check failed. Needs /dev/kvm and a Rust toolchain.
 #
@@ -45,7 +48,7 @@ cleanup() {
     [ -n "$partd_pid" ] && kill "$partd_pid" 2>/dev/null && wait "$partd_pid" 2>/dev/null
     # I/O partitions outlive partd and their guests by design (a switch
     # serves every partition defined on it): this job ends the ones it made.
-    for rec in "$state"/switches/*/net.json "$state"/partitions/*/blk.json; do
+    for rec in "$state"/switches/*/net.json "$state"/partitions/*/blk.json "$state"/vsock/vsock.json; do
         [ -f "$rec" ] || continue
         pid=$(grep -o '"pid":[0-9]*' "$rec" | cut -d: -f2)
         [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = part-io ] && kill "$pid" 2>/dev/null
@@ -78,7 +81,7 @@ ctl start alpha
 ctl show alpha
 ctl show beta
 
-step "5/7 the guests write and verify their disks and exchange 10,000 frames"
+step "5/7 the guests write and verify their disks, exchange 10,000 frames, then talk over vsock"
 for p in alpha beta; do
     for _ in $(seq 60); do
         timeout 2 "$bin/partctl" console "$p" </dev/null >"$state/$p.console" 2>/dev/null || true
@@ -87,7 +90,7 @@ for p in alpha beta; do
         echo "  ... waiting for $p"
     done
     echo "  $p's console:"
-    grep -E "^(blk|net|exit): " "$state/$p.console" | sed 's/^/    /' || true
+    grep -E "^(blk|net|vsock|exit): " "$state/$p.console" | sed 's/^/    /' || true
 done
 
 step "6/7 stopping (memory is released once the backends have unmapped it)"
@@ -101,9 +104,32 @@ check "beta wrote and verified its disk" "$state/beta.console" "blk: verified 25
 check "alpha sent 10,000 frames" "$state/alpha.console" "net: send 10000 frames 1000 bytes in"
 check "beta received all 10,000, none lost or bad" "$state/beta.console" \
     "net: received 10000 frames ok lost=0 bad=0 dup=0"
+check "beta received alpha's 64 MiB over vsock, every byte checked" "$state/beta.console" \
+    "vsock: received 67108864 bytes from"
+check "alpha received beta's 64 MiB over vsock, every byte checked" "$state/alpha.console" \
+    "vsock: received 67108864 bytes from"
+check "alpha timed 1000 round trips to beta's echo" "$state/alpha.console" "vsock: 1000 round trips of 64 bytes"
+check "beta echoed every byte" "$state/beta.console" "vsock: echoed 64000 bytes"
+sum() { grep -E "^vsock: $2 67108864 bytes" "$1" | grep -o 'sum=[0-9a-f]*' || echo "none in $1"; }
+for dir in "alpha sent:beta received" "beta sent:alpha received"; do
+    a=${dir%%:*} b=${dir##*:}
+    sa=$(sum "$state/${a%% *}.console" "${a##* }") sb=$(sum "$state/${b%% *}.console" "${b##* }")
+    if [ "$sa" = "$sb" ]; then
+        echo "  ok    vsock checksum: $a = $b ($sa)"
+    else
+        echo "  FAIL  vsock checksum: $a $sa, $b $sb"
+        failures=$((failures + 1))
+    fi
+done
+us=$(grep -oE '^vsock: sent 67108864 bytes to [0-9]+:5000 in [0-9]+ us' "$state/alpha.console" | grep -oE '[0-9]+ us' | cut -d' ' -f1 || true)
+rtt=$(grep -oE 'p50=[0-9]+ ns p99=[0-9]+ ns' "$state/alpha.console" || true)
+if [ -n "$us" ] && [ "$us" -gt 0 ]; then
+    echo "  vsock: 64 MiB each way at once in $((us / 1000)) ms: $((2 * 67108864 / us)) MB/s in all (debug build, guest clock); 64-byte round trips: $rtt"
+fi
 check "alpha stayed up until stopped" "$state/alpha.console" "stay: idle"
 check "beta stayed up until stopped" "$state/beta.console" "stay: idle"
 check "the switch saw both guests let go" "$state/switches/lan/net.log" "frontend disconnected"
+check "the vsock relay took alpha out at its stop" "$state/vsock/vsock.log" "partition removed"
 for p in alpha beta; do
     check "$p's backends unmapped its memory before the release" "$state/partd.log" \
         "$p: every backend has unmapped its memory"

@@ -11,7 +11,8 @@ use std::time::Instant;
 use partvisor_e2e::{bins, guest, vm_lock};
 
 #[test]
-fn main_job_boots_two_guests_that_use_their_disks_and_exchange_frames_then_cleans_up() {
+fn main_job_boots_two_guests_that_use_their_disks_exchange_frames_and_talk_over_vsock_then_cleans_up(
+) {
     let _vm = vm_lock();
     // The binaries are built (and the target dir found) as for every e2e test.
     let target_dir = bins()
@@ -43,6 +44,16 @@ fn main_job_boots_two_guests_that_use_their_disks_and_exchange_frames_then_clean
     for phase in ["1/7 building", "4/7 booting", "7/7 what happened"] {
         assert!(stdout.contains(phase), "no {phase:?} in:\n{stdout}");
     }
+    // The vsock step's figures.
+    let figures = stdout
+        .lines()
+        .find(|l| l.contains("vsock: 64 MiB each way at once in"))
+        .unwrap_or_else(|| panic!("no vsock figures in:\n{stdout}"));
+    assert!(
+        figures.contains("MB/s in all") && figures.contains("p99="),
+        "{figures}"
+    );
+    eprintln!("{}", figures.trim());
     // Its state dir was under $HOME and is gone, with every process it made.
     let state: PathBuf = stdout
         .lines()

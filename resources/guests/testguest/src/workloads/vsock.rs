@@ -172,6 +172,10 @@ impl Conn {
 struct Link<'a> {
     dev: &'a mut Vsock,
     clock: Clock,
+    /// The last connection request seen while a word was busy with
+    /// something else (a listener's backlog of one): a peer that connects
+    /// before the next word listens is answered by that word.
+    backlog: &'a mut Option<Hdr>,
 }
 
 impl Link<'_> {
@@ -222,6 +226,9 @@ impl Link<'_> {
             if let Some(rx) = self.dev.recv() {
                 let bytes = self.dev.packet(rx);
                 let h = Hdr::decode(bytes);
+                if h.op == OP_REQUEST {
+                    *self.backlog = Some(h);
+                }
                 let end = (HDR_LEN + h.len as usize).min(bytes.len());
                 let r = on_payload(&h, &bytes[HDR_LEN..end]);
                 self.dev.recycle(rx.desc);
@@ -237,12 +244,16 @@ impl Link<'_> {
 /// State of the `vsock=` words: the selected device, once initialised.
 pub struct VsockState {
     dev: Option<Vsock>,
+    backlog: Option<Hdr>,
 }
 
 impl VsockState {
     /// No device initialised yet.
     pub fn new() -> VsockState {
-        VsockState { dev: None }
+        VsockState {
+            dev: None,
+            backlog: None,
+        }
     }
 
     /// Run one `vsock=` word. `Err(code)` is the exit code of its failure
@@ -261,6 +272,7 @@ impl VsockState {
         let mut link = Link {
             dev,
             clock: Clock::start(),
+            backlog: &mut self.backlog,
         };
         let result = match word {
             VsockWord::Cid => Ok(()),
@@ -362,6 +374,9 @@ fn take_rx(link: &mut Link<'_>, c: &mut Conn, f: &mut Flow) -> Result<bool, Fail
         any = true;
         let bytes = link.dev.packet(rx);
         let h = Hdr::decode(bytes);
+        if h.op == OP_REQUEST {
+            *link.backlog = Some(h);
+        }
         let mut bad = None;
         if c.ours(&h) && h.op == OP_RW {
             let end = (HDR_LEN + h.len as usize).min(bytes.len());
@@ -467,10 +482,13 @@ fn accept(link: &mut Link<'_>, port: u32) -> Result<Conn, Fail> {
     let cid = link.dev.cid;
     let deadline = link.clock.now() + PEER_NS;
     let req = loop {
-        let h = link.recv(deadline, "no connection request", |_, _| Ok(()))?;
-        if h.op == OP_REQUEST && h.dst_port == port && h.dst_cid == cid {
+        if let Some(h) = link
+            .backlog
+            .take_if(|h| h.dst_port == port && h.dst_cid == cid)
+        {
             break h;
         }
+        link.recv(deadline, "no connection request", |_, _| Ok(()))?;
     };
     let c = Conn {
         me: (cid, port),
