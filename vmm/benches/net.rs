@@ -16,9 +16,9 @@ mod common;
 
 use std::net::UdpSocket;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
-use common::{median, part_io_bin};
+use common::{finish, median, part_io_bin};
 use std::time::{Duration, Instant};
 
 const MAC_A: &str = "52:54:00:00:00:0a";
@@ -82,11 +82,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn finish(c: Child) -> String {
-    let Output { stdout, .. } = c.wait_with_output().expect("guest output");
-    String::from_utf8_lossy(&stdout).into_owned()
 }
 
 /// Value of `<prefix> ... in <us> us` lines: (count, microseconds).

@@ -28,7 +28,8 @@ fn vsock_words_parse_with_sizes_and_bad_ones_are_refused() {
             cid: 4,
             port: 5000,
             send: 64 << 10,
-            recv: 0
+            recv: 0,
+            packet: 64 << 10
         })
     );
     assert_eq!(
@@ -37,7 +38,18 @@ fn vsock_words_parse_with_sizes_and_bad_ones_are_refused() {
             cid: 4,
             port: 5000,
             send: 64 << 10,
-            recv: 1 << 20
+            recv: 1 << 20,
+            packet: 64 << 10
+        })
+    );
+    assert_eq!(
+        parse_vsock("send:4:5000:64K:0:4052"),
+        Some(VsockWord::Send {
+            cid: 4,
+            port: 5000,
+            send: 64 << 10,
+            recv: 0,
+            packet: 4052
         })
     );
     assert_eq!(parse_vsock("echo:7"), Some(VsockWord::Echo { port: 7 }));
@@ -57,9 +69,12 @@ fn vsock_words_parse_with_sizes_and_bad_ones_are_refused() {
         "listen:5000:1M:2:3",
         "listen:5000:1M:x",
         "send:4:5000",
+        "send:4:5000:1M:0:0",
+        "send:4:5000:1M:0:65537",
+        "send:4:5000:1M:0:4K:1",
         "send:4:4294967296:1",
         "send:4:4294967295:1",
-        "send:4:5000:1:1:1",
+        "send:4:5000:1:1:1:1",
         "listen:x:1",
         "connect:4:5000:1",
         "echo",

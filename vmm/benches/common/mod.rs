@@ -24,6 +24,12 @@ pub fn part_io_bin() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_part-vmm")).with_file_name("part-io")
 }
 
+/// Waits for a guest process; its serial output.
+pub fn finish(c: std::process::Child) -> String {
+    let out = c.wait_with_output().expect("guest output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Median of `v` (upper median for an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

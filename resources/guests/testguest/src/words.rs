@@ -413,9 +413,11 @@ pub enum VsockWord {
         /// Bytes to send.
         send: u64,
     },
-    /// `vsock=send:CID:PORT:SEND[:RECV]`: connect to CID:PORT, send SEND
-    /// bytes of the test pattern within the peer's credit while receiving
-    /// and verifying RECV bytes (default 0).
+    /// `vsock=send:CID:PORT:SEND[:RECV[:PACKET]]`: connect to CID:PORT,
+    /// send SEND bytes of the test pattern within the peer's credit, in
+    /// packets of at most PACKET bytes (default and largest
+    /// [`MAX_VSOCK_PACKET`]), while receiving and verifying RECV bytes
+    /// (default 0).
     Send {
         /// Peer CID.
         cid: u64,
@@ -425,6 +427,8 @@ pub enum VsockWord {
         send: u64,
         /// Bytes to receive.
         recv: u64,
+        /// Largest payload of one packet.
+        packet: u32,
     },
     /// `vsock=echo:PORT`: accept one connection on PORT and send back
     /// every byte it receives until the peer shuts it down.
@@ -447,6 +451,9 @@ pub enum VsockWord {
     },
 }
 
+/// Largest payload of one transmitted vsock packet (what Linux sends for
+/// a 64 KiB write).
+pub const MAX_VSOCK_PACKET: u32 = 64 * 1024;
 /// Most round trips one `vsock=ping` word times.
 pub const MAX_PINGS: u32 = 2048;
 /// Largest `vsock=ping` message (one packet).
@@ -456,8 +463,8 @@ pub const MAX_PING_SIZE: u32 = 4052;
 pub fn parse_vsock(value: &str) -> Option<VsockWord> {
     let mut parts = value.split(':');
     let op = parts.next()?;
-    // Numbers after the op: up to four, each a size (`64K`, `1G`, ...).
-    let mut n = [None; 4];
+    // Numbers after the op: up to five, each a size (`64K`, `1G`, ...).
+    let mut n = [None; 5];
     let mut count = 0;
     for p in parts {
         *n.get_mut(count)? = Some(memparse(p)?);
@@ -478,11 +485,15 @@ pub fn parse_vsock(value: &str) -> Option<VsockWord> {
             recv: n[1]?,
             send: n[2].unwrap_or(0),
         },
-        ("send", 3 | 4) => VsockWord::Send {
+        ("send", 3..=5) => VsockWord::Send {
             cid: n[0]?,
             port: port(n[1])?,
             send: n[2]?,
             recv: n[3].unwrap_or(0),
+            packet: match n[4] {
+                None => MAX_VSOCK_PACKET,
+                some => in_range(some, MAX_VSOCK_PACKET)?,
+            },
         },
         ("echo", 1) => VsockWord::Echo { port: port(n[0])? },
         ("ping", 4) => VsockWord::Ping {

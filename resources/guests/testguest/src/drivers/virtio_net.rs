@@ -29,7 +29,7 @@ pub const MAX_FRAME: usize = BUF_SIZE - HDR_LEN;
 
 const NQ: usize = crate::drivers::virtio_mmio::QUEUE_MAX as usize;
 
-static DMA: DmaCell<BUF_SIZE, NQ> = DmaCell::new();
+static DMA: DmaCell<BUF_SIZE, BUF_SIZE, NQ> = DmaCell::new();
 
 /// One received frame: buffer `desc` holds `len` frame bytes after the header.
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +42,7 @@ pub struct Rx {
 
 /// A live virtio-net device. Dropping it resets the device.
 pub struct Net {
-    q: Pair<BUF_SIZE, NQ>,
+    q: Pair<BUF_SIZE, BUF_SIZE, NQ>,
     /// Negotiated features.
     pub features: u64,
     /// The device's MAC (config space with VIRTIO_NET_F_MAC, else

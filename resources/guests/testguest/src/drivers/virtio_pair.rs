@@ -1,7 +1,8 @@
 //! The part virtio-net and virtio-vsock share: a device with a receive
 //! queue (0) and a transmit queue (1), each buffer one descriptor of a fixed
-//! size, descriptor `d` of a queue always using buffer `d` of that queue, so
-//! a used element names its buffer directly. It owns the device's DMA
+//! size per queue (`RXB`, `TXB` bytes), descriptor `d` of a queue always
+//! using buffer `d` of that queue, so a used element names its buffer
+//! directly. It owns the device's DMA
 //! memory while it lives, and resetting the device (on drop) gives it back.
 //!
 //! The caller sleeps in HLT (`abi::wait`) and calls [`Pair::service`] after
@@ -22,41 +23,41 @@ pub const RX: u32 = 0;
 /// Transmit queue index.
 pub const TX: u32 = 1;
 
-/// Memory the device reads and writes: rings and `N` buffers of `BUF`
-/// bytes per queue. Identity mapped.
+/// Memory the device reads and writes: rings, `N` receive buffers of
+/// `RXB` bytes and `N` transmit buffers of `TXB` bytes. Identity mapped.
 #[repr(C, align(4096))]
-struct Dma<const BUF: usize, const N: usize> {
+struct Dma<const RXB: usize, const TXB: usize, const N: usize> {
     rx_rings: [u8; RING_BYTES],
     tx_rings: [u8; RING_BYTES],
-    rx: [[u8; BUF]; N],
-    tx: [[u8; BUF]; N],
+    rx: [[u8; RXB]; N],
+    tx: [[u8; TXB]; N],
 }
 
 /// One driver's DMA memory and the flag of the one [`Pair`] using it.
-pub struct DmaCell<const BUF: usize, const N: usize> {
-    dma: UnsafeCell<Dma<BUF, N>>,
+pub struct DmaCell<const RXB: usize, const TXB: usize, const N: usize> {
+    dma: UnsafeCell<Dma<RXB, TXB, N>>,
     taken: AtomicBool,
 }
 
 // SAFETY: only the BSP runs workloads, and only one `Pair` (which holds
 // `taken`) touches the memory at a time.
-unsafe impl<const BUF: usize, const N: usize> Sync for DmaCell<BUF, N> {}
+unsafe impl<const RXB: usize, const TXB: usize, const N: usize> Sync for DmaCell<RXB, TXB, N> {}
 
-impl<const BUF: usize, const N: usize> DmaCell<BUF, N> {
+impl<const RXB: usize, const TXB: usize, const N: usize> DmaCell<RXB, TXB, N> {
     /// Zeroed memory, free.
     pub const fn new() -> Self {
         DmaCell {
             dma: UnsafeCell::new(Dma {
                 rx_rings: [0; RING_BYTES],
                 tx_rings: [0; RING_BYTES],
-                rx: [[0; BUF]; N],
-                tx: [[0; BUF]; N],
+                rx: [[0; RXB]; N],
+                tx: [[0; TXB]; N],
             }),
             taken: AtomicBool::new(false),
         }
     }
 
-    fn get(&self) -> *mut Dma<BUF, N> {
+    fn get(&self) -> *mut Dma<RXB, TXB, N> {
         self.dma.get()
     }
 }
@@ -124,13 +125,13 @@ pub struct Used {
 }
 
 /// A live receive/transmit device. Dropping it resets the device.
-pub struct Pair<const BUF: usize, const N: usize> {
+pub struct Pair<const RXB: usize, const TXB: usize, const N: usize> {
     pub t: Transport,
     rxq: SplitQueue,
     txq: SplitQueue,
     /// Negotiated features.
     pub features: u64,
-    dma: &'static DmaCell<BUF, N>,
+    dma: &'static DmaCell<RXB, TXB, N>,
     name: &'static str,
     rx_posted: [bool; N],
     tx_busy: [bool; N],
@@ -141,7 +142,7 @@ pub struct Pair<const BUF: usize, const N: usize> {
     error: Option<DeviceError>,
 }
 
-impl<const BUF: usize, const N: usize> Pair<BUF, N> {
+impl<const RXB: usize, const TXB: usize, const N: usize> Pair<RXB, TXB, N> {
     /// Reset, negotiate `wanted` and start the device `device_id` behind
     /// `t` (its interrupt must already be routed to `VEC_VIRTIO`), with
     /// queues of at most `N` entries in `dma`; `name` is the driver's in
@@ -150,7 +151,7 @@ impl<const BUF: usize, const N: usize> Pair<BUF, N> {
         t: Transport,
         device_id: u32,
         wanted: u64,
-        dma: &'static DmaCell<BUF, N>,
+        dma: &'static DmaCell<RXB, TXB, N>,
         name: &'static str,
     ) -> Result<Self, InitError> {
         if !t.is_modern(device_id) {
@@ -276,7 +277,7 @@ impl<const BUF: usize, const N: usize> Pair<BUF, N> {
     pub fn rx_bytes(&self, desc: u16, from: usize, to: usize) -> &[u8] {
         let d = usize::from(desc);
         assert!(!self.rx_posted[d], "buffer is posted");
-        assert!(from <= to && to <= BUF, "range inside the buffer");
+        assert!(from <= to && to <= RXB, "range inside the buffer");
         // SAFETY: the device gave the buffer back (not posted), so it does
         // not write it; the range is inside it; DMA is ours.
         unsafe {
@@ -296,7 +297,7 @@ impl<const BUF: usize, const N: usize> Pair<BUF, N> {
             desc,
             Desc {
                 addr,
-                len: BUF as u32,
+                len: RXB as u32,
                 flags: DESC_F_WRITE,
                 next: 0,
             },
@@ -307,8 +308,8 @@ impl<const BUF: usize, const N: usize> Pair<BUF, N> {
 
     /// Fill a free transmit buffer with `fill(buffer) -> len` and queue
     /// its first `len` bytes (notification at [`Pair::flush`]). False if
-    /// no buffer is free or `fill` returned 0 or more than `BUF`.
-    pub fn send(&mut self, fill: impl FnOnce(&mut [u8; BUF]) -> usize) -> bool {
+    /// no buffer is free or `fill` returned 0 or more than `TXB`.
+    pub fn send(&mut self, fill: impl FnOnce(&mut [u8; TXB]) -> usize) -> bool {
         let mut one = [0u16; 1];
         if !self.txq.alloc(&mut one) {
             return false;
@@ -318,7 +319,7 @@ impl<const BUF: usize, const N: usize> Pair<BUF, N> {
         // buffer; DMA is ours.
         let buf = unsafe { &mut (*self.dma.get()).tx[d] };
         let len = fill(buf);
-        if len == 0 || len > BUF {
+        if len == 0 || len > TXB {
             self.txq.release(&one);
             return false;
         }
@@ -364,7 +365,7 @@ impl<const BUF: usize, const N: usize> Pair<BUF, N> {
     }
 }
 
-impl<const BUF: usize, const N: usize> Drop for Pair<BUF, N> {
+impl<const RXB: usize, const TXB: usize, const N: usize> Drop for Pair<RXB, TXB, N> {
     fn drop(&mut self) {
         // The device must stop touching DMA before anyone reuses it.
         self.t.reset_and_release(&self.dma.taken, self.name);

@@ -2,9 +2,11 @@
 //! queue 0 receives, queue 1 transmits; the event queue (2) is left
 //! disabled (it only carries transport resets, which this guest does not
 //! survive anyway). Stream sockets only: no vsock feature bit is asked
-//! for. Every buffer is one descriptor of [`BUF_SIZE`] bytes: the 44-byte
-//! `virtio_vsock_hdr` and up to [`MAX_PAYLOAD`] payload bytes. Descriptor
-//! `d` of a queue always uses buffer `d` of that queue.
+//! for. Every buffer is one descriptor: a receive buffer of [`RX_BUF`]
+//! bytes (the 44-byte `virtio_vsock_hdr` and up to [`RX_PAYLOAD`] bytes, as
+//! Linux posts them), a transmit buffer of [`TX_BUF`] (the header and up to
+//! [`MAX_PAYLOAD`], 64 KiB, as Linux sends a 64 KiB write). Descriptor `d`
+//! of a queue always uses buffer `d` of that queue.
 //!
 //! The queues, buffers and interrupt handling are [`virtio_pair`]'s, as
 //! for virtio-net; the caller calls [`Vsock::service`] after every wakeup.
@@ -20,14 +22,18 @@ pub const DEVICE_VSOCK: u32 = 19;
 const WANTED: u64 = F_RING_EVENT_IDX;
 /// `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;
-/// Bytes per buffer.
-pub const BUF_SIZE: usize = 4096;
-/// Payload bytes a buffer holds.
-pub const MAX_PAYLOAD: usize = BUF_SIZE - HDR_LEN;
+/// Bytes per receive buffer.
+pub const RX_BUF: usize = 4096;
+/// Payload bytes a receive buffer holds.
+pub const RX_PAYLOAD: usize = RX_BUF - HDR_LEN;
+/// Largest payload of one transmitted packet (the device's limit).
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// Bytes per transmit buffer.
+pub const TX_BUF: usize = HDR_LEN + MAX_PAYLOAD;
 /// Buffers per queue (the queue size, if the device allows that many).
 const NQ: usize = 64;
 
-static DMA: DmaCell<BUF_SIZE, NQ> = DmaCell::new();
+static DMA: DmaCell<RX_BUF, TX_BUF, NQ> = DmaCell::new();
 
 /// One received packet: buffer `desc` holds `len` bytes (header included).
 #[derive(Clone, Copy, Debug)]
@@ -40,7 +46,7 @@ pub struct Rx {
 
 /// A live virtio-vsock device. Dropping it resets the device.
 pub struct Vsock {
-    q: Pair<BUF_SIZE, NQ>,
+    q: Pair<RX_BUF, TX_BUF, NQ>,
     /// Negotiated features.
     pub features: u64,
     /// The guest's CID (config space).
@@ -78,7 +84,7 @@ impl Vsock {
     /// The next received packet, if any (a used length shorter than a
     /// header is a device error).
     pub fn recv(&mut self) -> Option<Rx> {
-        let u = self.q.recv(|len| (HDR_LEN..=BUF_SIZE).contains(&len))?;
+        let u = self.q.recv(|len| (HDR_LEN..=RX_BUF).contains(&len))?;
         Some(Rx {
             desc: u.desc,
             len: u.len,

@@ -8,7 +8,9 @@
 
 use crate::arch::{irq_total, VEC_VIRTIO};
 use crate::drivers::virtio_mmio::Transport;
-use crate::drivers::virtio_vsock::{DeviceError, Vsock, DEVICE_VSOCK, HDR_LEN, MAX_PAYLOAD};
+use crate::drivers::virtio_vsock::{
+    DeviceError, Vsock, DEVICE_VSOCK, HDR_LEN, MAX_PAYLOAD, RX_PAYLOAD,
+};
 use crate::say;
 use crate::words::{vsock_pattern, VsockWord, MAX_PINGS};
 use crate::workloads::blk::Devices;
@@ -286,7 +288,8 @@ impl VsockState {
                 port,
                 send: tx,
                 recv,
-            } => send(&mut link, cid, port, tx, recv),
+                packet,
+            } => send(&mut link, cid, port, (tx, recv), packet),
             VsockWord::Echo { port } => echo(&mut link, port),
             VsockWord::Ping {
                 cid,
@@ -333,6 +336,8 @@ impl Sum {
 
 /// What one connection moves: totals, progress and checksums.
 struct Flow {
+    /// Largest payload of one packet sent.
+    packet: u32,
     send_total: u64,
     recv_total: u64,
     sent: u64,
@@ -348,6 +353,7 @@ struct Flow {
 impl Flow {
     fn new(send_total: u64, recv_total: u64) -> Flow {
         Flow {
+            packet: MAX_PAYLOAD as u32,
             send_total,
             recv_total,
             sent: 0,
@@ -434,7 +440,7 @@ fn exchange(link: &mut Link<'_>, c: &mut Conn, f: &mut Flow) -> Result<(), Fail>
             }
         }
         while f.sent < f.send_total {
-            let room = c.credit().min(MAX_PAYLOAD as u32);
+            let room = c.credit().min(f.packet);
             if room == 0 {
                 break;
             }
@@ -600,12 +606,20 @@ fn listen(link: &mut Link<'_>, port: u32, recv: u64, send: u64) -> Result<(), Fa
     close_as_listener(link, &c, f.peer_shut)
 }
 
-/// Connect to `cid:port`; send `send` bytes within the peer's credit while
-/// receiving and verifying `recv`; then shut the connection down.
-fn send(link: &mut Link<'_>, cid: u64, port: u32, send: u64, recv: u64) -> Result<(), Fail> {
+/// Connect to `cid:port`; send `send` bytes within the peer's credit, in
+/// packets of at most `packet` bytes, while receiving and verifying `recv`;
+/// then shut the connection down.
+fn send(
+    link: &mut Link<'_>,
+    cid: u64,
+    port: u32,
+    (send, recv): (u64, u64),
+    packet: u32,
+) -> Result<(), Fail> {
     let mut c = connect(link, cid, port)?;
     let t0 = link.clock.now();
     let mut f = Flow::new(send, recv);
+    f.packet = packet.min(MAX_PAYLOAD as u32);
     exchange(link, &mut c, &mut f)?;
     report(link, &c, &f, t0);
     close_as_connector(link, &c)
@@ -615,7 +629,7 @@ fn send(link: &mut Link<'_>, cid: u64, port: u32, send: u64, recv: u64) -> Resul
 /// the peer shuts down.
 fn echo(link: &mut Link<'_>, port: u32) -> Result<(), Fail> {
     let mut c = accept(link, port)?;
-    let mut buf = [0u8; MAX_PAYLOAD];
+    let mut buf = [0u8; RX_PAYLOAD];
     let mut echoed = 0u64;
     loop {
         let mut n = 0usize;
