@@ -356,6 +356,13 @@ impl<const RXB: usize, const TXB: usize, const N: usize> Pair<RXB, TXB, N> {
         self.txq.arm_interrupt()
     }
 
+    /// Ask for an interrupt at the next received buffer only (transmit
+    /// completions are reaped at the next wakeup). Returns whether one
+    /// arrived meanwhile (do not sleep).
+    pub fn arm_rx(&mut self) -> bool {
+        self.rxq.arm_interrupt()
+    }
+
     /// Ask for an interrupt at the next used element of either queue.
     /// Returns whether something arrived meanwhile (do not sleep).
     pub fn arm(&mut self) -> bool {

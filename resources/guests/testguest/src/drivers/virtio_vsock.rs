@@ -126,4 +126,11 @@ impl Vsock {
     pub fn arm(&mut self) -> bool {
         self.q.arm()
     }
+
+    /// Ask for an interrupt at the next received packet only: a guest
+    /// waiting for its peer has no use for transmit completions, and on
+    /// nested KVM every interrupt it takes costs an emulated entry.
+    pub fn arm_rx(&mut self) -> bool {
+        self.q.arm_rx()
+    }
 }

@@ -170,6 +170,15 @@ impl Conn {
     }
 }
 
+/// What a sleeping word waits for.
+#[derive(Clone, Copy)]
+enum Wake {
+    /// A received packet.
+    Rx,
+    /// A received packet or a transmit buffer back.
+    Any,
+}
+
 /// The device and the clock of one word.
 struct Link<'a> {
     dev: &'a mut Vsock,
@@ -194,12 +203,18 @@ impl Link<'_> {
                 self.dev.flush();
                 return Ok(());
             }
-            self.sleep(deadline, "no transmit buffer came back")?;
+            self.sleep_for(deadline, "no transmit buffer came back", Wake::Any)?;
         }
     }
 
-    /// Sleep until an interrupt (or `deadline`, then fail with `what`).
+    /// Sleep until a packet arrives (or `deadline`, then fail with `what`).
     fn sleep(&mut self, deadline: u64, what: &'static str) -> Result<(), Fail> {
+        self.sleep_for(deadline, what, Wake::Rx)
+    }
+
+    /// Sleep until an interrupt of kind `wake` (or `deadline`, then fail
+    /// with `what`).
+    fn sleep_for(&mut self, deadline: u64, what: &'static str, wake: Wake) -> Result<(), Fail> {
         let seen = irq_total();
         if let Some(e) = self.dev.error() {
             return Err(Fail::Device(e));
@@ -207,7 +222,11 @@ impl Link<'_> {
         if self.clock.now() >= deadline {
             return Err(Fail::Timeout(what));
         }
-        if self.dev.arm() {
+        let pending = match wake {
+            Wake::Rx => self.dev.arm_rx(),
+            Wake::Any => self.dev.arm(),
+        };
+        if pending {
             return Ok(());
         }
         self.clock.arm_until(deadline);
@@ -431,12 +450,16 @@ fn exchange(link: &mut Link<'_>, c: &mut Conn, f: &mut Flow) -> Result<(), Fail>
     let mut last = link.clock.now();
     loop {
         let mut progressed = take_rx(link, c, f)?;
+        // Out of transmit buffers: the next wakeup may be one coming back.
+        let mut tx_full = false;
         if f.owe_update {
             let hdr = c.header(OP_CREDIT_UPDATE, 0);
             if link.dev.send(&hdr, |_| 0) {
                 c.fwd_told = c.fwd_cnt;
                 f.owe_update = false;
                 progressed = true;
+            } else {
+                tx_full = true;
             }
         }
         while f.sent < f.send_total {
@@ -456,6 +479,7 @@ fn exchange(link: &mut Link<'_>, c: &mut Conn, f: &mut Flow) -> Result<(), Fail>
                 n
             });
             if !queued {
+                tx_full = true;
                 break;
             }
             f.tx_sum = sum;
@@ -478,7 +502,8 @@ fn exchange(link: &mut Link<'_>, c: &mut Conn, f: &mut Flow) -> Result<(), Fail>
         } else {
             "the stream stalled"
         };
-        link.sleep(last + PROGRESS_NS, what)?;
+        let wake = if tx_full { Wake::Any } else { Wake::Rx };
+        link.sleep_for(last + PROGRESS_NS, what, wake)?;
     }
 }
 
