@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, end to end, until partd/partctl land (issue 5): build part-vmm
+# part-vmm alone, without the coordinator: build part-vmm
 # and the test guest, boot the guest in a 2-vCPU, 64 MiB partition with its
 # console on stdout, let it idle, then stop it politely (SIGTERM -> ACPI power
 # button -> guest powers off) and show the exit status part-vmm reports.

@@ -6,8 +6,8 @@
 //! - the *reader* reads the host stream, never more than the guest's
 //!   credit allows, and delivers RW packets to the guest;
 //! - the *writer* drains what the guest sent (at most [`HOST_BUF`] bytes,
-//!   the `buf_alloc` part-io advertises) into the host stream and tells
-//!   the guest with a CREDIT_UPDATE as it goes.
+//!   the `buf_alloc` part-io advertises) into the host stream, and tells
+//!   the guest with a CREDIT_UPDATE when the guest may be short of room.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -25,6 +25,9 @@ use super::super::relay::{Payload, Relay, VsockPort};
 /// The receive buffer part-io advertises for a hybrid connection: what the
 /// guest may have sent and the host process not yet read.
 pub const HOST_BUF: u32 = 256 * 1024;
+/// part-io tells the guest its new `fwd_cnt` when the guest believes it has
+/// less than this much room left (one full packet).
+const UPDATE_BELOW: u32 = 64 * 1024;
 /// Largest read from a host stream (one RW packet).
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -285,10 +288,18 @@ pub fn write_loop(conn: &Arc<HostConn>, relay: &Relay, port: &Arc<VsockPort>) {
             let mut s = conn.lock();
             let fwd = s.from_guest.fwd_cnt().wrapping_add(n);
             let _ = s.from_guest.receiver_update(HOST_BUF, fwd);
-            // Tell the guest once half our buffer is free again, or when
-            // everything it sent is out.
+            // As Linux does: tell the guest only when the space it believes
+            // it has (what it last heard of our fwd_cnt) is under one full
+            // packet, so it may be waiting. Every packet part-io sends it
+            // carries fwd_cnt too. An update per write would wake a guest
+            // waiting for an answer once more per round trip.
+            let believed_in_flight = s
+                .from_guest
+                .in_flight()
+                .wrapping_add(fwd.wrapping_sub(s.fwd_told));
             !s.guest_gone()
-                && (fwd.wrapping_sub(s.fwd_told) >= HOST_BUF / 2 || s.to_host.is_empty())
+                && fwd != s.fwd_told
+                && HOST_BUF.saturating_sub(believed_in_flight) < UPDATE_BELOW
         };
         if update {
             conn.tell(relay, port, Op::CreditUpdate, 0);
