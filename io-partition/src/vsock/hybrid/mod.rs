@@ -248,9 +248,10 @@ impl HostSide {
         conn.tell(relay, port, Op::Rst, 0);
     }
 
-    /// A guest REQUEST to host port P: connects to `PATH_P` in the
-    /// connection's own thread (a full listener must not stall the guest's
-    /// transmit queue), then answers RESPONSE or RST.
+    /// A guest REQUEST to host port P: connects to `PATH_P` without
+    /// waiting (a listener that is not accepting refuses at once instead
+    /// of stalling the guest's transmit queue), answers RESPONSE or RST,
+    /// and moves the connection's bytes in threads of its own.
     fn connect_to_host(&self, relay: &Arc<Relay>, port: &Arc<VsockPort>, h: &Header) {
         let conn = HostConn::new(h.src, h.dst.port, false);
         let _ = conn.lock().to_guest.receiver_update(h.buf_alloc, h.fwd_cnt);
@@ -259,33 +260,32 @@ impl HostSide {
             return;
         }
         let path = self.listener_path(h.dst.port);
-        let (r, p, c, request) = (relay.clone(), port.clone(), conn.clone(), *h);
+        let stream = match connect_now(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                conn.close();
+                let why = match e.raw_os_error() {
+                    Some(libc::EAGAIN) => format!(
+                        "the listener at {} is not accepting (backlog full)",
+                        path.display()
+                    ),
+                    _ => format!("no listener at {}: {e}", path.display()),
+                };
+                self.refuse(relay, port, h, &why);
+                return;
+            }
+        };
+        if !conn.open_with(stream) || !conn.tell(relay, port, Op::Response, 0) {
+            conn.close();
+            return;
+        }
+        VsockStats::bump(&port.stats.host_connections);
+        let (r, p, c) = (relay.clone(), port.clone(), conn.clone());
         let spawned = std::thread::Builder::new()
             .name("part-io-hybrid".into())
-            .spawn(
-                move || match UnixStream::connect(&path).map(|s| c.open_with(s)) {
-                    // Closed meanwhile (the guest or its port went): nothing to answer.
-                    Ok(false) => {}
-                    Ok(true) => {
-                        VsockStats::bump(&p.stats.host_connections);
-                        if c.tell(&r, &p, Op::Response, 0) {
-                            run(&c, &r, &p);
-                        } else {
-                            c.close();
-                        }
-                    }
-                    Err(e) => {
-                        c.close();
-                        if let Some(side) = p.host.as_ref() {
-                            let why = format!("no listener at {}: {e}", path.display());
-                            side.refuse(&r, &p, &request, &why);
-                        }
-                    }
-                },
-            );
+            .spawn(move || run(&c, &r, &p));
         if let Err(e) = spawned {
-            conn.close();
-            self.refuse(relay, port, h, &format!("cannot start a thread: {e}"));
+            self.reset(relay, port, &conn, &format!("cannot start a thread: {e}"));
         }
     }
 
@@ -316,6 +316,17 @@ pub(super) fn run(conn: &Arc<HostConn>, relay: &Arc<Relay>, port: &Arc<VsockPort
             conn.tell(relay, port, Op::Rst, 0);
         }
     }
+}
+
+/// A connected stream to the listener at `path`, or the error at once: a
+/// non-blocking connect on a Unix socket either completes or fails
+/// (`EAGAIN` when the listener's backlog is full); it never waits.
+fn connect_now(path: &Path) -> std::io::Result<UnixStream> {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    s.connect(&socket2::SockAddr::unix(path)?)?;
+    s.set_nonblocking(false)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(s)))
 }
 
 /// Whether `path` leaves room for the longest `_PORT` suffix.
