@@ -5,6 +5,7 @@
 //! partd itself so every malformed request gets a 4xx with a JSON message.
 
 use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, MethodRouter};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -28,29 +29,75 @@ use tower::ServiceExt;
 use partvisor_api::definition::MAX_STOP_TIMEOUT_S;
 use partvisor_api::views::{ErrorBody, LogQuery, StartBody, StopBody};
 
+use crate::access::Caller;
 use crate::coordinator::{CoordError, Coordinator};
 
 /// The peer of one API connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Peer {
-    /// `None` when the kernel would not say (never on Linux).
-    pub uid: Option<u32>,
+    /// uid, gid and supplementary groups at connect time (SO_PEERCRED and
+    /// SO_PEERGROUPS); `None` when the kernel would not say (never on
+    /// Linux).
+    pub caller: Option<Caller>,
     pub pid: Option<i32>,
 }
 
 impl Peer {
-    /// SO_PEERCRED of a connected stream.
+    /// The credentials of a connected stream.
     fn of(stream: &UnixStream) -> Peer {
         match stream.peer_cred() {
             Ok(c) => Peer {
-                uid: Some(c.uid()),
+                caller: peer_groups(stream.as_raw_fd()).ok().map(|groups| Caller {
+                    uid: c.uid(),
+                    gid: c.gid(),
+                    groups,
+                }),
                 pid: c.pid(),
             },
             Err(_) => Peer {
-                uid: None,
+                caller: None,
                 pid: None,
             },
         }
+    }
+
+    fn uid(&self) -> Option<u32> {
+        self.caller.as_ref().map(|c| c.uid)
+    }
+}
+
+/// `SO_PEERGROUPS` (Linux 4.13; `asm-generic/socket.h`), which the libc
+/// crate does not export for this target.
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// The supplementary groups the peer of `fd` had when it connected.
+fn peer_groups(fd: std::os::fd::RawFd) -> std::io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`,
+        // whose size `len` gives, and updates `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        // ERANGE: `len` says how much it needs.
+        if e.raw_os_error() == Some(libc::ERANGE) && n > groups.len() {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Err(e);
     }
 }
 
@@ -100,8 +147,9 @@ pub async fn serve(
         let peer = Peer::of(&stream);
         let app = app.clone();
         tokio::spawn(async move {
+            let each = peer.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let app = app.clone();
+                let (app, peer) = (app.clone(), each.clone());
                 async move { Ok::<_, Infallible>(handle(app, peer, limits, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -187,8 +235,8 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes, empty_ok: bool) -> Res
 }
 
 async fn check_peer(State(api): State<Api>, req: axum::extract::Request, next: Next) -> Response {
-    let peer = req.extensions().get::<Peer>().copied();
-    match peer.and_then(|p| p.uid) {
+    let peer = req.extensions().get::<Peer>().cloned();
+    match peer.as_ref().and_then(Peer::uid) {
         Some(uid) if api.allowed.contains(&uid) => next.run(req).await,
         Some(uid) => {
             tracing::warn!(
@@ -254,14 +302,28 @@ async fn list(State(api): State<Api>) -> Result<Response, ApiError> {
     Ok(Json(api.coord.list()?).into_response())
 }
 
-async fn create(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+/// The caller of a request (check_peer let it through, so it is known).
+fn caller(peer: &Peer) -> Result<&Caller, ApiError> {
+    peer.caller.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            "cannot identify the connecting user".into(),
+        )
+    })
+}
+
+async fn create(
+    State(api): State<Api>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let value: serde_json::Value = parse_body(&body, false)?;
     if !value.is_object() {
         return Err(bad_request(
             "request body must be a JSON object (a partition definition)",
         ));
     }
-    let view = api.coord.create(value).await?;
+    let view = api.coord.create(value, caller(&peer)?).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
@@ -270,24 +332,33 @@ async fn show(State(api): State<Api>, Path(name): Path<String>) -> Result<Respon
     Ok(Json(api.coord.view(&id)?).into_response())
 }
 
-async fn destroy(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn destroy(
+    State(api): State<Api>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let id = Coordinator::parse_id(&name)?;
+    api.coord.authorize(&id, caller(&peer)?, "destroy")?;
     api.coord.destroy(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn start(
     State(api): State<Api>,
+    Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let id = Coordinator::parse_id(&name)?;
     let _: StartBody = parse_body(&body, true)?;
-    Ok(Json(api.coord.start(&id).await?).into_response())
+    let who = caller(&peer)?;
+    api.coord.authorize(&id, who, "start")?;
+    Ok(Json(api.coord.start(&id, who).await?).into_response())
 }
 
 async fn stop(
     State(api): State<Api>,
+    Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -298,6 +369,7 @@ async fn stop(
             "timeout_s: at most {MAX_STOP_TIMEOUT_S}"
         )));
     }
+    api.coord.authorize(&id, caller(&peer)?, "stop")?;
     let view = api
         .coord
         .stop(&id, b.force, b.timeout_s.map(Duration::from_secs))
@@ -327,6 +399,7 @@ pub const CONSOLE_PROTOCOL: &str = "partvisor-console";
 /// client closes. Subject to the same uid check as every other request.
 async fn console(
     State(api): State<Api>,
+    Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
     mut req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
@@ -341,6 +414,8 @@ async fn console(
             "the console is an HTTP/1.1 upgrade: send `Connection: upgrade` and `Upgrade: {CONSOLE_PROTOCOL}` (partctl console does)"
         )));
     }
+    api.coord
+        .authorize(&id, caller(&peer)?, "attach to the console of")?;
     let view = api.coord.view(&id)?;
     let Some(vmm) = view.vmm else {
         return Err(ApiError(

@@ -47,6 +47,7 @@
 //! - kill or stop a guest because partd itself stops or restarts;
 //! - serve a uid that is not root, partd's own or allowlisted.
 
+mod access;
 mod api;
 mod cgroup;
 mod coordinator;
@@ -285,6 +286,7 @@ async fn run(args: Args) -> Result<(), PartdError> {
         ping_timeout: Duration::from_millis(args.ping_timeout_ms.max(10)),
         unresponsive_after: Duration::from_millis(args.unresponsive_after_ms.max(10)),
         cgroups,
+        own_uid: nix::unistd::getuid().as_raw(),
     };
     let coord = coordinator::Coordinator::new(db, settings);
     let (adopted, finished) = coord

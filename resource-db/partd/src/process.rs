@@ -19,6 +19,10 @@ use tokio::net::UnixStream;
 
 /// The descriptor's fd number in part-vmm.
 const DESCRIPTOR_FD: i32 = 3;
+/// Where part-vmm finds its kernel (opened by partd).
+const KERNEL_FD: i32 = 4;
+/// Where part-vmm finds its initrd, if it has one.
+const INITRD_FD: i32 = 5;
 
 /// Errors of this layer.
 #[derive(Debug, thiserror::Error)]
@@ -232,14 +236,21 @@ fn sealed_descriptor(name: &str, cfg: &VmConfig) -> Result<SealedMemfd, ProcessE
 }
 
 /// Starts part-vmm for partition `name` in its own session (so it outlives
-/// partd), with the descriptor on fd 3, its control socket, console socket
-/// and exit file in `files.dir`, and stderr appended to `vmm.log`.
+/// partd), with the descriptor on fd 3, the kernel on fd 4 and the initrd
+/// on fd 5 (the files partd opened, with the caller's rights: `cfg` is
+/// made to name them as `/proc/self/fd/N`), its control socket, console
+/// socket and exit file in `files.dir`, and stderr appended to `vmm.log`.
 pub fn spawn(
     vmm: &Path,
     name: &str,
-    cfg: &VmConfig,
+    cfg: &mut VmConfig,
     files: &PartitionFiles,
+    boot: &crate::coordinator::BootFiles,
 ) -> Result<(VmmProcess, VmmRecord), ProcessError> {
+    cfg.kernel = format!("/proc/self/fd/{KERNEL_FD}").into();
+    if boot.initrd.is_some() {
+        cfg.initrd = Some(format!("/proc/self/fd/{INITRD_FD}").into());
+    }
     let mfd = sealed_descriptor(name, cfg)?;
     let log_path = files.vmm_log();
     let log = std::fs::OpenOptions::new()
@@ -250,7 +261,14 @@ pub fn spawn(
             path: log_path,
             source,
         })?;
-    let src = mfd.fd().as_raw_fd();
+    // Every descriptor the child gets, with the number it gets it on.
+    let mut inherit = vec![
+        (mfd.fd().as_raw_fd(), DESCRIPTOR_FD),
+        (boot.kernel.as_raw_fd(), KERNEL_FD),
+    ];
+    if let Some(i) = &boot.initrd {
+        inherit.push((i.as_raw_fd(), INITRD_FD));
+    }
     let mut cmd = tokio::process::Command::new(vmm);
     cmd.arg("--config")
         .arg(format!("/proc/self/fd/{DESCRIPTOR_FD}"))
@@ -262,21 +280,32 @@ pub fn spawn(
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .kill_on_drop(false);
+    // Every source is first copied to a fresh descriptor above the targets
+    // (F_DUPFD takes the lowest free one from 10 up, so nothing is
+    // clobbered), then onto its target: a source that happens to sit on
+    // another's target number is safe.
     // SAFETY: the closure runs in the child between fork and exec and calls
-    // only async-signal-safe functions (setsid, dup2, fcntl) on descriptors
-    // that exist in the child; it allocates nothing.
+    // only async-signal-safe functions (setsid, fcntl, dup2, close) on
+    // descriptors that exist in the child; it allocates nothing (`inherit`
+    // was built before the fork and is only read; `parked` is an array).
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if src == DESCRIPTOR_FD {
-                // dup2 onto itself keeps FD_CLOEXEC: clear it instead.
-                if libc::fcntl(src, libc::F_SETFD, 0) < 0 {
+            let mut parked = [-1i32; 3];
+            for (slot, (src, _)) in parked.iter_mut().zip(inherit.iter()) {
+                *slot = libc::fcntl(*src, libc::F_DUPFD, 10);
+                if *slot < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(src, DESCRIPTOR_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+            }
+            for (fd, (_, target)) in parked.iter().zip(inherit.iter()) {
+                // dup2 gives the target a descriptor without FD_CLOEXEC.
+                if libc::dup2(*fd, *target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(*fd);
             }
             Ok(())
         });

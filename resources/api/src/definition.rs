@@ -75,6 +75,12 @@ pub struct Definition {
     pub nic: Vec<Nic>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
+    /// The uid that created the partition, set by partd from the create
+    /// request's connection (a definition that gives one is refused). Only
+    /// it and root may start, stop, destroy or attach to the partition, and
+    /// its kernel, initrd and disks are opened with its rights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
 }
 
 /// Guest sockets (virtio-vsock served by `part-io vsock`). The partition

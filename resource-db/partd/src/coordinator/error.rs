@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use axum::http::StatusCode;
 use resource_db::{Error as DbError, ParseError, PartitionId, PartitionState, Rejection};
 
+use crate::access::AccessError;
 use crate::definition::{CmdlineError, DefinitionError};
 use crate::io::IoError;
 use crate::process::ProcessError;
@@ -24,6 +25,22 @@ pub enum CoordError {
         id: PartitionId,
         path: PathBuf,
         max: usize,
+    },
+
+    // ----- the caller may not (403) -----
+    /// A file of the definition the creating (or owning) uid cannot open.
+    #[error("{action} {id}: {source}")]
+    Access {
+        action: &'static str,
+        id: PartitionId,
+        source: AccessError,
+    },
+    #[error("{action} {id}: uid {uid} is not its owner (uid {}); only the owner and root may", owner.map_or("none, root only".to_string(), |o| o.to_string()))]
+    NotOwner {
+        action: &'static str,
+        id: PartitionId,
+        uid: u32,
+        owner: Option<u32>,
     },
 
     // ----- no such partition (404) -----
@@ -142,6 +159,18 @@ impl CoordError {
         match self {
             Definition(_) | Name(_) | SocketPathTooLong { .. } => StatusCode::BAD_REQUEST,
             NotFound { .. } => StatusCode::NOT_FOUND,
+            NotOwner { .. } => StatusCode::FORBIDDEN,
+            Access { source, .. } => match source {
+                AccessError::Symlink { .. } | AccessError::NotAFile { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                AccessError::Denied { .. } | AccessError::CannotSwitch { .. } => {
+                    StatusCode::FORBIDDEN
+                }
+                AccessError::Credentials { .. } | AccessError::Thread { .. } => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
             AlreadyActive { .. }
             | NotRunning { .. }
             | StillActive { .. }

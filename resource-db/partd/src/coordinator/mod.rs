@@ -9,6 +9,7 @@
 
 mod backends;
 mod error;
+mod owner;
 mod recover;
 mod start;
 mod stop;
@@ -16,6 +17,7 @@ mod supervise;
 mod vsock;
 
 pub use error::CoordError;
+pub(crate) use owner::BootFiles;
 
 use partvisor_runtime::sync::MutexExt;
 use std::collections::HashMap;
@@ -58,6 +60,8 @@ pub struct Settings {
     pub ping_timeout: Duration,
     pub unresponsive_after: Duration,
     pub cgroups: crate::cgroup::CpuCgroups,
+    /// partd's own uid: like root, it may act on every partition.
+    pub own_uid: u32,
 }
 
 /// Where a live VMM is in its life, as the supervisor sees it.
@@ -287,10 +291,21 @@ impl Coordinator {
 
     // ----- life cycle -----
 
-    pub async fn create(&self, body: serde_json::Value) -> Result<PartitionView, CoordError> {
+    /// Creates a partition owned by `caller`, whose files it must be able
+    /// to open.
+    pub async fn create(
+        &self,
+        body: serde_json::Value,
+        caller: &crate::access::Caller,
+    ) -> Result<PartitionView, CoordError> {
+        if body.get("owner_uid").is_some() {
+            return Err(crate::definition::DefinitionError::OwnerGiven.into());
+        }
         let host = self.db.view().host().clone();
-        let def = Definition::from_json(body, &host)?;
+        let mut def = Definition::from_json(body, &host)?;
         let id = def.id()?;
+        def.owner_uid = Some(caller.uid);
+        drop(self.open_boot_files(&id, &def, caller, "create")?);
         let lock = self.lock_of(&id);
         let _g = lock.lock().await;
         let definition =

@@ -11,6 +11,8 @@ use crate::definition::Placeholder;
 /// What a start needs once its checks passed.
 struct Prepared {
     def: Definition,
+    /// Its kernel and initrd, opened with the starting caller's rights.
+    boot: super::owner::BootFiles,
     /// The command line with every `{mac:...}` filled in.
     cmdline: String,
     /// The state to return to when the start changes nothing.
@@ -33,11 +35,15 @@ enum Outcome {
 
 impl Coordinator {
     /// Grants, spawns and waits until the monitor answers (or ends).
-    pub async fn start(self: &Arc<Self>, id: &PartitionId) -> Result<PartitionView, CoordError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        id: &PartitionId,
+        caller: &crate::access::Caller,
+    ) -> Result<PartitionView, CoordError> {
         let t0 = Instant::now();
         let lock = self.lock_of(id);
         let guard = lock.lock().await;
-        let prepared = self.prepare_start(id)?;
+        let prepared = self.prepare_start(id, caller)?;
         let affinity = self.grant(id, &prepared.def).await?;
         let t_granted = Instant::now();
         let files = self.files(id);
@@ -68,8 +74,14 @@ impl Coordinator {
     }
 
     /// Step 1: the partition may start and its definition still holds
-    /// (files may have gone since `create`). Changes nothing.
-    fn prepare_start(&self, id: &PartitionId) -> Result<Prepared, CoordError> {
+    /// (files may have gone since `create`), and `caller` can open its
+    /// files (they are opened now, and part-vmm gets what was opened).
+    /// Changes nothing.
+    fn prepare_start(
+        &self,
+        id: &PartitionId,
+        caller: &crate::access::Caller,
+    ) -> Result<Prepared, CoordError> {
         let rec = self.record(id)?;
         if is_active(rec.state) {
             return Err(CoordError::AlreadyActive {
@@ -90,6 +102,7 @@ impl Coordinator {
             }
         })?;
         self.check_socket_paths(id, &def)?;
+        let boot = self.open_boot_files(id, &def, caller, "start")?;
         // `{mac:NAME}` in the command line: the MACs granted at create;
         // `{cid:NAME}`: the CID a running partition holds.
         let cmdline = def
@@ -111,6 +124,7 @@ impl Coordinator {
             })?;
         Ok(Prepared {
             def,
+            boot,
             cmdline,
             state_before: rec.state,
         })
@@ -208,12 +222,18 @@ impl Coordinator {
         let t_io = Instant::now();
         let mut cfg = prepared.def.descriptor(&files.console(), affinity, devices);
         cfg.cmdline = prepared.cmdline.clone();
-        let (proc_, record) = process::spawn(&self.settings.vmm, id.as_str(), &cfg, files)
-            .map_err(|source| CoordError::Monitor {
-                id: id.clone(),
-                source,
-            })
-            .map_err(failed("spawn-failed"))?;
+        let (proc_, record) = process::spawn(
+            &self.settings.vmm,
+            id.as_str(),
+            &mut cfg,
+            files,
+            &prepared.boot,
+        )
+        .map_err(|source| CoordError::Monitor {
+            id: id.clone(),
+            source,
+        })
+        .map_err(failed("spawn-failed"))?;
         if let Err(e) = process::write_json_atomic(&files.vmm_record(), &record) {
             tracing::warn!(
                 "{id}: cannot write {}: {e}; a restarted partd will not find this VMM",

@@ -1,0 +1,90 @@
+//! Who may act on a partition, and the files it boots from opened with the
+//! right uid's rights.
+//!
+//! A partition belongs to the uid that created it (`owner_uid` in its
+//! stored definition). Root and partd's own uid may act on every
+//! partition; any other allowlisted uid only on its own: start, stop,
+//! destroy and the console answer 403 otherwise. Listing and showing stay
+//! open to every allowlisted uid.
+//!
+//! The kernel, initrd and disk images are opened as the requesting caller
+//! (`crate::access`): at create to refuse a file the caller cannot open,
+//! naming it and why; at start again, and the open kernel and initrd are
+//! what part-vmm gets (inherited descriptors), never a path partd would
+//! resolve with its own rights.
+
+use std::fs::File;
+
+use super::*;
+use crate::access::{self, Caller, Mode};
+
+/// A partition's boot files, open.
+pub(crate) struct BootFiles {
+    pub kernel: File,
+    pub initrd: Option<File>,
+}
+
+impl Coordinator {
+    /// Whether `caller` may `action` partition `id` (it exists and is
+    /// theirs, or they are root or partd's own uid).
+    pub fn authorize(
+        &self,
+        id: &PartitionId,
+        caller: &Caller,
+        action: &'static str,
+    ) -> Result<(), CoordError> {
+        let rec = self.record(id)?;
+        if caller.uid == 0 || caller.uid == self.settings.own_uid {
+            return Ok(());
+        }
+        let owner = serde_json::from_str::<Definition>(&rec.definition)
+            .ok()
+            .and_then(|d| d.owner_uid);
+        if owner == Some(caller.uid) {
+            return Ok(());
+        }
+        tracing::warn!(
+            "refused {action} of {id} for uid {}: its owner is {owner:?}",
+            caller.uid
+        );
+        Err(CoordError::NotOwner {
+            action,
+            id: id.clone(),
+            uid: caller.uid,
+            owner,
+        })
+    }
+
+    /// Opens `def`'s kernel, initrd and disk images as `caller`; the
+    /// kernel and initrd stay open for part-vmm, the disks are only
+    /// checked (part-io opens them).
+    pub(super) fn open_boot_files(
+        &self,
+        id: &PartitionId,
+        def: &Definition,
+        caller: &Caller,
+        action: &'static str,
+    ) -> Result<BootFiles, CoordError> {
+        let denied = |source| CoordError::Access {
+            action,
+            id: id.clone(),
+            source,
+        };
+        let kernel = access::open_as(caller, "kernel", &def.kernel, Mode::Read).map_err(denied)?;
+        let initrd = def
+            .initrd
+            .as_ref()
+            .map(|p| access::open_as(caller, "initrd", p, Mode::Read))
+            .transpose()
+            .map_err(denied)?;
+        for d in &def.disk {
+            let mode = if d.read_only {
+                Mode::Read
+            } else {
+                Mode::ReadWrite
+            };
+            access::open_as(caller, "disk image", &d.image, mode).map_err(denied)?;
+        }
+        Ok(BootFiles { kernel, initrd })
+    }
+}
