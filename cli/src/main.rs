@@ -130,8 +130,14 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                     .map_err(|source| CtlError::Resolve { path: k, source })?;
                 def["kernel"] = serde_json::Value::String(k.display().to_string());
             }
+            // A definition partd found invalid is reported against its
+            // file; any other refusal (403: a file the caller may not open)
+            // keeps its status.
             let v = client.create(&def).await.map_err(|e| match e {
-                CtlError::Api { message, .. } => CtlError::Definition {
+                CtlError::Api {
+                    status: 400,
+                    message,
+                } => CtlError::Definition {
                     path: file.clone(),
                     message,
                 },

@@ -238,6 +238,44 @@ impl Partd {
             .expect("read holdings")
     }
 
+    /// partctl as a path other uids can execute: the built one when every
+    /// folder above it is world-searchable, else a copy in the state dir.
+    pub fn partctl_for_others(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let built = bins().partctl.clone();
+        let reachable = built
+            .ancestors()
+            .skip(1)
+            .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+        if reachable {
+            return built;
+        }
+        let copy = self.path().join("partctl");
+        if !copy.exists() {
+            std::fs::copy(&built, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        copy
+    }
+
+    /// `partctl --socket <partd's> ARGS` as `uid`:`gid` with no
+    /// supplementary groups (util-linux `setpriv`).
+    pub fn run_as(&self, uid: u32, gid: u32, args: &[&str]) -> Output {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "--",
+            ])
+            .arg(self.partctl_for_others())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run setpriv (util-linux)")
+    }
+
     /// Writes `name`'s definition (see [`Partd::definition`]) and creates
     /// the partition with `partctl create`.
     pub fn create(&self, name: &str, extra: &str) {

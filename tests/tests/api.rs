@@ -163,41 +163,6 @@ fn malformed_requests_get_4xx_with_a_message_and_partd_keeps_serving() {
     assert!(partd.view().partitions().unwrap().is_empty());
 }
 
-/// partctl as a path other uids can execute: the built one when every
-/// folder above it is world-searchable, else a copy in partd's state dir.
-fn partctl_for_others(partd: &Partd) -> std::path::PathBuf {
-    let built = bins().partctl.clone();
-    let reachable = built
-        .ancestors()
-        .skip(1)
-        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
-    if reachable {
-        return built;
-    }
-    let copy = partd.path().join("partctl");
-    if !copy.exists() {
-        std::fs::copy(&built, &copy).unwrap();
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    copy
-}
-
-fn run_as(uid: u32, gid: u32, partd: &Partd, args: &[&str]) -> std::process::Output {
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={gid}"),
-            "--clear-groups",
-            "--",
-        ])
-        .arg(partctl_for_others(partd))
-        .arg("--socket")
-        .arg(&partd.socket)
-        .args(args)
-        .output()
-        .expect("run setpriv (util-linux)")
-}
-
 #[test]
 fn allowlisted_uid_is_served_and_another_uid_gets_403() {
     // The socket is 0660 with group `nogroup`; both uids run in that group
@@ -209,7 +174,7 @@ fn allowlisted_uid_is_served_and_another_uid_gets_403() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
 
-    let ok = run_as(4242, gid, &partd, &["--json", "list"]);
+    let ok = partd.run_as(4242, gid, &["--json", "list"]);
     assert!(
         ok.status.success(),
         "allowlisted uid refused: {}",
@@ -220,20 +185,20 @@ fn allowlisted_uid_is_served_and_another_uid_gets_403() {
         serde_json::json!([])
     );
 
-    let refused = run_as(4343, gid, &partd, &["--json", "list"]);
+    let refused = partd.run_as(4343, gid, &["--json", "list"]);
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("uid 4343 may not use partd"), "{err}");
     let reply: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
     assert_eq!(reply["status"], 403, "{reply}");
     // The console goes through the same check.
-    let console = run_as(4343, gid, &partd, &["--json", "console", "any"]);
+    let console = partd.run_as(4343, gid, &["--json", "console", "any"]);
     let reply: serde_json::Value = serde_json::from_slice(&console.stdout).unwrap();
     assert_eq!(reply["status"], 403, "{reply}");
     assert!(partd.log().contains("refused API request from uid 4343"));
 
     // A uid outside the socket's group cannot even connect.
-    let outside = run_as(4242, 4242, &partd, &["list"]);
+    let outside = partd.run_as(4242, 4242, &["list"]);
     assert!(!outside.status.success());
     assert!(String::from_utf8_lossy(&outside.stderr).contains("cannot reach partd"));
 

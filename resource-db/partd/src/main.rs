@@ -13,7 +13,12 @@
 //! The API (`api.rs`): every connection's uid (SO_PEERCRED) must be root,
 //! partd's own or allowlisted (`--allow-uid`), else 403; bodies are parsed
 //! strictly (400 with a message), bounded in size (413) and time (408); the
-//! serial console is an HTTP upgrade on the same socket. The life cycle
+//! serial console is an HTTP upgrade on the same socket. A partition belongs
+//! to the uid that created it: only that uid, root and partd's own uid may
+//! start, stop, destroy or attach to it (`coordinator/owner.rs`), and its
+//! kernel, initrd and disk images are opened with the requesting uid's
+//! rights and no symbolic links (`access.rs`); part-vmm gets the opened
+//! kernel and initrd as inherited descriptors, never a path. The life cycle
 //! (`coordinator.rs`): a start is one transaction (plan_grant + `starting`),
 //! then part-vmm runs from a sealed memfd descriptor (`process.rs`) with its
 //! vCPU threads confined to the granted CPUs (dedicated ones, or the shared
@@ -45,7 +50,9 @@
 //!   a partition's resources in more than one transaction;
 //! - release a partition's resources while its monitor may still run;
 //! - kill or stop a guest because partd itself stops or restarts;
-//! - serve a uid that is not root, partd's own or allowlisted.
+//! - serve a uid that is not root, partd's own or allowlisted;
+//! - open a file of a definition with more rights than the uid that asked,
+//!   or let a uid act on another uid's partition.
 
 mod access;
 mod api;
