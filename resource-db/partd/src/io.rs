@@ -261,6 +261,7 @@ pub async fn spawn_ready(
     args: &[String],
     log: &Path,
     ready_lines: usize,
+    inherit: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
 ) -> Result<IoRecord, IoError> {
     let file = |source| IoError::File {
         path: log.to_owned(),
@@ -275,6 +276,7 @@ pub async fn spawn_ready(
         .env("PARTVISOR_LOG", "info")
         .kill_on_drop(false)
         .process_group(0);
+    process::inherit_fds(&mut cmd, inherit);
     let mut child = cmd.spawn().map_err(|source| IoError::Spawn {
         bin: bin.to_owned(),
         source,
@@ -314,6 +316,9 @@ pub async fn spawn_ready(
     drop(child);
     Ok(record)
 }
+
+/// Where `part-io blk` finds its first disk image (the next ones follow).
+pub const FIRST_DISK_FD: i32 = 3;
 
 /// `part-io blk` arguments for `disks` (image, read-only) on `sockets`.
 pub fn blk_args(disks: &[(PathBuf, bool)], sockets: &[PathBuf], serial: &str) -> Vec<String> {
@@ -427,6 +432,7 @@ mod tests {
             &["-c".into(), "echo boom >&2; exit 3".into()],
             &log,
             1,
+            Vec::new(),
         )
         .await
         .unwrap_err()
@@ -438,6 +444,7 @@ mod tests {
             &["-c".into(), "echo serving on x >&2; sleep 5".into()],
             &log,
             1,
+            Vec::new(),
         )
         .await
         .unwrap();
@@ -445,5 +452,38 @@ mod tests {
         assert!(ok.stop(Duration::from_secs(2)).await);
         assert!(!ok.alive());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_backend_reads_the_files_partd_opened_on_the_descriptors_it_was_promised() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "first").unwrap();
+        std::fs::write(&b, "second").unwrap();
+        let (fa, fb) = (
+            std::fs::File::open(&a).unwrap(),
+            std::fs::File::open(&b).unwrap(),
+        );
+        // The files are renamed away: what the child reads is what was opened.
+        std::fs::rename(&a, dir.path().join("gone")).unwrap();
+        let log = dir.path().join("x.log");
+        let rec = spawn_ready(
+            Path::new("/bin/sh"),
+            "blk",
+            &[
+                "-c".into(),
+                "echo serving $(cat /proc/self/fd/3) $(cat /proc/self/fd/4) >&2; sleep 5".into(),
+            ],
+            &log,
+            1,
+            // Swapped on purpose: each target gets its own source.
+            vec![(fb.as_raw_fd(), 4), (fa.as_raw_fd(), 3)],
+        )
+        .await
+        .unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("serving first second"), "{text}");
+        assert!(rec.stop(Duration::from_secs(2)).await);
     }
 }

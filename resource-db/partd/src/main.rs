@@ -18,7 +18,8 @@
 //! start, stop, destroy or attach to it (`coordinator/owner.rs`), and its
 //! kernel, initrd and disk images are opened with the requesting uid's
 //! rights and no symbolic links (`access.rs`); part-vmm gets the opened
-//! kernel and initrd as inherited descriptors, never a path. The life cycle
+//! kernel and initrd, and part-io blk the opened images, as inherited
+//! descriptors, never a path. The life cycle
 //! (`coordinator.rs`): a start is one transaction (plan_grant + `starting`),
 //! then part-vmm runs from a sealed memfd descriptor (`process.rs`) with its
 //! vCPU threads confined to the granted CPUs (dedicated ones, or the shared

@@ -3,7 +3,7 @@
 //! socket and waiting for its end.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -280,36 +280,16 @@ pub fn spawn(
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .kill_on_drop(false);
-    // Every source is first copied to a fresh descriptor above the targets
-    // (F_DUPFD takes the lowest free one from 10 up, so nothing is
-    // clobbered), then onto its target: a source that happens to sit on
-    // another's target number is safe.
-    // SAFETY: the closure runs in the child between fork and exec and calls
-    // only async-signal-safe functions (setsid, fcntl, dup2, close) on
-    // descriptors that exist in the child; it allocates nothing (`inherit`
-    // was built before the fork and is only read; `parked` is an array).
+    // SAFETY: setsid is async-signal-safe and allocates nothing.
     unsafe {
-        cmd.pre_exec(move || {
+        cmd.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
-            }
-            let mut parked = [-1i32; 3];
-            for (slot, (src, _)) in parked.iter_mut().zip(inherit.iter()) {
-                *slot = libc::fcntl(*src, libc::F_DUPFD, 10);
-                if *slot < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            for (fd, (_, target)) in parked.iter().zip(inherit.iter()) {
-                // dup2 gives the target a descriptor without FD_CLOEXEC.
-                if libc::dup2(*fd, *target) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(*fd);
             }
             Ok(())
         });
     }
+    inherit_fds(&mut cmd, inherit);
     let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
         vmm: vmm.to_owned(),
         source,
@@ -321,6 +301,46 @@ pub fn spawn(
         start_time: start_time(pid).unwrap_or(0),
     };
     Ok((VmmProcess::Child(child), record))
+}
+
+/// Most descriptors a child inherits (a descriptor, a kernel, an initrd,
+/// or the disks of one partition).
+pub const MAX_INHERITED: usize = 16;
+
+/// Makes the child of `cmd` get each `(source, target)` descriptor on
+/// `target` (without FD_CLOEXEC); at most [`MAX_INHERITED`], the rest are
+/// left out (callers stay below it: a partition has at most
+/// `MAX_DEVICES` devices).
+///
+/// Every source is first copied to a fresh descriptor above the targets
+/// (F_DUPFD takes the lowest free one from 64 up, so nothing is
+/// clobbered), then onto its target: a source that happens to sit on
+/// another's target number is safe. The sources must stay open until the
+/// spawn.
+pub fn inherit_fds(cmd: &mut tokio::process::Command, mut fds: Vec<(RawFd, RawFd)>) {
+    fds.truncate(MAX_INHERITED);
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only async-signal-safe functions (fcntl, dup2, close) on descriptors
+    // that exist in the child; it allocates nothing (`fds` was built before
+    // the fork and is only read; `parked` is an array).
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut parked = [-1i32; MAX_INHERITED];
+            for (slot, (src, _)) in parked.iter_mut().zip(fds.iter()) {
+                *slot = libc::fcntl(*src, libc::F_DUPFD, 64);
+                if *slot < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (fd, (_, target)) in parked.iter().zip(fds.iter()) {
+                if libc::dup2(*fd, *target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(*fd);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Sends one control request and reads its reply, within `timeout`.

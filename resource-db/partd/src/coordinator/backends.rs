@@ -48,10 +48,14 @@ impl Coordinator {
     /// Starts the partition's `part-io blk` and makes sure every switch it
     /// has a NIC on runs with a port for it; returns its devices, disks
     /// first, in definition order.
+    /// The disk images are the ones `boot` holds (opened with the starting
+    /// caller's rights): part-io gets them as inherited descriptors and
+    /// their `/proc/self/fd/N` names, never a path of partd's choosing.
     pub(super) async fn start_io(
         &self,
         id: &PartitionId,
         def: &Definition,
+        boot: &super::owner::BootFiles,
     ) -> Result<Vec<DeviceConfig>, CoordError> {
         let files = self.files(id);
         let mut devices = Vec::new();
@@ -59,11 +63,13 @@ impl Coordinator {
             let sockets: Vec<PathBuf> = (0..def.disk.len())
                 .map(|i| files.dir.join(format!("disk{i}.sock")))
                 .collect();
-            let disks: Vec<(PathBuf, bool)> = def
-                .disk
-                .iter()
-                .map(|d| (d.image.clone(), d.read_only))
-                .collect();
+            let mut disks: Vec<(PathBuf, bool)> = Vec::new();
+            let mut inherit = Vec::new();
+            for (i, (d, f)) in def.disk.iter().zip(&boot.disks).enumerate() {
+                let target = io::FIRST_DISK_FD + i as i32;
+                inherit.push((std::os::fd::AsRawFd::as_raw_fd(f), target));
+                disks.push((format!("/proc/self/fd/{target}").into(), d.read_only));
+            }
             let args = io::blk_args(&disks, &sockets, id.as_str());
             let rec = io::spawn_ready(
                 &self.settings.part_io,
@@ -71,6 +77,7 @@ impl Coordinator {
                 &args,
                 &files.dir.join("blk.log"),
                 sockets.len(),
+                inherit,
             )
             .await
             .map_err(|source| CoordError::Backend {
@@ -189,6 +196,7 @@ impl Coordinator {
             &args,
             &sf.log(),
             want.len(),
+            Vec::new(),
         )
         .await
         .map_err(|source| CoordError::Backend {

@@ -9,9 +9,9 @@
 //!
 //! The kernel, initrd and disk images are opened as the requesting caller
 //! (`crate::access`): at create to refuse a file the caller cannot open,
-//! naming it and why; at start again, and the open kernel and initrd are
-//! what part-vmm gets (inherited descriptors), never a path partd would
-//! resolve with its own rights.
+//! naming it and why; at start again, and the open files are what part-vmm
+//! (kernel, initrd) and part-io blk (disks) get, as inherited descriptors,
+//! never a path partd would resolve with its own rights.
 
 use std::fs::File;
 
@@ -22,6 +22,8 @@ use crate::access::{self, Caller, Mode};
 pub(crate) struct BootFiles {
     pub kernel: File,
     pub initrd: Option<File>,
+    /// The disk images, in definition order.
+    pub disks: Vec<File>,
 }
 
 impl Coordinator {
@@ -55,9 +57,8 @@ impl Coordinator {
         })
     }
 
-    /// Opens `def`'s kernel, initrd and disk images as `caller`; the
-    /// kernel and initrd stay open for part-vmm, the disks are only
-    /// checked (part-io opens them).
+    /// Opens `def`'s kernel, initrd and disk images as `caller`, for
+    /// part-vmm (kernel, initrd) and part-io blk (disks).
     pub(super) fn open_boot_files(
         &self,
         id: &PartitionId,
@@ -77,14 +78,19 @@ impl Coordinator {
             .map(|p| access::open_as(caller, "initrd", p, Mode::Read))
             .transpose()
             .map_err(denied)?;
+        let mut disks = Vec::new();
         for d in &def.disk {
             let mode = if d.read_only {
                 Mode::Read
             } else {
                 Mode::ReadWrite
             };
-            access::open_as(caller, "disk image", &d.image, mode).map_err(denied)?;
+            disks.push(access::open_as(caller, "disk image", &d.image, mode).map_err(denied)?);
         }
-        Ok(BootFiles { kernel, initrd })
+        Ok(BootFiles {
+            kernel,
+            initrd,
+            disks,
+        })
     }
 }

@@ -209,7 +209,7 @@ impl Coordinator {
             })
             .map_err(failed("io-failed"))?;
         let devices = self
-            .start_io(id, &prepared.def)
+            .start_io(id, &prepared.def, &prepared.boot)
             .await
             .map_err(|error| match error {
                 // A busy switch starts nothing: the partition stays as it was.

@@ -75,6 +75,7 @@ impl Coordinator {
             &io::vsock_args(&vf),
             &vf.log(),
             1,
+            Vec::new(),
         )
         .await
         .map_err(|source| CoordError::Backend {
