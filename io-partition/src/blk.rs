@@ -1,5 +1,6 @@
 //! The virtio-blk device model behind one vhost-user connection.
 
+use partvisor_runtime::ratelimit::{suppressed_note, Limiter};
 use std::io;
 use std::mem::{offset_of, size_of};
 use std::os::fd::AsRawFd;
@@ -156,7 +157,13 @@ impl BlkDevice {
             };
             match queue.add_used(&*mem, head, len) {
                 Ok(()) => added = true,
-                Err(e) => warn!(export = %self.export.name(), "cannot add used entry: {e}"),
+                Err(e) => {
+                    // A guest's used ring it broke: rate-limited.
+                    static LIMIT: Limiter = Limiter::new(8, std::time::Duration::from_secs(1));
+                    if let Some(n) = LIMIT.allow() {
+                        warn!(export = %self.export.name(), "cannot add used entry: {e}{}", suppressed_note(n));
+                    }
+                }
             }
         }
         if added {

@@ -10,6 +10,7 @@
 //! ([`ExitFds`]), the kick check and the drain loop that keeps notifications
 //! off while a queue is processed.
 
+use partvisor_runtime::ratelimit::{suppressed_note, Limiter};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -166,7 +167,13 @@ pub fn complete_read_only(
     for head in heads {
         match queue.add_used(mem, head, 0) {
             Ok(()) => added = true,
-            Err(e) => warn!(port = %name, "cannot add used entry: {e}"),
+            Err(e) => {
+                // A guest's used ring it broke: rate-limited.
+                static LIMIT: Limiter = Limiter::new(8, std::time::Duration::from_secs(1));
+                if let Some(n) = LIMIT.allow() {
+                    warn!(port = %name, "cannot add used entry: {e}{}", suppressed_note(n));
+                }
+            }
         }
     }
     if added {

@@ -10,6 +10,7 @@
 //! and every access is counted (the first [`UNASSIGNED_LOG_LIMIT`] are also
 //! logged one line each).
 
+use partvisor_runtime::ratelimit::{suppressed_note, Limiter};
 use partvisor_runtime::sync::MutexExt;
 use std::collections::VecDeque;
 use std::fs::File;
@@ -17,6 +18,7 @@ use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::{I8042Device, Serial, Trigger};
@@ -352,7 +354,14 @@ impl Devices {
                 if slp_en && slp_typ == layout::S5_SLEEP_TYPE {
                     BusAction::Exit(ExitReason::PowerOff)
                 } else {
-                    tracing::info!("guest wrote sleep control {v:#x}: only S5 (soft off) is supported, ignored");
+                    // A guest can write this port in a loop: rate-limited.
+                    static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
+                    if let Some(n) = LIMIT.allow() {
+                        tracing::info!(
+                            "guest wrote sleep control {v:#x}: only S5 (soft off) is supported, ignored{}",
+                            suppressed_note(n)
+                        );
+                    }
                     BusAction::None
                 }
             }

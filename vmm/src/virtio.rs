@@ -12,8 +12,10 @@
 //! are implemented here; queues are the backend's business (virtio-queue
 //! there).
 
+use partvisor_runtime::ratelimit::{suppressed_note, Limiter};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vhost::vhost_user::message::{
@@ -472,12 +474,17 @@ impl VirtioMmio {
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let unknown = self.driver_features & !self.device_features();
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                tracing::warn!(
-                    "{}: driver features {:#x} rejected (offered {:#x}; VERSION_1 required)",
-                    self.name,
-                    self.driver_features,
-                    self.device_features()
-                );
+                // A driver can retry in a loop: rate-limited.
+                static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
+                if let Some(n) = LIMIT.allow() {
+                    tracing::warn!(
+                        "{}: driver features {:#x} rejected (offered {:#x}; VERSION_1 required){}",
+                        self.name,
+                        self.driver_features,
+                        self.device_features(),
+                        suppressed_note(n)
+                    );
+                }
                 // FEATURES_OK stays clear: the driver sees the refusal.
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
@@ -565,11 +572,16 @@ impl VirtioMmio {
             }
         }
         self.active = true;
-        tracing::info!(
-            "{}: active, features {:#x}",
-            self.name,
-            self.driver_features
-        );
+        // A driver can reset and activate in a loop: rate-limited.
+        static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
+        if let Some(n) = LIMIT.allow() {
+            tracing::info!(
+                "{}: active, features {:#x}{}",
+                self.name,
+                self.driver_features,
+                suppressed_note(n)
+            );
+        }
         Ok(())
     }
 
@@ -579,7 +591,14 @@ impl VirtioMmio {
             for i in 0..self.kind.backend_queues() {
                 if self.queues[i].ready {
                     if let Err(e) = self.frontend.get_vring_base(i) {
-                        tracing::warn!("{}: GET_VRING_BASE on reset: {e}", self.name);
+                        static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
+                        if let Some(n) = LIMIT.allow() {
+                            tracing::warn!(
+                                "{}: GET_VRING_BASE on reset: {e}{}",
+                                self.name,
+                                suppressed_note(n)
+                            );
+                        }
                     }
                 }
             }

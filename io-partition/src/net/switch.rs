@@ -6,6 +6,7 @@
 //! goes to its one port or to the uplink. Delivery into a receive ring never
 //! waits: no buffer posted, and the frame is dropped and counted.
 
+use partvisor_runtime::ratelimit::{suppressed_note, Limiter};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -274,7 +275,13 @@ impl Switch {
                 rx.pending = true;
                 touched.0[j] = true;
             }
-            Err(e) => warn!(port = %port.spec.socket.display(), "cannot add used entry: {e}"),
+            Err(e) => {
+                // A guest's used ring it broke: rate-limited.
+                static LIMIT: Limiter = Limiter::new(8, std::time::Duration::from_secs(1));
+                if let Some(n) = LIMIT.allow() {
+                    warn!(port = %port.spec.socket.display(), "cannot add used entry: {e}{}", suppressed_note(n));
+                }
+            }
         }
     }
 

@@ -14,6 +14,7 @@
 //! lock (then its vring lock) only while delivering to it. A thread never
 //! holds two ports' `rx` locks, nor the table lock while delivering.
 
+use partvisor_runtime::ratelimit::{suppressed_note, Limiter};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -569,7 +570,13 @@ fn fill(port: &VsockPort, rx: &mut Rx, header: &Header, payload: Payload<'_>) ->
         };
         match queue.add_used(&*mem, head, used_len) {
             Ok(()) => used = true,
-            Err(e) => warn!(port = %name, "cannot add used entry: {e}"),
+            Err(e) => {
+                // A guest's used ring it broke: rate-limited.
+                static LIMIT: Limiter = Limiter::new(8, std::time::Duration::from_secs(1));
+                if let Some(n) = LIMIT.allow() {
+                    warn!(port = %name, "cannot add used entry: {e}{}", suppressed_note(n));
+                }
+            }
         }
     }
     if used {

@@ -5,8 +5,11 @@
 //!
 //! - [`init_logging`]: logs go to stderr through `tracing`, filtered by the
 //!   one variable [`LOG_ENV`] (`PARTVISOR_LOG`, a `tracing` filter such as
-//!   `info` or `part_io=debug`), `info` when it is unset. Colours only when
-//!   stderr is a terminal, so files and journald get plain text.
+//!   `info` or `part_io=debug`), `info` when it is unset, and capped in
+//!   size ([`ratelimit`]). Colours only when stderr is a terminal, so files
+//!   and journald get plain text.
+//! - [`ratelimit`]: a rate limit per kind of line an untrusted party can
+//!   cause, with the count of what it suppressed.
 //! - [`sync`]: locks that keep working after a thread panicked while holding
 //!   them. Every shared structure in partvisor is left consistent at each
 //!   statement that can panic (the release profile aborts on panic anyway),
@@ -24,6 +27,7 @@
 //!   stderr.
 
 pub mod ci;
+pub mod ratelimit;
 pub mod sync;
 
 use std::io::IsTerminal;
@@ -48,7 +52,7 @@ pub fn init_logging() {
         },
     };
     let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(ratelimit::CappedStderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_target(false)

@@ -86,6 +86,29 @@ pub fn stay(boot: &Boot) -> ! {
     idle_forever()
 }
 
+/// flood=SECONDS: for SECONDS, write a sleep type the monitor ignores
+/// (not S5) to the ACPI sleep control port as fast as it goes: each write
+/// is one line the monitor could log. A deliberate busy loop (the one
+/// workload that does not HLT): it tests that a guest cannot grow its
+/// monitor's log at will.
+pub fn flood(boot: &Boot, seconds: u32) {
+    let Some(port) = boot.sleep_port else {
+        say!("flood: no sleep control port");
+        return;
+    };
+    let mut clock = crate::workloads::clock::Clock::start();
+    let end = clock.now() + u64::from(seconds) * 1_000_000_000;
+    let mut writes = 0u64;
+    while clock.now() < end {
+        for _ in 0..64 {
+            // SLP_EN with sleep type 0 (S0): ignored by the monitor.
+            arch::outb(port, 1 << 5);
+        }
+        writes += 64;
+    }
+    say!("flood: {writes} writes in {seconds} s");
+}
+
 /// crash=triple: empty IDT + a CPU-raised #GP at CPL 0 (call `SYS_TRIPLE_FAULT`).
 pub fn crash_triple() -> ! {
     say!("crash: triple fault");

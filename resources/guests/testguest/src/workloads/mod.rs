@@ -108,6 +108,10 @@ pub fn run(cmdline: &str, boot: &Boot) -> ! {
                 Ok(n) => actions::echo(boot, n),
                 Err(_) => say!("warn: unknown word {word}"),
             },
+            Some(("flood", n)) => match n.parse::<u32>() {
+                Ok(n) => actions::flood(boot, n),
+                Err(_) => say!("warn: unknown word {word}"),
+            },
             Some(("crash", "triple")) => actions::crash_triple(),
             Some(("crash", "int3")) => actions::crash_int3(),
             None if word == "stay" => actions::stay(boot),
