@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use partvisor_runtime::ratelimit::{suppressed_note, Limiter};
 use partvisor_runtime::sync::{CondvarExt, MutexExt, RwLockExt};
 use tracing::{error, info, warn};
 use vhost_user_backend::VhostUserDaemon;
@@ -137,10 +138,49 @@ pub fn bind<E: Endpoint>(export: E) -> Result<Bound<E>, ServeError> {
     bind_shared(Arc::new(export))
 }
 
-/// [`bind`] for an endpoint that is already shared (a switch port).
+/// [`bind`] for an endpoint that is already shared (a switch port). The
+/// socket is owner-only (mode 0600): only part-io's own uid (and root)
+/// can reach it, and [`Bound::serve`] checks the connecting uid again.
 pub fn bind_shared<E: Endpoint>(export: Arc<E>) -> Result<Bound<E>, ServeError> {
     let listener = listen("socket", export.socket())?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(export.socket(), fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ListenError::Bind {
+            what: "socket",
+            path: export.socket().to_owned(),
+            source,
+        }
+    })?;
     Ok(Bound { export, listener })
+}
+
+/// The uid of the peer of `stream` (SO_PEERCRED).
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: ucred is plain data; zeroed is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Whether a frontend with `uid` may connect: part-io's own uid or root
+/// (the monitors partd starts run as one of them).
+fn frontend_allowed(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
 impl<E: Endpoint> Bound<E> {
@@ -171,6 +211,18 @@ impl<E: Endpoint> Bound<E> {
             if self.export.retired() {
                 info!(export = %self.export.name(), "taken out of service; no longer listening");
                 return;
+            }
+            match peer_uid(&stream) {
+                Ok(uid) if frontend_allowed(uid) => {}
+                who => {
+                    static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
+                    if let Some(n) = LIMIT.allow() {
+                        let who = who.map_or_else(|e| format!("unknown ({e})"), |u| u.to_string());
+                        warn!(export = %self.export.name(), "refused a frontend of uid {who}: only part-io's own uid and root may connect{}", suppressed_note(n));
+                    }
+                    drop(stream);
+                    continue;
+                }
             }
             if !slot.acquire(HANDOVER_GRACE) {
                 warn!(export = %self.export.name(), "refusing a second frontend: the export is already connected");

@@ -25,8 +25,10 @@
 //!
 //! A memory region passes only if its file descriptor carries the seals
 //! `F_SEAL_SHRINK` and `F_SEAL_GROW` (so the VMM can never shrink it under a
-//! mapping and turn a guest access into SIGBUS in part-io) and the region lies
-//! inside the file. A failing region is logged, counted, and ends the
+//! mapping and turn a guest access into SIGBUS in part-io), is not on
+//! hugetlbfs, and the region lies inside the file. Ring descriptors must be
+//! eventfds and are made non-blocking (`fds`); early ring enables are held
+//! for at most `early::MAX_RINGS` rings. A failing region is logged, counted, and ends the
 //! connection before anything is mapped; other exports are not affected.
 
 use std::io;
@@ -38,6 +40,7 @@ use channels::ChannelError;
 use partvisor_runtime::sync::MutexExt;
 
 mod early;
+mod fds;
 mod message;
 mod regions;
 
@@ -91,6 +94,15 @@ pub enum GuardError {
     },
     #[error("{0} is refused: part-io does not offer dirty-page logging")]
     Refused(&'static str),
+    #[error("{what}: the descriptor is {kind}, not an eventfd")]
+    NotEventfd { what: &'static str, kind: String },
+    #[error(
+        "memory region {index} (guest {gpa:#x}, {size:#x} bytes) refused: it is on hugetlbfs \
+         (its pages cannot be sealed against a hole punched under part-io's mapping)"
+    )]
+    Hugetlb { index: usize, gpa: u64, size: u64 },
+    #[error("SET_VRING_ENABLE for ring {0} before SET_FEATURES: no device has that many rings")]
+    EarlyRing(u32),
 }
 
 impl GuardError {
@@ -98,7 +110,10 @@ impl GuardError {
     pub fn is_region_refusal(&self) -> bool {
         matches!(
             self,
-            GuardError::Unsealed { .. } | GuardError::Seals { .. } | GuardError::OutsideFile { .. }
+            GuardError::Unsealed { .. }
+                | GuardError::Seals { .. }
+                | GuardError::OutsideFile { .. }
+                | GuardError::Hugetlb { .. }
         )
     }
 }
@@ -133,7 +148,8 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError
         let mut early = EarlyEnables::default();
         while let Some(msg) = recv(&frontend, std::mem::take(&mut buf))? {
             regions::check(&msg)?;
-            match early.filter(&msg) {
+            fds::check(&msg)?;
+            match early.filter(&msg)? {
                 Early::Hold(reply) => {
                     if let Some(reply) = reply {
                         let _one = to_frontend.locked();

@@ -44,6 +44,16 @@ pub fn check_region(
             missing,
         });
     }
+    // SAFETY: fstatfs writes into the zeroed struct it is given; the fd is
+    // open (owned by the message).
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(fd), &mut fs) } != 0 {
+        return Err(GuardError::Io(std::io::Error::last_os_error()));
+    }
+    if fs.f_type == libc::HUGETLBFS_MAGIC {
+        return Err(GuardError::Hugetlb { index, gpa, size });
+    }
     let file = File::from(fd.try_clone()?);
     let file_size = file.metadata()?.len();
     let offset = region.mmap_offset;
@@ -125,6 +135,31 @@ mod tests {
 
     fn region(size: u64, offset: u64) -> VhostUserMemoryRegion {
         VhostUserMemoryRegion::new(0x10_0000, size, 0x7f00_0000_0000, offset)
+    }
+
+    #[test]
+    fn a_hugetlb_memfd_is_refused_even_when_sealed() {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a NUL-terminated name; a new fd or -1.
+        let raw = unsafe {
+            libc::memfd_create(
+                c"guard-test-huge".as_ptr(),
+                libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
+            )
+        };
+        assert!(
+            raw >= 0,
+            "memfd_create(MFD_HUGETLB): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own descriptor (no pages are allocated).
+        assert_eq!(unsafe { libc::ftruncate(raw, 0x20_0000) }, 0);
+        channels::memfd::add_seals(fd.as_fd(), libc::F_SEAL_SHRINK | libc::F_SEAL_GROW).unwrap();
+        let e = check_region(0, &region(0x20_0000, 0), &fd).unwrap_err();
+        assert!(matches!(e, GuardError::Hugetlb { .. }), "{e}");
+        assert!(e.is_region_refusal());
     }
 
     #[test]
