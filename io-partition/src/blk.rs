@@ -439,6 +439,10 @@ impl Endpoint for Export {
         &self.spec.socket
     }
 
+    fn memory_limit(&self) -> Option<u64> {
+        self.spec.memory_limit
+    }
+
     fn kind(&self) -> &'static str {
         "blk"
     }

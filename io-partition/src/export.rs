@@ -43,8 +43,9 @@ static GRAMMAR: Grammar = Grammar {
         Key::value("image", "PATH"),
         Key::flag("readonly"),
         Key::maybe_empty("id", "SERIAL"),
+        Key::value("memory", "MIB"),
     ],
-    usage: "socket=PATH,image=PATH[,readonly][,id=SERIAL]",
+    usage: "socket=PATH,image=PATH[,readonly][,id=SERIAL][,memory=MIB]",
 };
 
 /// A parsed `--export` argument.
@@ -58,6 +59,9 @@ pub struct ExportSpec {
     pub readonly: bool,
     /// Serial returned by `VIRTIO_BLK_T_GET_ID` (default: the image's file name, truncated).
     pub id: Option<String>,
+    /// The partition's granted memory in bytes (`memory=MIB`): a frontend
+    /// whose memory table maps more is refused.
+    pub memory_limit: Option<u64>,
 }
 
 impl FromStr for ExportSpec {
@@ -81,6 +85,7 @@ impl FromStr for ExportSpec {
             image: items.required("image").map_err(wrap)?.into(),
             readonly: items.flag("readonly").unwrap_or(false),
             id: id.map(str::to_string),
+            memory_limit: items.memory_limit().map_err(wrap)?,
         })
     }
 }
@@ -215,7 +220,7 @@ mod tests {
 
     #[test]
     fn full_spec_parses() {
-        let s: ExportSpec = "socket=/run/a.sock,image=/img/a.raw,readonly,id=disk-a"
+        let s: ExportSpec = "socket=/run/a.sock,image=/img/a.raw,readonly,id=disk-a,memory=64"
             .parse()
             .unwrap();
         assert_eq!(
@@ -225,8 +230,15 @@ mod tests {
                 image: "/img/a.raw".into(),
                 readonly: true,
                 id: Some("disk-a".into()),
+                memory_limit: Some(64 << 20),
             }
         );
+        for bad in ["memory=0", "memory=x", "memory=-1"] {
+            let e = format!("socket=a,image=b,{bad}")
+                .parse::<ExportSpec>()
+                .unwrap_err();
+            assert!(e.to_string().contains("not a size in MiB"), "{e}");
+        }
         let s: ExportSpec = "image=b.raw,socket=b.sock".parse().unwrap();
         assert!(!s.readonly);
         assert_eq!(s.id, None);

@@ -199,6 +199,7 @@ fn run_vsock(
             p.cid,
             p.socket.clone(),
             p.host_socket.clone(),
+            p.memory_limit,
         )?);
     }
     let stats = stats_socket

@@ -35,6 +35,12 @@ pub trait Endpoint: Send + Sync + 'static {
     }
     /// Short device kind for thread names (`blk`, `net`).
     fn kind(&self) -> &'static str;
+    /// The most guest memory (bytes) a frontend's memory table may map in
+    /// total: the partition's grant, as partd gave it; `None` if it was
+    /// not given (part-io started by hand).
+    fn memory_limit(&self) -> Option<u64> {
+        None
+    }
     /// A fresh device for one connection; `mem` is the memory the daemon
     /// will publish to it (the same `GuestMemoryAtomic`).
     fn new_model(self: &Arc<Self>, mem: &Mem) -> Self::Model;
@@ -344,7 +350,7 @@ fn session<E: Endpoint>(
     drop(private);
     drop(dir);
 
-    let guard_result = guard::relay(frontend, inner);
+    let guard_result = guard::relay(frontend, inner, export.memory_limit());
     // The frontend is gone: stop other endpoints (switch ports) from writing
     // into this guest right away, not only once the daemon has wound down.
     export.disconnected();

@@ -129,6 +129,12 @@ pub enum SpecError {
         /// The value it was given.
         value: String,
     },
+    /// `memory=` that is not a number of MiB above 0.
+    #[error("`memory={value}` is not a size in MiB (a whole number above 0)")]
+    Memory {
+        /// The value as written.
+        value: String,
+    },
     /// A key the caller requires is absent.
     #[error("missing `{key}={hint}`")]
     Missing {
@@ -220,6 +226,22 @@ impl<'a> Parsed<'a> {
             key,
             hint: self.grammar.key(key).map_or("VALUE", Key::hint),
         })
+    }
+
+    /// `memory=MIB`, the guest memory the partition was granted, in
+    /// bytes: the most its frontend's memory table may map in total.
+    pub fn memory_limit(&self) -> Result<Option<u64>, SpecError> {
+        let Some(v) = self.value("memory") else {
+            return Ok(None);
+        };
+        v.parse::<u64>()
+            .ok()
+            .filter(|m| *m > 0)
+            .and_then(|m| m.checked_mul(1 << 20))
+            .map(Some)
+            .ok_or_else(|| SpecError::Memory {
+                value: v.to_string(),
+            })
     }
 
     /// The state of flag `key`, if it was given.

@@ -584,3 +584,41 @@ fn another_uid_cannot_reach_a_port_and_is_refused_if_the_socket_is_opened_up() {
     a.send(&f);
     assert_eq!(b.recv(), f);
 }
+
+#[test]
+fn a_memory_table_larger_than_the_grant_is_refused_and_other_ports_keep_switching() {
+    const C: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x0c];
+    let dir = tempfile::tempdir().unwrap();
+    let port = |i: usize, mac: [u8; 6], memory: u64| {
+        format!(
+            "socket={},mac={},memory={memory}",
+            dir.path().join(format!("p{i}.sock")).display(),
+            mac_str(mac)
+        )
+    };
+    let args = vec![
+        "net".to_string(),
+        "--port".into(),
+        port(0, C, 2),
+        "--port".into(),
+        port(1, A, 64),
+        "--port".into(),
+        port(2, B, 64),
+        "--stats-socket".into(),
+        dir.path().join("stats.sock").display().to_string(),
+    ];
+    let p = PartIo::spawn_args(dir, &args, 3);
+    // The test frontend's 4 MiB against port 0's grant of 2 MiB.
+    let r = NetDevice::connect(&port_sock(&p, 0), guest_memory(SEALED), NET_QSIZE, false);
+    assert!(r.is_err(), "a table larger than the grant must be refused");
+    p.wait_log("more than the 0x200000 bytes the partition was granted");
+    wait_until("the refusal to be counted", || {
+        port_stat(&p, 0, "refused_regions") == 1
+    });
+    // Ports granted enough are served and switch frames.
+    let mut a = attach(&p, 1, 16);
+    let mut b = attach(&p, 2, 16);
+    let f = frame(B, A, b"within the grant");
+    a.send(&f);
+    assert_eq!(b.recv(), f);
+}

@@ -103,6 +103,10 @@ pub enum GuardError {
     Hugetlb { index: usize, gpa: u64, size: u64 },
     #[error("SET_VRING_ENABLE for ring {0} before SET_FEATURES: no device has that many rings")]
     EarlyRing(u32),
+    #[error(
+        "the memory table maps {total:#x} bytes in all, more than the {limit:#x} bytes the partition was granted"
+    )]
+    TooMuchMemory { total: u64, limit: u64 },
 }
 
 impl GuardError {
@@ -114,13 +118,20 @@ impl GuardError {
                 | GuardError::Seals { .. }
                 | GuardError::OutsideFile { .. }
                 | GuardError::Hugetlb { .. }
+                | GuardError::TooMuchMemory { .. }
         )
     }
 }
 
 /// Relays messages between `frontend` and the daemon's end `backend` until
 /// either side closes or a message fails a check; then shuts both down.
-pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError> {
+/// `memory_limit` is the partition's grant in bytes: a memory table that
+/// maps more in total is refused.
+pub fn relay(
+    frontend: UnixStream,
+    backend: UnixStream,
+    memory_limit: Option<u64>,
+) -> Result<(), GuardError> {
     let (f2, b2) = (frontend.try_clone()?, backend.try_clone()?);
     // Both threads may write to the frontend: one message at a time.
     let to_frontend = Arc::new(Mutex::new(()));
@@ -146,8 +157,10 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> Result<(), GuardError
     let result = (|| {
         let mut buf = Vec::new();
         let mut early = EarlyEnables::default();
+        let mut budget = regions::MemoryBudget::new(memory_limit);
         while let Some(msg) = recv(&frontend, std::mem::take(&mut buf))? {
             regions::check(&msg)?;
+            budget.apply(&msg)?;
             fds::check(&msg)?;
             match early.filter(&msg)? {
                 Early::Hold(reply) => {

@@ -77,6 +77,80 @@ fn read_pod<T: ByteValued + Default>(bytes: &[u8]) -> T {
     v
 }
 
+/// What a frontend's memory table maps, held to the partition's grant:
+/// `SET_MEM_TABLE` replaces the table, `ADD_MEM_REG` adds a region,
+/// `REM_MEM_REG` takes one out (by guest address); a table larger in total
+/// than `limit` bytes is refused before it is forwarded.
+#[derive(Debug, Default)]
+pub(super) struct MemoryBudget {
+    limit: Option<u64>,
+    /// (guest address, size) of every region in the table.
+    regions: Vec<(u64, u64)>,
+}
+
+impl MemoryBudget {
+    pub(super) fn new(limit: Option<u64>) -> MemoryBudget {
+        MemoryBudget {
+            limit,
+            regions: Vec::new(),
+        }
+    }
+
+    fn allow(&self, regions: &[(u64, u64)]) -> Result<(), GuardError> {
+        let Some(limit) = self.limit else {
+            return Ok(());
+        };
+        let total = regions
+            .iter()
+            .try_fold(0u64, |t, &(_, size)| t.checked_add(size));
+        match total {
+            Some(t) if t <= limit => Ok(()),
+            _ => Err(GuardError::TooMuchMemory {
+                total: total.unwrap_or(u64::MAX),
+                limit,
+            }),
+        }
+    }
+
+    /// Accounts `msg` (already checked by [`check`]).
+    pub(super) fn apply(&mut self, msg: &Message) -> Result<(), GuardError> {
+        let req = msg.request();
+        let hdr_len = size_of::<VhostUserMemory>();
+        let reg_len = size_of::<VhostUserMemoryRegion>();
+        if req == FrontendReq::SET_MEM_TABLE as u32 {
+            let table: Vec<(u64, u64)> = msg.body[hdr_len.min(msg.body.len())..]
+                .chunks_exact(reg_len)
+                .map(|b| {
+                    let r: VhostUserMemoryRegion = read_pod(b);
+                    (r.guest_phys_addr, r.memory_size)
+                })
+                .collect();
+            self.allow(&table)?;
+            self.regions = table;
+        } else if req == FrontendReq::ADD_MEM_REG as u32
+            && msg.body.len() == size_of::<VhostUserSingleMemoryRegion>()
+        {
+            let r: VhostUserSingleMemoryRegion = read_pod(&msg.body);
+            let mut table = self.regions.clone();
+            table.push((r.guest_phys_addr, r.memory_size));
+            self.allow(&table)?;
+            self.regions = table;
+        } else if req == FrontendReq::REM_MEM_REG as u32
+            && msg.body.len() == size_of::<VhostUserSingleMemoryRegion>()
+        {
+            let r: VhostUserSingleMemoryRegion = read_pod(&msg.body);
+            if let Some(i) = self
+                .regions
+                .iter()
+                .position(|&(g, _)| g == r.guest_phys_addr)
+            {
+                self.regions.swap_remove(i);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks a frontend-to-backend message; `Ok` means it may be forwarded.
 pub(super) fn check(msg: &Message) -> Result<(), GuardError> {
     let req = msg.request();
@@ -201,6 +275,46 @@ mod tests {
             body.extend_from_slice(r.as_slice());
         }
         body
+    }
+
+    #[test]
+    fn a_memory_table_larger_than_the_grant_is_refused_and_added_regions_count() {
+        const MIB: u64 = 1 << 20;
+        let table = |sizes: &[u64]| {
+            let regions: Vec<VhostUserMemoryRegion> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| VhostUserMemoryRegion::new((i as u64) << 32, *s, 0, 0))
+                .collect();
+            Message::test(FrontendReq::SET_MEM_TABLE, mem_table(&regions), vec![])
+        };
+        let single = |req, gpa, size| {
+            let r = VhostUserSingleMemoryRegion::new(gpa, size, 0, 0);
+            Message::test(req, r.as_slice().to_vec(), vec![])
+        };
+        let mut b = MemoryBudget::new(Some(64 * MIB));
+        b.apply(&table(&[32 * MIB, 32 * MIB])).unwrap();
+        let e = b.apply(&table(&[32 * MIB, 33 * MIB])).unwrap_err();
+        assert!(matches!(e, GuardError::TooMuchMemory { .. }), "{e}");
+        assert!(e.is_region_refusal());
+        // The table is full: one more region is refused; removing one
+        // makes room for it.
+        assert!(b
+            .apply(&single(FrontendReq::ADD_MEM_REG, 1 << 40, MIB))
+            .is_err());
+        b.apply(&single(FrontendReq::REM_MEM_REG, 0, 32 * MIB))
+            .unwrap();
+        b.apply(&single(FrontendReq::ADD_MEM_REG, 1 << 40, 32 * MIB))
+            .unwrap();
+        // Sizes that overflow when added are refused too.
+        let e = MemoryBudget::new(Some(64 * MIB))
+            .apply(&table(&[u64::MAX, 2]))
+            .unwrap_err();
+        assert!(matches!(e, GuardError::TooMuchMemory { .. }), "{e}");
+        // Without a grant given, nothing is held back.
+        MemoryBudget::new(None)
+            .apply(&table(&[u64::MAX / 2, u64::MAX / 2]))
+            .unwrap();
     }
 
     #[test]

@@ -53,6 +53,10 @@ impl Endpoint for PortEndpoint {
         &self.port().spec.socket
     }
 
+    fn memory_limit(&self) -> Option<u64> {
+        self.port().spec.memory_limit
+    }
+
     fn kind(&self) -> &'static str {
         "net"
     }

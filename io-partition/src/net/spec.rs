@@ -28,8 +28,9 @@ static GRAMMAR: Grammar = Grammar {
     keys: &[
         Key::value("socket", "PATH"),
         Key::value("mac", "XX:XX:XX:XX:XX:XX"),
+        Key::value("memory", "MIB"),
     ],
-    usage: "socket=PATH,mac=XX:XX:XX:XX:XX:XX",
+    usage: "socket=PATH,mac=XX:XX:XX:XX:XX:XX[,memory=MIB]",
 };
 
 /// A parsed `--port` argument.
@@ -39,6 +40,9 @@ pub struct PortSpec {
     pub socket: PathBuf,
     /// The only source MAC this port may send from; also its config-space MAC.
     pub mac: MacAddr,
+    /// The partition's granted memory in bytes (`memory=MIB`): a frontend
+    /// whose memory table maps more is refused.
+    pub memory_limit: Option<u64>,
 }
 
 impl FromStr for PortSpec {
@@ -57,6 +61,7 @@ impl FromStr for PortSpec {
         Ok(PortSpec {
             socket: items.required("socket").map_err(wrap)?.into(),
             mac,
+            memory_limit: items.memory_limit().map_err(wrap)?,
         })
     }
 }

@@ -321,6 +321,7 @@ mod tests {
         let p = |s: &str, m: &str| PortSpec {
             socket: s.into(),
             mac: m.parse().unwrap(),
+            memory_limit: None,
         };
         let e = Switch::new(
             vec![p("a", "02:00:00:00:00:01"), p("b", "02:00:00:00:00:01")],

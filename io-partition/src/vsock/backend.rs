@@ -50,6 +50,10 @@ impl Endpoint for VsockEndpoint {
         &self.port.socket
     }
 
+    fn memory_limit(&self) -> Option<u64> {
+        self.port.memory_limit
+    }
+
     fn kind(&self) -> &'static str {
         "vsock"
     }

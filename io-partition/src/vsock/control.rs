@@ -163,7 +163,14 @@ fn add(relay: &Arc<Relay>, entry: Entry) -> Result<(), AddError> {
         relay.set_entry(entry);
         return Ok(());
     };
-    let bound = bound::bind(relay, cid, socket.clone(), entry.host_socket.clone())?;
+    let memory = entry.memory_mib.and_then(|m| m.checked_mul(1 << 20));
+    let bound = bound::bind(
+        relay,
+        cid,
+        socket.clone(),
+        entry.host_socket.clone(),
+        memory,
+    )?;
     let host = entry.host_socket.clone();
     relay.set_entry(entry);
     bound.spawn()?;

@@ -48,6 +48,7 @@ impl Entries {
                     socket: Some(p.socket.clone()),
                     host_socket: p.host_socket.clone(),
                     location: Location::Local,
+                    memory_mib: p.memory_limit.map(|b| b >> 20),
                     accept,
                 },
             );
@@ -129,6 +130,7 @@ mod tests {
             socket: Some(format!("/s/{name}.sock").into()),
             host_socket: None,
             location: Location::Local,
+            memory_mib: None,
             accept: accept
                 .iter()
                 .map(|(f, p)| VsockAccept {

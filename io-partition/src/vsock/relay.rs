@@ -124,6 +124,8 @@ pub struct VsockPort {
     pub socket: PathBuf,
     /// Its hybrid host socket and connections, if it has one.
     pub host: Option<HostSide>,
+    /// The partition's granted memory in bytes, if partd gave it.
+    pub memory_limit: Option<u64>,
     pub stats: VsockStats,
     rx: Mutex<Rx>,
     pub(super) connected: AtomicBool,
@@ -133,11 +135,17 @@ pub struct VsockPort {
 
 impl VsockPort {
     /// A port for `cid` served on `socket`, with host services on `host`.
-    pub fn new(cid: u32, socket: PathBuf, host: Option<HostSide>) -> Arc<VsockPort> {
+    pub fn new(
+        cid: u32,
+        socket: PathBuf,
+        host: Option<HostSide>,
+        memory_limit: Option<u64>,
+    ) -> Arc<VsockPort> {
         Arc::new(VsockPort {
             cid,
             socket,
             host,
+            memory_limit,
             stats: VsockStats::default(),
             rx: Mutex::new(Rx::default()),
             connected: AtomicBool::new(false),

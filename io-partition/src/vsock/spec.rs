@@ -34,8 +34,9 @@ static GRAMMAR: Grammar = Grammar {
         Key::value("cid", "N"),
         Key::value("uds", "PATH"),
         Key::maybe_empty("accept", "CID:PORT+CID:PORT"),
+        Key::value("memory", "MIB"),
     ],
-    usage: "socket=PATH,cid=N[,uds=PATH][,accept=CID:PORT+...]",
+    usage: "socket=PATH,cid=N[,uds=PATH][,accept=CID:PORT+...][,memory=MIB]",
 };
 
 /// A parsed `--port` argument: one partition's vsock device.
@@ -50,6 +51,9 @@ pub struct PortSpec {
     pub host_socket: Option<PathBuf>,
     /// Who may connect to this partition: (peer CID, port here).
     pub accept: Vec<(u32, u32)>,
+    /// The partition's granted memory in bytes (`memory=MIB`): a frontend
+    /// whose memory table maps more is refused.
+    pub memory_limit: Option<u64>,
 }
 
 /// `text` as a guest CID (from [`MIN_GUEST_CID`], not [`CID_ANY`]).
@@ -94,6 +98,7 @@ impl FromStr for PortSpec {
             cid,
             host_socket: items.value("uds").map(PathBuf::from),
             accept,
+            memory_limit: items.memory_limit().map_err(wrap)?,
         })
     }
 }
@@ -113,7 +118,8 @@ mod tests {
                 socket: "/run/v3.sock".into(),
                 cid: 3,
                 host_socket: None,
-                accept: vec![(4, 80), (5, 443)]
+                accept: vec![(4, 80), (5, 443)],
+                memory_limit: None,
             }
         );
         let bare: PortSpec = "socket=/s,cid=7".parse().unwrap();

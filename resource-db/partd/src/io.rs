@@ -74,6 +74,9 @@ pub struct Port {
     pub partition: String,
     pub socket: PathBuf,
     pub mac: String,
+    /// The partition's memory in MiB: the most its frontend may map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
 }
 
 /// What partd records about a part-io process it started.
@@ -321,11 +324,17 @@ pub async fn spawn_ready(
 pub const FIRST_DISK_FD: i32 = 3;
 
 /// `part-io blk` arguments for `disks` (image, read-only) on `sockets`.
-pub fn blk_args(disks: &[(PathBuf, bool)], sockets: &[PathBuf], serial: &str) -> Vec<String> {
+/// `memory_mib` is the partition's grant: its frontend may map no more.
+pub fn blk_args(
+    disks: &[(PathBuf, bool)],
+    sockets: &[PathBuf],
+    serial: &str,
+    memory_mib: u64,
+) -> Vec<String> {
     let mut args = vec!["blk".to_string()];
     for (i, ((image, ro), socket)) in disks.iter().zip(sockets).enumerate() {
         let mut spec = format!(
-            "socket={},image={},id={serial}-{i}",
+            "socket={},image={},id={serial}-{i},memory={memory_mib}",
             socket.display(),
             image.display()
         );
@@ -343,7 +352,11 @@ pub fn net_args(ports: &[Port], stats: &Path) -> Vec<String> {
     let mut args = vec!["net".to_string()];
     for p in ports {
         args.push("--port".into());
-        args.push(format!("socket={},mac={}", p.socket.display(), p.mac));
+        let mut spec = format!("socket={},mac={}", p.socket.display(), p.mac);
+        if let Some(m) = p.memory_mib {
+            spec.push_str(&format!(",memory={m}"));
+        }
+        args.push(spec);
     }
     args.push("--stats-socket".into());
     args.push(stats.display().to_string());
@@ -390,15 +403,16 @@ mod tests {
             &[("/i/a.img".into(), false), ("/i/b.img".into(), true)],
             &["/s/d0.sock".into(), "/s/d1.sock".into()],
             "web",
+            64,
         );
         assert_eq!(
             a,
             [
                 "blk",
                 "--export",
-                "socket=/s/d0.sock,image=/i/a.img,id=web-0",
+                "socket=/s/d0.sock,image=/i/a.img,id=web-0,memory=64",
                 "--export",
-                "socket=/s/d1.sock,image=/i/b.img,id=web-1,readonly"
+                "socket=/s/d1.sock,image=/i/b.img,id=web-1,memory=64,readonly"
             ]
         );
         let n = net_args(
@@ -406,6 +420,7 @@ mod tests {
                 partition: "a".into(),
                 socket: "/w/a-0.sock".into(),
                 mac: "02:70:76:00:00:00".into(),
+                memory_mib: Some(32),
             }],
             Path::new("/w/stats.sock"),
         );
@@ -414,7 +429,7 @@ mod tests {
             [
                 "net",
                 "--port",
-                "socket=/w/a-0.sock,mac=02:70:76:00:00:00",
+                "socket=/w/a-0.sock,mac=02:70:76:00:00:00,memory=32",
                 "--stats-socket",
                 "/w/stats.sock"
             ]

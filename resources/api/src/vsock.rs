@@ -63,6 +63,10 @@ pub struct Entry {
     pub host_socket: Option<PathBuf>,
     #[serde(default)]
     pub location: Location,
+    /// The partition's granted memory in MiB: its frontend's memory table
+    /// may map no more (local partitions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
     /// Who may connect to this partition, on which ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept: Vec<VsockAccept>,
@@ -123,6 +127,7 @@ mod tests {
                 socket: Some("/s/db.sock".into()),
                 host_socket: None,
                 location: Location::Local,
+                memory_mib: None,
                 accept: vec![VsockAccept {
                     from: "web".into(),
                     ports: vec![5432]

@@ -70,7 +70,7 @@ impl Coordinator {
                 inherit.push((std::os::fd::AsRawFd::as_raw_fd(f), target));
                 disks.push((format!("/proc/self/fd/{target}").into(), d.read_only));
             }
-            let args = io::blk_args(&disks, &sockets, id.as_str());
+            let args = io::blk_args(&disks, &sockets, id.as_str(), def.memory_mib);
             let rec = io::spawn_ready(
                 &self.settings.part_io,
                 &format!("blk of {id}"),
@@ -137,6 +137,7 @@ impl Coordinator {
                     partition: rec.id.to_string(),
                     socket: sf.port_socket(rec.id.as_str(), i),
                     mac: mac.to_string(),
+                    memory_mib: Some(def.memory_mib),
                 });
             }
         }

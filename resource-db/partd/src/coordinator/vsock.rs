@@ -43,6 +43,7 @@ impl Coordinator {
             socket: Some(socket.clone()),
             host_socket: Some(self.vsock_host_socket(id)),
             location: Location::Local,
+            memory_mib: Some(def.memory_mib),
             accept: vsock.accept.clone(),
         };
         io::vsock_request(&vf.control(), &Request::Add(entry))
