@@ -271,7 +271,7 @@ mod tests {
         );
         assert_eq!(
             e("socket=a,image=b,size=3"),
-            "export `socket=a,image=b,size=3`: unknown key `size` (known: socket, image, readonly, id)"
+            "export `socket=a,image=b,size=3`: unknown key `size` (known: socket, image, readonly, id, memory)"
         );
         assert_eq!(e("socket=a"), "export `socket=a`: missing `image=PATH`");
     }

@@ -94,12 +94,12 @@ mod tests {
         let e = |s: &str| s.parse::<PortSpec>().unwrap_err().to_string();
         assert_eq!(
             e("socket=a,mac=02:00:00:00:00:01,vlan=3"),
-            "port `socket=a,mac=02:00:00:00:00:01,vlan=3`: unknown key `vlan` (known: socket, mac)"
+            "port `socket=a,mac=02:00:00:00:00:01,vlan=3`: unknown key `vlan` (known: socket, mac, memory)"
         );
         assert_eq!(
             e("socket,mac=02:00:00:00:00:01"),
             "port `socket,mac=02:00:00:00:00:01`: `socket` needs a value (`socket=PATH`); \
-             expected key=value pairs `socket=PATH,mac=XX:XX:XX:XX:XX:XX`"
+             expected key=value pairs `socket=PATH,mac=XX:XX:XX:XX:XX:XX[,memory=MIB]`"
         );
         assert_eq!(
             e("socket=a"),
