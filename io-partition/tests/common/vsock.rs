@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::VhostUserFrontend;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::net::stats;
 use super::net::NetDevice;
-use super::{guest_memory, PartIo, SEALED, TIMEOUT};
+use super::{guest_memory, pattern, PartIo, SEALED, TIMEOUT};
 
 pub const HDR_LEN: usize = 44;
 pub const RX_BUF: u32 = 2048;
@@ -181,6 +182,142 @@ impl Guest {
     pub fn expect_nothing(&mut self) {
         if let Some(p) = self.recv_timeout(QUIET) {
             panic!("unexpected packet {:?}", p.0);
+        }
+    }
+}
+
+/// `part-io vsock` with three ports: CIDs 3, 4 and 5 (4 accepts 3 and 5 on
+/// port 80, 3 accepts 5 on port 90, nobody else is accepted), sockets
+/// `p0..p2.sock` and a stats socket.
+pub fn spawn_relay() -> PartIo {
+    let dir = tempfile::tempdir().unwrap();
+    let port = |i: usize, rest: &str| {
+        format!(
+            "socket={},{rest}",
+            dir.path().join(format!("p{i}.sock")).display()
+        )
+    };
+    let args = vec![
+        "vsock".to_string(),
+        "--port".into(),
+        port(0, "cid=3,accept=5:90"),
+        "--port".into(),
+        port(1, "cid=4,accept=3:80+5:80"),
+        "--port".into(),
+        port(2, "cid=5"),
+        "--stats-socket".into(),
+        dir.path().join("stats.sock").display().to_string(),
+    ];
+    PartIo::spawn_args(dir, &args, 3)
+}
+
+/// Three attached guests whose receive queues the relay knows.
+pub fn three_guests(p: &PartIo) -> (Guest, Guest, Guest) {
+    let g = (
+        Guest::attach(p, 0),
+        Guest::attach(p, 1),
+        Guest::attach(p, 2),
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while p.log().matches("vsock receive queue ready").count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "receive queues never ready:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    g
+}
+
+pub const A: (u64, u32) = (3, 1025);
+pub const B: (u64, u32) = (4, 80);
+
+/// Opens A -> B:80 and checks both sides of the handshake.
+pub fn connect(a: &mut Guest, b: &mut Guest) {
+    a.send(Hdr::new(REQUEST, A, B), &[]);
+    let (h, _) = b.recv();
+    assert_eq!(h, Hdr::new(REQUEST, A, B));
+    b.send(Hdr::new(RESPONSE, B, A), &[]);
+    let (h, _) = a.recv();
+    assert_eq!(h, Hdr::new(RESPONSE, B, A));
+}
+
+/// Counter `name` of the port with CID `cid`.
+pub fn stat(p: &PartIo, cid: u64, name: &str) -> u64 {
+    let s = stats(p);
+    let port = s["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["cid"] == cid)
+        .unwrap()
+        .clone();
+    port[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {port}"))
+}
+
+/// The sending and receiving books of one test stream of 16000-byte
+/// packets: the sender sends while the receiver's advertised 65536 bytes
+/// allow, the receiver checks every byte and gives credit back every 32000.
+pub struct Stream {
+    from: (u64, u32),
+    to: (u64, u32),
+    chunk: Vec<u8>,
+    total: usize,
+    sent: usize,
+    got: usize,
+    credit_fwd: u32,
+}
+
+impl Stream {
+    pub fn new(from: (u64, u32), to: (u64, u32), seed: u8, total: usize) -> Stream {
+        Stream {
+            from,
+            to,
+            chunk: pattern(seed, 16_000),
+            total,
+            sent: 0,
+            got: 0,
+            credit_fwd: 0,
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.got >= self.total
+    }
+
+    /// Sends what the receiver's credit allows.
+    pub fn send(&mut self, tx: &mut Guest) {
+        while self.sent < self.total
+            && self.sent - self.credit_fwd as usize + self.chunk.len() <= 65_536
+        {
+            tx.send(Hdr::new(RW, self.from, self.to), &self.chunk);
+            self.sent += self.chunk.len();
+        }
+    }
+
+    /// Checks one payload that arrived, and returns credit when it is due.
+    pub fn take(&mut self, rx: &mut Guest, tx: &mut Guest, payload: &[u8]) {
+        let at = self.got % self.chunk.len();
+        assert_eq!(
+            payload[..],
+            self.chunk[at..at + payload.len()],
+            "stream content at {}",
+            self.got
+        );
+        self.got += payload.len();
+        if self.got - self.credit_fwd as usize >= 32_000 {
+            let mut update = Hdr::new(CREDIT_UPDATE, self.to, self.from);
+            update.fwd_cnt = self.got as u32;
+            rx.send(update, &[]);
+            // The sender may use the new credit once it has seen the
+            // update, as a guest does: sending on an update still in
+            // flight would be sending past the credit part-io knows of.
+            let (h, _) = tx.recv();
+            assert_eq!((h.op, h.fwd_cnt), (CREDIT_UPDATE, self.got as u32));
+            self.credit_fwd = h.fwd_cnt;
         }
     }
 }
