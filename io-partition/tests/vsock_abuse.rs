@@ -19,20 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 /// once and waits until every head is back.
 fn post_and_settle(a: &mut Guest, chains: &[(u16, Hdr, &[u8])]) {
     for (id, h, payload) in chains {
-        let mut h = *h;
-        h.len = payload.len() as u32;
-        let addr = TX_BUFS + u64::from(*id) * TX_STRIDE;
-        a.dev
-            .mem
-            .write_slice(&h.encode(), GuestAddress(addr))
-            .unwrap();
-        a.dev
-            .mem
-            .write_slice(payload, GuestAddress(addr + HDR_LEN as u64))
-            .unwrap();
-        a.dev
-            .put_desc(1, *id, addr, (HDR_LEN + payload.len()) as u32, 0, 0);
-        a.dev.push_avail(1, *id);
+        a.post(*id, *h, payload, None);
     }
     a.dev.kick(1);
     settle(a, chains.len());

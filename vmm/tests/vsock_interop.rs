@@ -61,11 +61,12 @@ impl Drop for Peer {
     }
 }
 
-/// The `sum=` of the one serial line that starts with `prefix`.
+/// The `sum=` of the last serial line that starts with `prefix` (the
+/// latest connection's, when several match).
 fn sum_of(serial: &str, prefix: &str) -> String {
     let line = serial
         .lines()
-        .find(|l| l.starts_with(prefix))
+        .rfind(|l| l.starts_with(prefix))
         .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{serial}"));
     line.rsplit("sum=").next().unwrap().trim().to_string()
 }

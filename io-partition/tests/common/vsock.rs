@@ -123,11 +123,19 @@ impl Guest {
 
     /// Sends `h` (with `payload`, whose length goes into `h.len` unless
     /// `len` overrides it) in one descriptor.
-    pub fn send_raw(&mut self, mut h: Hdr, payload: &[u8], len: Option<u32>) {
-        h.len = len.unwrap_or(payload.len() as u32);
+    pub fn send_raw(&mut self, h: Hdr, payload: &[u8], len: Option<u32>) {
         while self.dev.pop_used(1).is_some() {}
         let id = self.next_tx % 16;
         self.next_tx += 1;
+        self.post(id, h, payload, len);
+        self.dev.kick(1);
+    }
+
+    /// Writes `h` (its `len` the payload's unless `len` overrides it) and
+    /// `payload` into transmit buffer `id`, one descriptor, and makes it
+    /// available; the kick is the caller's.
+    pub fn post(&mut self, id: u16, mut h: Hdr, payload: &[u8], len: Option<u32>) {
+        h.len = len.unwrap_or(payload.len() as u32);
         let addr = TX_BUFS + u64::from(id) * TX_STRIDE;
         self.dev
             .mem
@@ -140,7 +148,6 @@ impl Guest {
         self.dev
             .put_desc(1, id, addr, (HDR_LEN + payload.len()) as u32, 0, 0);
         self.dev.push_avail(1, id);
-        self.dev.kick(1);
     }
 
     pub fn send(&mut self, h: Hdr, payload: &[u8]) {
