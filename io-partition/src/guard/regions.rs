@@ -139,11 +139,9 @@ impl MemoryBudget {
             && msg.body.len() == size_of::<VhostUserSingleMemoryRegion>()
         {
             let r: VhostUserSingleMemoryRegion = read_pod(&msg.body);
-            if let Some(i) = self
-                .regions
-                .iter()
-                .position(|&(g, _)| g == r.guest_phys_addr)
-            {
+            // As the backend removes it: address and size both match.
+            let key = (r.guest_phys_addr, r.memory_size);
+            if let Some(i) = self.regions.iter().position(|&reg| reg == key) {
                 self.regions.swap_remove(i);
             }
         }

@@ -3,20 +3,22 @@
 //! partd usually runs as root, and part-vmm opens nothing itself: whatever
 //! file a partition boots from, partd opens. So a path in a definition
 //! (kernel, initrd, disk image) is opened *as the user who asked*: in a
-//! thread of its own whose filesystem uid and gid and supplementary groups
-//! are the caller's (taken from the connection: SO_PEERCRED and
-//! SO_PEERGROUPS), with no symbolic link anywhere in the path
+//! thread of its own whose uids, gids and supplementary groups are the
+//! caller's (taken from the connection: SO_PEERCRED and SO_PEERGROUPS), and
+//! which therefore has no capabilities left, with no symbolic link anywhere
+//! in the path
 //! (`openat2(RESOLVE_NO_SYMLINKS)`), and only if it is a regular file. The
 //! open file is what part-vmm gets, on an inherited descriptor; a path
 //! swapped for a link after the check is refused at the next open, never
 //! followed.
 //!
 //! Linux keeps credentials per thread; the C library's wrappers for
-//! `setgroups` change every thread of the process (POSIX semantics), so
-//! this module makes the raw system calls, in a thread that exits after the
-//! one open. Changing the filesystem uid away from 0 drops the capabilities
-//! that bypass file permissions (CAP_DAC_OVERRIDE and friends) from that
-//! thread, so the kernel checks exactly the caller's rights.
+//! `setgroups`, `setresgid` and `setresuid` change every thread of the
+//! process (POSIX semantics), so this module makes the raw system calls, in
+//! a thread that exits after the one open. Leaving uid 0 clears all of that
+//! thread's capabilities, so the kernel checks exactly the caller's rights
+//! (a filesystem-uid change alone would keep e.g. CAP_SYS_PTRACE, which
+//! opens other processes' `/proc` files).
 //!
 //! What it must never do: open a file with more rights than the caller
 //! has, follow a symbolic link, or change the credentials of any thread
@@ -160,31 +162,26 @@ pub fn open_as(
     })
 }
 
-/// Gives the calling thread (only) `who`'s groups, then filesystem gid and
-/// uid, and checks that the kernel took them.
+/// Makes the calling thread (only) `who`: its supplementary groups, then
+/// its real, effective and saved gid and uid. Going from uid 0 to another
+/// uid clears every capability of the thread (not only the ones that
+/// bypass file permissions, as a filesystem-uid change would: a kept
+/// CAP_SYS_PTRACE would still open another process's `/proc` files), so the
+/// open that follows has exactly the caller's rights. The thread cannot
+/// get root back; it ends after the open.
 fn take_rights(who: &Caller) -> io::Result<()> {
     let groups: Vec<libc::gid_t> = who.groups.clone();
     // SAFETY: the raw system calls change only the calling thread's
     // credentials (see the module doc); `groups` outlives the call and its
-    // length is passed with it.
-    let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // setfsgid/setfsuid return the previous value and never fail
-    // visibly: ask again (with -1, which changes nothing) to check.
-    // SAFETY: as above; plain integer arguments.
-    let (gid_now, uid_now) = unsafe {
-        libc::syscall(libc::SYS_setfsgid, who.gid);
-        let g = libc::syscall(libc::SYS_setfsgid, u32::MAX);
-        libc::syscall(libc::SYS_setfsuid, who.uid);
-        let u = libc::syscall(libc::SYS_setfsuid, u32::MAX);
-        (g, u)
+    // length is passed with it. The other calls take integers.
+    let (g, r, u) = unsafe {
+        let g = libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
+        let r = libc::syscall(libc::SYS_setresgid, who.gid, who.gid, who.gid);
+        let u = libc::syscall(libc::SYS_setresuid, who.uid, who.uid, who.uid);
+        (g, r, u)
     };
-    if gid_now != i64::from(who.gid) || uid_now != i64::from(who.uid) {
-        return Err(io::Error::other(format!(
-            "the kernel kept fsuid {uid_now} fsgid {gid_now}"
-        )));
+    if g != 0 || r != 0 || u != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -323,6 +320,10 @@ mod tests {
                 .contains("uid 65534 cannot open it for reading"),
             "{e}"
         );
+        // No capability survives: another process's /proc files, which
+        // ptrace rules guard, stay closed (CAP_SYS_PTRACE would open them).
+        let e = open_as(&nobody, "initrd", Path::new("/proc/1/maps"), Mode::Read).unwrap_err();
+        assert!(e.to_string().contains("cannot open it"), "{e}");
         // Root still can, and this thread kept its own rights.
         assert!(open_as(&me(), "initrd", &secret, Mode::Read).is_ok());
         assert!(std::fs::read(&secret).is_ok());

@@ -338,8 +338,7 @@ async fn destroy(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = Coordinator::parse_id(&name)?;
-    api.coord.authorize(&id, caller(&peer)?, "destroy")?;
-    api.coord.destroy(&id).await?;
+    api.coord.destroy(&id, caller(&peer)?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -351,9 +350,7 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let id = Coordinator::parse_id(&name)?;
     let _: StartBody = parse_body(&body, true)?;
-    let who = caller(&peer)?;
-    api.coord.authorize(&id, who, "start")?;
-    Ok(Json(api.coord.start(&id, who).await?).into_response())
+    Ok(Json(api.coord.start(&id, caller(&peer)?).await?).into_response())
 }
 
 async fn stop(
@@ -369,10 +366,14 @@ async fn stop(
             "timeout_s: at most {MAX_STOP_TIMEOUT_S}"
         )));
     }
-    api.coord.authorize(&id, caller(&peer)?, "stop")?;
     let view = api
         .coord
-        .stop(&id, b.force, b.timeout_s.map(Duration::from_secs))
+        .stop(
+            &id,
+            caller(&peer)?,
+            b.force,
+            b.timeout_s.map(Duration::from_secs),
+        )
         .await?;
     Ok(Json(view).into_response())
 }

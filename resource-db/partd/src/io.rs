@@ -279,7 +279,10 @@ pub async fn spawn_ready(
         .env("PARTVISOR_LOG", "info")
         .kill_on_drop(false)
         .process_group(0);
-    process::inherit_fds(&mut cmd, inherit);
+    process::inherit_fds(&mut cmd, inherit).map_err(|source| IoError::Spawn {
+        bin: bin.to_owned(),
+        source,
+    })?;
     let mut child = cmd.spawn().map_err(|source| IoError::Spawn {
         bin: bin.to_owned(),
         source,

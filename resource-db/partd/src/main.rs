@@ -143,6 +143,12 @@ enum PartdError {
 }
 
 fn main() {
+    if let Err(e) = process::reserve_low_fds() {
+        eprintln!(
+            "partd: cannot open /dev/null to reserve the descriptors children inherit on: {e}"
+        );
+        std::process::exit(1);
+    }
     partvisor_runtime::init_logging();
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

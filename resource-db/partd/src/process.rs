@@ -289,7 +289,10 @@ pub fn spawn(
             Ok(())
         });
     }
-    inherit_fds(&mut cmd, inherit);
+    inherit_fds(&mut cmd, inherit).map_err(|source| ProcessError::Spawn {
+        vmm: vmm.to_owned(),
+        source,
+    })?;
     let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
         vmm: vmm.to_owned(),
         source,
@@ -307,18 +310,53 @@ pub fn spawn(
 /// or the disks of one partition).
 pub const MAX_INHERITED: usize = 16;
 
+/// Keeps descriptors 3 up to `3 + MAX_INHERITED` taken (by `/dev/null`,
+/// close-on-exec) for partd's life, so that no descriptor partd opens later
+/// gets one of the numbers children inherit on. Otherwise the pipe through
+/// which the standard library reports a failed exec could sit on a target
+/// that `inherit_fds` overwrites: the failure would go unseen, and the
+/// child's error report would be written into the file on that target (a
+/// disk image). Call it first, before any thread or descriptor exists.
+pub fn reserve_low_fds() -> std::io::Result<()> {
+    let limit = 3 + MAX_INHERITED as i32;
+    loop {
+        // SAFETY: open with a NUL-terminated path; a new descriptor or -1.
+        let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if fd >= limit {
+            // SAFETY: closing the descriptor just opened.
+            unsafe { libc::close(fd) };
+            return Ok(());
+        }
+        // Below the limit: kept open on purpose, never closed.
+    }
+}
+
 /// Makes the child of `cmd` get each `(source, target)` descriptor on
-/// `target` (without FD_CLOEXEC); at most [`MAX_INHERITED`], the rest are
-/// left out (callers stay below it: a partition has at most
-/// `MAX_DEVICES` devices).
+/// `target` (without FD_CLOEXEC); at most [`MAX_INHERITED`] (a partition has
+/// at most `MAX_DEVICES` devices), more is an error.
 ///
 /// Every source is first copied to a fresh descriptor above the targets
 /// (F_DUPFD takes the lowest free one from 64 up, so nothing is
 /// clobbered), then onto its target: a source that happens to sit on
 /// another's target number is safe. The sources must stay open until the
 /// spawn.
-pub fn inherit_fds(cmd: &mut tokio::process::Command, mut fds: Vec<(RawFd, RawFd)>) {
-    fds.truncate(MAX_INHERITED);
+pub fn inherit_fds(
+    cmd: &mut tokio::process::Command,
+    fds: Vec<(RawFd, RawFd)>,
+) -> std::io::Result<()> {
+    if fds.len() > MAX_INHERITED
+        || fds
+            .iter()
+            .any(|&(_, t)| t < 3 || t >= 3 + MAX_INHERITED as i32)
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("at most {MAX_INHERITED} inherited descriptors, on 3.., may be passed"),
+        ));
+    }
     // SAFETY: the closure runs in the child between fork and exec and calls
     // only async-signal-safe functions (fcntl, dup2, close) on descriptors
     // that exist in the child; it allocates nothing (`fds` was built before
@@ -341,6 +379,7 @@ pub fn inherit_fds(cmd: &mut tokio::process::Command, mut fds: Vec<(RawFd, RawFd
             Ok(())
         });
     }
+    Ok(())
 }
 
 /// Sends one control request and reads its reply, within `timeout`.

@@ -167,6 +167,14 @@ impl HostConn {
         }
     }
 
+    /// Bounds every further write to the host stream by `timeout` (a
+    /// socket option: it holds for the writer's clone too).
+    pub fn limit_drain(&self, timeout: Duration) {
+        if let Some(s) = self.stream.locked().as_ref() {
+            let _ = s.set_write_timeout(Some(timeout));
+        }
+    }
+
     fn clone_stream(&self) -> Option<UnixStream> {
         self.stream
             .locked()

@@ -43,6 +43,9 @@ pub const HOST_LIMIT: usize = 64;
 /// How long a host-initiated connection waits for the guest's answer, and a
 /// host process for its `CONNECT` line.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long what a guest sent before its RST may take to reach a host
+/// process that is slow to read.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// First host port given to host-initiated connections (as Firecracker).
 pub const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Longest Unix socket path (`sun_path` holds 108 bytes with its NUL).
@@ -184,8 +187,13 @@ impl HostSide {
             (Op::Response, Phase::Connecting) if conn.host_initiated => {
                 s.phase = Phase::Open;
             }
-            // What it sent before still reaches the host process.
-            (Op::Rst, Phase::Open) => s.guest_reset = true,
+            // What it sent before still reaches the host process, unless
+            // that process stops reading: then the drain gives up after
+            // DRAIN_TIMEOUT and the connection closes.
+            (Op::Rst, Phase::Open) => {
+                s.guest_reset = true;
+                conn.limit_drain(DRAIN_TIMEOUT);
+            }
             (Op::Rst, _) => {
                 drop(s);
                 conn.close();

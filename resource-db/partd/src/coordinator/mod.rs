@@ -344,9 +344,16 @@ impl Coordinator {
         self.view(&id)
     }
 
-    pub async fn destroy(&self, id: &PartitionId) -> Result<(), CoordError> {
+    /// Destroys a partition that is not running, for `caller` (its owner,
+    /// root or partd's uid: checked under the partition's lock).
+    pub async fn destroy(
+        &self,
+        id: &PartitionId,
+        caller: &crate::access::Caller,
+    ) -> Result<(), CoordError> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
+        self.authorize(id, caller, "destroy")?;
         for _ in 0..PLAN_ATTEMPTS {
             let rec = self.record(id)?;
             if is_active(rec.state) {

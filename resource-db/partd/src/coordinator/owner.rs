@@ -7,9 +7,10 @@
 //! destroy and the console answer 403 otherwise. Listing and showing stay
 //! open to every allowlisted uid.
 //!
-//! The kernel, initrd and disk images are opened as the requesting caller
-//! (`crate::access`): at create to refuse a file the caller cannot open,
-//! naming it and why; at start again, and the open files are what part-vmm
+//! The kernel, initrd and disk images are opened with a uid's rights
+//! (`crate::access`): at create as the creating caller, to refuse a file it
+//! cannot open, naming it and why; at start again as the owner ([`opener`]:
+//! also when root starts it), and the open files are what part-vmm
 //! (kernel, initrd) and part-io blk (disks) get, as inherited descriptors,
 //! never a path partd would resolve with its own rights.
 
@@ -17,6 +18,40 @@ use std::fs::File;
 
 use super::*;
 use crate::access::{self, Caller, Mode};
+
+/// Whose rights a start by `caller` opens `def`'s files with: the owner's.
+/// When root (or partd's uid) starts another uid's partition, the owner's
+/// paths are still opened with the owner's rights (uid, primary gid and
+/// groups from the user database; an owner without an entry gets the
+/// overflow gid 65534 and no groups), so a path the owner changed after
+/// create cannot borrow root's.
+pub(super) fn opener(def: &Definition, caller: &Caller) -> Caller {
+    let Some(owner) = def.owner_uid.filter(|o| *o != caller.uid) else {
+        return caller.clone();
+    };
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
+        .ok()
+        .flatten();
+    match user {
+        Some(u) => {
+            let groups = std::ffi::CString::new(u.name.as_bytes())
+                .ok()
+                .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
+                .map(|g| g.iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_default();
+            Caller {
+                uid: owner,
+                gid: u.gid.as_raw(),
+                groups,
+            }
+        }
+        None => Caller {
+            uid: owner,
+            gid: 65534,
+            groups: Vec::new(),
+        },
+    }
+}
 
 /// A partition's boot files, open.
 pub(crate) struct BootFiles {

@@ -82,6 +82,9 @@ impl Coordinator {
         id: &PartitionId,
         caller: &crate::access::Caller,
     ) -> Result<Prepared, CoordError> {
+        // Under the partition's lock: the partition checked is the one
+        // started.
+        self.authorize(id, caller, "start")?;
         let rec = self.record(id)?;
         if is_active(rec.state) {
             return Err(CoordError::AlreadyActive {
@@ -102,7 +105,7 @@ impl Coordinator {
             }
         })?;
         self.check_socket_paths(id, &def)?;
-        let boot = self.open_boot_files(id, &def, caller, "start")?;
+        let boot = self.open_boot_files(id, &def, &super::owner::opener(&def, caller), "start")?;
         // `{mac:NAME}` in the command line: the MACs granted at create;
         // `{cid:NAME}`: the CID a running partition holds.
         let cmdline = def

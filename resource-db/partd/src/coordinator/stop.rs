@@ -4,17 +4,20 @@
 use super::*;
 
 impl Coordinator {
-    /// Polite (or forced) stop; returns once the monitor is gone and the
-    /// resources are released.
+    /// Polite (or forced) stop by `caller` (who must own the partition, or
+    /// be root or partd's uid: checked under the partition's lock); returns
+    /// once the monitor is gone and the resources are released.
     pub async fn stop(
         &self,
         id: &PartitionId,
+        caller: &crate::access::Caller,
         force: bool,
         timeout: Option<Duration>,
     ) -> Result<PartitionView, CoordError> {
         let live = {
             let lock = self.lock_of(id);
             let _g = lock.lock().await;
+            self.authorize(id, caller, "stop")?;
             let rec = self.record(id)?;
             if !is_active(rec.state) {
                 return Err(CoordError::NotRunning {
