@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::net::stats;
 use common::vsock::*;
 use common::*;
-use vm_memory::{Bytes, GuestAddress};
 
 #[test]
 fn config_space_carries_each_partitions_cid() {
@@ -172,26 +171,7 @@ fn a_request_flood_is_cut_at_the_limit_and_others_still_connect() {
 fn malformed_chains_are_counted_and_hurt_only_their_sender() {
     let p = spawn_relay();
     let (mut a, mut b, mut c) = three_guests(&p);
-    // A descriptor outside guest memory, a loop, a too-short header, a
-    // device-writable tx buffer and a header that claims more payload than
-    // it has.
-    a.dev.put_desc(1, 0, (MEM_SIZE as u64) + 0x1000, 64, 0, 0);
-    a.dev.push_avail(1, 0);
-    a.dev.put_desc(1, 1, TX_BUFS, 44, NEXT, 2);
-    a.dev.put_desc(1, 2, TX_BUFS, 44, NEXT, 1);
-    a.dev.push_avail(1, 1);
-    a.dev.put_desc(1, 3, TX_BUFS, 20, 0, 0);
-    a.dev.push_avail(1, 3);
-    a.dev.put_desc(1, 4, TX_BUFS, 44, WRITE, 0);
-    a.dev.push_avail(1, 4);
-    let mut liar = Hdr::new(RW, A, B);
-    liar.len = 5000;
-    a.dev
-        .mem
-        .write_slice(&liar.encode(), GuestAddress(TX_BUFS + 0x8000))
-        .unwrap();
-    a.dev.put_desc(1, 5, TX_BUFS + 0x8000, 44 + 10, 0, 0);
-    a.dev.push_avail(1, 5);
+    post_malformed_chains(&mut a, TX_BUFS + 0x8000);
     a.dev.kick(1);
     let deadline = Instant::now() + TIMEOUT;
     while stat(&p, 3, "bad_buffer") < 3 {

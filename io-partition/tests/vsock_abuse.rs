@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use common::net::stats;
 use common::vsock::*;
 use common::*;
-use vm_memory::{Bytes, GuestAddress};
 
 /// Posts `chains` (head id, header, payload) on A's transmit ring, kicks
 /// once and waits until every head is back.
@@ -43,26 +42,7 @@ fn settle(a: &mut Guest, n: usize) {
 /// flood of requests nobody accepts, and a connection to B on which it
 /// sends past B's credit.
 fn abuse_round(a: &mut Guest, round: u32) {
-    // Outside guest memory, a descriptor loop, a short header, a
-    // device-writable tx buffer, a header claiming more than its buffer.
-    a.dev.put_desc(1, 0, (MEM_SIZE as u64) + 0x1000, 64, 0, 0);
-    a.dev.push_avail(1, 0);
-    a.dev.put_desc(1, 1, TX_BUFS, 44, NEXT, 2);
-    a.dev.put_desc(1, 2, TX_BUFS, 44, NEXT, 1);
-    a.dev.push_avail(1, 1);
-    a.dev.put_desc(1, 3, TX_BUFS, 20, 0, 0);
-    a.dev.push_avail(1, 3);
-    a.dev.put_desc(1, 4, TX_BUFS, 44, WRITE, 0);
-    a.dev.push_avail(1, 4);
-    let mut liar = Hdr::new(RW, A, B);
-    liar.len = 5000;
-    let at = TX_BUFS + 5 * TX_STRIDE;
-    a.dev
-        .mem
-        .write_slice(&liar.encode(), GuestAddress(at))
-        .unwrap();
-    a.dev.put_desc(1, 5, at, 44 + 10, 0, 0);
-    a.dev.push_avail(1, 5);
+    post_malformed_chains(a, TX_BUFS + 5 * TX_STRIDE);
     a.dev.kick(1);
     settle(a, 5);
     // 12 requests to C, which accepts nobody: 12 RSTs back to A.

@@ -328,3 +328,28 @@ impl Stream {
         }
     }
 }
+
+/// Posts five malformed chains on `a`'s transmit ring (heads 0, 1, 3, 4,
+/// 5; no kick): a descriptor outside guest memory, a descriptor loop, a
+/// too-short header, a device-writable transmit buffer, and a header at
+/// `liar_at` that claims more payload than its buffer holds.
+pub fn post_malformed_chains(a: &mut Guest, liar_at: u64) {
+    use super::{MEM_SIZE, NEXT, WRITE};
+    a.dev.put_desc(1, 0, (MEM_SIZE as u64) + 0x1000, 64, 0, 0);
+    a.dev.push_avail(1, 0);
+    a.dev.put_desc(1, 1, TX_BUFS, 44, NEXT, 2);
+    a.dev.put_desc(1, 2, TX_BUFS, 44, NEXT, 1);
+    a.dev.push_avail(1, 1);
+    a.dev.put_desc(1, 3, TX_BUFS, 20, 0, 0);
+    a.dev.push_avail(1, 3);
+    a.dev.put_desc(1, 4, TX_BUFS, 44, WRITE, 0);
+    a.dev.push_avail(1, 4);
+    let mut liar = Hdr::new(RW, A, B);
+    liar.len = 5000;
+    a.dev
+        .mem
+        .write_slice(&liar.encode(), GuestAddress(liar_at))
+        .unwrap();
+    a.dev.put_desc(1, 5, liar_at, 44 + 10, 0, 0);
+    a.dev.push_avail(1, 5);
+}
