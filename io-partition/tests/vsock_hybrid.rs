@@ -43,6 +43,12 @@ fn host_socket(p: &PartIo) -> PathBuf {
     p.dir.path().join("host.sock")
 }
 
+/// A host service listening where a guest's connection to host port
+/// `port` goes: `<host socket>_<port>`.
+fn host_listener(p: &PartIo, port: u32) -> UnixListener {
+    UnixListener::bind(format!("{}_{port}", host_socket(p).display())).unwrap()
+}
+
 fn guest(p: &PartIo) -> Guest {
     let g = Guest::attach(p, 0);
     let deadline = Instant::now() + TIMEOUT;
@@ -192,7 +198,7 @@ fn a_host_process_connects_to_a_guest_port_and_bytes_flow_both_ways() {
 #[test]
 fn a_guest_connects_to_a_host_listener_and_a_missing_listener_is_a_reset() {
     let p = spawn_hybrid();
-    let listener = UnixListener::bind(format!("{}_1234", host_socket(&p).display())).unwrap();
+    let listener = host_listener(&p, 1234);
     let mut g = guest(&p);
     let me = (G, 1025);
     let peer = (2, 1234);
@@ -313,8 +319,8 @@ fn bad_lines_refusals_and_silent_guests_close_the_host_stream_and_are_counted() 
 #[test]
 fn a_guest_that_sends_past_its_credit_loses_only_that_connection() {
     let p = spawn_hybrid();
-    let listener = UnixListener::bind(format!("{}_7", host_socket(&p).display())).unwrap();
-    let other = UnixListener::bind(format!("{}_8", host_socket(&p).display())).unwrap();
+    let listener = host_listener(&p, 7);
+    let other = host_listener(&p, 8);
     let mut g = guest(&p);
     let liar = (G, 2000);
     let honest = (G, 2001);
@@ -390,7 +396,7 @@ fn a_flood_of_host_processes_is_capped_and_then_served() {
 #[test]
 fn what_a_guest_sent_before_its_reset_still_reaches_the_host_process() {
     let p = spawn_hybrid();
-    let listener = UnixListener::bind(format!("{}_9", host_socket(&p).display())).unwrap();
+    let listener = host_listener(&p, 9);
     let mut g = guest(&p);
     let me = (G, 3000);
     g.send(Hdr::new(REQUEST, me, (2, 9)), &[]);
@@ -453,7 +459,7 @@ fn a_host_listener_that_stops_accepting_refuses_at_once_and_stalls_nothing() {
         p.log()
     );
     // The guest's other traffic still flows: a fresh listener works.
-    let ok = UnixListener::bind(format!("{}_12", host_socket(&p).display())).unwrap();
+    let ok = host_listener(&p, 12);
     g.send(Hdr::new(REQUEST, (G, 4100), (2, 12)), &[]);
     assert_eq!(g.recv().0.op, RESPONSE);
     let (mut s, _) = ok.accept().unwrap();

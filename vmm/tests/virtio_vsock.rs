@@ -16,15 +16,11 @@ const BAD_INPUT: i32 = 64;
 fn start_relay(dir: &Path, cid: u32) -> (Backend, PathBuf, PathBuf) {
     let sock = dir.join("v.sock");
     let stats = dir.join("vsock-stats.sock");
-    let args = vec![
-        "vsock".to_string(),
-        "--port".into(),
-        format!("socket={},cid={cid}", sock.display()),
-        "--stats-socket".into(),
-        stats.display().to_string(),
-    ];
-    let backend = spawn_part_io(&args, dir.join("part-io.log"));
-    wait_for_sockets(&[&sock, &stats]);
+    let backend = spawn_vsock_relay(
+        dir,
+        &[format!("socket={},cid={cid}", sock.display())],
+        &stats,
+    );
     (backend, sock, stats)
 }
 
@@ -63,19 +59,15 @@ fn two_guests_exchange_a_verified_stream_and_a_third_not_accepted_is_refused() {
     let dir = scratch("vsock-pair");
     let (a, b, c) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("c.sock"));
     let stats = dir.join("stats.sock");
-    let args = vec![
-        "vsock".to_string(),
-        "--port".into(),
-        format!("socket={},cid=3", a.display()),
-        "--port".into(),
-        format!("socket={},cid=4,accept=3:5000", b.display()),
-        "--port".into(),
-        format!("socket={},cid=5", c.display()),
-        "--stats-socket".into(),
-        stats.display().to_string(),
-    ];
-    let relay = spawn_part_io(&args, dir.join("part-io.log"));
-    wait_for_sockets(&[&a, &b, &c, &stats]);
+    let relay = spawn_vsock_relay(
+        &dir,
+        &[
+            format!("socket={},cid=3", a.display()),
+            format!("socket={},cid=4,accept=3:5000", b.display()),
+            format!("socket={},cid=5", c.display()),
+        ],
+        &stats,
+    );
 
     let vb = vsock_args(&b, 4);
     let vb: Vec<&str> = vb.iter().map(String::as_str).collect();

@@ -192,19 +192,14 @@ fn a_qemu_microvm_guest_on_part_io_vsock_talks_to_a_part_vmm_guest() {
     let dir = scratch("vsock-qemu");
     let (ours, theirs) = (dir.join("ours.sock"), dir.join("qemu.sock"));
     let stats = dir.join("stats.sock");
-    let relay = spawn_part_io(
+    let relay = spawn_vsock_relay(
+        &dir,
         &[
-            "vsock".to_string(),
-            "--port".into(),
             format!("socket={},cid=3,accept=4:5000", ours.display()),
-            "--port".into(),
             format!("socket={},cid=4", theirs.display()),
-            "--stats-socket".into(),
-            stats.display().to_string(),
         ],
-        dir.join("part-io.log"),
+        &stats,
     );
-    wait_for_sockets(&[&ours, &theirs, &stats]);
     let va = vsock_args(&ours, 3);
     let listener = Running::start(
         &mut guest_command(&format!("vsock=listen:5000:{BYTES}:{BYTES}"), &strs(&va)),

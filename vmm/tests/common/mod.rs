@@ -389,3 +389,24 @@ pub fn vsock_args(sock: &Path, cid: u32) -> [String; 4] {
         cid.to_string(),
     ]
 }
+
+/// `part-io vsock` with one `--port` per spec (`socket=PATH,cid=N[,...]`)
+/// and a stats socket at `stats`, logging to `dir/part-io.log`; returns
+/// once every socket listens.
+pub fn spawn_vsock_relay(dir: &Path, ports: &[String], stats: &Path) -> Backend {
+    let mut args = vec!["vsock".to_string()];
+    for p in ports {
+        args.extend(["--port".to_string(), p.clone()]);
+    }
+    args.extend(["--stats-socket".to_string(), stats.display().to_string()]);
+    let backend = spawn_part_io(&args, dir.join("part-io.log"));
+    let sockets: Vec<PathBuf> = ports
+        .iter()
+        .filter_map(|p| p.split(',').find_map(|kv| kv.strip_prefix("socket=")))
+        .map(PathBuf::from)
+        .chain([stats.to_path_buf()])
+        .collect();
+    let refs: Vec<&Path> = sockets.iter().map(PathBuf::as_path).collect();
+    wait_for_sockets(&refs);
+    backend
+}
