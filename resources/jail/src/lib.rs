@@ -338,9 +338,9 @@ impl Prepared {
     /// which must have one thread, and calls only async-signal-safe
     /// functions.
     pub unsafe fn enter(&self) -> io::Result<()> {
-        // SAFETY (for every libc call below): each takes integers or
-        // pointers to NUL-terminated strings and structures that live in
-        // `self` or on this stack for the whole call; none retains them.
+        // SAFETY: every libc call below takes integers or pointers to
+        // NUL-terminated strings and structures that live in `self` or on
+        // this stack for the whole call; none retains them.
         unsafe {
             check(
                 c"unshare mount, ipc, net, uts namespaces",
