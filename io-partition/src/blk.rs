@@ -442,6 +442,9 @@ impl Endpoint for Export {
     fn memory_limit(&self) -> Option<u64> {
         self.spec.memory_limit
     }
+    fn frontend_uid(&self) -> Option<u32> {
+        self.spec.frontend_uid
+    }
 
     fn kind(&self) -> &'static str {
         "blk"

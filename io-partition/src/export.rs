@@ -44,6 +44,7 @@ static GRAMMAR: Grammar = Grammar {
         Key::flag("readonly"),
         Key::maybe_empty("id", "SERIAL"),
         Key::value("memory", "MIB"),
+        Key::value("frontend-uid", "UID"),
     ],
     usage: "socket=PATH,image=PATH[,readonly][,id=SERIAL][,memory=MIB]",
 };
@@ -62,6 +63,8 @@ pub struct ExportSpec {
     /// The partition's granted memory in bytes (`memory=MIB`): a frontend
     /// whose memory table maps more is refused.
     pub memory_limit: Option<u64>,
+    /// The only uid whose frontend may connect (`frontend-uid=UID`).
+    pub frontend_uid: Option<u32>,
 }
 
 impl FromStr for ExportSpec {
@@ -86,6 +89,7 @@ impl FromStr for ExportSpec {
             readonly: items.flag("readonly").unwrap_or(false),
             id: id.map(str::to_string),
             memory_limit: items.memory_limit().map_err(wrap)?,
+            frontend_uid: items.frontend_uid().map_err(wrap)?,
         })
     }
 }
@@ -231,6 +235,7 @@ mod tests {
                 readonly: true,
                 id: Some("disk-a".into()),
                 memory_limit: Some(64 << 20),
+                frontend_uid: None,
             }
         );
         for bad in ["memory=0", "memory=x", "memory=-1"] {

@@ -111,7 +111,30 @@ enum Command {
     },
 }
 
+/// Ends the process at once, as the default action of SIGTERM would.
+extern "C" fn terminate(sig: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe and takes a status.
+    unsafe { libc::_exit(128 + sig) }
+}
+
+/// SIGTERM and SIGINT end part-io with status 128 + signal. Handled rather
+/// than left to the default action because partd starts part-io as the
+/// init of a pid namespace of its own, and init ignores every signal it
+/// has no handler for (but SIGKILL from outside).
+fn handle_termination() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: `terminate` only calls _exit; a zeroed sigaction with
+        // a handler and no flags is valid.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = terminate as *const () as usize;
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    handle_termination();
     let cli = Cli::parse();
     partvisor_runtime::init_logging();
     let result = match cli.command {
@@ -200,6 +223,7 @@ fn run_vsock(
             p.socket.clone(),
             p.host_socket.clone(),
             p.memory_limit,
+            p.frontend_uid,
         )?);
     }
     let stats = stats_socket

@@ -41,6 +41,12 @@ pub trait Endpoint: Send + Sync + 'static {
     fn memory_limit(&self) -> Option<u64> {
         None
     }
+    /// The only uid whose frontend may connect: the partition's monitor,
+    /// as partd started it; `None` (part-io started by hand): root and
+    /// part-io's own uid.
+    fn frontend_uid(&self) -> Option<u32> {
+        None
+    }
     /// A fresh device for one connection; `mem` is the memory the daemon
     /// will publish to it (the same `GuestMemoryAtomic`).
     fn new_model(self: &Arc<Self>, mem: &Mem) -> Self::Model;
@@ -182,11 +188,14 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
-/// Whether a frontend with `uid` may connect: part-io's own uid or root
-/// (the monitors partd starts run as one of them).
-fn frontend_allowed(uid: u32) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    uid == 0 || uid == unsafe { libc::geteuid() }
+/// Whether a frontend with `uid` may connect: the expected one if partd
+/// named it, else part-io's own uid or root.
+fn frontend_allowed(uid: u32, expected: Option<u32>) -> bool {
+    match expected {
+        Some(e) => uid == e,
+        // SAFETY: geteuid has no preconditions.
+        None => uid == 0 || uid == unsafe { libc::geteuid() },
+    }
 }
 
 impl<E: Endpoint> Bound<E> {
@@ -219,12 +228,12 @@ impl<E: Endpoint> Bound<E> {
                 return;
             }
             match peer_uid(&stream) {
-                Ok(uid) if frontend_allowed(uid) => {}
+                Ok(uid) if frontend_allowed(uid, self.export.frontend_uid()) => {}
                 who => {
                     static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
                     if let Some(n) = LIMIT.allow() {
                         let who = who.map_or_else(|e| format!("unknown ({e})"), |u| u.to_string());
-                        warn!(export = %self.export.name(), "refused a frontend of uid {who}: only part-io's own uid and root may connect{}", suppressed_note(n));
+                        warn!(export = %self.export.name(), "refused a frontend of uid {who}: only {} may connect{}", self.export.frontend_uid().map_or_else(|| "part-io's own uid and root".to_string(), |u| format!("uid {u}")), suppressed_note(n));
                     }
                     drop(stream);
                     continue;

@@ -135,6 +135,12 @@ pub enum SpecError {
         /// The value as written.
         value: String,
     },
+    /// `frontend-uid=` that is not a uid.
+    #[error("`frontend-uid={value}` is not a uid (a whole number below 2^32)")]
+    Uid {
+        /// The value as written.
+        value: String,
+    },
     /// A key the caller requires is absent.
     #[error("missing `{key}={hint}`")]
     Missing {
@@ -242,6 +248,17 @@ impl<'a> Parsed<'a> {
             .ok_or_else(|| SpecError::Memory {
                 value: v.to_string(),
             })
+    }
+
+    /// `frontend-uid=UID`: the only uid whose frontend may connect (the
+    /// partition's monitor, as partd started it).
+    pub fn frontend_uid(&self) -> Result<Option<u32>, SpecError> {
+        let Some(v) = self.value("frontend-uid") else {
+            return Ok(None);
+        };
+        v.parse::<u32>().map(Some).map_err(|_| SpecError::Uid {
+            value: v.to_string(),
+        })
     }
 
     /// The state of flag `key`, if it was given.

@@ -97,6 +97,16 @@ fn problem(c: &HostConfig) -> Option<ConfigProblem> {
             count: c.mac_count,
         });
     }
+    let uid_end = u64::from(c.first_uid) + u64::from(c.uid_count);
+    if c.first_uid == 0 || uid_end > u64::from(u32::MAX) {
+        return Some(ConfigProblem::UidRange {
+            first: c.first_uid,
+            count: c.uid_count,
+        });
+    }
+    if c.io_uid == 0 || (c.io_uid >= c.first_uid && u64::from(c.io_uid) < uid_end) {
+        return Some(ConfigProblem::IoUid { uid: c.io_uid });
+    }
     let mut names = BTreeSet::new();
     for d in &c.devices {
         if d.name.is_empty() || d.name.len() > 128 || d.name.chars().any(char::is_control) {

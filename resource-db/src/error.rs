@@ -190,6 +190,20 @@ pub enum ConfigProblem {
         /// Number of MACs.
         count: u32,
     },
+    /// The uid range holds uid 0 or runs past the largest uid.
+    #[error("uid range of {count} from {first} must not hold uid 0 or run past 2^32-2")]
+    UidRange {
+        /// First uid.
+        first: u32,
+        /// Number of uids.
+        count: u32,
+    },
+    /// The I/O partitions' uid is 0 or one of the partitions' uids.
+    #[error("io_uid {uid} must not be 0 or inside the partitions' uid range")]
+    IoUid {
+        /// The uid given.
+        uid: u32,
+    },
     /// A device name is empty, too long or not printable.
     #[error("device name {name:?} must be 1-128 printable characters")]
     DeviceName {

@@ -33,6 +33,9 @@ pub struct Demand {
     pub channels: u32,
     /// Number of interconnect endpoints.
     pub endpoints: u32,
+    /// Number of uids for jailed processes.
+    #[serde(default)]
+    pub uids: u32,
 }
 
 impl State {
@@ -117,6 +120,7 @@ impl State {
             (ResourceKind::Mac, demand.macs),
             (ResourceKind::Channel, demand.channels),
             (ResourceKind::Endpoint, demand.endpoints),
+            (ResourceKind::Uid, demand.uids),
         ] {
             let free = self.free_units(kind);
             if (free.len() as u64) < u64::from(count) {

@@ -23,7 +23,7 @@ fn missing_monitor_binary_fails_the_start_and_releases_the_grant() {
     assert!(view
         .holdings(&PartitionId::new("lost").unwrap())
         .unwrap()
-        .is_empty());
+        .is_at_rest());
     let free = view.free().unwrap();
     assert_eq!(free.memory_mib.free, free.memory_mib.total);
 }
@@ -51,5 +51,5 @@ fn kernel_the_monitor_cannot_load_fails_the_start_with_its_reason() {
     assert_eq!(v["state"], "failed");
     let status = v["last_exit"]["status"].as_i64().unwrap();
     assert!(status == 64 || status == 70, "{v}");
-    assert!(partd.holdings("junk").is_empty());
+    assert!(partd.holdings("junk").is_at_rest());
 }

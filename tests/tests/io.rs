@@ -312,7 +312,7 @@ fn a_restarted_partd_still_waits_for_the_disk_backend_before_releasing() {
     assert_eq!(partd.ctl_json(&["stop", "d"])["state"], "stopped");
     assert!(!alive(blk));
     let d = PartitionId::new("d").unwrap();
-    assert!(partd.view().holdings(&d).unwrap().is_empty());
+    assert!(partd.view().holdings(&d).unwrap().is_at_rest());
     let log = partd.log();
     assert!(
         position(&log, &format!("d: part-io blk pid {blk} has exited"))

@@ -147,12 +147,21 @@ fn start_boots_the_guest_and_stop_returns_every_resource_to_available() {
     assert_eq!(stopped["state"], "stopped");
     assert_eq!(stopped["last_exit"]["reason"], "power-off");
     assert!(!alive(pid));
-    assert!(view.holdings(&web).unwrap().is_empty());
+    assert!(view.holdings(&web).unwrap().is_at_rest());
+    // Its monitor's and disk backend's uids stay with it until destroy.
+    let uids = view.holdings(&web).unwrap().uids;
+    assert_eq!(uids.len(), 2, "{uids:?}");
+    assert!(uids
+        .iter()
+        .all(|u| *u >= resource_db::HostConfig::empty().first_uid));
     assert_eq!(
         view.owner(&ResourceId::Memory(extent)).unwrap(),
         Owner::Available
     );
-    assert_eq!(view.free().unwrap(), free_before);
+    let mut free_after = view.free().unwrap();
+    assert_eq!(free_after.uids.free + 2, free_before.uids.free);
+    free_after.uids = free_before.uids;
+    assert_eq!(free_after, free_before);
     view.check_invariants().unwrap();
     view.check_replay().unwrap();
 
@@ -241,7 +250,7 @@ fn more_partitions_than_capacity_are_refused_and_allocate_nothing() {
             "{name}: {err}"
         );
         let id = PartitionId::new(name).unwrap();
-        assert!(view.holdings(&id).unwrap().is_empty());
+        assert!(view.holdings(&id).unwrap().is_at_rest());
         assert_eq!(
             view.partition(&id).unwrap().unwrap().state,
             PartitionState::Defined
@@ -334,7 +343,7 @@ fn partd_restart_reattaches_running_guests_and_fails_one_killed_meanwhile() {
     assert!(view
         .holdings(&PartitionId::new("three").unwrap())
         .unwrap()
-        .is_empty());
+        .is_at_rest());
     assert_eq!(
         view.holdings(&PartitionId::new("one").unwrap())
             .unwrap()
@@ -384,7 +393,7 @@ fn sigstopped_monitor_becomes_unresponsive_and_stop_force_ends_it() {
     assert_eq!(v["state"], "stopped");
     assert_eq!(v["last_exit"]["reason"], "killed-by-partd");
     wait_gone(pid, Duration::from_secs(5));
-    assert!(partd.holdings("hung").is_empty());
+    assert!(partd.holdings("hung").is_at_rest());
 }
 
 #[test]
@@ -448,7 +457,7 @@ fn stop_timeout_forces_a_guest_that_ignores_the_power_button() {
         took >= Duration::from_secs(1) && took < Duration::from_secs(10),
         "forced after {took:?}"
     );
-    assert!(partd.holdings("deaf").is_empty());
+    assert!(partd.holdings("deaf").is_at_rest());
 }
 
 #[test]
@@ -482,7 +491,7 @@ fn guest_crash_marks_the_partition_failed_with_its_reason_and_releases_it() {
     assert!(view
         .holdings(&PartitionId::new("crash").unwrap())
         .unwrap()
-        .is_empty());
+        .is_at_rest());
     view.check_invariants().unwrap();
 }
 
@@ -520,7 +529,7 @@ fn partd_killed_during_a_stop_finishes_it_after_restart() {
     let v = partd.wait_state("slow", "stopped", Duration::from_secs(20));
     assert_eq!(v["last_exit"]["reason"], "forced-stop");
     wait_gone(pid, Duration::from_secs(5));
-    assert!(partd.holdings("slow").is_empty());
+    assert!(partd.holdings("slow").is_at_rest());
 }
 
 #[test]

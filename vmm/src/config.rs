@@ -190,11 +190,27 @@ pub fn validate(cfg: &VmConfig, host: &HostLimits) -> std::result::Result<(), Co
 }
 
 impl HostLimits {
-    /// Reads `KVM_CAP_MAX_VCPUS` and `MemAvailable`.
-    pub fn probe(kvm: &kvm_ioctls::Kvm) -> Result<HostLimits> {
+    /// Reads `KVM_CAP_MAX_VCPUS` and, if `free_memory`, `MemAvailable`
+    /// (else it is left at its largest value: nothing to check against).
+    pub fn probe(kvm: &kvm_ioctls::Kvm, free_memory: bool) -> Result<HostLimits> {
+        let kib = if !free_memory {
+            u64::MAX
+        } else {
+            Self::mem_available_kib()?
+        };
+        // SAFETY: sysconf has no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+        Ok(HostLimits {
+            max_vcpus: u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX),
+            mem_available_mib: kib / 1024,
+            host_cpus: usize::try_from(cpus).unwrap_or(1).max(1),
+        })
+    }
+
+    fn mem_available_kib() -> Result<u64> {
         let meminfo =
             std::fs::read_to_string("/proc/meminfo").map_err(Error::io("/proc/meminfo"))?;
-        let kib = meminfo
+        meminfo
             .lines()
             .find_map(|l| l.strip_prefix("MemAvailable:"))
             .and_then(|rest| {
@@ -204,14 +220,7 @@ impl HostLimits {
                     .parse::<u64>()
                     .ok()
             })
-            .ok_or(Error::NoMemAvailable)?;
-        // SAFETY: sysconf has no preconditions.
-        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-        Ok(HostLimits {
-            max_vcpus: u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX),
-            mem_available_mib: kib / 1024,
-            host_cpus: usize::try_from(cpus).unwrap_or(1).max(1),
-        })
+            .ok_or(Error::NoMemAvailable)
     }
 }
 

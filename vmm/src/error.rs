@@ -72,6 +72,8 @@ pub enum Error {
         "/proc/meminfo has no MemAvailable line; cannot tell how much memory the host has free"
     )]
     NoMemAvailable,
+    #[error("the KVM descriptor given (--kvm-fd) is not /dev/kvm (API version is not 12)")]
+    NotKvm,
     #[error("guest memory: cannot create a sealed memfd of {size} bytes: {source}")]
     GuestMemfd {
         size: u64,

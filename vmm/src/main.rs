@@ -57,6 +57,14 @@ struct Cli {
     /// Write a JSON record of how the partition ended here.
     #[arg(long, value_name = "PATH")]
     exit_file: Option<PathBuf>,
+    /// Use this inherited descriptor as /dev/kvm (a jailed monitor has no
+    /// /dev).
+    #[arg(long, value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
+    kvm_fd: Option<i32>,
+    /// The guest's memory was reserved by a resource manager (partd): do
+    /// not check the host's free memory.
+    #[arg(long)]
+    memory_reserved: bool,
 }
 
 fn main() {
@@ -115,6 +123,8 @@ fn main() {
     let opts = part_vmm::vmm::RunOptions {
         control_socket: cli.control_socket,
         exit_file: cli.exit_file,
+        kvm_fd: cli.kvm_fd,
+        memory_reserved: cli.memory_reserved,
     };
     let result = part_vmm::config::assemble(cli.config.as_deref(), overrides)
         .and_then(|cfg| part_vmm::vmm::run(&cfg, &opts));

@@ -496,9 +496,18 @@ fn bind_socket(p: &Path, what: &'static str) -> Result<UnixListener> {
 
 /// Checks the configuration against this host and KVM, before any guest
 /// state exists. Errors here are bad input.
-pub fn check(cfg: &VmConfig) -> Result<Kvm> {
-    let kvm = Kvm::new().map_err(Error::kvm("cannot open /dev/kvm"))?;
-    config::validate(cfg, &HostLimits::probe(&kvm)?)?;
+pub fn check(cfg: &VmConfig, opts: &RunOptions) -> Result<Kvm> {
+    let kvm = match opts.kvm_fd {
+        // SAFETY: the descriptor was handed to this process for KVM (by
+        // partd, `--kvm-fd`) and nothing else in it uses that number; the
+        // Kvm object owns it from here.
+        Some(fd) => unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+        None => Kvm::new().map_err(Error::kvm("cannot open /dev/kvm"))?,
+    };
+    if kvm.get_api_version() != 12 {
+        return Err(Error::NotKvm);
+    }
+    config::validate(cfg, &HostLimits::probe(&kvm, !opts.memory_reserved)?)?;
     boot::detect_format(&cfg.kernel)?;
     if let Some(initrd) = &cfg.initrd {
         File::open(initrd)
@@ -517,6 +526,13 @@ pub fn check(cfg: &VmConfig) -> Result<Kvm> {
 pub struct RunOptions {
     pub control_socket: Option<std::path::PathBuf>,
     pub exit_file: Option<std::path::PathBuf>,
+    /// An open /dev/kvm to use instead of opening it (a jailed monitor has
+    /// no /dev).
+    pub kvm_fd: Option<std::os::fd::RawFd>,
+    /// The guest's memory was reserved by a resource manager (partd's
+    /// map): the host's free memory is not checked (and `/proc/meminfo`
+    /// not read, which a jailed monitor cannot see).
+    pub memory_reserved: bool,
 }
 
 /// Runs the partition described by `cfg` until it ends, and records the end
@@ -538,7 +554,7 @@ pub fn run(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
 }
 
 fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
-    let kvm = check(cfg)?;
+    let kvm = check(cfg, opts)?;
     let control = match &opts.control_socket {
         Some(p) => Some(bind_socket(p, "control")?),
         None => None,

@@ -56,6 +56,9 @@ impl Endpoint for PortEndpoint {
     fn memory_limit(&self) -> Option<u64> {
         self.port().spec.memory_limit
     }
+    fn frontend_uid(&self) -> Option<u32> {
+        self.port().spec.frontend_uid
+    }
 
     fn kind(&self) -> &'static str {
         "net"

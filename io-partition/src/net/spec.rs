@@ -29,8 +29,9 @@ static GRAMMAR: Grammar = Grammar {
         Key::value("socket", "PATH"),
         Key::value("mac", "XX:XX:XX:XX:XX:XX"),
         Key::value("memory", "MIB"),
+        Key::value("frontend-uid", "UID"),
     ],
-    usage: "socket=PATH,mac=XX:XX:XX:XX:XX:XX[,memory=MIB]",
+    usage: "socket=PATH,mac=XX:XX:XX:XX:XX:XX[,memory=MIB][,frontend-uid=UID]",
 };
 
 /// A parsed `--port` argument.
@@ -43,6 +44,8 @@ pub struct PortSpec {
     /// The partition's granted memory in bytes (`memory=MIB`): a frontend
     /// whose memory table maps more is refused.
     pub memory_limit: Option<u64>,
+    /// The only uid whose frontend may connect (`frontend-uid=UID`).
+    pub frontend_uid: Option<u32>,
 }
 
 impl FromStr for PortSpec {
@@ -62,6 +65,7 @@ impl FromStr for PortSpec {
             socket: items.required("socket").map_err(wrap)?.into(),
             mac,
             memory_limit: items.memory_limit().map_err(wrap)?,
+            frontend_uid: items.frontend_uid().map_err(wrap)?,
         })
     }
 }

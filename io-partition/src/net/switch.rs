@@ -322,6 +322,7 @@ mod tests {
             socket: s.into(),
             mac: m.parse().unwrap(),
             memory_limit: None,
+            frontend_uid: None,
         };
         let e = Switch::new(
             vec![p("a", "02:00:00:00:00:01"), p("b", "02:00:00:00:00:01")],

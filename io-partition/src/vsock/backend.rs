@@ -53,6 +53,9 @@ impl Endpoint for VsockEndpoint {
     fn memory_limit(&self) -> Option<u64> {
         self.port.memory_limit
     }
+    fn frontend_uid(&self) -> Option<u32> {
+        self.port.frontend_uid
+    }
 
     fn kind(&self) -> &'static str {
         "vsock"

@@ -42,12 +42,13 @@ pub fn bind(
     socket: PathBuf,
     host_socket: Option<PathBuf>,
     memory_limit: Option<u64>,
+    frontend_uid: Option<u32>,
 ) -> Result<BoundPort, BindError> {
     let host = host_socket
         .map(HostSide::new)
         .transpose()
         .map_err(BindError::Host)?;
-    let port = VsockPort::new(cid, socket, host, memory_limit);
+    let port = VsockPort::new(cid, socket, host, memory_limit, frontend_uid);
     let vhost = server::bind_shared(Arc::new(VsockEndpoint::new(relay.clone(), port.clone())))
         .map_err(|e| BindError::Serve(Box::new(e)))?;
     let host = match port.host.as_ref().map(hybrid::listen::bind).transpose() {

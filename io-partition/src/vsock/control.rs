@@ -170,6 +170,7 @@ fn add(relay: &Arc<Relay>, entry: Entry) -> Result<(), AddError> {
         socket.clone(),
         entry.host_socket.clone(),
         memory,
+        entry.frontend_uid,
     )?;
     let host = entry.host_socket.clone();
     relay.set_entry(entry);

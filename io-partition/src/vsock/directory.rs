@@ -49,6 +49,7 @@ impl Entries {
                     host_socket: p.host_socket.clone(),
                     location: Location::Local,
                     memory_mib: p.memory_limit.map(|b| b >> 20),
+                    frontend_uid: p.frontend_uid,
                     accept,
                 },
             );
@@ -131,6 +132,7 @@ mod tests {
             host_socket: None,
             location: Location::Local,
             memory_mib: None,
+            frontend_uid: None,
             accept: accept
                 .iter()
                 .map(|(f, p)| VsockAccept {

@@ -126,6 +126,8 @@ pub struct VsockPort {
     pub host: Option<HostSide>,
     /// The partition's granted memory in bytes, if partd gave it.
     pub memory_limit: Option<u64>,
+    /// The only uid whose frontend may connect, if partd gave it.
+    pub frontend_uid: Option<u32>,
     pub stats: VsockStats,
     rx: Mutex<Rx>,
     pub(super) connected: AtomicBool,
@@ -140,12 +142,14 @@ impl VsockPort {
         socket: PathBuf,
         host: Option<HostSide>,
         memory_limit: Option<u64>,
+        frontend_uid: Option<u32>,
     ) -> Arc<VsockPort> {
         Arc::new(VsockPort {
             cid,
             socket,
             host,
             memory_limit,
+            frontend_uid,
             stats: VsockStats::default(),
             rx: Mutex::new(Rx::default()),
             connected: AtomicBool::new(false),

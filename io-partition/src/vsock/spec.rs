@@ -35,8 +35,9 @@ static GRAMMAR: Grammar = Grammar {
         Key::value("uds", "PATH"),
         Key::maybe_empty("accept", "CID:PORT+CID:PORT"),
         Key::value("memory", "MIB"),
+        Key::value("frontend-uid", "UID"),
     ],
-    usage: "socket=PATH,cid=N[,uds=PATH][,accept=CID:PORT+...][,memory=MIB]",
+    usage: "socket=PATH,cid=N[,uds=PATH][,accept=CID:PORT+...][,memory=MIB][,frontend-uid=UID]",
 };
 
 /// A parsed `--port` argument: one partition's vsock device.
@@ -54,6 +55,8 @@ pub struct PortSpec {
     /// The partition's granted memory in bytes (`memory=MIB`): a frontend
     /// whose memory table maps more is refused.
     pub memory_limit: Option<u64>,
+    /// The only uid whose frontend may connect (`frontend-uid=UID`).
+    pub frontend_uid: Option<u32>,
 }
 
 /// `text` as a guest CID (from [`MIN_GUEST_CID`], not [`CID_ANY`]).
@@ -99,6 +102,7 @@ impl FromStr for PortSpec {
             host_socket: items.value("uds").map(PathBuf::from),
             accept,
             memory_limit: items.memory_limit().map_err(wrap)?,
+            frontend_uid: items.frontend_uid().map_err(wrap)?,
         })
     }
 }
@@ -120,6 +124,7 @@ mod tests {
                 host_socket: None,
                 accept: vec![(4, 80), (5, 443)],
                 memory_limit: None,
+                frontend_uid: None,
             }
         );
         let bare: PortSpec = "socket=/s,cid=7".parse().unwrap();

@@ -83,6 +83,10 @@ pub enum DefinitionError {
     TooManyDevices(usize),
 }
 
+/// uids a partition holds from create to destroy: its monitor's, then its
+/// disk backend's.
+pub const PARTITION_UIDS: u32 = 2;
+
 /// What partd does with a [`Definition`]: check it against this host, and
 /// derive what it demands from the resource database and the part-vmm
 /// descriptor from it.
@@ -198,10 +202,13 @@ impl DefinitionExt for Definition {
         Ok(out)
     }
 
-    /// What creating this partition takes: one MAC per NIC.
+    /// What creating this partition takes: one MAC per NIC, and the uids
+    /// its monitor and disk backend run as (a switch serves its port to
+    /// one uid, known before the partition first starts).
     fn nic_demand(&self) -> Demand {
         Demand {
             macs: u32::try_from(self.nic.len()).unwrap_or(u32::MAX),
+            uids: PARTITION_UIDS,
             ..Demand::default()
         }
     }

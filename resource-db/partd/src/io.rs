@@ -60,6 +60,8 @@ pub enum IoError {
         last: String,
         log: PathBuf,
     },
+    #[error("cannot confine part-io: {0}")]
+    Jail(#[source] partvisor_jail::JailError),
     #[error("part-io {what} did not listen on its sockets within {secs} s (see {log})")]
     NotReady {
         what: String,
@@ -77,6 +79,9 @@ pub struct Port {
     /// The partition's memory in MiB: the most its frontend may map.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// The uid of the partition's monitor: the only frontend accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend_uid: Option<u32>,
 }
 
 /// What partd records about a part-io process it started.
@@ -139,11 +144,16 @@ impl SwitchFiles {
     pub fn log(&self) -> PathBuf {
         self.dir.join("net.log")
     }
+    /// Where the switch listens (owned by its uid; records and logs stay
+    /// in `dir`, which it cannot write).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
     pub fn stats(&self) -> PathBuf {
-        self.dir.join("stats.sock")
+        self.run_dir().join("stats.sock")
     }
     pub fn port_socket(&self, partition: &str, index: usize) -> PathBuf {
-        self.dir.join(format!("{partition}-{index}.sock"))
+        self.run_dir().join(format!("{partition}-{index}.sock"))
     }
 }
 
@@ -164,11 +174,24 @@ impl VsockFiles {
     pub fn log(&self) -> PathBuf {
         self.dir.join("vsock.log")
     }
+    /// Where the relay listens (owned by its uid).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    /// The partitions' hybrid host socket directories: `hosts/<name>/`,
+    /// owned by the partition's owner, group the relay's, mode 02770.
+    pub fn hosts_dir(&self) -> PathBuf {
+        self.dir.join("hosts")
+    }
+    /// Partition `name`'s hybrid host socket.
+    pub fn host_socket(&self, name: &str) -> PathBuf {
+        self.hosts_dir().join(name).join("vsock.sock")
+    }
     pub fn control(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        self.run_dir().join("control.sock")
     }
     pub fn port_socket(&self, partition: &str) -> PathBuf {
-        self.dir.join(format!("{partition}.sock"))
+        self.run_dir().join(format!("{partition}.sock"))
     }
 }
 
@@ -256,8 +279,9 @@ pub async fn vsock_request(
 const VSOCK_CONTROL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Starts part-io with `args`, stderr into `log` (truncated), in its own
-/// session so it outlives partd, and waits until it logged `ready_lines`
-/// `serving` lines.
+/// session so it outlives partd, confined by `jail` if given (as the init
+/// of a pid namespace of its own), and waits until it logged
+/// `ready_lines` `serving` lines.
 pub async fn spawn_ready(
     bin: &Path,
     what: &str,
@@ -265,6 +289,7 @@ pub async fn spawn_ready(
     log: &Path,
     ready_lines: usize,
     inherit: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
+    jail: Option<partvisor_jail::Prepared>,
 ) -> Result<IoRecord, IoError> {
     let file = |source| IoError::File {
         path: log.to_owned(),
@@ -283,7 +308,15 @@ pub async fn spawn_ready(
         bin: bin.to_owned(),
         source,
     })?;
-    let mut child = cmd.spawn().map_err(|source| IoError::Spawn {
+    let spawned = match jail {
+        Some(jail) => {
+            // SAFETY: `enter` is made for the child between fork and exec.
+            unsafe { cmd.pre_exec(move || jail.enter()) };
+            crate::jail::spawn_in_pid_namespace(|| cmd.spawn()).map_err(IoError::Jail)?
+        }
+        None => cmd.spawn(),
+    };
+    let mut child = spawned.map_err(|source| IoError::Spawn {
         bin: bin.to_owned(),
         source,
     })?;
@@ -327,17 +360,19 @@ pub async fn spawn_ready(
 pub const FIRST_DISK_FD: i32 = 3;
 
 /// `part-io blk` arguments for `disks` (image, read-only) on `sockets`.
-/// `memory_mib` is the partition's grant: its frontend may map no more.
+/// `memory_mib` is the partition's grant: its frontend may map no more;
+/// `frontend_uid` its monitor's uid, the only one accepted.
 pub fn blk_args(
     disks: &[(PathBuf, bool)],
     sockets: &[PathBuf],
     serial: &str,
     memory_mib: u64,
+    frontend_uid: u32,
 ) -> Vec<String> {
     let mut args = vec!["blk".to_string()];
     for (i, ((image, ro), socket)) in disks.iter().zip(sockets).enumerate() {
         let mut spec = format!(
-            "socket={},image={},id={serial}-{i},memory={memory_mib}",
+            "socket={},image={},id={serial}-{i},memory={memory_mib},frontend-uid={frontend_uid}",
             socket.display(),
             image.display()
         );
@@ -358,6 +393,9 @@ pub fn net_args(ports: &[Port], stats: &Path) -> Vec<String> {
         let mut spec = format!("socket={},mac={}", p.socket.display(), p.mac);
         if let Some(m) = p.memory_mib {
             spec.push_str(&format!(",memory={m}"));
+        }
+        if let Some(u) = p.frontend_uid {
+            spec.push_str(&format!(",frontend-uid={u}"));
         }
         args.push(spec);
     }
@@ -407,15 +445,16 @@ mod tests {
             &["/s/d0.sock".into(), "/s/d1.sock".into()],
             "web",
             64,
+            3_000_000,
         );
         assert_eq!(
             a,
             [
                 "blk",
                 "--export",
-                "socket=/s/d0.sock,image=/i/a.img,id=web-0,memory=64",
+                "socket=/s/d0.sock,image=/i/a.img,id=web-0,memory=64,frontend-uid=3000000",
                 "--export",
-                "socket=/s/d1.sock,image=/i/b.img,id=web-1,memory=64,readonly"
+                "socket=/s/d1.sock,image=/i/b.img,id=web-1,memory=64,frontend-uid=3000000,readonly"
             ]
         );
         let n = net_args(
@@ -424,6 +463,7 @@ mod tests {
                 socket: "/w/a-0.sock".into(),
                 mac: "02:70:76:00:00:00".into(),
                 memory_mib: Some(32),
+                frontend_uid: Some(7),
             }],
             Path::new("/w/stats.sock"),
         );
@@ -432,7 +472,7 @@ mod tests {
             [
                 "net",
                 "--port",
-                "socket=/w/a-0.sock,mac=02:70:76:00:00:00,memory=32",
+                "socket=/w/a-0.sock,mac=02:70:76:00:00:00,memory=32,frontend-uid=7",
                 "--stats-socket",
                 "/w/stats.sock"
             ]
@@ -451,6 +491,7 @@ mod tests {
             &log,
             1,
             Vec::new(),
+            None,
         )
         .await
         .unwrap_err()
@@ -463,6 +504,7 @@ mod tests {
             &log,
             1,
             Vec::new(),
+            None,
         )
         .await
         .unwrap();
@@ -497,6 +539,7 @@ mod tests {
             1,
             // Swapped on purpose: each target gets its own source.
             vec![(fb.as_raw_fd(), 4), (fa.as_raw_fd(), 3)],
+            None,
         )
         .await
         .unwrap();

@@ -61,6 +61,7 @@ mod cgroup;
 mod coordinator;
 mod definition;
 mod io;
+mod jail;
 mod process;
 
 use std::collections::BTreeSet;
@@ -123,6 +124,12 @@ struct Args {
     /// (default: 3/4 of MemTotal). Fixed afterwards.
     #[arg(long, value_name = "MIB")]
     memory_budget_mib: Option<u64>,
+    /// Confine every monitor and I/O partition (`on`: own uid from the
+    /// resource map, no capabilities, namespaces and a root of their own;
+    /// needs root), or run them as partd's uid, unconfined (`off`: for
+    /// running partd unprivileged or debugging).
+    #[arg(long, value_name = "MODE", default_value = "on", value_parser = ["on", "off"])]
+    jail: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +147,13 @@ enum PartdError {
     Group(String),
     #[error("{0}")]
     Runtime(String),
+    #[error("{0}")]
+    Jail(&'static str),
+    #[error("cannot find the program {path}: {source}")]
+    Binary {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn main() {
@@ -289,13 +303,46 @@ async fn run(args: Args) -> Result<(), PartdError> {
             tracing::info!("shared-pool shares weighted in {}", d.display())
         }
     }
+    let vmm = args.vmm.clone().unwrap_or_else(|| default_bin("part-vmm"));
+    let part_io = args
+        .part_io
+        .clone()
+        .unwrap_or_else(|| default_bin("part-io"));
+    let jail = if args.jail == "on" {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(PartdError::Jail(
+                "confining monitors and I/O partitions needs root; run partd as root or with --jail off".into(),
+            ));
+        }
+        Some(
+            jail::Jailing::new(&args.state_dir, db.view().host().io_uid).map_err(|source| {
+                PartdError::StateDir {
+                    path: args.state_dir.join("jail"),
+                    source,
+                }
+            })?,
+        )
+    } else {
+        tracing::warn!("--jail off: monitors and I/O partitions run as partd's uid, unconfined");
+        None
+    };
+    // A jail binds the programs at their own paths: absolute, no links.
+    let (vmm, part_io) = if jail.is_some() {
+        let resolve = |p: PathBuf| {
+            jail::resolve_bin(&p).map_err(|e| PartdError::Binary {
+                path: p.clone(),
+                source: e,
+            })
+        };
+        (resolve(vmm)?, resolve(part_io)?)
+    } else {
+        (vmm, part_io)
+    };
     let settings = coordinator::Settings {
         state_dir: args.state_dir.clone(),
-        vmm: args.vmm.clone().unwrap_or_else(|| default_bin("part-vmm")),
-        part_io: args
-            .part_io
-            .clone()
-            .unwrap_or_else(|| default_bin("part-io")),
+        vmm,
+        part_io,
+        jail,
         ping_interval: Duration::from_millis(args.ping_interval_ms.max(10)),
         ping_timeout: Duration::from_millis(args.ping_timeout_ms.max(10)),
         unresponsive_after: Duration::from_millis(args.unresponsive_after_ms.max(10)),

@@ -23,6 +23,8 @@ const DESCRIPTOR_FD: i32 = 3;
 const KERNEL_FD: i32 = 4;
 /// Where part-vmm finds its initrd, if it has one.
 const INITRD_FD: i32 = 5;
+/// Where part-vmm finds /dev/kvm (opened by partd).
+const KVM_FD: i32 = 6;
 
 /// Errors of this layer.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,8 @@ pub enum ProcessError {
     },
     #[error("control socket {path}: {reason}")]
     Control { path: PathBuf, reason: String },
+    #[error("cannot confine the monitor: {0}")]
+    Jail(#[source] partvisor_jail::JailError),
 }
 
 /// Files of one partition in the state dir.
@@ -57,14 +61,26 @@ impl PartitionFiles {
             dir: state_dir.join("partitions").join(name),
         }
     }
+    /// What the monitor writes: its sockets and its exit record (owned
+    /// by its uid; the only place it may write).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    /// Where the disk backend listens (owned by its uid).
+    pub fn disks_dir(&self) -> PathBuf {
+        self.dir.join("disks")
+    }
+    pub fn disk_socket(&self, index: usize) -> PathBuf {
+        self.disks_dir().join(format!("disk{index}.sock"))
+    }
     pub fn control(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        self.run_dir().join("control.sock")
     }
     pub fn console(&self) -> PathBuf {
-        self.dir.join("console.sock")
+        self.run_dir().join("console.sock")
     }
     pub fn exit_file(&self) -> PathBuf {
-        self.dir.join("exit.json")
+        self.run_dir().join("exit.json")
     }
     pub fn vmm_record(&self) -> PathBuf {
         self.dir.join("vmm.json")
@@ -75,8 +91,8 @@ impl PartitionFiles {
 
     /// Removes what a previous run left (sockets, records), keeping the log.
     pub fn clear_run_files(&self) -> Result<(), ProcessError> {
-        std::fs::create_dir_all(&self.dir).map_err(|source| ProcessError::Io {
-            path: self.dir.clone(),
+        std::fs::create_dir_all(self.run_dir()).map_err(|source| ProcessError::Io {
+            path: self.run_dir(),
             source,
         })?;
         for p in [
@@ -238,14 +254,17 @@ fn sealed_descriptor(name: &str, cfg: &VmConfig) -> Result<SealedMemfd, ProcessE
 /// Starts part-vmm for partition `name` in its own session (so it outlives
 /// partd), with the descriptor on fd 3, the kernel on fd 4 and the initrd
 /// on fd 5 (the files partd opened, with the caller's rights: `cfg` is
-/// made to name them as `/proc/self/fd/N`), its control socket, console
-/// socket and exit file in `files.dir`, and stderr appended to `vmm.log`.
+/// made to name them as `/proc/self/fd/N`), /dev/kvm on fd 6, its control
+/// socket, console socket and exit file in `files.run_dir()`, and stderr
+/// appended to `vmm.log`; confined by `jail` if given (as the init of a
+/// pid namespace of its own).
 pub fn spawn(
     vmm: &Path,
     name: &str,
     cfg: &mut VmConfig,
     files: &PartitionFiles,
     boot: &crate::coordinator::BootFiles,
+    jail: Option<partvisor_jail::Prepared>,
 ) -> Result<(VmmProcess, VmmRecord), ProcessError> {
     cfg.kernel = format!("/proc/self/fd/{KERNEL_FD}").into();
     if boot.initrd.is_some() {
@@ -262,9 +281,18 @@ pub fn spawn(
             source,
         })?;
     // Every descriptor the child gets, with the number it gets it on.
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|source| ProcessError::Io {
+            path: "/dev/kvm".into(),
+            source,
+        })?;
     let mut inherit = vec![
         (mfd.fd().as_raw_fd(), DESCRIPTOR_FD),
         (boot.kernel.as_raw_fd(), KERNEL_FD),
+        (kvm.as_raw_fd(), KVM_FD),
     ];
     if let Some(i) = &boot.initrd {
         inherit.push((i.as_raw_fd(), INITRD_FD));
@@ -276,6 +304,9 @@ pub fn spawn(
         .arg(files.control())
         .arg("--exit-file")
         .arg(files.exit_file())
+        .arg("--kvm-fd")
+        .arg(KVM_FD.to_string())
+        .arg("--memory-reserved")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
@@ -293,11 +324,19 @@ pub fn spawn(
         vmm: vmm.to_owned(),
         source,
     })?;
-    let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+    let spawned = match jail {
+        Some(jail) => {
+            // SAFETY: `enter` is made for the child between fork and exec.
+            unsafe { cmd.pre_exec(move || jail.enter()) };
+            crate::jail::spawn_in_pid_namespace(|| cmd.spawn()).map_err(ProcessError::Jail)?
+        }
+        None => cmd.spawn(),
+    };
+    let child = spawned.map_err(|source| ProcessError::Spawn {
         vmm: vmm.to_owned(),
         source,
     })?;
-    drop(mfd);
+    drop((mfd, kvm));
     let pid = child.id().unwrap_or(0);
     let record = VmmRecord {
         pid,

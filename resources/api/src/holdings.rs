@@ -25,12 +25,28 @@ pub struct Holdings {
     pub channels: Vec<u32>,
     /// Interconnect endpoints.
     pub endpoints: Vec<u32>,
+    /// uids its jailed processes run as: the monitor's, then the disk
+    /// backend's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uids: Vec<u32>,
 }
 
 impl Holdings {
     /// Whether the partition holds nothing at all.
     pub fn is_empty(&self) -> bool {
         *self == Holdings::default()
+    }
+
+    /// Whether the partition holds only what it keeps from create to
+    /// destroy (its MACs and uids): what a partition that is not running
+    /// holds.
+    pub fn is_at_rest(&self) -> bool {
+        Holdings {
+            macs: Vec::new(),
+            uids: Vec::new(),
+            ..self.clone()
+        }
+        .is_empty()
     }
 
     /// Total memory held, in MiB.
@@ -47,6 +63,7 @@ impl Holdings {
         out.extend(self.devices.iter().map(|d| ResourceId::Device(d.clone())));
         out.extend(self.channels.iter().map(|c| ResourceId::Channel(*c)));
         out.extend(self.endpoints.iter().map(|e| ResourceId::Endpoint(*e)));
+        out.extend(self.uids.iter().map(|u| ResourceId::Uid(*u)));
         out
     }
 
@@ -60,6 +77,7 @@ impl Holdings {
             ResourceId::Device(d) => self.devices.push(d),
             ResourceId::Channel(c) => self.channels.push(c),
             ResourceId::Endpoint(e) => self.endpoints.push(e),
+            ResourceId::Uid(u) => self.uids.push(u),
         }
     }
 
@@ -72,6 +90,7 @@ impl Holdings {
         self.devices.sort_unstable();
         self.channels.sort_unstable();
         self.endpoints.sort_unstable();
+        self.uids.sort_unstable();
     }
 }
 
@@ -103,6 +122,9 @@ pub struct FreeCapacity {
     pub channels: Capacity,
     /// Interconnect endpoints.
     pub endpoints: Capacity,
+    /// uids for jailed processes.
+    #[serde(default)]
+    pub uids: Capacity,
 }
 
 impl FreeCapacity {
@@ -116,6 +138,7 @@ impl FreeCapacity {
             ResourceKind::Device => &mut self.devices,
             ResourceKind::Channel => &mut self.channels,
             ResourceKind::Endpoint => &mut self.endpoints,
+            ResourceKind::Uid => &mut self.uids,
         }
     }
 }

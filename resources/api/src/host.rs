@@ -53,6 +53,35 @@ pub struct HostConfig {
     pub channel_count: u32,
     /// Number of interconnect endpoints.
     pub endpoint_count: u32,
+    /// First uid (with the gid of the same number) granted to partitions:
+    /// each partition's monitor and disk backend run as uids of their own.
+    #[serde(default = "default_first_uid")]
+    pub first_uid: u32,
+    /// Number of uids.
+    #[serde(default = "default_uid_count")]
+    pub uid_count: u32,
+    /// The uid (and gid) of the host's shared I/O partitions (net switches,
+    /// the vsock relay), which serve many partitions; never granted.
+    #[serde(default = "default_io_uid")]
+    pub io_uid: u32,
+}
+
+/// Default first partition uid: above the ranges distributions give to
+/// people and system accounts (below 65536), systemd's dynamic users
+/// (61184..65519) and the first subordinate ranges of container tools
+/// (100000 + 65536 per user, for the first 44 users).
+pub const DEFAULT_FIRST_UID: u32 = 3_000_000;
+
+fn default_first_uid() -> u32 {
+    DEFAULT_FIRST_UID
+}
+
+fn default_uid_count() -> u32 {
+    4096
+}
+
+fn default_io_uid() -> u32 {
+    DEFAULT_FIRST_UID - 1
 }
 
 impl HostConfig {
@@ -70,6 +99,9 @@ impl HostConfig {
             devices: Vec::new(),
             channel_count: 1024,
             endpoint_count: 1024,
+            first_uid: default_first_uid(),
+            uid_count: default_uid_count(),
+            io_uid: default_io_uid(),
         }
     }
 
@@ -92,6 +124,7 @@ impl HostConfig {
             )
             .chain((0..self.channel_count).map(ResourceId::Channel))
             .chain((0..self.endpoint_count).map(ResourceId::Endpoint))
+            .chain((0..self.uid_count).map(|i| ResourceId::Uid(self.first_uid + i)))
     }
 
     /// Whether `resource` is a unit resource of this host (memory: whether the
@@ -115,6 +148,10 @@ impl HostConfig {
             ResourceId::Device(name) => self.devices.iter().any(|d| &d.name == name),
             ResourceId::Channel(c) => *c < self.channel_count,
             ResourceId::Endpoint(e) => *e < self.endpoint_count,
+            ResourceId::Uid(u) => {
+                *u >= self.first_uid
+                    && u64::from(*u) < u64::from(self.first_uid) + u64::from(self.uid_count)
+            }
         }
     }
 
@@ -151,6 +188,9 @@ impl HostConfig {
             "endpoint_count",
             self.endpoint_count == other.endpoint_count,
         );
+        cmp("first_uid", self.first_uid == other.first_uid);
+        cmp("uid_count", self.uid_count == other.uid_count);
+        cmp("io_uid", self.io_uid == other.io_uid);
         out
     }
 }
@@ -169,6 +209,7 @@ mod tests {
             mac_count: 2,
             channel_count: 1,
             endpoint_count: 1,
+            uid_count: 1,
             ..HostConfig::empty()
         };
         assert!(host.contains(&ResourceId::Cpu(2)));
@@ -182,7 +223,10 @@ mod tests {
         assert!(!host.contains(&ResourceId::Mac(MacAddr([2, 0x70, 0x76, 0, 0, 2]))));
         assert!(!host.contains(&ResourceId::Channel(1)));
         assert!(!host.contains(&ResourceId::Device("x".into())));
-        assert_eq!(host.unit_resources().count(), 2 + 2 + 2 + 1 + 1);
+        assert!(host.contains(&ResourceId::Uid(DEFAULT_FIRST_UID)));
+        assert!(!host.contains(&ResourceId::Uid(DEFAULT_FIRST_UID + 1)));
+        assert!(!host.contains(&ResourceId::Uid(host.io_uid)));
+        assert_eq!(host.unit_resources().count(), 2 + 2 + 2 + 1 + 1 + 1);
     }
 
     #[test]

@@ -246,6 +246,9 @@ pub enum ResourceKind {
     Channel,
     /// An interconnect endpoint.
     Endpoint,
+    /// A uid (and the gid of the same number) a partition's jailed
+    /// processes run as.
+    Uid,
 }
 
 impl ResourceKind {
@@ -259,13 +262,14 @@ impl ResourceKind {
             ResourceKind::Device => "device",
             ResourceKind::Channel => "channel",
             ResourceKind::Endpoint => "endpoint",
+            ResourceKind::Uid => "uid",
         }
     }
 }
 
 impl ResourceKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ResourceKind; 7] = [
+    pub const ALL: [ResourceKind; 8] = [
         ResourceKind::Cpu,
         ResourceKind::Memory,
         ResourceKind::VsockCid,
@@ -273,6 +277,7 @@ impl ResourceKind {
         ResourceKind::Device,
         ResourceKind::Channel,
         ResourceKind::Endpoint,
+        ResourceKind::Uid,
     ];
 
     /// Inverse of [`ResourceKind::as_str`].
@@ -305,6 +310,8 @@ pub enum ResourceId {
     Channel(u32),
     /// An interconnect endpoint.
     Endpoint(u32),
+    /// A uid (with the gid of the same number) for jailed processes.
+    Uid(u32),
 }
 
 impl ResourceId {
@@ -318,6 +325,7 @@ impl ResourceId {
             ResourceId::Device(_) => ResourceKind::Device,
             ResourceId::Channel(_) => ResourceKind::Channel,
             ResourceId::Endpoint(_) => ResourceKind::Endpoint,
+            ResourceId::Uid(_) => ResourceKind::Uid,
         }
     }
 
@@ -328,7 +336,8 @@ impl ResourceId {
             ResourceId::Cpu(n)
             | ResourceId::VsockCid(n)
             | ResourceId::Channel(n)
-            | ResourceId::Endpoint(n) => Some(n.to_string()),
+            | ResourceId::Endpoint(n)
+            | ResourceId::Uid(n) => Some(n.to_string()),
             ResourceId::Mac(m) => Some(m.to_string()),
             ResourceId::Device(name) => Some(name.clone()),
             ResourceId::Memory(_) => None,
@@ -343,6 +352,7 @@ impl ResourceId {
             "vsock-cid" => ResourceId::VsockCid(num()?),
             "channel" => ResourceId::Channel(num()?),
             "endpoint" => ResourceId::Endpoint(num()?),
+            "uid" => ResourceId::Uid(num()?),
             "mac" => ResourceId::Mac(key.parse().ok()?),
             "device" => ResourceId::Device(key.to_owned()),
             _ => return None,

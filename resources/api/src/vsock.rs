@@ -67,6 +67,10 @@ pub struct Entry {
     /// may map no more (local partitions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// The only uid whose frontend may connect to the partition's device
+    /// socket: its monitor's (local partitions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend_uid: Option<u32>,
     /// Who may connect to this partition, on which ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept: Vec<VsockAccept>,

@@ -15,9 +15,7 @@ impl Coordinator {
         def: &Definition,
     ) -> Result<(), CoordError> {
         let files = self.files(id);
-        let mut sockets: Vec<PathBuf> = (0..def.disk.len())
-            .map(|i| files.dir.join(format!("disk{i}.sock")))
-            .collect();
+        let mut sockets: Vec<PathBuf> = (0..def.disk.len()).map(|i| files.disk_socket(i)).collect();
         for (i, nic) in def.nic.iter().enumerate() {
             let sf = SwitchFiles::new(&self.settings.state_dir, &nic.switch);
             sockets.push(sf.port_socket(id.as_str(), i));
@@ -28,7 +26,7 @@ impl Coordinator {
             sockets.push(vf.port_socket(id.as_str()));
             sockets.push(vf.control());
             // Guest -> host connections reach `<host socket>_<port>`.
-            let mut host = self.vsock_host_socket(id).into_os_string();
+            let mut host = vf.host_socket(id.as_str()).into_os_string();
             host.push("_4294967294");
             sockets.push(host.into());
         }
@@ -58,19 +56,22 @@ impl Coordinator {
         boot: &super::owner::BootFiles,
     ) -> Result<Vec<DeviceConfig>, CoordError> {
         let files = self.files(id);
+        let ids = self.identities(id)?;
         let mut devices = Vec::new();
         if !def.disk.is_empty() {
-            let sockets: Vec<PathBuf> = (0..def.disk.len())
-                .map(|i| files.dir.join(format!("disk{i}.sock")))
-                .collect();
+            self.own(&files.disks_dir(), ids.disks, ids.disks, 0o711)?;
+            let sockets: Vec<PathBuf> = (0..def.disk.len()).map(|i| files.disk_socket(i)).collect();
             let mut disks: Vec<(PathBuf, bool)> = Vec::new();
             let mut inherit = Vec::new();
+            let mut largest = 0u64;
             for (i, (d, f)) in def.disk.iter().zip(&boot.disks).enumerate() {
                 let target = io::FIRST_DISK_FD + i as i32;
                 inherit.push((std::os::fd::AsRawFd::as_raw_fd(f), target));
                 disks.push((format!("/proc/self/fd/{target}").into(), d.read_only));
+                largest = largest.max(f.metadata().map_or(0, |m| m.len()));
             }
-            let args = io::blk_args(&disks, &sockets, id.as_str(), def.memory_mib);
+            let args = io::blk_args(&disks, &sockets, id.as_str(), def.memory_mib, ids.monitor);
+            let jail = self.io_jail(id, ids.disks, &[files.disks_dir()], 1024, largest)?;
             let rec = io::spawn_ready(
                 &self.settings.part_io,
                 &format!("blk of {id}"),
@@ -78,12 +79,16 @@ impl Coordinator {
                 &files.dir.join("blk.log"),
                 sockets.len(),
                 inherit,
+                jail,
             )
             .await
             .map_err(|source| CoordError::Backend {
                 id: id.clone(),
                 source,
             })?;
+            for s in &sockets {
+                self.hand_over(s, ids.monitor, ids.monitor, 0o600)?;
+            }
             tracing::info!(
                 "{id}: part-io blk pid {} serves {} disk(s)",
                 rec.pid,
@@ -138,6 +143,7 @@ impl Coordinator {
                     socket: sf.port_socket(rec.id.as_str(), i),
                     mac: mac.to_string(),
                     memory_mib: Some(def.memory_mib),
+                    frontend_uid: Some(self.identities(&rec.id)?.monitor),
                 });
             }
         }
@@ -158,6 +164,8 @@ impl Coordinator {
             path: sf.dir.clone(),
             source,
         })?;
+        let io_uid = self.io_uid();
+        self.own(&sf.run_dir(), io_uid, io_uid, 0o711)?;
         let want = self.members(switch)?;
         let mine: Vec<&Port> = want.iter().filter(|p| p.partition == id.as_str()).collect();
         if let Some(rec) = process::read_json::<IoRecord>(&sf.record()).filter(IoRecord::alive) {
@@ -191,6 +199,7 @@ impl Coordinator {
             }
         }
         let args = io::net_args(&want, &sf.stats());
+        let jail = self.io_jail(id, io_uid, &[sf.run_dir()], 8192, 0)?;
         let mut rec = io::spawn_ready(
             &self.settings.part_io,
             &format!("net switch {switch}"),
@@ -198,12 +207,17 @@ impl Coordinator {
             &sf.log(),
             want.len(),
             Vec::new(),
+            jail,
         )
         .await
         .map_err(|source| CoordError::Backend {
             id: id.clone(),
             source,
         })?;
+        for p in &want {
+            let uid = p.frontend_uid.unwrap_or(self.settings.own_uid);
+            self.hand_over(&p.socket, uid, uid, 0o600)?;
+        }
         tracing::info!(
             "switch {switch}: part-io net pid {} with {} port(s)",
             rec.pid,
@@ -289,9 +303,7 @@ impl Coordinator {
                 pid: r.pid,
                 start_time: r.start_time,
                 alive: r.alive(),
-                sockets: (0..def.disk.len())
-                    .map(|i| files.dir.join(format!("disk{i}.sock")))
-                    .collect(),
+                sockets: (0..def.disk.len()).map(|i| files.disk_socket(i)).collect(),
                 log: files.dir.join("blk.log"),
             });
         }

@@ -150,6 +150,18 @@ pub enum CoordError {
     },
     #[error("switch {switch}: part-io pid {pid} did not end")]
     SwitchStuck { switch: String, pid: u32 },
+    #[error("{id} holds no uids for its processes (destroy and create it again)")]
+    NoUids { id: PartitionId },
+    #[error("cannot confine the processes of {id}: {source}")]
+    Confine {
+        id: PartitionId,
+        source: partvisor_jail::JailError,
+    },
+    #[error("cannot set the owner of {path}: {source}")]
+    Ownership {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl CoordError {
@@ -192,7 +204,10 @@ impl CoordError {
             | NoCid { .. }
             | Vsock { .. }
             | SwitchDir { .. }
-            | SwitchStuck { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            | SwitchStuck { .. }
+            | NoUids { .. }
+            | Confine { .. }
+            | Ownership { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! its end.
 
 mod backends;
+mod confine;
 mod error;
 mod owner;
 mod recover;
@@ -62,6 +63,9 @@ pub struct Settings {
     pub cgroups: crate::cgroup::CpuCgroups,
     /// partd's own uid: like root, it may act on every partition.
     pub own_uid: u32,
+    /// How children are confined; `None`: they run as partd's uid,
+    /// unconfined (`--jail off`).
+    pub jail: Option<crate::jail::Jailing>,
 }
 
 /// Where a live VMM is in its life, as the supervisor sees it.

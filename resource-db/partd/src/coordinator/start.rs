@@ -145,8 +145,20 @@ impl Coordinator {
         for _ in 0..PLAN_ATTEMPTS {
             let snap = self.db.snapshot()?;
             let rec = self.record(id)?;
-            let mut changes = snap.plan_grant(id, &def.demand()).map_err(capacity)?;
-            for mac in snap.holdings(id).macs {
+            let held = snap.holdings(id);
+            let mut demand = def.demand();
+            // Created before partitions held uids: they are granted now.
+            demand.uids = crate::definition::PARTITION_UIDS
+                .saturating_sub(u32::try_from(held.uids.len()).unwrap_or(u32::MAX));
+            let mut changes = snap.plan_grant(id, &demand).map_err(capacity)?;
+            for uid in held.uids {
+                changes.push(Change::Transfer {
+                    resource: ResourceId::Uid(uid),
+                    before: Owner::partition(id),
+                    after: Owner::partition(id),
+                });
+            }
+            for mac in held.macs {
                 changes.push(Change::Transfer {
                     resource: ResourceId::Mac(mac),
                     before: Owner::partition(id),
@@ -211,6 +223,9 @@ impl Coordinator {
                 source,
             })
             .map_err(failed("io-failed"))?;
+        let ids = self.identities(id).map_err(failed("io-failed"))?;
+        self.own(&files.run_dir(), ids.monitor, ids.monitor, 0o700)
+            .map_err(failed("io-failed"))?;
         let devices = self
             .start_io(id, &prepared.def, &prepared.boot)
             .await
@@ -223,6 +238,9 @@ impl Coordinator {
                 error => failed("io-failed")(error),
             })?;
         let t_io = Instant::now();
+        let jail = self
+            .monitor_jail(id, &prepared.def, files, &devices)
+            .map_err(failed("spawn-failed"))?;
         let mut cfg = prepared.def.descriptor(&files.console(), affinity, devices);
         cfg.cmdline = prepared.cmdline.clone();
         let (proc_, record) = process::spawn(
@@ -231,6 +249,7 @@ impl Coordinator {
             &mut cfg,
             files,
             &prepared.boot,
+            jail,
         )
         .map_err(|source| CoordError::Monitor {
             id: id.clone(),

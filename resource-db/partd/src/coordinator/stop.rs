@@ -105,8 +105,15 @@ impl Coordinator {
         let files = &live.files;
         let stop_requested = live.stop_requested.load(Ordering::SeqCst);
         let killed = live.killed_by_partd.load(Ordering::SeqCst);
+        // The run directory was emptied before this monitor started, so a
+        // record there is this monitor's: it names its pid, which is 1 for
+        // a monitor that is the init of a pid namespace of its own (jailed).
         let recorded = process::read_json::<ExitRecord>(&files.exit_file())
-            .filter(|r| r.pid == live.record.pid);
+            .filter(|r| r.pid == live.record.pid || r.pid == 1)
+            .map(|r| ExitRecord {
+                pid: live.record.pid,
+                ..r
+            });
         let exit = match recorded {
             Some(r) => r,
             None => {
@@ -172,7 +179,8 @@ impl Coordinator {
         for _ in 0..PLAN_ATTEMPTS {
             let rec = self.record(id)?;
             let snap = self.db.snapshot()?;
-            // MACs stay with the partition until destroy (granted at create).
+            // MACs and uids stay with the partition until destroy (granted
+            // at create).
             let mut changes: Vec<Change> = snap
                 .plan_release(id)
                 .into_iter()
@@ -180,7 +188,7 @@ impl Coordinator {
                     !matches!(
                         c,
                         Change::Transfer {
-                            resource: ResourceId::Mac(_),
+                            resource: ResourceId::Mac(_) | ResourceId::Uid(_),
                             ..
                         }
                     )

@@ -21,7 +21,7 @@ impl Coordinator {
     /// write `CONNECT <port>`; the guest reaches host listeners at
     /// `<this>_<port>`.
     pub(super) fn vsock_host_socket(&self, id: &PartitionId) -> PathBuf {
-        self.files(id).dir.join("vsock.sock")
+        VsockFiles::new(&self.settings.state_dir).host_socket(id.as_str())
     }
 
     /// Makes sure the relay runs, adds `id`'s entry (policy from its
@@ -37,13 +37,23 @@ impl Coordinator {
         let cid = self.granted_cid(id)?;
         let vf = self.ensure_vsock(id).await?;
         let socket = vf.port_socket(id.as_str());
+        let host_socket = vf.host_socket(id.as_str());
+        let monitor = self.identities(id)?.monitor;
+        // The owner's host processes and the relay (its group) meet in
+        // the partition's host directory; nobody else enters it.
+        let owner = def.owner_uid.unwrap_or(0);
+        let io_gid = self.io_uid();
+        if let Some(dir) = host_socket.parent() {
+            self.own(dir, owner, io_gid, 0o2770)?;
+        }
         let entry = Entry {
             cid,
             partition: id.to_string(),
             socket: Some(socket.clone()),
-            host_socket: Some(self.vsock_host_socket(id)),
+            host_socket: Some(host_socket.clone()),
             location: Location::Local,
             memory_mib: Some(def.memory_mib),
+            frontend_uid: Some(monitor),
             accept: vsock.accept.clone(),
         };
         io::vsock_request(&vf.control(), &Request::Add(entry))
@@ -52,6 +62,8 @@ impl Coordinator {
                 id: id.clone(),
                 source,
             })?;
+        self.hand_over(&socket, monitor, monitor, 0o600)?;
+        self.hand_over(&host_socket, owner, io_gid, 0o660)?;
         tracing::info!("{id}: vsock CID {cid} on {}", socket.display());
         Ok(Some(DeviceConfig::VhostUserVsock {
             socket,
@@ -70,6 +82,10 @@ impl Coordinator {
             path: vf.dir.clone(),
             source,
         })?;
+        let io_uid = self.io_uid();
+        self.own(&vf.run_dir(), io_uid, io_uid, 0o711)?;
+        self.own(&vf.hosts_dir(), 0, 0, 0o755)?;
+        let jail = self.io_jail(id, io_uid, &[vf.run_dir(), vf.hosts_dir()], 8192, 0)?;
         let rec = io::spawn_ready(
             &self.settings.part_io,
             "vsock",
@@ -77,6 +93,7 @@ impl Coordinator {
             &vf.log(),
             1,
             Vec::new(),
+            jail,
         )
         .await
         .map_err(|source| CoordError::Backend {
