@@ -1,6 +1,6 @@
 //! Block exports: `socket=PATH,image=PATH[,readonly][,id=SERIAL]`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
@@ -162,11 +162,8 @@ impl Export {
             path: spec.image.clone(),
             source,
         };
-        let mut image = OpenOptions::new()
-            .read(true)
-            .write(!spec.readonly)
-            .open(&spec.image)
-            .map_err(open_err)?;
+        let mut image =
+            partvisor_runtime::inherited::open(&spec.image, !spec.readonly).map_err(open_err)?;
         let ft = image.metadata().map_err(open_err)?.file_type();
         if !(ft.is_file() || ft.is_block_device()) {
             return Err(ExportError::NotAnImage(spec.image.clone()));

@@ -119,7 +119,7 @@ fn disk_and_nic_backends_start_before_the_guest_and_its_memory_returns_only_afte
     assert!(console.contains("blk: verified 64 blocks ok"), "{console}");
     // No net word in this guest: its NIC is connected by part-vmm (stats below).
     let port_socket = net["sockets"][0].as_str().unwrap().to_string();
-    let stats_sock = partd.path().join("switches/lan/stats.sock");
+    let stats_sock = partd.path().join("switches/lan/run/stats.sock");
     assert_eq!(
         port_stats(&stats(&stats_sock), &port_socket)["connected"],
         true
@@ -201,8 +201,8 @@ fn two_partitions_on_one_switch_exchange_10000_frames_without_loss() {
         sent.contains("net: send 10000 frames 1000 bytes in"),
         "{sent}"
     );
-    let st = stats(&partd.path().join("switches/lan/stats.sock"));
-    let b_port = partd.path().join("switches/lan/b-0.sock");
+    let st = stats(&partd.path().join("switches/lan/run/stats.sock"));
+    let b_port = partd.path().join("switches/lan/run/b-0.sock");
     let bp = port_stats(&st, b_port.to_str().unwrap());
     assert!(bp["rx_frames"].as_u64().unwrap() >= 10_000, "{st}");
     assert_eq!(bp["dropped_full"], 0, "{st}");
@@ -262,7 +262,7 @@ fn a_switch_without_a_port_for_a_newcomer_is_restarted_only_when_nobody_is_conne
     let second = io_of(&vc, "net")["pid"].as_u64().unwrap() as u32;
     assert_ne!(second, first);
     assert!(!alive(first));
-    let st = stats(&partd.path().join("switches/lan/stats.sock"));
+    let st = stats(&partd.path().join("switches/lan/run/stats.sock"));
     assert_eq!(st["ports"].as_array().unwrap().len(), 2, "{st}");
     wait_console(&console_of(&vc), "stay: idle", BOOT);
 

@@ -32,7 +32,7 @@ fn bytes_of(text: &str) -> u64 {
 
 /// One request to the host's vsock relay (its control socket).
 fn relay(partd: &Partd, line: &str) -> serde_json::Value {
-    let mut s = UnixStream::connect(partd.path().join("vsock/control.sock")).unwrap();
+    let mut s = UnixStream::connect(partd.path().join("vsock/run/control.sock")).unwrap();
     s.write_all(format!("{line}\n").as_bytes()).unwrap();
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply).unwrap();
@@ -236,7 +236,7 @@ fn when_the_listener_stops_its_peer_is_reset_within_a_second_and_the_cid_waits_f
     );
     let r = relay(&partd, &format!(r#"{{"op":"remove","cid":{db_cid}}}"#));
     assert_eq!(r["connected"], false, "{r}");
-    assert!(!Path::new(&partd.path().join("vsock/db.sock")).exists());
+    assert!(!Path::new(&partd.path().join("vsock/run/db.sock")).exists());
     let _ = partd.wait_state("web", "failed", BOOT);
 }
 
@@ -252,10 +252,16 @@ fn host_processes_talk_to_a_partition_through_its_hybrid_socket_both_ways() {
         VSOCK,
     );
     partd.ctl_ok(&["create", svc.to_str().unwrap()]);
-    // The host service the guest connects to: `<host socket>_6000`.
-    let dir = partd.path().join("partitions/svc");
-    std::fs::create_dir_all(&dir).unwrap();
+    // The host service the guest connects to: `<host socket>_6000`, in
+    // the partition's host directory (made at create). The relay connects
+    // as its group (the directory's, setgid): the listener lets it write.
+    let dir = partd.path().join("vsock/hosts/svc");
     let listener = std::os::unix::net::UnixListener::bind(dir.join("vsock.sock_6000")).unwrap();
+    std::fs::set_permissions(
+        dir.join("vsock.sock_6000"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o660),
+    )
+    .unwrap();
     let served = std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
         vsock_host::exchange(s, n, n, TRANSFER).unwrap()

@@ -4,7 +4,6 @@
 //! Both protocols get the same memory map ([`memory_map`]), the command line
 //! at `layout::CMDLINE`, the initrd at the top of low RAM, and the RSDP.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -98,7 +97,7 @@ pub fn detect_format(path: &Path) -> Result<KernelFormat> {
         path: path.to_path_buf(),
         source,
     };
-    let f = File::open(path).map_err(unreadable)?;
+    let f = partvisor_runtime::inherited::open(path, false).map_err(unreadable)?;
     if f.metadata().map_err(unreadable)?.is_dir() {
         return Err(unreadable(std::io::Error::new(
             std::io::ErrorKind::IsADirectory,
@@ -133,7 +132,7 @@ fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(unreadable)?;
+    let mut f = partvisor_runtime::inherited::open(path, false).map_err(unreadable)?;
     let size = f.seek(SeekFrom::End(0)).map_err(unreadable)?;
     f.seek(SeekFrom::Start(0)).map_err(unreadable)?;
     let too_large = || Error::InitrdTooLarge {
@@ -178,9 +177,11 @@ pub fn load(
     rsdp: u64,
 ) -> Result<BootLayout> {
     let format = detect_format(kernel)?;
-    let mut f = File::open(kernel).map_err(|source| Error::KernelUnreadable {
-        path: kernel.to_path_buf(),
-        source,
+    let mut f = partvisor_runtime::inherited::open(kernel, false).map_err(|source| {
+        Error::KernelUnreadable {
+            path: kernel.to_path_buf(),
+            source,
+        }
     })?;
     let load_err = |source: linux_loader::loader::Error| Error::KernelLoad {
         path: kernel.to_path_buf(),

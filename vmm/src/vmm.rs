@@ -7,7 +7,7 @@
 
 use partvisor_runtime::sync::MutexExt;
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -510,7 +510,7 @@ pub fn check(cfg: &VmConfig, opts: &RunOptions) -> Result<Kvm> {
     config::validate(cfg, &HostLimits::probe(&kvm, !opts.memory_reserved)?)?;
     boot::detect_format(&cfg.kernel)?;
     if let Some(initrd) = &cfg.initrd {
-        File::open(initrd)
+        partvisor_runtime::inherited::open(initrd, false)
             .and_then(|mut f| f.read(&mut [0u8; 1]))
             .map_err(|source| Error::InitrdUnreadable {
                 path: initrd.clone(),

@@ -99,7 +99,9 @@ impl Jailing {
             },
         )
         .system_libraries()
-        .read_only(bin);
+        .read_only(bin)
+        // The vhost-user daemon's private socket to part-io's guard.
+        .private_tmp();
         for dir in writable {
             jail = jail.writable(dir);
         }

@@ -149,11 +149,6 @@ enum PartdError {
     Runtime(String),
     #[error("{0}")]
     Jail(&'static str),
-    #[error("cannot find the program {path}: {source}")]
-    Binary {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 fn main() {
@@ -328,13 +323,16 @@ async fn run(args: Args) -> Result<(), PartdError> {
     };
     // A jail binds the programs at their own paths: absolute, no links.
     let (vmm, part_io) = if jail.is_some() {
-        let resolve = |p: PathBuf| {
-            jail::resolve_bin(&p).map_err(|e| PartdError::Binary {
-                path: p.clone(),
-                source: e,
-            })
+        // A program that is missing now makes each start fail (and say
+        // so) until it is installed; partd itself still serves.
+        let resolve = |p: PathBuf| match jail::resolve_bin(&p) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot find the program {}: {e}", p.display());
+                p
+            }
         };
-        (resolve(vmm)?, resolve(part_io)?)
+        (resolve(vmm), resolve(part_io))
     } else {
         (vmm, part_io)
     };

@@ -89,6 +89,8 @@ pub struct Jail {
     pub gid: u32,
     pub binds: Vec<Bind>,
     pub limits: Limits,
+    /// A private, empty, writable `/tmp` (a small tmpfs of its own).
+    pub tmp: bool,
 }
 
 impl Jail {
@@ -100,7 +102,15 @@ impl Jail {
             gid,
             binds: Vec::new(),
             limits,
+            tmp: false,
         }
+    }
+
+    /// Gives the child a private `/tmp` (1 MiB), for the sockets it makes
+    /// for itself.
+    pub fn private_tmp(mut self) -> Jail {
+        self.tmp = true;
+        self
     }
 
     /// Lets the child read `path` (a file or a directory tree).
@@ -162,6 +172,12 @@ impl Jail {
             cstr(&root.join(rel))
         };
         let mut steps = Vec::new();
+        // The private /tmp first: binds of paths under /tmp then sit on it.
+        if self.tmp {
+            let tmp = inside(Path::new("/tmp"))?;
+            steps.push(Step::Dir(tmp.clone()));
+            steps.push(Step::Tmpfs(tmp));
+        }
         let mut made: Vec<PathBuf> = Vec::new();
         let mut bound: Vec<&Bind> = Vec::new();
         for b in &self.binds {
@@ -262,6 +278,8 @@ enum Step {
     Dir(CString),
     /// An empty file: the mount point of a file bind.
     File(CString),
+    /// A private writable tmpfs.
+    Tmpfs(CString),
     /// A symbolic link as the host has it.
     Link {
         target: CString,
@@ -445,6 +463,16 @@ impl Prepared {
                     libc::close(fd);
                     Ok(())
                 }
+                Step::Tmpfs(at) => check(
+                    at,
+                    libc::c_long::from(libc::mount(
+                        c"partvisor-tmp".as_ptr(),
+                        at.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        c"mode=1777,size=1m,nr_inodes=1024".as_ptr().cast(),
+                    )),
+                ),
                 Step::Link { target, at, what } => check(
                     what,
                     libc::c_long::from(libc::symlink(target.as_ptr(), at.as_ptr())),

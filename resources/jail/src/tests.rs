@@ -94,7 +94,8 @@ fn a_jailed_child_sees_only_what_it_was_given_and_writes_only_where_it_may() {
     let jail = Jail::new(r.path(), 65534, 65534, LIMITS)
         .system_libraries()
         .read_only(&ro)
-        .writable(&rw);
+        .writable(&rw)
+        .private_tmp();
     let script = format!(
         "cat {ro}/given; echo; \
          cat {hidden} 2>/dev/null && echo hidden-visible; \
@@ -102,6 +103,7 @@ fn a_jailed_child_sees_only_what_it_was_given_and_writes_only_where_it_may() {
          echo x > {ro}/new 2>/dev/null && echo ro-writable; \
          echo written > {rw}/out && echo rw-ok; \
          touch /new 2>/dev/null && echo root-writable; \
+         touch /tmp/mine && echo tmp-ok; \
          ls /proc | grep -v -e self -e thread-self -e '^[0-9]*$' | head -3; \
          ls /proc | grep -c '^[0-9]*$'",
         ro = ro.display(),
@@ -113,9 +115,10 @@ fn a_jailed_child_sees_only_what_it_was_given_and_writes_only_where_it_may() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "readable");
     assert_eq!(lines[1], "rw-ok", "{out}");
+    assert_eq!(lines[2], "tmp-ok", "{out}");
     // /proc shows only pids (the shell and its children), nothing else.
-    assert_eq!(lines.len(), 3, "{out}");
-    assert!(lines[2].parse::<u32>().unwrap() >= 1, "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines[3].parse::<u32>().unwrap() >= 1, "{out}");
     assert_eq!(
         std::fs::read_to_string(rw.join("out")).unwrap(),
         "written\n"

@@ -15,6 +15,8 @@
 //!   statement that can panic (the release profile aborts on panic anyway),
 //!   so a poisoned lock carries no information worth stopping for.
 //!
+//! - [`inherited`]: files handed over as inherited descriptors named
+//!   `/proc/self/fd/N`, used as they were opened, never reopened.
 //! - [`ci`]: what a test does when its environment is missing (fail under
 //!   `CI=true`, except for the documented list of things CI machines
 //!   cannot have).
@@ -24,9 +26,10 @@
 //!
 //! ## What it must never do
 //! - Hold policy or state of its own, or do I/O beyond writing logs to
-//!   stderr.
+//!   stderr and reading the files it is asked to open.
 
 pub mod ci;
+pub mod inherited;
 pub mod ratelimit;
 pub mod sync;
 

@@ -68,6 +68,16 @@ impl Coordinator {
         let Some(j) = &self.settings.jail else {
             return Ok(None);
         };
+        // A missing program is named with the option that sets it.
+        if let Err(source) = std::fs::metadata(&self.settings.vmm) {
+            return Err(CoordError::Monitor {
+                id: id.clone(),
+                source: crate::process::ProcessError::Spawn {
+                    vmm: self.settings.vmm.clone(),
+                    source,
+                },
+            });
+        }
         let ids = self.identities(id)?;
         let mut dirs: Vec<PathBuf> = devices
             .iter()
@@ -106,6 +116,15 @@ impl Coordinator {
         let Some(j) = &self.settings.jail else {
             return Ok(None);
         };
+        if let Err(source) = std::fs::metadata(&self.settings.part_io) {
+            return Err(CoordError::Backend {
+                id: id.clone(),
+                source: crate::io::IoError::Spawn {
+                    bin: self.settings.part_io.clone(),
+                    source,
+                },
+            });
+        }
         j.io(
             uid,
             &self.settings.part_io,

@@ -345,6 +345,10 @@ impl Coordinator {
             }
             Err(e) => return Err(e.into()),
         }
+        // Its owner may set up host listeners before the first start.
+        if def.vsock.is_some() {
+            self.own_vsock_host_dir(&id, &def)?;
+        }
         self.view(&id)
     }
 

@@ -24,6 +24,25 @@ impl Coordinator {
         VsockFiles::new(&self.settings.state_dir).host_socket(id.as_str())
     }
 
+    /// Makes `id`'s hybrid host directory: its owner's host processes and
+    /// the relay (its group; the directory is setgid, so listeners made
+    /// there are the relay's group) meet there and nobody else enters.
+    /// Returns (owner uid, relay gid).
+    pub(super) fn own_vsock_host_dir(
+        &self,
+        id: &PartitionId,
+        def: &Definition,
+    ) -> Result<(u32, u32), CoordError> {
+        let owner = def.owner_uid.unwrap_or(0);
+        let io_gid = self.io_uid();
+        let vf = VsockFiles::new(&self.settings.state_dir);
+        self.own(&vf.hosts_dir(), 0, 0, 0o755)?;
+        if let Some(dir) = vf.host_socket(id.as_str()).parent() {
+            self.own(dir, owner, io_gid, 0o2770)?;
+        }
+        Ok((owner, io_gid))
+    }
+
     /// Makes sure the relay runs, adds `id`'s entry (policy from its
     /// definition) and returns its device.
     pub(super) async fn start_vsock(
@@ -39,13 +58,7 @@ impl Coordinator {
         let socket = vf.port_socket(id.as_str());
         let host_socket = vf.host_socket(id.as_str());
         let monitor = self.identities(id)?.monitor;
-        // The owner's host processes and the relay (its group) meet in
-        // the partition's host directory; nobody else enters it.
-        let owner = def.owner_uid.unwrap_or(0);
-        let io_gid = self.io_uid();
-        if let Some(dir) = host_socket.parent() {
-            self.own(dir, owner, io_gid, 0o2770)?;
-        }
+        let (owner, io_gid) = self.own_vsock_host_dir(id, def)?;
         let entry = Entry {
             cid,
             partition: id.to_string(),
