@@ -20,6 +20,7 @@ fn demand() -> Demand {
         devices: vec!["tap0".into()],
         channels: 1,
         endpoints: 2,
+        uids: 2,
     }
 }
 

@@ -93,7 +93,7 @@ const STATES: [PartitionState; 7] = [
     PartitionState::Unresponsive,
 ];
 
-const KINDS: [ResourceKind; 7] = ResourceKind::ALL;
+const KINDS: [ResourceKind; 8] = ResourceKind::ALL;
 
 /// The changes an operation resolves to against `s`, and whether they must
 /// commit. `None` when the operation does not apply (e.g. nothing free).

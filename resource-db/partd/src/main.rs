@@ -306,7 +306,7 @@ async fn run(args: Args) -> Result<(), PartdError> {
     let jail = if args.jail == "on" {
         if !nix::unistd::geteuid().is_root() {
             return Err(PartdError::Jail(
-                "confining monitors and I/O partitions needs root; run partd as root or with --jail off".into(),
+                "confining monitors and I/O partitions needs root; run partd as root or with --jail off",
             ));
         }
         Some(

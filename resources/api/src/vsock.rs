@@ -132,6 +132,7 @@ mod tests {
                 host_socket: None,
                 location: Location::Local,
                 memory_mib: None,
+                frontend_uid: None,
                 accept: vec![VsockAccept {
                     from: "web".into(),
                     ports: vec![5432]
