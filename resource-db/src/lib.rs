@@ -17,9 +17,10 @@
 //! - Memory ([`ResourceId::Memory`]): MiB extents of a host budget (default
 //!   3/4 of `MemTotal`), kept as maximal extents that tile the budget.
 //! - vsock CIDs, MAC addresses, devices (backing files, taps), memory channel
-//!   slots and interconnect endpoints: unit resources from ranges and lists
-//!   in the [`HostConfig`] (discovered with [`HostConfigExt::discover`],
-//!   overridable field by field).
+//!   slots, interconnect endpoints and uids (the unprivileged identities
+//!   partitions' jailed processes run as): unit resources from ranges and
+//!   lists in the [`HostConfig`] (discovered with
+//!   [`HostConfigExt::discover`], overridable field by field).
 //! - Partitions are records (name, opaque JSON definition, state) in the same
 //!   store, created and destroyed by changes in transactions.
 //!
