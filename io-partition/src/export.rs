@@ -46,7 +46,7 @@ static GRAMMAR: Grammar = Grammar {
         Key::value("memory", "MIB"),
         Key::value("frontend-uid", "UID"),
     ],
-    usage: "socket=PATH,image=PATH[,readonly][,id=SERIAL][,memory=MIB]",
+    usage: "socket=PATH,image=PATH[,readonly][,id=SERIAL][,memory=MIB][,frontend-uid=UID]",
 };
 
 /// A parsed `--export` argument.
@@ -273,7 +273,7 @@ mod tests {
         );
         assert_eq!(
             e("socket=a,image=b,size=3"),
-            "export `socket=a,image=b,size=3`: unknown key `size` (known: socket, image, readonly, id, memory)"
+            "export `socket=a,image=b,size=3`: unknown key `size` (known: socket, image, readonly, id, memory, frontend-uid)"
         );
         assert_eq!(e("socket=a"), "export `socket=a`: missing `image=PATH`");
     }

@@ -98,12 +98,12 @@ mod tests {
         let e = |s: &str| s.parse::<PortSpec>().unwrap_err().to_string();
         assert_eq!(
             e("socket=a,mac=02:00:00:00:00:01,vlan=3"),
-            "port `socket=a,mac=02:00:00:00:00:01,vlan=3`: unknown key `vlan` (known: socket, mac, memory)"
+            "port `socket=a,mac=02:00:00:00:00:01,vlan=3`: unknown key `vlan` (known: socket, mac, memory, frontend-uid)"
         );
         assert_eq!(
             e("socket,mac=02:00:00:00:00:01"),
             "port `socket,mac=02:00:00:00:00:01`: `socket` needs a value (`socket=PATH`); \
-             expected key=value pairs `socket=PATH,mac=XX:XX:XX:XX:XX:XX[,memory=MIB]`"
+             expected key=value pairs `socket=PATH,mac=XX:XX:XX:XX:XX:XX[,memory=MIB][,frontend-uid=UID]`"
         );
         assert_eq!(
             e("socket=a"),

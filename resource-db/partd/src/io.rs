@@ -308,18 +308,12 @@ pub async fn spawn_ready(
         bin: bin.to_owned(),
         source,
     })?;
-    let spawned = match jail {
-        Some(jail) => {
-            // SAFETY: `enter` is made for the child between fork and exec.
-            unsafe { cmd.pre_exec(move || jail.enter()) };
-            crate::jail::spawn_in_pid_namespace(|| cmd.spawn()).map_err(IoError::Jail)?
-        }
-        None => cmd.spawn(),
-    };
-    let mut child = spawned.map_err(|source| IoError::Spawn {
-        bin: bin.to_owned(),
-        source,
-    })?;
+    let mut child = crate::jail::spawn(&mut cmd, jail)
+        .map_err(IoError::Jail)?
+        .map_err(|source| IoError::Spawn {
+            bin: bin.to_owned(),
+            source,
+        })?;
     let pid = child.id().unwrap_or(0);
     let record = IoRecord {
         pid,

@@ -153,13 +153,22 @@ pub fn resolve_bin(bin: &Path) -> io::Result<PathBuf> {
     std::fs::canonicalize(found)
 }
 
-/// Runs `spawn` so that the process it forks is the init of a new pid
-/// namespace (see `partvisor_jail::in_new_pid_namespace`), with the tokio
-/// runtime entered (its process driver reaps the child).
-pub fn spawn_in_pid_namespace<T: Send>(spawn: impl FnOnce() -> T + Send) -> Result<T, JailError> {
+/// Spawns `cmd`, confined by `jail` if given: the child enters the jail
+/// between fork and exec and is the init of a new pid namespace (see
+/// `partvisor_jail::in_new_pid_namespace`; the tokio runtime is entered on
+/// the spawning thread, its process driver reaps the child).
+pub fn spawn(
+    cmd: &mut tokio::process::Command,
+    jail: Option<Prepared>,
+) -> Result<io::Result<tokio::process::Child>, JailError> {
+    let Some(jail) = jail else {
+        return Ok(cmd.spawn());
+    };
+    // SAFETY: `enter` is made for the child between fork and exec.
+    unsafe { cmd.pre_exec(move || jail.enter()) };
     let handle = tokio::runtime::Handle::current();
     partvisor_jail::in_new_pid_namespace(move || {
         let _entered = handle.enter();
-        spawn()
+        cmd.spawn()
     })
 }

@@ -324,18 +324,12 @@ pub fn spawn(
         vmm: vmm.to_owned(),
         source,
     })?;
-    let spawned = match jail {
-        Some(jail) => {
-            // SAFETY: `enter` is made for the child between fork and exec.
-            unsafe { cmd.pre_exec(move || jail.enter()) };
-            crate::jail::spawn_in_pid_namespace(|| cmd.spawn()).map_err(ProcessError::Jail)?
-        }
-        None => cmd.spawn(),
-    };
-    let child = spawned.map_err(|source| ProcessError::Spawn {
-        vmm: vmm.to_owned(),
-        source,
-    })?;
+    let child = crate::jail::spawn(&mut cmd, jail)
+        .map_err(ProcessError::Jail)?
+        .map_err(|source| ProcessError::Spawn {
+            vmm: vmm.to_owned(),
+            source,
+        })?;
     drop((mfd, kvm));
     let pid = child.id().unwrap_or(0);
     let record = VmmRecord {
