@@ -49,6 +49,23 @@ impl Jailing {
         Ok(Jailing { root, io_uid })
     }
 
+    /// What every child gets: `uid` (and the gid of that number), the
+    /// system libraries and its program `bin`, `open_files` descriptors,
+    /// files up to `largest_file` bytes plus room for its log.
+    fn base(&self, uid: u32, bin: &Path, open_files: u64, largest_file: u64) -> Jail {
+        Jail::new(
+            &self.root,
+            uid,
+            uid,
+            Limits {
+                open_files,
+                file_size: largest_file.saturating_add(LOG_ROOM),
+            },
+        )
+        .system_libraries()
+        .read_only(bin)
+    }
+
     /// A monitor: its program, its run directory (writable), the
     /// directories of the sockets it connects to (read-only); its memfds
     /// may be as large as its guest's memory.
@@ -60,18 +77,9 @@ impl Jailing {
         sockets: &[PathBuf],
         memory_mib: u64,
     ) -> Result<Prepared, JailError> {
-        let mut jail = Jail::new(
-            &self.root,
-            uid,
-            uid,
-            Limits {
-                open_files: 1024,
-                file_size: (memory_mib << 20).saturating_add(LOG_ROOM),
-            },
-        )
-        .system_libraries()
-        .read_only(bin)
-        .writable(run_dir);
+        let mut jail = self
+            .base(uid, bin, 1024, memory_mib << 20)
+            .writable(run_dir);
         for dir in sockets {
             jail = jail.read_only(dir);
         }
@@ -89,19 +97,10 @@ impl Jailing {
         open_files: u64,
         largest_file: u64,
     ) -> Result<Prepared, JailError> {
-        let mut jail = Jail::new(
-            &self.root,
-            uid,
-            uid,
-            Limits {
-                open_files,
-                file_size: largest_file.saturating_add(LOG_ROOM),
-            },
-        )
-        .system_libraries()
-        .read_only(bin)
-        // The vhost-user daemon's private socket to part-io's guard.
-        .private_tmp();
+        let mut jail = self
+            .base(uid, bin, open_files, largest_file)
+            // The vhost-user daemon's private socket to part-io's guard.
+            .private_tmp();
         for dir in writable {
             jail = jail.writable(dir);
         }

@@ -345,7 +345,29 @@ fn check(what: &CStr, r: libc::c_long) -> io::Result<()> {
     }
 }
 
-const NONE: *const libc::c_char = std::ptr::null();
+/// `mount(2)` as step `what`; `None` for an absent source, type or data.
+fn mount(
+    what: &CStr,
+    src: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    let ptr = |c: Option<&CStr>| c.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: mount reads NUL-terminated strings that outlive the call (or
+    // null where absent) and retains none of them.
+    let r = unsafe {
+        libc::mount(
+            ptr(src),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            ptr(data).cast(),
+        )
+    };
+    check(what, libc::c_long::from(r))
+}
 
 impl Prepared {
     /// Confines the calling process (see the crate's documentation).
@@ -369,38 +391,32 @@ impl Prepared {
                         | libc::CLONE_NEWUTS,
                 )),
             )?;
-            check(
+            mount(
                 c"make / private",
-                libc::c_long::from(libc::mount(
-                    NONE,
-                    c"/".as_ptr(),
-                    NONE,
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                )),
+                None,
+                c"/",
+                None,
+                libc::MS_REC | libc::MS_PRIVATE,
+                None,
             )?;
-            check(
+            mount(
                 c"mount the jail's tmpfs root",
-                libc::c_long::from(libc::mount(
-                    c"partvisor-jail".as_ptr(),
-                    self.root.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    c"mode=0755,size=1m,nr_inodes=4096".as_ptr().cast(),
-                )),
+                Some(c"partvisor-jail"),
+                &self.root,
+                Some(c"tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some(c"mode=0755,size=1m,nr_inodes=4096"),
             )?;
             for step in &self.steps {
                 self.build(step)?;
             }
-            check(
+            mount(
                 c"mount /proc",
-                libc::c_long::from(libc::mount(
-                    c"proc".as_ptr(),
-                    self.proc_dir.as_ptr(),
-                    c"proc".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
-                )),
+                Some(c"proc"),
+                &self.proc_dir,
+                Some(c"proc"),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some(c"subset=pid,hidepid=invisible"),
             )?;
             check(
                 c"chdir to the jail's root",
@@ -417,20 +433,18 @@ impl Prepared {
                 libc::c_long::from(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)),
             )?;
             check(c"chdir /", libc::c_long::from(libc::chdir(c"/".as_ptr())))?;
-            check(
+            mount(
                 c"remount / read-only",
-                libc::c_long::from(libc::mount(
-                    NONE,
-                    c"/".as_ptr(),
-                    NONE,
-                    libc::MS_REMOUNT
-                        | libc::MS_BIND
-                        | libc::MS_RDONLY
-                        | libc::MS_NOSUID
-                        | libc::MS_NODEV
-                        | libc::MS_NOEXEC,
-                    std::ptr::null(),
-                )),
+                None,
+                c"/",
+                None,
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+                None,
             )?;
             self.limit()?;
             self.drop_privileges()
@@ -463,15 +477,13 @@ impl Prepared {
                     libc::close(fd);
                     Ok(())
                 }
-                Step::Tmpfs(at) => check(
+                Step::Tmpfs(at) => mount(
                     at,
-                    libc::c_long::from(libc::mount(
-                        c"partvisor-tmp".as_ptr(),
-                        at.as_ptr(),
-                        c"tmpfs".as_ptr(),
-                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                        c"mode=1777,size=1m,nr_inodes=1024".as_ptr().cast(),
-                    )),
+                    Some(c"partvisor-tmp"),
+                    at,
+                    Some(c"tmpfs"),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    Some(c"mode=1777,size=1m,nr_inodes=1024"),
                 ),
                 Step::Link { target, at, what } => check(
                     what,
@@ -483,31 +495,20 @@ impl Prepared {
                     writable,
                     what,
                 } => {
-                    check(
+                    mount(
                         what,
-                        libc::c_long::from(libc::mount(
-                            src.as_ptr(),
-                            dst.as_ptr(),
-                            NONE,
-                            libc::MS_BIND | libc::MS_REC,
-                            std::ptr::null(),
-                        )),
+                        Some(src),
+                        dst,
+                        None,
+                        libc::MS_BIND | libc::MS_REC,
+                        None,
                     )?;
                     let mut flags =
                         libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
                     if !writable {
                         flags |= libc::MS_RDONLY;
                     }
-                    check(
-                        what,
-                        libc::c_long::from(libc::mount(
-                            NONE,
-                            dst.as_ptr(),
-                            NONE,
-                            flags,
-                            std::ptr::null(),
-                        )),
-                    )
+                    mount(what, None, dst, None, flags, None)
                 }
             }
         }
