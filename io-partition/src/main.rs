@@ -38,6 +38,8 @@ enum RunError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Seccomp(#[from] partvisor_seccomp::SeccompError),
 }
 
 /// Starts a named thread; `what` names it in the error.
@@ -61,6 +63,12 @@ fn spawn(
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// System calls outside the I/O partition's allowlist kill it (`on`),
+    /// are logged by the kernel and allowed (`log`, for debugging), or are
+    /// not filtered (`off`). Installed once the sockets are bound, before
+    /// anything a frontend sends is read.
+    #[arg(long, global = true, value_name = "MODE", default_value = "on")]
+    seccomp: partvisor_seccomp::Mode,
 }
 
 #[derive(Subcommand)]
@@ -138,17 +146,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     partvisor_runtime::init_logging();
     let result = match cli.command {
-        Command::Blk { exports } => run_blk(exports),
+        Command::Blk { exports } => run_blk(exports, cli.seccomp),
         Command::Net {
             ports,
             tap,
             stats_socket,
-        } => run_net(ports, tap, stats_socket),
+        } => run_net(ports, tap, stats_socket, cli.seccomp),
         Command::Vsock {
             ports,
             control,
             stats_socket,
-        } => run_vsock(ports, control, stats_socket),
+        } => run_vsock(ports, control, stats_socket, cli.seccomp),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -163,6 +171,7 @@ fn run_net(
     ports: Vec<PortSpec>,
     tap: Option<String>,
     stats_socket: Option<PathBuf>,
+    seccomp: partvisor_seccomp::Mode,
 ) -> Result<(), RunError> {
     let tap = tap.map(|name| Tap::open(&name)).transpose()?;
     let switch = Switch::new(ports, tap)?;
@@ -175,6 +184,8 @@ fn run_net(
     let stats = stats_socket
         .map(|path| net::bind_stats(&path).map(|l| (l, path)))
         .transpose()?;
+    // Everything is open and bound: from here on, the allowlist.
+    partvisor_seccomp::install(partvisor_seccomp::Role::Io, seccomp)?;
     let mut threads = Vec::new();
     if let Some(name) = switch.uplink_name() {
         let how = if switch.uplink_created() {
@@ -212,6 +223,7 @@ fn run_vsock(
     ports: Vec<vsock::PortSpec>,
     control: Option<PathBuf>,
     stats_socket: Option<PathBuf>,
+    seccomp: partvisor_seccomp::Mode,
 ) -> Result<(), RunError> {
     let relay = Relay::new(Entries::from_ports(&ports)?);
     // Bind everything first: a bad argument fails the whole start.
@@ -232,6 +244,8 @@ fn run_vsock(
     let control = control
         .map(|path| vsock::control::listen(&path).map(|l| (l, path)))
         .transpose()?;
+    // Everything is open and bound: from here on, the allowlist.
+    partvisor_seccomp::install(partvisor_seccomp::Role::Io, seccomp)?;
     let mut threads = Vec::new();
     if let Some((listener, path)) = stats {
         info!("stats on {}", path.display());
@@ -266,7 +280,7 @@ fn run_vsock(
     Ok(())
 }
 
-fn run_blk(specs: Vec<ExportSpec>) -> Result<(), RunError> {
+fn run_blk(specs: Vec<ExportSpec>, seccomp: partvisor_seccomp::Mode) -> Result<(), RunError> {
     let mut sockets = HashSet::new();
     for s in &specs {
         if !sockets.insert(s.socket.clone()) {
@@ -278,6 +292,8 @@ fn run_blk(specs: Vec<ExportSpec>) -> Result<(), RunError> {
     for spec in specs {
         bound.push(server::bind(Export::open(spec)?)?);
     }
+    // Everything is open and bound: from here on, the allowlist.
+    partvisor_seccomp::install(partvisor_seccomp::Role::Io, seccomp)?;
     let mut threads = Vec::new();
     for b in bound {
         let e = b.export();

@@ -19,8 +19,25 @@ fn field(status: &str, name: &str) -> String {
         .to_string()
 }
 
+/// Every thread of `pid` with its name and number of seccomp filters; each
+/// must be filtered (`Seccomp: 2`).
+fn filtered_threads(pid: u32, what: &str) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+            continue; // ended meanwhile
+        };
+        let name = field(&status, "Name");
+        assert_eq!(field(&status, "Seccomp"), "2", "{what} thread {name}");
+        out.push((name, field(&status, "Seccomp_filters").parse().unwrap()));
+    }
+    out
+}
+
 /// Checks process `pid` runs as `uid` (all four), with no capability, no
-/// way to gain one, and none of this test's (= partd's) namespaces.
+/// way to gain one, none of this test's (= partd's) namespaces, and every
+/// thread under a seccomp filter.
 fn assert_confined(pid: u32, uid: u32, what: &str) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let u = uid.to_string();
@@ -50,6 +67,8 @@ fn assert_confined(pid: u32, uid: u32, what: &str) {
         .find(|l| l.starts_with("Max core file size"))
         .unwrap();
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{what}: {core}");
+    let threads = filtered_threads(pid, what);
+    assert!(!threads.is_empty(), "{what}");
 }
 
 #[test]
@@ -80,11 +99,21 @@ fn every_monitor_and_io_partition_runs_as_its_own_uid_without_capabilities_in_na
     assert_eq!(uids.len(), 2);
     let io_uid = resource_db::HostConfig::empty().io_uid;
 
-    assert_confined(
-        v["vmm"]["pid"].as_u64().unwrap() as u32,
-        uids[0],
-        "part-vmm",
-    );
+    let vmm = v["vmm"]["pid"].as_u64().unwrap() as u32;
+    assert_confined(vmm, uids[0], "part-vmm");
+    // Roles: the event loop's filter on the main thread, and a vCPU's own
+    // on top of it on each vCPU thread (threads KVM starts in the process,
+    // such as kvm-nx-lpage-recovery, inherit their creator's).
+    let threads = filtered_threads(vmm, "part-vmm");
+    let count = |prefix: &str, filters: u32| {
+        threads
+            .iter()
+            .filter(|(n, f)| n.starts_with(prefix) && *f == filters)
+            .count()
+    };
+    assert_eq!(count("part-vmm", 1), 1, "{threads:?}");
+    assert_eq!(count("vcpu", 2), 1, "one vCPU, two filters: {threads:?}");
+    assert_eq!(count("vcpu", 1), 0, "{threads:?}");
     let io = v["io"].as_array().unwrap();
     let mut kinds = Vec::new();
     for p in io {

@@ -74,6 +74,8 @@ pub enum Error {
     NoMemAvailable,
     #[error("the KVM descriptor given (--kvm-fd) is not /dev/kvm (API version is not 12)")]
     NotKvm,
+    #[error(transparent)]
+    Seccomp(partvisor_seccomp::SeccompError),
     #[error("guest memory: cannot create a sealed memfd of {size} bytes: {source}")]
     GuestMemfd {
         size: u64,

@@ -65,6 +65,12 @@ struct Cli {
     /// not check the host's free memory.
     #[arg(long)]
     memory_reserved: bool,
+    /// System calls outside each thread's allowlist (the event loop's, a
+    /// vCPU's) kill part-vmm (`on`), are logged by the kernel and allowed
+    /// (`log`, for debugging), or are not filtered (`off`). Installed once
+    /// the VM is built, before the first vCPU runs.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    seccomp: partvisor_seccomp::Mode,
 }
 
 fn main() {
@@ -125,6 +131,7 @@ fn main() {
         exit_file: cli.exit_file,
         kvm_fd: cli.kvm_fd,
         memory_reserved: cli.memory_reserved,
+        seccomp: cli.seccomp,
     };
     let result = part_vmm::config::assemble(cli.config.as_deref(), overrides)
         .and_then(|cfg| part_vmm::vmm::run(&cfg, &opts));

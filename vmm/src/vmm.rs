@@ -533,6 +533,9 @@ pub struct RunOptions {
     /// map): the host's free memory is not checked (and `/proc/meminfo`
     /// not read, which a jailed monitor cannot see).
     pub memory_reserved: bool,
+    /// What the threads' seccomp filters do (installed once the VM is
+    /// built, before its vCPUs run).
+    pub seccomp: partvisor_seccomp::Mode,
 }
 
 /// Runs the partition described by `cfg` until it ends, and records the end
@@ -657,10 +660,15 @@ fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
         let entry = (id == 0).then_some(boot.entry);
         vcpus.push(Vcpu::new(&kvm, &vm, id, cfg.vcpus, entry)?);
     }
+    // The VM is built: from here on this thread (the event loop) and the
+    // vCPU threads it starts keep to their allowlists.
+    partvisor_seccomp::install(partvisor_seccomp::Role::VmmEventLoop, opts.seccomp)
+        .map_err(Error::Seccomp)?;
     for mut vcpu in vcpus {
         let devices = devices.clone();
         let exits = exits.clone();
         let affinity = cfg.cpu_affinity.clone();
+        let seccomp = opts.seccomp;
         std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
@@ -671,6 +679,14 @@ fn run_partition(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason> {
                         });
                         return;
                     }
+                }
+                if let Err(e) =
+                    partvisor_seccomp::install(partvisor_seccomp::Role::VmmVcpu, seccomp)
+                {
+                    exits.post(ExitReason::VmmError {
+                        detail: format!("vcpu {}: {e}", vcpu.id),
+                    });
+                    return;
                 }
                 let r = vcpu.run(&devices, &exits.stop);
                 exits.post(r);

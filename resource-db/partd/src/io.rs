@@ -279,8 +279,7 @@ pub async fn vsock_request(
 const VSOCK_CONTROL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Starts part-io with `args`, stderr into `log` (truncated), in its own
-/// session so it outlives partd, confined by `jail` if given (as the init
-/// of a pid namespace of its own), and waits until it logged
+/// session so it outlives partd, confined as `confinement` says, and waits until it logged
 /// `ready_lines` `serving` lines.
 pub async fn spawn_ready(
     bin: &Path,
@@ -289,7 +288,7 @@ pub async fn spawn_ready(
     log: &Path,
     ready_lines: usize,
     inherit: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
-    jail: Option<partvisor_jail::Prepared>,
+    confinement: crate::jail::Confinement,
 ) -> Result<IoRecord, IoError> {
     let file = |source| IoError::File {
         path: log.to_owned(),
@@ -308,7 +307,7 @@ pub async fn spawn_ready(
         bin: bin.to_owned(),
         source,
     })?;
-    let mut child = crate::jail::spawn(&mut cmd, jail)
+    let mut child = crate::jail::spawn(&mut cmd, confinement)
         .map_err(IoError::Jail)?
         .map_err(|source| IoError::Spawn {
             bin: bin.to_owned(),
@@ -485,7 +484,7 @@ mod tests {
             &log,
             1,
             Vec::new(),
-            None,
+            Default::default(),
         )
         .await
         .unwrap_err()
@@ -498,7 +497,7 @@ mod tests {
             &log,
             1,
             Vec::new(),
-            None,
+            Default::default(),
         )
         .await
         .unwrap();
@@ -533,7 +532,7 @@ mod tests {
             1,
             // Swapped on purpose: each target gets its own source.
             vec![(fb.as_raw_fd(), 4), (fa.as_raw_fd(), 3)],
-            None,
+            Default::default(),
         )
         .await
         .unwrap();

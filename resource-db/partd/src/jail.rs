@@ -152,15 +152,28 @@ pub fn resolve_bin(bin: &Path) -> io::Result<PathBuf> {
     std::fs::canonicalize(found)
 }
 
-/// Spawns `cmd`, confined by `jail` if given: the child enters the jail
-/// between fork and exec and is the init of a new pid namespace (see
-/// `partvisor_jail::in_new_pid_namespace`; the tokio runtime is entered on
-/// the spawning thread, its process driver reaps the child).
+/// How one child is confined: its jail (`None`: jailing is off) and the
+/// mode of its seccomp filters (`None`: the child is not one of ours and
+/// takes no `--seccomp`, as in tests).
+#[derive(Debug, Default)]
+pub struct Confinement {
+    pub jail: Option<Prepared>,
+    pub seccomp: Option<partvisor_seccomp::Mode>,
+}
+
+/// Spawns `cmd` with `--seccomp MODE`, confined by the jail if any: the
+/// child enters it between fork and exec and is the init of a new pid
+/// namespace (see `partvisor_jail::in_new_pid_namespace`; the tokio
+/// runtime is entered on the spawning thread, its process driver reaps
+/// the child).
 pub fn spawn(
     cmd: &mut tokio::process::Command,
-    jail: Option<Prepared>,
+    confinement: Confinement,
 ) -> Result<io::Result<tokio::process::Child>, JailError> {
-    let Some(jail) = jail else {
+    if let Some(mode) = confinement.seccomp {
+        cmd.arg("--seccomp").arg(mode.as_str());
+    }
+    let Some(jail) = confinement.jail else {
         return Ok(cmd.spawn());
     };
     // SAFETY: `enter` is made for the child between fork and exec.

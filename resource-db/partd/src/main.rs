@@ -130,6 +130,11 @@ struct Args {
     /// running partd unprivileged or debugging).
     #[arg(long, value_name = "MODE", default_value = "on", value_parser = ["on", "off"])]
     jail: String,
+    /// Monitors and I/O partitions kill themselves on a system call outside
+    /// their threads' allowlists (`on`), have the kernel log it and go on
+    /// (`log`, for debugging), or are not filtered (`off`).
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    seccomp: partvisor_seccomp::Mode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +346,7 @@ async fn run(args: Args) -> Result<(), PartdError> {
         vmm,
         part_io,
         jail,
+        seccomp: args.seccomp,
         ping_interval: Duration::from_millis(args.ping_interval_ms.max(10)),
         ping_timeout: Duration::from_millis(args.ping_timeout_ms.max(10)),
         unresponsive_after: Duration::from_millis(args.unresponsive_after_ms.max(10)),

@@ -256,15 +256,15 @@ fn sealed_descriptor(name: &str, cfg: &VmConfig) -> Result<SealedMemfd, ProcessE
 /// on fd 5 (the files partd opened, with the caller's rights: `cfg` is
 /// made to name them as `/proc/self/fd/N`), /dev/kvm on fd 6, its control
 /// socket, console socket and exit file in `files.run_dir()`, and stderr
-/// appended to `vmm.log`; confined by `jail` if given (as the init of a
-/// pid namespace of its own).
+/// appended to `vmm.log`; confined as `confinement` says (jailed, as the
+/// init of a pid namespace of its own, and `--seccomp`).
 pub fn spawn(
     vmm: &Path,
     name: &str,
     cfg: &mut VmConfig,
     files: &PartitionFiles,
     boot: &crate::coordinator::BootFiles,
-    jail: Option<partvisor_jail::Prepared>,
+    confinement: crate::jail::Confinement,
 ) -> Result<(VmmProcess, VmmRecord), ProcessError> {
     cfg.kernel = format!("/proc/self/fd/{KERNEL_FD}").into();
     if boot.initrd.is_some() {
@@ -324,7 +324,7 @@ pub fn spawn(
         vmm: vmm.to_owned(),
         source,
     })?;
-    let child = crate::jail::spawn(&mut cmd, jail)
+    let child = crate::jail::spawn(&mut cmd, confinement)
         .map_err(ProcessError::Jail)?
         .map_err(|source| ProcessError::Spawn {
             vmm: vmm.to_owned(),

@@ -4,10 +4,8 @@
 
 use std::path::Path;
 
-use partvisor_jail::Prepared;
-
 use super::*;
-use crate::jail::{give_socket, own_dir, Identities};
+use crate::jail::{give_socket, own_dir, Confinement, Identities};
 
 impl Coordinator {
     /// The uids `id`'s monitor and disk backend run as: the two its create
@@ -64,9 +62,13 @@ impl Coordinator {
         def: &Definition,
         files: &PartitionFiles,
         devices: &[DeviceConfig],
-    ) -> Result<Option<Prepared>, CoordError> {
+    ) -> Result<Confinement, CoordError> {
+        let seccomp = Some(self.settings.seccomp);
         let Some(j) = &self.settings.jail else {
-            return Ok(None);
+            return Ok(Confinement {
+                jail: None,
+                seccomp,
+            });
         };
         // A missing program is named with the option that sets it.
         if let Err(source) = std::fs::metadata(&self.settings.vmm) {
@@ -97,7 +99,10 @@ impl Coordinator {
             &dirs,
             def.memory_mib,
         )
-        .map(Some)
+        .map(|jail| Confinement {
+            jail: Some(jail),
+            seccomp,
+        })
         .map_err(|source| CoordError::Confine {
             id: id.clone(),
             source,
@@ -112,9 +117,13 @@ impl Coordinator {
         writable: &[PathBuf],
         open_files: u64,
         largest_file: u64,
-    ) -> Result<Option<Prepared>, CoordError> {
+    ) -> Result<Confinement, CoordError> {
+        let seccomp = Some(self.settings.seccomp);
         let Some(j) = &self.settings.jail else {
-            return Ok(None);
+            return Ok(Confinement {
+                jail: None,
+                seccomp,
+            });
         };
         if let Err(source) = std::fs::metadata(&self.settings.part_io) {
             return Err(CoordError::Backend {
@@ -132,7 +141,10 @@ impl Coordinator {
             open_files,
             largest_file,
         )
-        .map(Some)
+        .map(|jail| Confinement {
+            jail: Some(jail),
+            seccomp,
+        })
         .map_err(|source| CoordError::Confine {
             id: id.clone(),
             source,

@@ -66,6 +66,8 @@ pub struct Settings {
     /// How children are confined; `None`: they run as partd's uid,
     /// unconfined (`--jail off`).
     pub jail: Option<crate::jail::Jailing>,
+    /// What the children's seccomp filters do (`--seccomp`).
+    pub seccomp: partvisor_seccomp::Mode,
 }
 
 /// Where a live VMM is in its life, as the supervisor sees it.
