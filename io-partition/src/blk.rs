@@ -402,6 +402,7 @@ impl DeviceModel for BlkDevice {
     const LOG_KEY: LogKey = LogKey::Export;
     const NUM_QUEUES: usize = NUM_QUEUES;
     const MAX_QUEUE_SIZE: u16 = MAX_QUEUE_SIZE;
+    const QUEUE_ROLE: Option<partvisor_seccomp::Role> = Some(partvisor_seccomp::Role::IoQueue);
 
     fn name(&self) -> std::path::Display<'_> {
         self.export.name()

@@ -72,6 +72,9 @@ pub trait DeviceModel: Send + Sync + 'static {
     const NUM_QUEUES: usize;
     /// Largest queue a frontend may configure (`SET_VRING_NUM`).
     const MAX_QUEUE_SIZE: u16;
+    /// The seccomp role its queue worker enters before it handles its first
+    /// kick (`None`: the worker keeps the process's [`partvisor_seccomp::Role::Io`]).
+    const QUEUE_ROLE: Option<partvisor_seccomp::Role>;
 
     /// Name used in log lines: the socket path.
     fn name(&self) -> std::path::Display<'_>;
@@ -261,6 +264,9 @@ impl<M: DeviceModel> VhostUserBackendMut for Backend<M> {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        if let Some(role) = M::QUEUE_ROLE {
+            partvisor_seccomp::enter_role(role).map_err(io::Error::other)?;
+        }
         check_kick_events(evset)?;
         self.model.kicked(vrings);
         let queue = usize::from(device_event);

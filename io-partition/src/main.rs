@@ -145,6 +145,7 @@ fn main() -> ExitCode {
     handle_termination();
     let cli = Cli::parse();
     partvisor_runtime::init_logging();
+    partvisor_seccomp::set_process_mode(cli.seccomp);
     let result = match cli.command {
         Command::Blk { exports } => run_blk(exports, cli.seccomp),
         Command::Net {

@@ -101,6 +101,17 @@ fn every_monitor_and_io_partition_runs_as_its_own_uid_without_capabilities_in_na
 
     let vmm = v["vmm"]["pid"].as_u64().unwrap() as u32;
     assert_confined(vmm, uids[0], "part-vmm");
+    // In a cgroup of its own (placed beside the start: waited for).
+    let own = format!("partvisor/web.{vmm}");
+    let mut cgroups = String::new();
+    for _ in 0..50 {
+        cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+        if cgroups.contains(&own) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cgroups.contains(&own), "{cgroups}");
     // Roles: the event loop's filter on the main thread, and a vCPU's own
     // on top of it on each vCPU thread (threads KVM starts in the process,
     // such as kvm-nx-lpage-recovery, inherit their creator's).
@@ -119,7 +130,15 @@ fn every_monitor_and_io_partition_runs_as_its_own_uid_without_capabilities_in_na
     for p in io {
         let kind = p["kind"].as_str().unwrap();
         let want = if kind == "blk" { uids[1] } else { io_uid };
-        assert_confined(p["pid"].as_u64().unwrap() as u32, want, kind);
+        let pid = p["pid"].as_u64().unwrap() as u32;
+        assert_confined(pid, want, kind);
+        if kind == "blk" {
+            // The queue worker that served the guest's requests entered
+            // its own role on top of the process's.
+            let threads = filtered_threads(pid, kind);
+            assert!(threads.iter().any(|(_, f)| *f == 2), "{threads:?}");
+            assert!(threads.iter().all(|(_, f)| *f >= 1), "{threads:?}");
+        }
         kinds.push(kind.to_string());
     }
     kinds.sort();

@@ -253,6 +253,8 @@ impl DeviceModel for VsockDevice {
     const LOG_KEY: LogKey = LogKey::Port;
     const NUM_QUEUES: usize = NUM_QUEUES;
     const MAX_QUEUE_SIZE: u16 = MAX_QUEUE_SIZE;
+    // Its worker connects to host listeners and starts their threads.
+    const QUEUE_ROLE: Option<partvisor_seccomp::Role> = None;
 
     fn name(&self) -> std::path::Display<'_> {
         self.port.socket.display()

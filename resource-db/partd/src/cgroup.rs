@@ -1,5 +1,6 @@
-//! Shared-pool shares as CPU weights: each monitor of a partition with a
-//! `cpu_share` runs in its own cgroup under `partvisor/`, weighted by its
+//! Shared-pool shares as CPU weights: each monitor runs in its own cgroup
+//! under `partvisor/` (a partition without a `cpu_share` gets the weight of
+//! one pool CPU; its dedicated CPUs confine it anyway), weighted by its
 //! share (cgroup v1 `cpu.shares` = share × 1024 / 1000, v2 `cpu.weight` =
 //! share / 10). Weights are work-conserving: an idle pool lets a partition
 //! use more, a busy one splits the pool's CPUs in proportion to the shares

@@ -34,11 +34,15 @@ pub enum Role {
     /// listeners, the vhost-user message guard and daemons, the queue
     /// workers, the relay's host connections.
     Io,
+    /// A part-io blk or net queue worker (on top of [`Role::Io`]): reads and
+    /// writes guest memory, images and eventfds; opens, connects and starts
+    /// nothing.
+    IoQueue,
 }
 
 impl Role {
     /// Every role, in declaration order.
-    pub const ALL: [Role; 3] = [Role::VmmEventLoop, Role::VmmVcpu, Role::Io];
+    pub const ALL: [Role; 4] = [Role::VmmEventLoop, Role::VmmVcpu, Role::Io, Role::IoQueue];
 
     /// The role's name in the policy file.
     pub fn name(self) -> &'static str {
@@ -46,6 +50,7 @@ impl Role {
             Role::VmmEventLoop => "vmm-event-loop",
             Role::VmmVcpu => "vmm-vcpu",
             Role::Io => "io",
+            Role::IoQueue => "io-queue",
         }
     }
 }
@@ -133,6 +138,33 @@ pub fn install(role: Role, mode: Mode) -> Result<(), SeccompError> {
         role: role.name(),
         source,
     })
+}
+
+/// The process's mode for [`enter_role`], set once by its `main`.
+static PROCESS_MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+
+thread_local! {
+    /// Whether this thread entered its role already.
+    static ENTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Sets the mode [`enter_role`] installs filters with (the process's
+/// `--seccomp`); the first call wins.
+pub fn set_process_mode(mode: Mode) {
+    let _ = PROCESS_MODE.set(mode);
+}
+
+/// Installs `role`'s filter on the calling thread the first time it is
+/// called on that thread, with the process's mode ([`Mode::Enforce`] if
+/// none was set): for threads a library starts (vhost-user-backend's
+/// queue workers), which enter their role in the first callback they run.
+pub fn enter_role(role: Role) -> Result<(), SeccompError> {
+    if ENTERED.with(std::cell::Cell::get) {
+        return Ok(());
+    }
+    install(role, PROCESS_MODE.get().copied().unwrap_or_default())?;
+    ENTERED.with(|e| e.set(true));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -305,14 +305,14 @@ impl Coordinator {
         }
     }
 
-    /// Weights the monitor's shared-pool share. Moving a process between
-    /// cgroups can take milliseconds (v1 waits for RCU), so it is done
-    /// beside the start, not in its way; `finish` waits for it before
-    /// removing the cgroup.
+    /// Puts the monitor in a cgroup of its own, weighted by its shared-pool
+    /// share (a partition on dedicated CPUs, whose affinity confines it,
+    /// gets the weight of one pool CPU). Moving a process between cgroups
+    /// can take milliseconds (v1 waits for RCU), so it is done beside the
+    /// start, not in its way; `finish` waits for it before removing the
+    /// cgroup.
     fn place_in_cgroup(&self, id: &PartitionId, live: &Arc<Live>, share: u32) {
-        if share == 0 {
-            return;
-        }
+        let share = if share == 0 { 1000 } else { share };
         let cgroups = self.settings.cgroups.clone();
         let (name, pid) = (id.to_string(), live.record.pid);
         let placing = tokio::task::spawn_blocking(move || {
