@@ -9,16 +9,54 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::directory::Endpoint;
+use crate::proof::{ListenerKey, Nonce, PROOF_LEN};
 use crate::types::Transport;
 use crate::verbs::{poll_fds, Context, Qp};
 use crate::{IcError, Result};
 
-/// First message of a connection, client to server.
+/// First message of a connection, server to client: the challenge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Challenge {
+    pub nonce: Nonce,
+}
+
+/// The client's answer: who it is, whom it wants, and the proof
+/// ([`crate::proof`]) that it holds the secret of that pair.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Hello {
     pub from: String,
     pub to: String,
     pub transport: Transport,
+    pub proof: [u8; PROOF_LEN],
+}
+
+/// What a connecting side knows before the challenge arrives.
+pub(crate) struct Intro<'a> {
+    pub from: &'a str,
+    pub to: &'a str,
+    pub transport: Transport,
+    pub secret: &'a crate::proof::PairSecret,
+}
+
+impl Intro<'_> {
+    /// The hello answering `c`.
+    pub fn answer(&self, c: &Challenge) -> Hello {
+        Hello {
+            from: self.from.into(),
+            to: self.to.into(),
+            transport: self.transport,
+            proof: self
+                .secret
+                .prove(&c.nonce, self.transport, self.from, self.to),
+        }
+    }
+}
+
+/// What a listener checks hellos against.
+pub(crate) struct Admission<'a> {
+    pub name: &'a str,
+    pub allow: &'a [String],
+    pub key: &'a ListenerKey,
 }
 
 /// Server's answer.
@@ -28,23 +66,30 @@ pub(crate) struct Reply {
     pub reason: String,
 }
 
-/// Checks a hello against the listener's name and allowlist.
+/// Checks a hello against the listener's name, allowlist and key.
 pub(crate) fn admit(
     hello: &Hello,
-    name: &str,
-    allow: &[String],
+    nonce: &Nonce,
+    a: &Admission<'_>,
     t: Transport,
 ) -> std::result::Result<(), String> {
+    let name = a.name;
     if hello.to != name {
         return Err(format!("this endpoint is {name:?}, not {:?}", hello.to));
     }
     if hello.transport != t {
         return Err("transport mismatch".into());
     }
-    if !allow.contains(&hello.from) {
+    if !a.allow.contains(&hello.from) {
         return Err(format!(
             "{:?} is not on the allowlist of {name:?}",
             hello.from
+        ));
+    }
+    if !a.key.verify(nonce, t, &hello.from, name, &hello.proof) {
+        return Err(format!(
+            "no proof that the peer is {:?}: resolve {name:?} through the directory as the uid that holds {:?}",
+            hello.from, hello.from
         ));
     }
     Ok(())
@@ -58,6 +103,7 @@ pub struct Listener {
     ctx: Context,
     name: String,
     allow: Vec<String>,
+    key: ListenerKey,
     unix: UnixListener,
     unix_path: PathBuf,
     tcp: TcpListener,
@@ -92,7 +138,7 @@ impl Listener {
             tcp_addr: Some(tcp.local_addr().map_err(|e| IcError::io("local_addr", e))?),
             allow: allow.clone(),
         };
-        ctx.inner.directory.register(ep)?;
+        let key = ctx.inner.directory.register(ep)?;
         ctx.inner
             .listeners
             .locked()
@@ -101,6 +147,7 @@ impl Listener {
             ctx: ctx.clone(),
             name: name.into(),
             allow,
+            key,
             unix,
             unix_path,
             tcp,
@@ -123,9 +170,14 @@ impl Listener {
     pub fn accept(&self, qp: &Qp, timeout: Duration) -> Result<String> {
         qp.inner.expect_state(crate::verbs::QpState::Init)?;
         let deadline = Instant::now() + timeout;
+        let admission = Admission {
+            name: &self.name,
+            allow: &self.allow,
+            key: &self.key,
+        };
         loop {
             if let Ok((s, _)) = self.unix.accept() {
-                match crate::shm::accept(s, &self.name, &self.allow) {
+                match crate::shm::accept(s, &admission) {
                     Ok((link, from)) => {
                         qp.inner.attach(Box::new(link), from.clone())?;
                         return Ok(from);
@@ -134,7 +186,7 @@ impl Listener {
                 }
             }
             if let Ok((s, _)) = self.tcp.accept() {
-                match crate::tcp::accept(s, &self.name, &self.allow) {
+                match crate::tcp::accept(s, &admission) {
                     Ok((link, from)) => {
                         qp.inner.attach(Box::new(link), from.clone())?;
                         return Ok(from);

@@ -53,6 +53,9 @@ pub enum IcError {
     /// The completion queue overflowed; completions were lost.
     #[error("completion queue overflowed: create it deeper than the sum of its QPs' depths")]
     CqOverflow,
+    /// The kernel's random source failed (keys and nonces come from it).
+    #[error("random bytes for a key or nonce: {0}")]
+    Random(getrandom::Error),
     /// The access layer was closed.
     #[error("access layer is closed")]
     Closed,

@@ -23,6 +23,8 @@
 //!   allowlist in a [`Directory`] ([`DirectoryServer`] serves one on a Unix
 //!   socket); [`Context::connect`] resolves the name and picks the transport
 //!   by location: `shm` when the peer has the same host id, `tcp` otherwise.
+//!   Names belong to uids ([`directory`]), and a peer proves at connect that
+//!   it holds the name it claims ([`proof`]).
 //!   Closing (QP destroy, [`Context::close`], [`Context::port_reset`]) tells
 //!   the peer, which sees [`AsyncEvent::PeerClosed`] and flushed work
 //!   requests; a peer that dies is seen as [`AsyncEvent::PeerLost`].
@@ -94,6 +96,7 @@ mod connect;
 pub mod directory;
 mod error;
 mod link;
+pub mod proof;
 mod shm;
 mod tcp;
 mod types;
@@ -102,8 +105,11 @@ mod wire;
 
 pub use alloc::Buffer;
 pub use connect::Listener;
-pub use directory::{Directory, DirectoryClient, DirectoryServer, Endpoint, MemDirectory};
+pub use directory::{
+    Directory, DirectoryClient, DirectoryServer, Endpoint, MemDirectory, Resolved,
+};
 pub use error::{IcError, Result};
+pub use proof::{ListenerKey, PairSecret};
 pub use types::*;
 pub use verbs::{
     Context, ContextAttr, ContextOptions, Cq, Mr, Pd, PortAttr, Qp, QpCaps, QpState, RemotePort,

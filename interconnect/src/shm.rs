@@ -23,8 +23,9 @@ use channels::{
     scm, ChannelError, Doorbell, Mapping, RingConsumer, RingGeometry, RingProducer, SealedMemfd,
 };
 
-use crate::connect::{admit, Hello, Reply};
+use crate::connect::{admit, Admission, Challenge, Hello, Intro, Reply};
 use crate::link::{InData, Link, LinkEvent, OutData};
+use crate::proof::Nonce;
 use crate::types::{Transport, MAX_READ};
 use crate::wire::{Kind, Msg, MSG_LEN, RESP_WITH_DATA};
 use crate::{IcError, Result};
@@ -143,15 +144,19 @@ fn send_json<T: serde::Serialize>(
     Ok(scm::send(sock, &b, fds)?)
 }
 
-pub(crate) fn connect(path: &Path, hello: &Hello, timeout: Duration) -> Result<ShmLink> {
+pub(crate) fn connect(path: &Path, intro: &Intro<'_>, timeout: Duration) -> Result<ShmLink> {
     let sock = UnixStream::connect(path)
         .map_err(|e| IcError::io(format!("connect {}", path.display()), e))?;
     sock.set_read_timeout(Some(timeout))
         .map_err(|e| IcError::io("set_read_timeout", e))?;
+    let (challenge, fds): (Challenge, _) = recv_json(&sock)?;
+    if !fds.is_empty() {
+        return Err(IcError::Protocol("descriptors with the challenge".into()));
+    }
     let local = LocalSide::new()?;
     send_json(
         &sock,
-        hello,
+        &intro.answer(&challenge),
         &[local.tx_fd.fd(), local.bell.fd(), local.win_fd.fd()],
     )?;
     let (reply, fds): (Reply, _) = recv_json(&sock)?;
@@ -161,13 +166,15 @@ pub(crate) fn connect(path: &Path, hello: &Hello, timeout: Duration) -> Result<S
     finish(sock, local, fds)
 }
 
-pub(crate) fn accept(sock: UnixStream, name: &str, allow: &[String]) -> Result<(ShmLink, String)> {
+pub(crate) fn accept(sock: UnixStream, a: &Admission<'_>) -> Result<(ShmLink, String)> {
     sock.set_nonblocking(false)
         .map_err(|e| IcError::io("set_nonblocking", e))?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| IcError::io("set_read_timeout", e))?;
+    let nonce = Nonce::generate()?;
+    send_json(&sock, &Challenge { nonce }, &[])?;
     let (hello, fds): (Hello, _) = recv_json(&sock)?;
-    if let Err(reason) = admit(&hello, name, allow, Transport::Shm) {
+    if let Err(reason) = admit(&hello, &nonce, a, Transport::Shm) {
         let _ = send_json(
             &sock,
             &Reply {

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use channels::Doorbell;
 
-use crate::connect::{admit, Hello, Reply};
+use crate::connect::{admit, Admission, Challenge, Hello, Intro, Reply};
 use crate::link::{InData, Link, LinkEvent, OutData};
+use crate::proof::Nonce;
 use crate::types::{Transport, MAX_MESSAGE};
 use crate::wire::{Kind, Msg, MSG_LEN, RESP_WITH_DATA};
 use crate::{IcError, Result};
@@ -91,14 +92,17 @@ fn start(stream: TcpStream) -> Result<TcpLink> {
     })
 }
 
-pub(crate) fn connect(addr: SocketAddr, hello: &Hello, timeout: Duration) -> Result<TcpLink> {
+pub(crate) fn connect(addr: SocketAddr, intro: &Intro<'_>, timeout: Duration) -> Result<TcpLink> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| IcError::io(format!("connect {addr}"), e))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| IcError::io("set_read_timeout", e))?;
+    let challenge: Challenge = serde_json::from_slice(&read_frame(&mut s)?)
+        .map_err(|e| IcError::Protocol(format!("bad challenge: {e}")))?;
     write_frame(
         &mut s,
-        &serde_json::to_vec(hello).map_err(|e| IcError::Protocol(e.to_string()))?,
+        &serde_json::to_vec(&intro.answer(&challenge))
+            .map_err(|e| IcError::Protocol(e.to_string()))?,
     )?;
     let reply: Reply = serde_json::from_slice(&read_frame(&mut s)?)
         .map_err(|e| IcError::Protocol(format!("bad reply: {e}")))?;
@@ -108,14 +112,19 @@ pub(crate) fn connect(addr: SocketAddr, hello: &Hello, timeout: Duration) -> Res
     start(s)
 }
 
-pub(crate) fn accept(mut s: TcpStream, name: &str, allow: &[String]) -> Result<(TcpLink, String)> {
+pub(crate) fn accept(mut s: TcpStream, a: &Admission<'_>) -> Result<(TcpLink, String)> {
     s.set_nonblocking(false)
         .map_err(|e| IcError::io("set_nonblocking", e))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| IcError::io("set_read_timeout", e))?;
+    let nonce = Nonce::generate()?;
+    write_frame(
+        &mut s,
+        &serde_json::to_vec(&Challenge { nonce }).map_err(|e| IcError::Protocol(e.to_string()))?,
+    )?;
     let hello: Hello = serde_json::from_slice(&read_frame(&mut s)?)
         .map_err(|e| IcError::Protocol(format!("bad hello: {e}")))?;
-    let ok = admit(&hello, name, allow, Transport::Tcp);
+    let ok = admit(&hello, &nonce, a, Transport::Tcp);
     let reply = Reply {
         ok: ok.is_ok(),
         reason: ok.clone().err().unwrap_or_default(),

@@ -482,13 +482,19 @@ fn tcp_moves_64_mib_between_processes_with_matching_checksum() {
 struct LyingDirectory(interconnect::DirectoryClient);
 
 impl interconnect::Directory for LyingDirectory {
-    fn register(&self, ep: interconnect::Endpoint) -> interconnect::Result<()> {
+    fn claim(&self, name: &str) -> interconnect::Result<()> {
+        self.0.claim(name)
+    }
+    fn register(
+        &self,
+        ep: interconnect::Endpoint,
+    ) -> interconnect::Result<interconnect::ListenerKey> {
         self.0.register(ep)
     }
     fn unregister(&self, name: &str) -> interconnect::Result<()> {
         self.0.unregister(name)
     }
-    fn resolve(&self, _from: &str, to: &str) -> interconnect::Result<interconnect::Endpoint> {
+    fn resolve(&self, _from: &str, to: &str) -> interconnect::Result<interconnect::Resolved> {
         self.0.resolve("cli", to)
     }
 }

@@ -26,15 +26,28 @@ fn scene(setup: impl FnOnce(&mut Proc)) -> Scene {
     setup(&mut srv);
     srv.ok("listen svc cli");
     srv.send("accept 10000");
-    let ep = DirectoryClient::new(&path).resolve("cli", "svc").unwrap();
+    let r = DirectoryClient::new(&path).resolve("cli", "svc").unwrap();
     let mut h = Proc::hostile();
-    let sock = ep.shm_path.unwrap();
+    let sock = r.endpoint.shm_path.clone().unwrap();
     let refused = h.cmd(&format!("hello {} intruder svc", sock.display()));
     assert!(
         refused.starts_with("err refused") && refused.contains("not on the allowlist"),
         "{refused}"
     );
-    h.ok(&format!("hello {} cli svc", sock.display()));
+    // Claiming the allowlisted name is not enough: without the pair's
+    // secret (none, or a made-up one) the endpoint refuses.
+    for forged in ["", &"ab".repeat(32)] {
+        let refused = h.cmd(&format!("hello {} cli svc {forged}", sock.display()));
+        assert!(
+            refused.starts_with("err refused") && refused.contains("no proof"),
+            "{refused}"
+        );
+    }
+    h.ok(&format!(
+        "hello {} cli svc {}",
+        sock.display(),
+        secret_hex(&r)
+    ));
     assert_eq!(srv.answer(Duration::from_secs(10)), "ok cli");
     Scene { _dir: dir, srv, h }
 }
@@ -154,15 +167,38 @@ fn raw_tcp_peer_cannot_reach_unregistered_read_only_or_revoked_memory() {
     srv.ok("dereg dead");
     srv.ok("listen svc cli");
     srv.send("accept 10000");
-    let ep = DirectoryClient::new(&path).resolve("cli", "svc").unwrap();
-    let addr = ep.tcp_addr.unwrap();
+    let r = DirectoryClient::new(&path).resolve("cli", "svc").unwrap();
+    let addr = r.endpoint.tcp_addr.unwrap();
     let mut h = Proc::hostile();
     let refused = h.cmd(&format!("hello_tcp {addr} intruder svc"));
     assert!(
         refused.starts_with("err refused") && refused.contains("not on the allowlist"),
         "{refused}"
     );
-    h.ok(&format!("hello_tcp {addr} cli svc"));
+    // A TCP peer that claims the allowlisted name without the pair's
+    // secret is refused; one whose secret belongs to another listener too.
+    let decoy = DirectoryClient::new(&path);
+    let decoy_key = interconnect::Directory::register(
+        &decoy,
+        interconnect::Endpoint {
+            name: "decoy".into(),
+            host_id: "h".into(),
+            shm_path: None,
+            tcp_addr: None,
+            allow: vec!["cli".into()],
+        },
+    )
+    .unwrap();
+    let other_pair = decoy.resolve("cli", "decoy").unwrap();
+    assert_eq!(other_pair.secret, decoy_key.pair_secret("cli"));
+    for forged in [String::new(), "00".repeat(32), secret_hex(&other_pair)] {
+        let refused = h.cmd(&format!("hello_tcp {addr} cli svc {forged}"));
+        assert!(
+            refused.starts_with("err refused") && refused.contains("no proof"),
+            "{forged}: {refused}"
+        );
+    }
+    h.ok(&format!("hello_tcp {addr} cli svc {}", secret_hex(&r)));
     assert_eq!(srv.answer(Duration::from_secs(10)), "ok cli");
     let status = |h: &mut Proc, c: &str| -> String { h.ok(c)[1].clone() };
     for forged in [rw ^ 1, rw.wrapping_add(1), 0, u32::MAX] {

@@ -167,7 +167,7 @@ fn standalone_directory_binary_serves_lookups_with_allowlist() {
     let server = ctx_with("server", &path);
     let _l = server.listen("svc", &["alice"]).unwrap();
     let dir = DirectoryClient::new(&path);
-    assert_eq!(dir.resolve("alice", "svc").unwrap().name, "svc");
+    assert_eq!(dir.resolve("alice", "svc").unwrap().endpoint.name, "svc");
     assert!(matches!(
         dir.resolve("mallory", "svc"),
         Err(IcError::Refused(_))

@@ -166,35 +166,12 @@ pub fn bind_shared<E: Endpoint>(export: Arc<E>) -> Result<Bound<E>, ServeError> 
     Ok(Bound { export, listener })
 }
 
-/// The uid of the peer of `stream` (SO_PEERCRED).
-fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: ucred is plain data; zeroed is a valid value.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
-}
-
 /// Whether a frontend with `uid` may connect: the expected one if partd
 /// named it, else part-io's own uid or root.
 fn frontend_allowed(uid: u32, expected: Option<u32>) -> bool {
     match expected {
         Some(e) => uid == e,
-        // SAFETY: geteuid has no preconditions.
-        None => uid == 0 || uid == unsafe { libc::geteuid() },
+        None => uid == 0 || uid == partvisor_runtime::peer::own_uid(),
     }
 }
 
@@ -227,7 +204,7 @@ impl<E: Endpoint> Bound<E> {
                 info!(export = %self.export.name(), "taken out of service; no longer listening");
                 return;
             }
-            match peer_uid(&stream) {
+            match partvisor_runtime::peer::peer_uid(&stream) {
                 Ok(uid) if frontend_allowed(uid, self.export.frontend_uid()) => {}
                 who => {
                     static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));

@@ -533,7 +533,7 @@ fn partd_killed_during_a_stop_finishes_it_after_restart() {
 }
 
 #[test]
-fn shared_partition_monitor_is_weighted_by_its_share() {
+fn every_monitor_has_a_cgroup_of_its_own_weighted_by_its_share() {
     let _vm = vm_lock();
     let partd = Partd::start(&[]);
     partd.create("weighted", "memory_mib = 32\ncpu_share = 0.5");
@@ -580,12 +580,27 @@ fn shared_partition_monitor_is_weighted_by_its_share() {
         let weight = std::fs::read_to_string(cgroup.join("cpu.weight")).unwrap();
         assert_eq!(weight.trim(), "50");
     }
-    // A dedicated-CPU partition is confined by affinity, not a cgroup.
+    // A dedicated-CPU partition is confined by affinity, and still has a
+    // cgroup of its own (one whole CPU's weight), so every monitor can be
+    // accounted and killed as a group.
     let pinned = partd.definition("pinned", "memory_mib = 32\ncpus = [1]");
     partd.ctl_ok(&["create", pinned.to_str().unwrap()]);
     let p = partd.ctl_json(&["start", "pinned"]);
-    assert!(p["vmm"]["cgroup"].is_null(), "{p}");
+    let pinned_cgroup = std::path::PathBuf::from(p["vmm"]["cgroup"].as_str().unwrap());
+    let pinned_pid = p["vmm"]["pid"].as_u64().unwrap();
+    assert!(
+        pinned_cgroup.ends_with(format!("partvisor/pinned.{pinned_pid}")),
+        "{p}"
+    );
+    if let Ok(shares) = std::fs::read_to_string(pinned_cgroup.join("cpu.shares")) {
+        assert_eq!(shares.trim(), "1024");
+    } else {
+        let weight = std::fs::read_to_string(pinned_cgroup.join("cpu.weight")).unwrap();
+        assert_eq!(weight.trim(), "100");
+    }
     partd.ctl_json(&["stop", "pinned", "--force"]);
     partd.ctl_json(&["stop", "weighted", "--force"]);
-    assert!(!cgroup.exists(), "{} left behind", cgroup.display());
+    for c in [&cgroup, &pinned_cgroup] {
+        assert!(!c.exists(), "{} left behind", c.display());
+    }
 }

@@ -124,6 +124,9 @@ impl Context {
                 "endpoint name {name:?} must be 1-200 chars without '/'"
             )));
         }
+        // The name is ours before anything is done under it: peers resolve
+        // and connect as `name` only with the uid that holds it.
+        directory.claim(name)?;
         Ok(Context {
             inner: Arc::new(CtxInner {
                 name: name.to_string(),
@@ -310,7 +313,8 @@ impl Context {
         timeout: Duration,
     ) -> Result<()> {
         self.check_open()?;
-        let ep: Endpoint = self.inner.directory.resolve(&self.inner.name, remote)?;
+        let resolved = self.inner.directory.resolve(&self.inner.name, remote)?;
+        let ep: Endpoint = resolved.endpoint;
         let t = transport.unwrap_or(
             if ep.host_id == self.inner.host_id && ep.shm_path.is_some() {
                 Transport::Shm
@@ -319,23 +323,24 @@ impl Context {
             },
         );
         qp.inner.expect_state(QpState::Init)?;
-        let hello = crate::connect::Hello {
-            from: self.inner.name.clone(),
-            to: remote.to_string(),
+        let intro = crate::connect::Intro {
+            from: &self.inner.name,
+            to: remote,
             transport: t,
+            secret: &resolved.secret,
         };
         let link: Box<dyn Link> = match t {
             Transport::Shm => {
                 let path = ep
                     .shm_path
                     .ok_or_else(|| IcError::Protocol(format!("{remote} has no shm port")))?;
-                Box::new(crate::shm::connect(&path, &hello, timeout)?)
+                Box::new(crate::shm::connect(&path, &intro, timeout)?)
             }
             Transport::Tcp => {
                 let addr = ep
                     .tcp_addr
                     .ok_or_else(|| IcError::Protocol(format!("{remote} has no tcp port")))?;
-                Box::new(crate::tcp::connect(addr, &hello, timeout)?)
+                Box::new(crate::tcp::connect(addr, &intro, timeout)?)
             }
         };
         qp.inner.attach(link, remote.to_string())

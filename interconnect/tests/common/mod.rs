@@ -26,6 +26,15 @@ impl Proc {
         Proc::spawn_cmd(c, "hostile")
     }
 
+    /// An `ic-peer` running as `uid` (and its gid), for ownership tests.
+    pub fn spawn_as(dir: &Path, name: &str, uid: u32) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new(PEER);
+        c.args([dir.to_str().unwrap(), name, "127.0.0.1"]);
+        c.uid(uid).gid(uid);
+        Proc::spawn_cmd(c, name)
+    }
+
     pub fn spawn(dir: &Path, name: &str, netns: Option<(&str, &str)>) -> Proc {
         let cmd = match netns {
             Some((ns, ip)) => {
@@ -161,6 +170,13 @@ impl Drop for Proc {
 }
 
 static N: AtomicU32 = AtomicU32::new(0);
+
+/// The pair secret of a resolution in the hex the hostile peer takes.
+pub fn secret_hex(r: &interconnect::Resolved) -> String {
+    let bytes: Vec<u8> = serde_json::from_value(serde_json::to_value(&r.secret).unwrap()).unwrap();
+    assert_eq!(bytes.len(), 32);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 pub fn dir_path() -> PathBuf {
     std::env::temp_dir().join(format!(

@@ -17,6 +17,7 @@
 //!
 //! - [`inherited`]: files handed over as inherited descriptors named
 //!   `/proc/self/fd/N`, used as they were opened, never reopened.
+//! - [`peer`]: the uid at the other end of a Unix socket (`SO_PEERCRED`).
 //! - [`ci`]: what a test does when its environment is missing (fail under
 //!   `CI=true`, except for the documented list of things CI machines
 //!   cannot have).
@@ -30,6 +31,7 @@
 
 pub mod ci;
 pub mod inherited;
+pub mod peer;
 pub mod ratelimit;
 pub mod sync;
 

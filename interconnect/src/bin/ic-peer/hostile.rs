@@ -1,14 +1,16 @@
 //! A hostile shm peer that uses raw system calls only — no `interconnect`
 //! or `channels` code — to attack an endpoint. Driven by stdin commands,
 //! answers on stdout:
-//! * `hello <socket> <from> <to>`: handshake by hand (JSON + SCM_RIGHTS).
+//! * `hello <socket> <from> <to> [secret-hex]`: handshake by hand (JSON +
+//!   SCM_RIGHTS), proving `from` with the pair secret if one is given (an
+//!   all-zero proof otherwise).
 //! * `expose <id> <len> <fill> <sealed:0|1>`: offer a memfd as a send source.
 //! * `write <rkey> <raddr> <len> <src_id> <src_off>` / `read <rkey> <raddr> <len>`:
 //!   post a raw request and print the target's status code.
 //! * `window_rw`: try to get write access to the target's read window.
 //! * `answer_wrong`: answer the target's next request with a wrong sequence.
 //! * `forge_tail`: write an impossible producer index into our ring.
-//! * `hello_tcp <addr> <from> <to>`, then `write`/`read` (payload inline) and
+//! * `hello_tcp <addr> <from> <to> [secret-hex]`, then `write`/`read` (payload inline) and
 //!   `lie_len`: the same over a raw TCP stream.
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
@@ -153,9 +155,48 @@ fn msg(
     b
 }
 
+/// The handshake's proof, computed from the transcript documented in
+/// `interconnect::proof` (written out here, not taken from the library, so
+/// the two implementations check each other).
+fn proof(secret_hex: Option<&str>, challenge: &[u8], t: &str, from: &str, to: &str) -> String {
+    use hmac::Mac;
+    let nonce: Vec<u8> = serde_json::from_slice::<serde_json::Value>(challenge)
+        .ok()
+        .and_then(|v| serde_json::from_value(v["nonce"].clone()).ok())
+        .unwrap_or_default();
+    let mut out = [0u8; 32];
+    if let Some(secret) = secret_hex.and_then(unhex) {
+        if let Ok(mut m) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret) {
+            let fields: [&[u8]; 5] = [
+                b"partvisor-ic hello v1",
+                &nonce,
+                t.as_bytes(),
+                from.as_bytes(),
+                to.as_bytes(),
+            ];
+            for f in fields {
+                m.update(&(f.len() as u64).to_le_bytes());
+                m.update(f);
+            }
+            out = m.finalize().into_bytes().into();
+        }
+    }
+    serde_json::to_string(&out).unwrap_or_default()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
+}
+
 impl Raw {
-    fn hello(path: &str, from: &str, to: &str) -> Result<Raw, String> {
+    fn hello(path: &str, from: &str, to: &str, secret: Option<&str>) -> Result<Raw, String> {
         let sock = UnixStream::connect(path).map_err(|e| e.to_string())?;
+        let mut challenge = [0u8; 4096];
+        let (n, _) = recvmsg(&sock, &mut challenge);
+        let challenge = &challenge[..n.max(0) as usize];
         let ring = memfd(RING_BYTES, true);
         let tx = map(ring, RING_BYTES, libc::PROT_READ | libc::PROT_WRITE);
         put(tx, 0, &0x7076_7269_6e67_0001u64.to_ne_bytes());
@@ -164,7 +205,8 @@ impl Raw {
         // SAFETY: plain eventfd creation.
         let bell = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
         let win = memfd(WINDOW, true);
-        let hello = format!(r#"{{"from":"{from}","to":"{to}","transport":"Shm"}}"#);
+        let proof = proof(secret, challenge, "shm", from, to);
+        let hello = format!(r#"{{"from":"{from}","to":"{to}","transport":"Shm","proof":{proof}}}"#);
         if sendmsg(&sock, hello.as_bytes(), &[ring, bell, win]) < 0 {
             return Err("sendmsg failed".into());
         }
@@ -250,12 +292,21 @@ struct RawTcp {
 }
 
 impl RawTcp {
-    fn hello(addr: &str, from: &str, to: &str) -> Result<RawTcp, String> {
+    fn hello(addr: &str, from: &str, to: &str, secret: Option<&str>) -> Result<RawTcp, String> {
         use std::io::Read;
         let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
-        let hello = format!(r#"{{"from":"{from}","to":"{to}","transport":"Tcp"}}"#);
+        let mut frame = || -> Result<Vec<u8>, String> {
+            let mut l = [0u8; 4];
+            s.read_exact(&mut l).map_err(|e| e.to_string())?;
+            let mut v = vec![0u8; u32::from_le_bytes(l).min(4096) as usize];
+            s.read_exact(&mut v).map_err(|e| e.to_string())?;
+            Ok(v)
+        };
+        let challenge = frame()?;
+        let proof = proof(secret, &challenge, "tcp", from, to);
+        let hello = format!(r#"{{"from":"{from}","to":"{to}","transport":"Tcp","proof":{proof}}}"#);
         s.write_all(&(hello.len() as u32).to_le_bytes())
             .map_err(|e| e.to_string())?;
         s.write_all(hello.as_bytes()).map_err(|e| e.to_string())?;
@@ -341,6 +392,7 @@ fn cmd(raw: &mut Option<Raw>, tcp: &mut Option<RawTcp>, line: &str) -> Result<St
             a.get(1).ok_or("addr")?,
             a.get(2).ok_or("from")?,
             a.get(3).ok_or("to")?,
+            a.get(4).copied(),
         )?);
         return Ok("ok".into());
     }
@@ -352,6 +404,7 @@ fn cmd(raw: &mut Option<Raw>, tcp: &mut Option<RawTcp>, line: &str) -> Result<St
             a.get(1).ok_or("path")?,
             a.get(2).ok_or("from")?,
             a.get(3).ok_or("to")?,
+            a.get(4).copied(),
         )?);
         return Ok("ok".into());
     }

@@ -62,6 +62,7 @@ fn status(s: WcStatus) -> &'static str {
 
 struct Peer {
     ctx: Context,
+    directory: Arc<DirectoryClient>,
     pd: Pd,
     cq: Cq,
     qp: Option<Qp>,
@@ -120,6 +121,12 @@ impl Peer {
                         .listen(a.get(1).ok_or("name")?, &allow)
                         .map_err(e)?,
                 );
+                Ok("ok".into())
+            }
+            "unregister" => {
+                self.directory
+                    .unregister(a.get(1).ok_or("name")?)
+                    .map_err(e)?;
                 Ok("ok".into())
             }
             "accept" => {
@@ -506,7 +513,7 @@ fn main() {
         ..Default::default()
     };
     let setup = || -> interconnect::Result<Peer> {
-        let ctx = Context::open(&args[2], dir, opts)?;
+        let ctx = Context::open(&args[2], dir.clone(), opts)?;
         let pd = ctx.alloc_pd()?;
         let cq = ctx.create_cq(4096)?;
         let fired = Arc::new(AtomicU64::new(0));
@@ -525,6 +532,7 @@ fn main() {
         )?;
         Ok(Peer {
             ctx,
+            directory: dir.clone(),
             pd,
             cq,
             qp: Some(qp),

@@ -1,91 +1,36 @@
-//! The directory service: where named endpoints are found, and who may
-//! reach them. [`Directory`] is the trait the access layer uses;
-//! [`DirectoryServer`] serves it on a Unix socket (standalone now, hosted by
-//! `partd` later) and [`DirectoryClient`] talks to that server.
-//! [`MemDirectory`] is the in-process implementation the server wraps.
-use partvisor_runtime::sync::MutexExt;
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+//! The directory on a Unix socket: one JSON request and one response line
+//! per connection, the caller's uid taken from the kernel.
+use partvisor_runtime::peer::peer_uid;
+use std::io::{BufRead, BufReader, Read as _, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::{Directory, Endpoint, MemDirectory, Resolved};
+use crate::proof::ListenerKey;
 use crate::{IcError, Result};
-
-/// A registered endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Endpoint {
-    /// Unique name.
-    pub name: String,
-    /// Host identity (boot id): same host means the shm transport applies.
-    pub host_id: String,
-    /// Unix socket of the shm port.
-    pub shm_path: Option<PathBuf>,
-    /// Address of the tcp port.
-    pub tcp_addr: Option<SocketAddr>,
-    /// Endpoint names allowed to connect.
-    pub allow: Vec<String>,
-}
-
-/// Name service with an allowlist check on every lookup.
-pub trait Directory: Send + Sync {
-    /// Adds or replaces an endpoint.
-    fn register(&self, ep: Endpoint) -> Result<()>;
-    /// Removes an endpoint.
-    fn unregister(&self, name: &str) -> Result<()>;
-    /// Looks up `to` on behalf of `from`; refused unless `from` is on `to`'s allowlist.
-    fn resolve(&self, from: &str, to: &str) -> Result<Endpoint>;
-}
-
-/// In-memory directory.
-#[derive(Debug, Default)]
-pub struct MemDirectory {
-    eps: Mutex<HashMap<String, Endpoint>>,
-}
-
-impl Directory for MemDirectory {
-    fn register(&self, ep: Endpoint) -> Result<()> {
-        self.eps.locked().insert(ep.name.clone(), ep);
-        Ok(())
-    }
-
-    fn unregister(&self, name: &str) -> Result<()> {
-        self.eps.locked().remove(name);
-        Ok(())
-    }
-
-    fn resolve(&self, from: &str, to: &str) -> Result<Endpoint> {
-        let eps = self.eps.locked();
-        let ep = eps
-            .get(to)
-            .ok_or_else(|| IcError::UnknownEndpoint(to.into()))?;
-        if !ep.allow.iter().any(|a| a == from) {
-            return Err(IcError::Refused(format!(
-                "{from:?} is not on the allowlist of {to:?}"
-            )));
-        }
-        Ok(ep.clone())
-    }
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Request {
+    Claim(String),
     Register(Endpoint),
     Unregister(String),
+    Reserve { name: String, uid: u32 },
     Resolve { from: String, to: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Response {
     Ok,
-    Endpoint(Endpoint),
+    Registered(ListenerKey),
+    Resolved(Resolved),
     Refused(String),
+    Invalid(String),
     Unknown(String),
     Error(String),
 }
@@ -94,6 +39,7 @@ enum Response {
 /// response line per connection. Stops (and removes the socket) on drop.
 pub struct DirectoryServer {
     path: PathBuf,
+    dir: Arc<MemDirectory>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -109,14 +55,15 @@ impl DirectoryServer {
             .map_err(|e| IcError::io("set_nonblocking", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let dir = MemDirectory::default();
+        let dir = Arc::new(MemDirectory::default());
+        let served = dir.clone();
         let thread = std::thread::Builder::new()
             .name("ic-directory".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
                     match listener.accept() {
                         Ok((s, _)) => {
-                            if let Err(e) = serve_one(&dir, s) {
+                            if let Err(e) = serve_one(&served, s) {
                                 tracing::warn!("directory request failed: {e}");
                             }
                         }
@@ -136,6 +83,7 @@ impl DirectoryServer {
             .map_err(|e| IcError::io("spawn directory thread", e))?;
         Ok(DirectoryServer {
             path: path.to_path_buf(),
+            dir,
             stop,
             thread: Some(thread),
         })
@@ -144,6 +92,11 @@ impl DirectoryServer {
     /// Socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The directory served, for its host process (e.g. to reserve names).
+    pub fn directory(&self) -> &MemDirectory {
+        &self.dir
     }
 }
 
@@ -160,14 +113,19 @@ impl Drop for DirectoryServer {
 fn serve_one(dir: &MemDirectory, s: UnixStream) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let caller = peer_uid(&s)?;
     let mut line = String::new();
     BufReader::new(&s).take(64 * 1024).read_line(&mut line)?;
     let resp = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::Error(format!("malformed request: {e}")),
-        Ok(Request::Register(ep)) => to_resp(dir.register(ep).map(|_| Response::Ok)),
-        Ok(Request::Unregister(n)) => to_resp(dir.unregister(&n).map(|_| Response::Ok)),
+        Ok(Request::Claim(n)) => to_resp(dir.claim_as(caller, &n).map(|()| Response::Ok)),
+        Ok(Request::Register(ep)) => to_resp(dir.register_as(caller, ep).map(Response::Registered)),
+        Ok(Request::Unregister(n)) => to_resp(dir.unregister_as(caller, &n).map(|()| Response::Ok)),
+        Ok(Request::Reserve { name, uid }) => {
+            to_resp(dir.reserve_as(caller, &name, uid).map(|()| Response::Ok))
+        }
         Ok(Request::Resolve { from, to }) => {
-            to_resp(dir.resolve(&from, &to).map(Response::Endpoint))
+            to_resp(dir.resolve_as(caller, &from, &to).map(Response::Resolved))
         }
     };
     let mut out = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
@@ -180,11 +138,10 @@ fn to_resp(r: Result<Response>) -> Response {
         Ok(r) => r,
         Err(IcError::Refused(m)) => Response::Refused(m),
         Err(IcError::UnknownEndpoint(n)) => Response::Unknown(n),
+        Err(IcError::InvalidArgument(m)) => Response::Invalid(m),
         Err(e) => Response::Error(e.to_string()),
     }
 }
-
-use std::io::Read as _;
 
 /// Client of a [`DirectoryServer`].
 #[derive(Debug, Clone)]
@@ -223,27 +180,47 @@ impl DirectoryClient {
             Response::Ok => Ok(()),
             Response::Refused(m) => Err(IcError::Refused(m)),
             Response::Unknown(n) => Err(IcError::UnknownEndpoint(n)),
+            Response::Invalid(m) => Err(IcError::InvalidArgument(m)),
             Response::Error(e) => Err(IcError::Protocol(e)),
-            Response::Endpoint(_) => Err(IcError::Protocol("unexpected endpoint in reply".into())),
+            Response::Registered(_) | Response::Resolved(_) => {
+                Err(IcError::Protocol("unexpected payload in reply".into()))
+            }
         }
     }
 }
 
+impl DirectoryClient {
+    /// Reserves `name` for `uid` (the server refuses unless we are root).
+    pub fn reserve(&self, name: &str, uid: u32) -> Result<()> {
+        Self::expect_ok(self.call(&Request::Reserve {
+            name: name.into(),
+            uid,
+        })?)
+    }
+}
+
 impl Directory for DirectoryClient {
-    fn register(&self, ep: Endpoint) -> Result<()> {
-        Self::expect_ok(self.call(&Request::Register(ep))?)
+    fn claim(&self, name: &str) -> Result<()> {
+        Self::expect_ok(self.call(&Request::Claim(name.into()))?)
+    }
+
+    fn register(&self, ep: Endpoint) -> Result<ListenerKey> {
+        match self.call(&Request::Register(ep))? {
+            Response::Registered(k) => Ok(k),
+            other => Self::expect_ok(other).and(Err(IcError::Protocol("no key in reply".into()))),
+        }
     }
 
     fn unregister(&self, name: &str) -> Result<()> {
         Self::expect_ok(self.call(&Request::Unregister(name.into()))?)
     }
 
-    fn resolve(&self, from: &str, to: &str) -> Result<Endpoint> {
+    fn resolve(&self, from: &str, to: &str) -> Result<Resolved> {
         match self.call(&Request::Resolve {
             from: from.into(),
             to: to.into(),
         })? {
-            Response::Endpoint(ep) => Ok(ep),
+            Response::Resolved(r) => Ok(r),
             other => {
                 Self::expect_ok(other).and(Err(IcError::Protocol("no endpoint in reply".into())))
             }
@@ -267,8 +244,10 @@ mod tests {
             tcp_addr: Some("127.0.0.1:9".parse().unwrap()),
             allow: vec!["app".into()],
         };
-        c.register(ep.clone()).unwrap();
-        assert_eq!(c.resolve("app", "db").unwrap(), ep);
+        let key = c.register(ep.clone()).unwrap();
+        let r = c.resolve("app", "db").unwrap();
+        assert_eq!(r.endpoint, ep);
+        assert_eq!(r.secret, key.pair_secret("app"));
         assert!(matches!(
             c.resolve("intruder", "db"),
             Err(IcError::Refused(_))

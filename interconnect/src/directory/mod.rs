@@ -1,0 +1,371 @@
+//! The directory service: where named endpoints are found, who may reach
+//! them, and whose names they are.
+//!
+//! Every name belongs to one uid. A process claims the name it runs as
+//! ([`Directory::claim`], done by [`Context::open`](crate::Context::open))
+//! and registers the names it listens on ([`Directory::register`]); only
+//! that uid (or root) may register, replace or remove the name afterwards,
+//! and only that uid (or root) may resolve peers *as* that name. Names are
+//! first come, first served unless root reserved them for a uid beforehand
+//! ([`MemDirectory::reserve`]: partd reserves each partition's name for the
+//! partition's uid), so a service can be sure who answers to an allowlisted
+//! name. Resolving hands out the pair secret the peer proves itself with at
+//! connect ([`crate::proof`]).
+//!
+//! [`Directory`] is the trait the access layer uses; [`MemDirectory`] is
+//! the in-process implementation, [`DirectoryServer`] serves one on a Unix
+//! socket taking each caller's uid from the kernel (`SO_PEERCRED`), and
+//! [`DirectoryClient`] talks to that server. Who may connect to the socket
+//! at all is the file's permissions, set by whoever runs the server.
+//!
+//! What it must never do: let a uid act for a name another uid holds, hand a
+//! pair secret to anyone but the owner of the pair's first name, or grow
+//! without bound.
+
+mod server;
+
+use partvisor_runtime::sync::MutexExt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+pub use server::{DirectoryClient, DirectoryServer};
+
+use crate::proof::{ListenerKey, PairSecret};
+use crate::{IcError, Result};
+
+/// Names one directory holds at most.
+pub const MAX_NAMES: usize = 65536;
+/// Names one uid (other than root) may hold at most.
+pub const MAX_NAMES_PER_UID: usize = 1024;
+
+/// A registered endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Unique name.
+    pub name: String,
+    /// Host identity (boot id): same host means the shm transport applies.
+    pub host_id: String,
+    /// Unix socket of the shm port.
+    pub shm_path: Option<PathBuf>,
+    /// Address of the tcp port.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Endpoint names allowed to connect.
+    pub allow: Vec<String>,
+}
+
+/// What resolving a name gives its caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    /// Where the endpoint listens.
+    pub endpoint: Endpoint,
+    /// The secret the caller proves its name with when it connects.
+    pub secret: PairSecret,
+}
+
+/// Name service with ownership and an allowlist check on every lookup.
+pub trait Directory: Send + Sync {
+    /// Claims `name` for the caller's uid (a no-op if it already holds it).
+    fn claim(&self, name: &str) -> Result<()>;
+    /// Adds or replaces the caller's endpoint; returns the key its listener
+    /// checks peers' proofs with.
+    fn register(&self, ep: Endpoint) -> Result<ListenerKey>;
+    /// Removes the caller's name and its endpoint.
+    fn unregister(&self, name: &str) -> Result<()>;
+    /// Looks up `to` on behalf of `from`, which the caller must hold;
+    /// refused unless `from` is on `to`'s allowlist.
+    fn resolve(&self, from: &str, to: &str) -> Result<Resolved>;
+}
+
+struct Entry {
+    owner: u32,
+    endpoint: Option<(Endpoint, ListenerKey)>,
+}
+
+#[derive(Default)]
+struct Names {
+    entries: HashMap<String, Entry>,
+    per_uid: HashMap<u32, usize>,
+}
+
+/// In-memory directory. Used in-process through [`Directory`] (the caller
+/// is this process's uid) or by a server through the `*_as` methods with
+/// the uid the kernel reported.
+#[derive(Default)]
+pub struct MemDirectory {
+    names: Mutex<Names>,
+}
+
+impl std::fmt::Debug for MemDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemDirectory")
+            .field("names", &self.names.locked().entries.len())
+            .finish()
+    }
+}
+
+fn refused_owner(name: &str, owner: u32, caller: u32) -> IcError {
+    IcError::Refused(format!(
+        "the name {name:?} belongs to uid {owner}, not to uid {caller}"
+    ))
+}
+
+impl Names {
+    /// The entry of `name` for `caller`, created if the name is free.
+    fn held_by(&mut self, caller: u32, name: &str) -> Result<&mut Entry> {
+        valid_name(name)?;
+        match self.entries.get(name) {
+            Some(e) if e.owner != caller && caller != 0 => {
+                return Err(refused_owner(name, e.owner, caller))
+            }
+            Some(_) => {}
+            None => self.insert(name, caller)?,
+        }
+        self.entries
+            .get_mut(name)
+            .ok_or_else(|| IcError::UnknownEndpoint(name.into()))
+    }
+
+    fn insert(&mut self, name: &str, owner: u32) -> Result<()> {
+        if self.entries.len() >= MAX_NAMES {
+            return Err(IcError::Refused(format!(
+                "the directory holds {MAX_NAMES} names already"
+            )));
+        }
+        let n = self.per_uid.entry(owner).or_default();
+        if owner != 0 && *n >= MAX_NAMES_PER_UID {
+            return Err(IcError::Refused(format!(
+                "uid {owner} holds {MAX_NAMES_PER_UID} names already; unregister some"
+            )));
+        }
+        *n += 1;
+        self.entries.insert(
+            name.into(),
+            Entry {
+                owner,
+                endpoint: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(e) = self.entries.remove(name) {
+            if let Some(n) = self.per_uid.get_mut(&e.owner) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_uid.remove(&e.owner);
+                }
+            }
+        }
+    }
+}
+
+fn valid_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 200 || name.contains(['/', '\0']) {
+        return Err(IcError::InvalidArgument(format!(
+            "endpoint name {name:?} must be 1-200 chars without '/' or NUL"
+        )));
+    }
+    Ok(())
+}
+
+impl MemDirectory {
+    /// [`Directory::claim`] for `caller`.
+    pub fn claim_as(&self, caller: u32, name: &str) -> Result<()> {
+        self.names.locked().held_by(caller, name).map(|_| ())
+    }
+
+    /// [`Directory::register`] for `caller`. The endpoint gets a new key, so
+    /// secrets handed out for an earlier registration stop working.
+    pub fn register_as(&self, caller: u32, ep: Endpoint) -> Result<ListenerKey> {
+        let key = ListenerKey::generate()?;
+        let mut names = self.names.locked();
+        let entry = names.held_by(caller, &ep.name)?;
+        entry.endpoint = Some((ep, key.clone()));
+        Ok(key)
+    }
+
+    /// [`Directory::unregister`] for `caller`; unknown names are not an
+    /// error (removal is idempotent).
+    pub fn unregister_as(&self, caller: u32, name: &str) -> Result<()> {
+        let mut names = self.names.locked();
+        match names.entries.get(name) {
+            None => Ok(()),
+            Some(e) if e.owner != caller && caller != 0 => {
+                Err(refused_owner(name, e.owner, caller))
+            }
+            Some(_) => {
+                names.remove(name);
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives `name` to `uid` before anyone claims it; only root may. A name
+    /// already held by another uid loses its endpoint.
+    pub fn reserve_as(&self, caller: u32, name: &str, uid: u32) -> Result<()> {
+        if caller != 0 {
+            return Err(IcError::Refused(format!(
+                "only root may reserve names (uid {caller} asked for {name:?})"
+            )));
+        }
+        valid_name(name)?;
+        let mut names = self.names.locked();
+        if names.entries.get(name).is_some_and(|e| e.owner == uid) {
+            return Ok(());
+        }
+        names.remove(name);
+        names.insert(name, uid)
+    }
+
+    /// [`MemDirectory::reserve_as`] by this process.
+    pub fn reserve(&self, name: &str, uid: u32) -> Result<()> {
+        self.reserve_as(partvisor_runtime::peer::own_uid(), name, uid)
+    }
+
+    /// [`Directory::resolve`] for `caller`.
+    pub fn resolve_as(&self, caller: u32, from: &str, to: &str) -> Result<Resolved> {
+        let names = self.names.locked();
+        match names.entries.get(from) {
+            Some(e) if e.owner == caller || caller == 0 => {}
+            Some(e) => return Err(refused_owner(from, e.owner, caller)),
+            None if caller == 0 => {}
+            None => {
+                return Err(IcError::Refused(format!(
+                    "uid {caller} does not hold the name {from:?}; claim it first"
+                )))
+            }
+        }
+        let (ep, key) = names
+            .entries
+            .get(to)
+            .and_then(|e| e.endpoint.as_ref())
+            .ok_or_else(|| IcError::UnknownEndpoint(to.into()))?;
+        if !ep.allow.iter().any(|a| a == from) {
+            return Err(IcError::Refused(format!(
+                "{from:?} is not on the allowlist of {to:?}"
+            )));
+        }
+        Ok(Resolved {
+            endpoint: ep.clone(),
+            secret: key.pair_secret(from),
+        })
+    }
+}
+
+impl Directory for MemDirectory {
+    fn claim(&self, name: &str) -> Result<()> {
+        self.claim_as(partvisor_runtime::peer::own_uid(), name)
+    }
+
+    fn register(&self, ep: Endpoint) -> Result<ListenerKey> {
+        self.register_as(partvisor_runtime::peer::own_uid(), ep)
+    }
+
+    fn unregister(&self, name: &str) -> Result<()> {
+        self.unregister_as(partvisor_runtime::peer::own_uid(), name)
+    }
+
+    fn resolve(&self, from: &str, to: &str) -> Result<Resolved> {
+        self.resolve_as(partvisor_runtime::peer::own_uid(), from, to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(name: &str, allow: &[&str]) -> Endpoint {
+        Endpoint {
+            name: name.into(),
+            host_id: "h".into(),
+            shm_path: None,
+            tcp_addr: None,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_name_held_by_one_uid_cannot_be_replaced_removed_or_used_by_another() {
+        let d = MemDirectory::default();
+        d.register_as(1000, ep("db", &["app"])).unwrap();
+        d.claim_as(1001, "app").unwrap();
+        let e = d.register_as(1001, ep("db", &["evil"])).unwrap_err();
+        assert!(e.to_string().contains("belongs to uid 1000"), "{e}");
+        assert!(d.unregister_as(1001, "db").is_err());
+        assert!(d.claim_as(1001, "db").is_err());
+        // The owner of "app" resolves as "app"; nobody else does.
+        let r = d.resolve_as(1001, "app", "db").unwrap();
+        assert_eq!(r.endpoint.allow, vec!["app".to_string()]);
+        let e = d.resolve_as(1002, "app", "db").unwrap_err();
+        assert!(e.to_string().contains("belongs to uid 1001"), "{e}");
+        let e = d.resolve_as(1002, "ghost", "db").unwrap_err();
+        assert!(e.to_string().contains("claim it first"), "{e}");
+        // Root may act for anyone; the owner may remove its own name.
+        assert_eq!(d.resolve_as(0, "app", "db").unwrap(), r);
+        d.unregister_as(1000, "db").unwrap();
+        assert!(matches!(
+            d.resolve_as(1001, "app", "db"),
+            Err(IcError::UnknownEndpoint(_))
+        ));
+        // The freed name is anyone's again.
+        d.claim_as(1002, "db").unwrap();
+    }
+
+    #[test]
+    fn a_reserved_name_goes_only_to_its_uid_and_only_root_reserves() {
+        let d = MemDirectory::default();
+        d.reserve_as(0, "web", 3000).unwrap();
+        assert!(d.claim_as(4000, "web").is_err());
+        d.claim_as(3000, "web").unwrap();
+        let e = d.reserve_as(3000, "db", 3000).unwrap_err();
+        assert!(e.to_string().contains("only root"), "{e}");
+        // Reserving a held name for someone else takes it away.
+        d.register_as(4000, ep("db", &["web"])).unwrap();
+        d.reserve_as(0, "db", 3001).unwrap();
+        assert!(matches!(
+            d.resolve_as(3000, "web", "db"),
+            Err(IcError::UnknownEndpoint(_))
+        ));
+        assert!(d.register_as(4000, ep("db", &["web"])).is_err());
+    }
+
+    #[test]
+    fn re_registering_changes_the_key_so_old_secrets_stop_working() {
+        let d = MemDirectory::default();
+        let k1 = d.register_as(5, ep("db", &["app"])).unwrap();
+        let s1 = d.resolve_as(0, "app", "db").unwrap().secret;
+        assert_eq!(s1, k1.pair_secret("app"));
+        let k2 = d.register_as(5, ep("db", &["app"])).unwrap();
+        assert_ne!(k1, k2);
+        assert_ne!(d.resolve_as(0, "app", "db").unwrap().secret, s1);
+    }
+
+    #[test]
+    fn one_uid_cannot_exhaust_the_names() {
+        let d = MemDirectory::default();
+        for i in 0..MAX_NAMES_PER_UID {
+            d.claim_as(7, &format!("n{i}")).unwrap();
+        }
+        let e = d.claim_as(7, "one-more").unwrap_err();
+        assert!(e.to_string().contains("holds 1024 names"), "{e}");
+        d.claim_as(8, "one-more").unwrap();
+        d.unregister_as(7, "n0").unwrap();
+        d.claim_as(7, "one-more-now").unwrap();
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let d = MemDirectory::default();
+        for bad in ["", "a/b", "nul\0", &"x".repeat(201)] {
+            assert!(
+                matches!(d.claim_as(1, bad), Err(IcError::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}

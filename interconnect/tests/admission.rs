@@ -1,0 +1,69 @@
+//! Who may use a name: directory registrations belong to the uid that made
+//! them (`SO_PEERCRED`), and another uid can neither replace, remove nor
+//! connect under them. The other uid is a real process (`ic-peer` run as
+//! nobody), not a parameter.
+
+// Test and benchmark code: a failed step should fail the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+use interconnect::{Directory, DirectoryClient, DirectoryServer, IcError};
+
+const NOBODY: u32 = 65534;
+
+fn open_directory() -> (DirectoryServer, std::path::PathBuf) {
+    let path = dir_path();
+    let dir = DirectoryServer::serve(&path).unwrap();
+    // Any local uid may talk to this directory; ownership is checked per
+    // request.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn a_name_held_by_another_uid_cannot_be_registered_claimed_removed_or_connected_as() {
+    if partvisor_runtime::peer::own_uid() != 0 {
+        // Running a peer as another uid needs root.
+        partvisor_runtime::ci::environment_missing("root, to run a peer as another uid");
+        return;
+    }
+    let (_dir, path) = open_directory();
+    let mut srv = Proc::spawn(&path, "svc-host", None);
+    srv.ok("listen svc cli");
+    let mut cli = Proc::spawn(&path, "cli", None);
+    // nobody cannot take the client's name...
+    let mut squatter = Proc::spawn_as(&path, "cli", NOBODY);
+    let e = squatter.answer(Duration::from_secs(10));
+    assert!(
+        e.starts_with("err setup") && e.contains("\"cli\" belongs to uid 0, not to uid 65534"),
+        "{e}"
+    );
+    // ...nor register over the service's, nor remove it.
+    let mut mallory = Proc::spawn_as(&path, "mallory", NOBODY);
+    let e = mallory.cmd("listen svc mallory");
+    assert!(e.contains("\"svc\" belongs to uid 0"), "{e}");
+    let e = mallory.cmd("unregister svc");
+    assert!(e.contains("\"svc\" belongs to uid 0"), "{e}");
+    // Its own names are its own: it registers one, and root sees it held.
+    mallory.ok("listen mallory-svc cli");
+    let root = DirectoryClient::new(&path);
+    assert!(root.resolve("cli", "mallory-svc").is_ok());
+    // Root may reserve a name for a uid; then only that uid gets it.
+    root.reserve("web", NOBODY).unwrap();
+    let mut web = Proc::spawn_as(&path, "web", NOBODY);
+    web.ok("listen web-svc cli");
+    let e = web.cmd("listen svc web");
+    assert!(e.contains("\"svc\" belongs to uid 0"), "{e}");
+    // The service is intact and the real client connects.
+    srv.send("accept 10000");
+    cli.ok("connect svc tcp");
+    assert_eq!(srv.answer(Duration::from_secs(10)), "ok cli");
+    assert!(matches!(
+        root.resolve("mallory", "svc"),
+        Err(IcError::Refused(m)) if m.contains("not on the allowlist")
+    ));
+}
