@@ -27,8 +27,9 @@ QEMU_VERSION_PREFIX='1:7.2+'
 #   lz4, binutils, python3: Linux kernel extraction and the guest build's
 #     disassembly check of its CPL 0 code;
 #   iproute2: network-namespace, veth and tap tests;
-#   util-linux (setpriv) and systemd (systemd-analyze): partd's uid and unit
-#     tests;
+#   util-linux (setpriv, unshare, nsenter) and systemd (systemd-analyze, and
+#     systemd itself, run as PID 1 of private namespaces): partd's uid and
+#     unit tests;
 #   ca-certificates: apt over https mirrors.
 # Crates installed with cargo: vhost-device-vsock (below).
 PACKAGES=(lz4 binutils iproute2 util-linux systemd python3 ca-certificates)

@@ -332,6 +332,13 @@ impl Partd {
     fn recorded_io_pids(&self) -> Vec<u32> {
         let mut p = self.recorded_pids("partitions", "blk.json");
         p.extend(self.recorded_pids("switches", "net.json"));
+        // The host's one vsock relay: `vsock/vsock.json`.
+        let relay = std::fs::read_to_string(self.path().join("vsock/vsock.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["pid"].as_u64())
+            .and_then(|p| u32::try_from(p).ok());
+        p.extend(relay);
         p
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use partvisor_e2e::{bins, kill};
+use partvisor_e2e::{bins, is_comm, kill};
 
 fn unit_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/systemd/partd.service")
@@ -90,4 +90,269 @@ fn partd_notifies_ready_then_stopping_on_sigterm() {
     let st = child.wait().unwrap();
     assert!(st.success(), "partd exit after SIGTERM: {st}");
     assert!(!state.join("partd.sock").exists(), "API socket left behind");
+}
+
+/// systemd as PID 1 of private pid, mount and cgroup namespaces
+/// (`tests/systemd/container.sh`, which says what keeps it off the host).
+/// Dropping it kills everything inside and removes its cgroups.
+struct Container {
+    child: std::process::Child,
+    /// systemd's pid as the host sees it.
+    init: u32,
+    dir: PathBuf,
+}
+
+impl Container {
+    /// Boots systemd with the units in `dir/units` and waits until it runs.
+    fn boot(dir: &Path, id: &str) -> Container {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/container.sh");
+        let log = std::fs::File::create(dir.join("systemd.log")).unwrap();
+        let child = Command::new(script)
+            .arg(id)
+            .arg(dir.join("units"))
+            .arg("pv-test.target")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut c = Container {
+            init: 0,
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut state = String::new();
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(st)) = c.child.try_wait() {
+                panic!("container.sh exited ({st}): {}", c.log());
+            }
+            if c.init == 0 {
+                let children = format!("/proc/{0}/task/{0}/children", c.child.id());
+                c.init = std::fs::read_to_string(children)
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+            }
+            if c.init != 0 && is_comm(c.init, "systemd") {
+                let out = c.systemctl(&["is-system-running"]);
+                state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if state == "running" || state == "degraded" {
+                    return c;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("systemd did not come up (state {state:?}): {}", c.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("systemd.log")).unwrap_or_default()
+    }
+
+    /// Runs `cmd` inside the container's mount and pid namespaces.
+    fn exec(&self, cmd: &[&str]) -> std::process::Output {
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(self.init.to_string())
+            .args(["-m", "-p", "--"])
+            .args(cmd)
+            .output()
+            .unwrap()
+    }
+
+    fn systemctl(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = vec!["systemctl", "--no-pager"];
+        cmd.extend_from_slice(args);
+        self.exec(&cmd)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // container.sh is unshare with --kill-child: its death takes systemd,
+        // and with it the whole pid namespace.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if self.init != 0 {
+            partvisor_e2e::wait_gone_quietly(self.init);
+        }
+        let list = std::fs::read_to_string(self.dir.join("cgroups")).unwrap_or_default();
+        for top in list.lines() {
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            let mut stack = vec![PathBuf::from(top)];
+            while let Some(d) = stack.pop() {
+                if let Ok(rd) = std::fs::read_dir(&d) {
+                    stack.extend(
+                        rd.flatten()
+                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                            .map(|e| e.path()),
+                    );
+                }
+                dirs.push(d);
+            }
+            // Deepest first; a cgroup goes only once its processes have.
+            for d in dirs.iter().rev() {
+                for _ in 0..50 {
+                    if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+fn proc_field(c: &Container, pid: &str, field: &str) -> String {
+    let out = c.exec(&["cat", &format!("/proc/{pid}/status")]);
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {field} for pid {pid}: {status}"))
+}
+
+/// The shipped unit, verbatim, run by a real systemd: only the paths (the
+/// binaries, the state and image directories, the log) come from a drop-in.
+/// partd jails its children inside the unit's sandbox and boots a
+/// partition with a writable disk and a NIC.
+#[test]
+fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_nic() {
+    let _vm = partvisor_e2e::vm_lock();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        partvisor_runtime::ci::environment_missing("root, to run systemd in namespaces");
+        return;
+    }
+    if Command::new("nsenter").arg("--version").output().is_err() {
+        partvisor_runtime::ci::environment_missing("nsenter (util-linux)");
+        return;
+    }
+    let b = bins();
+    // Outside /tmp: the unit gives partd a private one.
+    let scratch = tempfile::Builder::new()
+        .prefix("pv-systemd-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let dir = scratch.path();
+    let (state, images, units) = (dir.join("state"), dir.join("images"), dir.join("units"));
+    for d in [&state, &images, &units.join("partd.service.d")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let img = images.join("web.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    std::fs::copy(unit_path(), units.join("partd.service")).unwrap();
+    std::fs::write(
+        units.join("pv-test.target"),
+        "[Unit]\nDescription=partvisor systemd test\nDefaultDependencies=no\n",
+    )
+    .unwrap();
+    let dropin = format!(
+        "[Service]\nExecStart=\nExecStart={} --state-dir {} --vmm {} --part-io {} \
+         --memory-budget-mib 256 --disk-image {}\nStateDirectory=\nReadWritePaths=\n\
+         ReadWritePaths={} {}\nStandardOutput=append:{}\nStandardError=inherit\n",
+        b.partd.display(),
+        state.display(),
+        b.part_vmm.display(),
+        b.part_io.display(),
+        img.display(),
+        state.display(),
+        images.display(),
+        dir.join("partd.log").display(),
+    );
+    std::fs::write(units.join("partd.service.d/paths.conf"), &dropin).unwrap();
+    let id = format!("partvisor-systemd-test.{}", std::process::id());
+    let c = Container::boot(dir, &id);
+    let partd_log = || std::fs::read_to_string(dir.join("partd.log")).unwrap_or_default();
+    let started = c.systemctl(&["start", "partd.service"]);
+    assert!(
+        started.status.success(),
+        "systemctl start partd: {}\n{}\npartd log:\n{}",
+        String::from_utf8_lossy(&started.stderr),
+        String::from_utf8_lossy(&c.systemctl(&["status", "partd.service"]).stdout),
+        partd_log()
+    );
+    let ctl = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(&b.partctl)
+            .arg("--socket")
+            .arg(state.join("partd.sock"))
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "partctl {args:?}: {}\npartd log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            partd_log()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let define = |name: &str, cmdline: &str, extra: &str| -> serde_json::Value {
+        let def = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &def,
+            format!(
+                "name = \"{name}\"\nmemory_mib = 64\nkernel = \"{}\"\ncmdline = \"{cmdline}\"\n\
+                 [[nic]]\nswitch = \"lan\"\n{extra}",
+                partvisor_e2e::guest().display(),
+            ),
+        )
+        .unwrap();
+        ctl(&["create", def.to_str().unwrap()])
+    };
+    let created = define(
+        "web",
+        "blk=write:7:64 blk=verify:7:64 net=recv:100 stay",
+        &format!("[[disk]]\nimage = \"{}\"\n", img.display()),
+    );
+    let web_mac = created["holdings"]["macs"][0].as_str().unwrap().to_string();
+    define("peer", &format!("net=send:{web_mac}:100:64 stay"), "");
+    let v = ctl(&["start", "web"]);
+    let p = ctl(&["start", "peer"]);
+    let boot = Duration::from_secs(120);
+    let text = partvisor_e2e::wait_console(&partvisor_e2e::console_of(&v), "stay: idle", boot);
+    assert!(text.contains("blk: verified 64 blocks ok"), "{text}");
+    assert!(
+        text.contains("net: received 100 frames ok lost=0 bad=0 dup=0"),
+        "{text}"
+    );
+    let sent = partvisor_e2e::wait_console(&partvisor_e2e::console_of(&p), "stay: idle", boot);
+    assert!(sent.contains("net: sent 100 frames"), "{sent}");
+    // The guest's writes reached the image outside the state directory.
+    let data = std::fs::read(&img).unwrap();
+    assert!(data[7 * 512..(7 + 64) * 512].iter().any(|&b| b != 0));
+    // The monitor (a pid of the container's namespace) is jailed and sits
+    // in a cgroup below the unit's, which systemd delegated.
+    let vmm = v["vmm"]["pid"].as_u64().unwrap().to_string();
+    assert_ne!(
+        proc_field(&c, &vmm, "Uid").split_whitespace().next(),
+        Some("0")
+    );
+    assert_eq!(proc_field(&c, &vmm, "NoNewPrivs"), "1");
+    assert_eq!(proc_field(&c, &vmm, "Seccomp"), "2");
+    assert_eq!(proc_field(&c, &vmm, "CapEff"), "0000000000000000");
+    let cgroup = c.exec(&["cat", &format!("/proc/{vmm}/cgroup")]);
+    let cgroup = String::from_utf8_lossy(&cgroup.stdout);
+    assert!(
+        cgroup.contains(&format!("/system.slice/partd.service/partvisor/web.{vmm}")),
+        "{cgroup}"
+    );
+    for name in ["web", "peer"] {
+        ctl(&["stop", name, "--force"]);
+    }
+    let stopped = c.systemctl(&["stop", "partd.service"]);
+    assert!(stopped.status.success());
+    drop(c);
+    assert!(
+        !Path::new("/sys/fs/cgroup/systemd").join(&id).exists(),
+        "container cgroup left behind"
+    );
 }

@@ -7,6 +7,12 @@
 //! the resource database granted (whose sum never exceeds the pool).
 //! Partitions with dedicated CPUs are confined by affinity instead.
 //!
+//! The `partvisor/` directory sits under partd's own cgroup (from
+//! `/proc/self/cgroup`): the hierarchy's root when partd runs by hand, the
+//! unit's cgroup under systemd (`Delegate=yes` hands that subtree to partd).
+//! On cgroup v2 a cgroup with processes cannot enable controllers for its
+//! children, so a delegated partd first moves itself into a `partd` leaf.
+//!
 //! Best effort: where no writable cpu controller exists, partd logs why
 //! once and runs monitors without a cgroup.
 
@@ -36,22 +42,35 @@ fn mkdir(path: &Path) -> Result<(), String> {
 }
 
 impl CpuCgroups {
-    /// Finds a writable cpu controller under `root` (normally `/sys/fs/cgroup`).
-    pub fn detect(root: &Path) -> CpuCgroups {
+    /// Finds a writable cpu controller under `root` (normally
+    /// `/sys/fs/cgroup`) below partd's own cgroup, which `proc_self_cgroup`
+    /// (the text of `/proc/self/cgroup`) names.
+    pub fn detect(root: &Path, proc_self_cgroup: &str) -> CpuCgroups {
         let attempt = || -> Result<CpuCgroups, String> {
             if root.join("cgroup.controllers").exists() {
-                let controllers = std::fs::read_to_string(root.join("cgroup.controllers"))
-                    .map_err(|e| format!("reading cgroup.controllers: {e}"))?;
+                let own = root.join(own_path(proc_self_cgroup, None));
+                let controllers = std::fs::read_to_string(own.join("cgroup.controllers"))
+                    .map_err(|e| format!("reading {}/cgroup.controllers: {e}", own.display()))?;
                 if !controllers.split_whitespace().any(|c| c == "cpu") {
-                    return Err("cgroup v2 without the cpu controller".into());
+                    return Err(format!("{} has no cpu controller", own.display()));
                 }
-                write(&root.join("cgroup.subtree_control"), "+cpu")?;
-                let base = root.join("partvisor");
+                if own != root {
+                    // No internal processes: partd leaves the cgroup whose
+                    // children it weights.
+                    let leaf = own.join("partd");
+                    mkdir(&leaf)?;
+                    write(&leaf.join("cgroup.procs"), "0")?;
+                }
+                write(&own.join("cgroup.subtree_control"), "+cpu")?;
+                let base = own.join("partvisor");
                 mkdir(&base)?;
                 write(&base.join("cgroup.subtree_control"), "+cpu")?;
                 Ok(CpuCgroups::V2(base))
             } else if root.join("cpu/cpu.shares").exists() {
-                let base = root.join("cpu/partvisor");
+                let base = root
+                    .join("cpu")
+                    .join(own_path(proc_self_cgroup, Some("cpu")))
+                    .join("partvisor");
                 mkdir(&base)?;
                 Ok(CpuCgroups::V1(base))
             } else {
@@ -100,6 +119,24 @@ impl CpuCgroups {
     }
 }
 
+/// partd's own cgroup in the v1 hierarchy of `controller`, or in the v2
+/// tree for `None`, relative to the hierarchy's root ("" for the root).
+fn own_path(proc_self_cgroup: &str, controller: Option<&str>) -> PathBuf {
+    proc_self_cgroup
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, list, path) = (f.next()?, f.next()?, f.next()?);
+            let ours = match controller {
+                None => list.is_empty(),
+                Some(c) => list.split(',').any(|x| x == c),
+            };
+            ours.then(|| PathBuf::from(path.trim_start_matches('/')))
+        })
+        .next()
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,7 +147,7 @@ mod tests {
         let root = std::env::temp_dir().join(format!("pv-cg-{}", std::process::id()));
         std::fs::create_dir_all(root.join("cpu")).unwrap();
         std::fs::write(root.join("cpu/cpu.shares"), "1024").unwrap();
-        let cg = CpuCgroups::detect(&root);
+        let cg = CpuCgroups::detect(&root, "");
         assert!(matches!(cg, CpuCgroups::V1(_)), "{cg:?}");
         let dir = cg.place("web", 42, 500).unwrap().unwrap();
         assert_eq!(
@@ -125,10 +162,29 @@ mod tests {
     }
 
     #[test]
+    fn under_a_delegated_cgroup_the_monitors_go_below_partds_own() {
+        let root = std::env::temp_dir().join(format!("pv-cg-deleg-{}", std::process::id()));
+        let unit = root.join("cpu/system.slice/partd.service");
+        std::fs::create_dir_all(&unit).unwrap();
+        std::fs::write(root.join("cpu/cpu.shares"), "1024").unwrap();
+        let own = "12:pids:/system.slice/partd.service\n\
+                   4:cpu,cpuacct:/system.slice/partd.service\n\
+                   1:name=systemd:/system.slice/partd.service\n0::/\n";
+        let cg = CpuCgroups::detect(&root, own);
+        match &cg {
+            CpuCgroups::V1(b) => assert_eq!(b, &unit.join("partvisor")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(own_path(own, None), PathBuf::new());
+        assert_eq!(own_path("0::/a/b\n", None), PathBuf::from("a/b"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn missing_controller_is_off_with_a_reason() {
         let root = std::env::temp_dir().join(format!("pv-cg-none-{}", std::process::id()));
         std::fs::create_dir_all(&root).unwrap();
-        let cg = CpuCgroups::detect(&root);
+        let cg = CpuCgroups::detect(&root, "");
         match &cg {
             CpuCgroups::Off(why) => assert!(why.contains("no cpu controller"), "{why}"),
             other => panic!("{other:?}"),

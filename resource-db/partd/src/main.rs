@@ -293,7 +293,10 @@ async fn run(args: Args) -> Result<(), PartdError> {
     let cgroups = if args.cgroups == "off" {
         cgroup::CpuCgroups::Off("--cgroups off".into())
     } else {
-        cgroup::CpuCgroups::detect(Path::new("/sys/fs/cgroup"))
+        cgroup::CpuCgroups::detect(
+            Path::new("/sys/fs/cgroup"),
+            &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+        )
     };
     match &cgroups {
         cgroup::CpuCgroups::Off(why) => {

@@ -407,9 +407,15 @@ impl Prepared {
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 Some(c"mode=0755,size=1m,nr_inodes=4096"),
             )?;
+            // The root's directories must be searchable by the jailed uid
+            // whatever umask partd runs under (systemd's UMask=0027 would
+            // make them 0750, root's): the inherited umask comes back once
+            // the root is built.
+            let inherited_umask = libc::umask(0o022);
             for step in &self.steps {
                 self.build(step)?;
             }
+            libc::umask(inherited_umask);
             mount(
                 c"mount /proc",
                 Some(c"proc"),
