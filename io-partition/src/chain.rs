@@ -75,7 +75,8 @@ impl Malformed {
 /// One validated buffer of a chain, copied out of the descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
-    /// Guest physical address, checked to lie in guest memory for `len` bytes.
+    /// Guest physical address, checked to lie in guest memory for `len`
+    /// bytes (not checked when `len` is 0: such a segment names no memory).
     pub addr: GuestAddress,
     /// Length in bytes.
     pub len: u32,
@@ -235,6 +236,18 @@ impl ChainWalker {
     }
 }
 
+/// Why a copy through a chain's segments stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CopyFault {
+    /// The segments hold fewer bytes than the copy asked for.
+    #[error("the chain's buffers are shorter than the copy")]
+    Short,
+    /// Guest memory refused an access (a region went away, or an address
+    /// overflowed).
+    #[error("guest memory refused the copy")]
+    Memory,
+}
+
 /// Visits `len` bytes of `segs` in order, starting `skip` bytes in: calls
 /// `f(range, addr)` for each piece, `range` being where the piece sits in
 /// those `len` bytes and `addr` where it is in guest memory. Fails if the
@@ -243,8 +256,8 @@ fn for_each_piece(
     segs: &[Segment],
     mut skip: usize,
     len: usize,
-    mut f: impl FnMut(Range<usize>, GuestAddress) -> Result<(), ()>,
-) -> Result<(), ()> {
+    mut f: impl FnMut(Range<usize>, GuestAddress) -> Result<(), CopyFault>,
+) -> Result<(), CopyFault> {
     let mut done = 0;
     for s in segs {
         if done == len {
@@ -256,7 +269,7 @@ fn for_each_piece(
             continue;
         }
         let n = (seg_len - skip).min(len - done);
-        let addr = s.addr.checked_add(skip as u64).ok_or(())?;
+        let addr = s.addr.checked_add(skip as u64).ok_or(CopyFault::Memory)?;
         f(done..done + n, addr)?;
         skip = 0;
         done += n;
@@ -264,30 +277,32 @@ fn for_each_piece(
     if done == len {
         Ok(())
     } else {
-        Err(())
+        Err(CopyFault::Short)
     }
 }
 
 /// Copies `out.len()` bytes of `segs`, starting `skip` bytes in, into `out`.
-pub(crate) fn gather<M: Bytes<GuestAddress>>(
+pub fn gather<M: Bytes<GuestAddress>>(
     mem: &M,
     segs: &[Segment],
     skip: usize,
     out: &mut [u8],
-) -> Result<(), ()> {
+) -> Result<(), CopyFault> {
     for_each_piece(segs, skip, out.len(), |r, addr| {
-        mem.read_slice(&mut out[r], addr).map_err(|_| ())
+        mem.read_slice(&mut out[r], addr)
+            .map_err(|_| CopyFault::Memory)
     })
 }
 
 /// Copies `buf` into the start of `segs`.
-pub(crate) fn scatter<M: Bytes<GuestAddress>>(
+pub fn scatter<M: Bytes<GuestAddress>>(
     mem: &M,
     segs: &[Segment],
     buf: &[u8],
-) -> Result<(), ()> {
+) -> Result<(), CopyFault> {
     for_each_piece(segs, 0, buf.len(), |r, addr| {
-        mem.write_slice(&buf[r], addr).map_err(|_| ())
+        mem.write_slice(&buf[r], addr)
+            .map_err(|_| CopyFault::Memory)
     })
 }
 

@@ -82,7 +82,7 @@ impl Payload<'_> {
                 out.copy_from_slice(b.get(off..off + out.len()).ok_or(())?);
                 Ok(())
             }
-            Payload::Guest { mem, segs } => gather(*mem, segs, off, out),
+            Payload::Guest { mem, segs } => gather(*mem, segs, off, out).map_err(|_| ()),
         }
     }
 

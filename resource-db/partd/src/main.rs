@@ -59,10 +59,12 @@ mod access;
 mod api;
 mod cgroup;
 mod coordinator;
-mod definition;
 mod io;
 mod jail;
 mod process;
+
+// The definition rules live in partd's library (see `lib.rs`).
+use partd::definition;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
