@@ -93,8 +93,11 @@
 
 mod alloc;
 mod connect;
+mod deframe;
 pub mod directory;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod link;
 pub mod proof;
 mod shm;

@@ -35,7 +35,7 @@ pub(crate) const GEO: RingGeometry = RingGeometry {
     slots: 1024,
     slot_size: 72,
 };
-const CTRL_LEN: usize = 24;
+pub(crate) const CTRL_LEN: usize = 24;
 const CTRL_EXPOSE: u8 = 1;
 const CTRL_CLOSE: u8 = 2;
 const CTRL_UNEXPOSE: u8 = 3;
@@ -44,7 +44,7 @@ const CTRL_INTERVAL: Duration = Duration::from_micros(200);
 /// Most buffers a peer may expose to us on one connection.
 const MAX_PEER_BUFS: usize = 65536;
 
-struct LocalSide {
+pub(crate) struct LocalSide {
     tx_fd: SealedMemfd,
     tx_map: Arc<Mapping>,
     bell: Doorbell,
@@ -53,7 +53,7 @@ struct LocalSide {
 }
 
 impl LocalSide {
-    fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         let tx_fd = GEO.create("ic-ring")?;
         let tx_map = Arc::new(tx_fd.map(true)?);
         let win_fd = SealedMemfd::create("ic-read-window", MAX_READ)?;
@@ -87,7 +87,7 @@ pub(crate) struct ShmLink {
     idle_polls: u32,
 }
 
-fn finish(sock: UnixStream, local: LocalSide, mut fds: Vec<OwnedFd>) -> Result<ShmLink> {
+pub(crate) fn finish(sock: UnixStream, local: LocalSide, mut fds: Vec<OwnedFd>) -> Result<ShmLink> {
     if fds.len() != 3 {
         return Err(IcError::Protocol(format!(
             "expected 3 fds (ring, doorbell, window), got {}",
@@ -275,7 +275,7 @@ impl ShmLink {
     }
 
     /// Reads pending control messages. Returns an event if the link ended.
-    fn drain_ctrl(&mut self) -> Option<LinkEvent> {
+    pub(crate) fn drain_ctrl(&mut self) -> Option<LinkEvent> {
         self.last_ctrl = Instant::now();
         loop {
             let mut b = [0u8; CTRL_LEN];

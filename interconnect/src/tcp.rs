@@ -12,14 +12,13 @@ use std::time::{Duration, Instant};
 use channels::Doorbell;
 
 use crate::connect::{admit, Admission, Challenge, Hello, Intro, Reply};
+use crate::deframe::Deframer;
 use crate::link::{InData, Link, LinkEvent, OutData};
 use crate::proof::Nonce;
-use crate::types::{Transport, MAX_MESSAGE};
+use crate::types::Transport;
 use crate::wire::{Kind, Msg, MSG_LEN, RESP_WITH_DATA};
 use crate::{IcError, Result};
 
-/// Staging buffer for socket reads.
-const RBUF: usize = 256 << 10;
 /// Payload bytes we buffer while our own send is blocked, before calling the
 /// peer hostile.
 const PENDING_CAP: u64 = 256 << 20;
@@ -28,11 +27,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) struct TcpLink {
     stream: TcpStream,
-    rbuf: Vec<u8>,
-    rstart: usize,
-    rend: usize,
-    /// A message whose payload is still arriving: (header, payload, filled).
-    partial: Option<(Msg, Vec<u8>, usize)>,
+    deframe: Deframer,
     /// Events read while a send was blocked (so two peers sending to each
     /// other never deadlock).
     pending: VecDeque<LinkEvent>,
@@ -81,10 +76,7 @@ fn start(stream: TcpStream) -> Result<TcpLink> {
         .map_err(|e| IcError::io("set_nonblocking", e))?;
     Ok(TcpLink {
         stream,
-        rbuf: vec![0u8; RBUF],
-        rstart: 0,
-        rend: 0,
-        partial: None,
+        deframe: Deframer::new(),
         pending: VecDeque::new(),
         pending_bytes: 0,
         idle_bell: Doorbell::new()?,
@@ -140,72 +132,11 @@ pub(crate) fn accept(mut s: TcpStream, a: &Admission<'_>) -> Result<(TcpLink, St
 }
 
 impl TcpLink {
-    /// Parses one complete message out of what has been read, if any.
-    fn parse_one(&mut self) -> Option<LinkEvent> {
-        loop {
-            if let Some((m, mut v, filled)) = self.partial.take() {
-                let take = (v.len() - filled).min(self.rend - self.rstart);
-                v[filled..filled + take]
-                    .copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
-                self.rstart += take;
-                if filled + take == v.len() {
-                    return Some(LinkEvent::Msg(m, InData::Bytes(v)));
-                }
-                self.partial = Some((m, v, filled + take));
-                return None;
-            }
-            if self.rend - self.rstart < MSG_LEN {
-                return None;
-            }
-            let hdr = &self.rbuf[self.rstart..self.rstart + MSG_LEN];
-            self.rstart += MSG_LEN;
-            let Some(m) = Msg::decode(hdr) else {
-                return Some(LinkEvent::Lost("peer sent an undecodable message".into()));
-            };
-            if m.kind == Kind::Close {
-                return Some(LinkEvent::Closed);
-            }
-            if !m.carries_payload() {
-                return Some(LinkEvent::Msg(m, InData::None));
-            }
-            if m.len > MAX_MESSAGE {
-                return Some(LinkEvent::Lost(
-                    "peer announced an oversized payload".into(),
-                ));
-            }
-            self.partial = Some((m, vec![0u8; m.len as usize], 0));
-        }
-    }
-
-    /// One non-blocking read: big payloads go straight into their buffer.
+    /// One non-blocking read into the deframer.
     fn read_more(&mut self) -> ReadOutcome {
-        let r = match &mut self.partial {
-            Some((_, v, filled)) if self.rstart == self.rend && v.len() - *filled >= RBUF / 2 => {
-                match self.stream.read(&mut v[*filled..]) {
-                    Ok(n) if n > 0 => {
-                        *filled += n;
-                        return ReadOutcome::Progress;
-                    }
-                    other => other,
-                }
-            }
-            _ => {
-                if self.rstart > 0 {
-                    self.rbuf.copy_within(self.rstart..self.rend, 0);
-                    self.rend -= self.rstart;
-                    self.rstart = 0;
-                }
-                let end = self.rend;
-                match self.stream.read(&mut self.rbuf[end..]) {
-                    Ok(n) if n > 0 => {
-                        self.rend += n;
-                        return ReadOutcome::Progress;
-                    }
-                    other => other,
-                }
-            }
-        };
-        match r {
+        let stream = &mut self.stream;
+        match self.deframe.fill(|b| stream.read(b)) {
+            Ok(n) if n > 0 => ReadOutcome::Progress,
             Ok(_) => ReadOutcome::End(LinkEvent::Lost(
                 "peer hung up without closing (process died?)".into(),
             )),
@@ -217,7 +148,7 @@ impl TcpLink {
 
     fn next_event(&mut self) -> Option<LinkEvent> {
         loop {
-            if let Some(ev) = self.parse_one() {
+            if let Some(ev) = self.deframe.parse_one() {
                 return Some(ev);
             }
             match self.read_more() {
