@@ -9,7 +9,9 @@
 //!
 //! No maintained crate publishes a device-side virtio-mmio register file
 //! (rust-vmm's `virtio-device` is unpublished), so the transport's registers
-//! are implemented here; queues are the backend's business (virtio-queue
+//! are implemented here (`registers.rs`, apart from the vhost-user side so
+//! that every guest access can be tested and fuzzed without a backend);
+//! queues are the backend's business (virtio-queue
 //! there).
 
 use partvisor_runtime::ratelimit::{suppressed_note, Limiter};
@@ -24,7 +26,6 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config as cfg;
-use virtio_bindings::virtio_mmio as mmio;
 use virtio_bindings::virtio_net as net;
 use virtio_bindings::virtio_ring as ring;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -33,47 +34,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::error::{Error, Result};
 use crate::layout;
 
-// Register offsets (virtio 1.2, 4.2.2), from virtio-bindings, as MMIO
-// window offsets.
-const fn reg(offset: u32) -> u64 {
-    offset as u64
-}
-const MAGIC_VALUE: u64 = reg(mmio::VIRTIO_MMIO_MAGIC_VALUE);
-const VERSION: u64 = reg(mmio::VIRTIO_MMIO_VERSION);
-const DEVICE_ID: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_ID);
-const VENDOR_ID: u64 = reg(mmio::VIRTIO_MMIO_VENDOR_ID);
-const DEVICE_FEATURES: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_FEATURES);
-const DEVICE_FEATURES_SEL: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL);
-const DRIVER_FEATURES: u64 = reg(mmio::VIRTIO_MMIO_DRIVER_FEATURES);
-const DRIVER_FEATURES_SEL: u64 = reg(mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL);
-const QUEUE_SEL: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_SEL);
-const QUEUE_NUM_MAX: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NUM_MAX);
-const QUEUE_NUM: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NUM);
-const QUEUE_READY: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_READY);
-const QUEUE_NOTIFY: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
-const INTERRUPT_STATUS: u64 = reg(mmio::VIRTIO_MMIO_INTERRUPT_STATUS);
-const INTERRUPT_ACK: u64 = reg(mmio::VIRTIO_MMIO_INTERRUPT_ACK);
-const STATUS: u64 = reg(mmio::VIRTIO_MMIO_STATUS);
-const QUEUE_DESC_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_DESC_LOW);
-const QUEUE_DESC_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_DESC_HIGH);
-const QUEUE_DRIVER_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW);
-const QUEUE_DRIVER_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_AVAIL_HIGH);
-const QUEUE_DEVICE_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_USED_LOW);
-const QUEUE_DEVICE_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_USED_HIGH);
-const CONFIG_GENERATION: u64 = reg(mmio::VIRTIO_MMIO_CONFIG_GENERATION);
-const CONFIG: u64 = reg(mmio::VIRTIO_MMIO_CONFIG);
+pub mod registers;
 
-const MMIO_MAGIC: u32 = u32::from_le_bytes(*b"virt");
-const MMIO_VERSION: u32 = 2;
-/// "PVSR" — partvisor's virtio vendor id.
-const VENDOR: u32 = u32::from_le_bytes(*b"PVSR");
-
-pub const STATUS_DRIVER_OK: u32 = cfg::VIRTIO_CONFIG_S_DRIVER_OK;
-pub const STATUS_FEATURES_OK: u32 = cfg::VIRTIO_CONFIG_S_FEATURES_OK;
-pub const STATUS_NEEDS_RESET: u32 = cfg::VIRTIO_CONFIG_S_NEEDS_RESET;
-
-pub const INT_VRING: u32 = mmio::VIRTIO_MMIO_INT_VRING;
-pub const INT_CONFIG: u32 = mmio::VIRTIO_MMIO_INT_CONFIG;
+use registers::QUEUE_NOTIFY;
+pub use registers::{
+    Effect, Registers, INT_CONFIG, INT_VRING, QUEUE_MAX, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
+};
 
 const fn bit(n: u32) -> u64 {
     1 << n
@@ -160,25 +127,6 @@ impl DeviceKind {
     }
 }
 
-/// Queue size offered to the driver.
-pub const QUEUE_MAX: u16 = 256;
-
-#[derive(Debug, Default, Clone, Copy)]
-struct QueueRegs {
-    num: u16,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
-}
-
-fn set_low(v: &mut u64, x: u32) {
-    *v = (*v & !0xffff_ffff) | u64::from(x);
-}
-fn set_high(v: &mut u64, x: u32) {
-    *v = (*v & 0xffff_ffff) | (u64::from(x) << 32);
-}
-
 /// The backend's features as offered to the driver: device bits minus the
 /// hidden ones, indirect descriptors, event index and VERSION_1; never the
 /// vhost-user-only bit, packed rings or platform/IOMMU bits.
@@ -232,15 +180,7 @@ pub struct VirtioMmio {
     socket: PathBuf,
     frontend: Frontend,
     backend_features: u64,
-    config: Vec<u8>,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    queues: Vec<QueueRegs>,
-    status: u32,
-    config_generation: u32,
-    config_pending: bool,
+    regs: Registers,
     active: bool,
     broken: bool,
     kicks: Vec<EventFd>,
@@ -324,23 +264,21 @@ impl VirtioMmio {
             kind.name(),
             socket.display()
         );
+        let name = format!("virtio-{}{index}", kind.name());
         Ok(VirtioMmio {
-            name: format!("virtio-{}{index}", kind.name()),
+            regs: Registers::new(
+                name.clone(),
+                kind,
+                offered_features(kind, backend_features),
+                config,
+            ),
+            name,
             base,
             gsi,
             kind,
             socket: socket.to_path_buf(),
             frontend,
             backend_features,
-            config,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            queues: vec![QueueRegs::default(); kind.queues()],
-            status: 0,
-            config_generation: 0,
-            config_pending: false,
             active: false,
             broken: false,
             kicks,
@@ -354,148 +292,33 @@ impl VirtioMmio {
         self.frontend.as_raw_fd()
     }
 
-    /// Features offered to the driver.
-    fn device_features(&self) -> u64 {
-        offered_features(self.kind, self.backend_features)
-    }
-
     /// True when `addr` falls in this transport's window.
     pub fn contains(&self, addr: u64) -> bool {
         (self.base..self.base + layout::VIRTIO_MMIO_SIZE).contains(&addr)
     }
 
-    fn queue(&mut self) -> Option<&mut QueueRegs> {
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
+    /// A guest read in the window (an address outside it reads as zero).
     pub fn read(&mut self, addr: u64, data: &mut [u8]) {
-        let off = addr - self.base;
-        if off >= CONFIG {
-            let start = (off - CONFIG) as usize;
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = self.config.get(start + i).copied().unwrap_or(0);
-            }
-            return;
+        match addr.checked_sub(self.base) {
+            Some(off) => self.regs.read(off, data),
+            None => data.fill(0),
         }
-        let v: u32 = match off {
-            MAGIC_VALUE => MMIO_MAGIC,
-            VERSION => MMIO_VERSION,
-            DEVICE_ID => self.kind.id(),
-            VENDOR_ID => VENDOR,
-            DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            QUEUE_NUM_MAX if (self.queue_sel as usize) < self.queues.len() => u32::from(QUEUE_MAX),
-            QUEUE_READY => self.queue().map_or(0, |q| u32::from(q.ready)),
-            // The backend raises used-ring interrupts itself, so the VMM
-            // cannot know whether one is pending: report VRING always (a
-            // Linux driver ignores an interrupt whose status reads 0), plus
-            // CONFIG when a config change is pending.
-            INTERRUPT_STATUS => INT_VRING | if self.config_pending { INT_CONFIG } else { 0 },
-            STATUS => self.status,
-            CONFIG_GENERATION => self.config_generation,
-            _ => 0,
-        };
-        let bytes = v.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&bytes[..n]);
     }
 
+    /// A guest write in the window; what must reach the backend does.
     pub fn write(&mut self, addr: u64, data: &[u8]) {
-        let off = addr - self.base;
-        if off >= CONFIG {
-            // Block config is read-only for the driver (writeback is not offered).
+        let Some(off) = addr.checked_sub(self.base) else {
             return;
-        }
-        let mut b = [0u8; 4];
-        let n = data.len().min(4);
-        b[..n].copy_from_slice(&data[..n]);
-        let v = u32::from_le_bytes(b);
-        let before_driver_ok = self.status & STATUS_DRIVER_OK == 0;
-        match off {
-            DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => {
-                match self.driver_features_sel {
-                    0 => set_low(&mut self.driver_features, v),
-                    1 => set_high(&mut self.driver_features, v),
-                    _ => {}
+        };
+        match self.regs.write(off, data) {
+            Effect::None => {}
+            Effect::Reset => self.reset(),
+            Effect::Activate if self.broken => {}
+            Effect::Activate => {
+                if let Err(e) = self.activate() {
+                    tracing::error!("{}: activation failed: {e}; device needs reset", self.name);
+                    self.mark_needs_reset();
                 }
-            }
-            QUEUE_SEL => self.queue_sel = v,
-            QUEUE_NUM if before_driver_ok => {
-                if let Some(q) = self.queue() {
-                    q.num = v.min(u32::from(QUEUE_MAX)) as u16;
-                }
-            }
-            QUEUE_READY if before_driver_ok => {
-                if let Some(q) = self.queue() {
-                    q.ready = v == 1;
-                }
-            }
-            QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH
-            | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH
-                if before_driver_ok =>
-            {
-                if let Some(q) = self.queue() {
-                    match off {
-                        QUEUE_DESC_LOW => set_low(&mut q.desc, v),
-                        QUEUE_DESC_HIGH => set_high(&mut q.desc, v),
-                        QUEUE_DRIVER_LOW => set_low(&mut q.driver, v),
-                        QUEUE_DRIVER_HIGH => set_high(&mut q.driver, v),
-                        QUEUE_DEVICE_LOW => set_low(&mut q.device, v),
-                        _ => set_high(&mut q.device, v),
-                    }
-                }
-            }
-            INTERRUPT_ACK => {
-                if v & INT_CONFIG != 0 {
-                    self.config_pending = false;
-                }
-            }
-            STATUS => self.write_status(v),
-            // QueueNotify normally never exits (ioeventfd); a write with a
-            // queue index that matches no ioeventfd lands here and is ignored.
-            QUEUE_NOTIFY => {}
-            _ => tracing::debug!(
-                "{}: write {v:#x} to read-only or unknown register {off:#x}",
-                self.name
-            ),
-        }
-    }
-
-    fn write_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            let unknown = self.driver_features & !self.device_features();
-            if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                // A driver can retry in a loop: rate-limited.
-                static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
-                if let Some(n) = LIMIT.allow() {
-                    tracing::warn!(
-                        "{}: driver features {:#x} rejected (offered {:#x}; VERSION_1 required){}",
-                        self.name,
-                        self.driver_features,
-                        self.device_features(),
-                        suppressed_note(n)
-                    );
-                }
-                // FEATURES_OK stays clear: the driver sees the refusal.
-                self.status = v & !STATUS_FEATURES_OK;
-                return;
-            }
-        }
-        let newly_ok = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
-        self.status = v | (self.status & STATUS_NEEDS_RESET);
-        if newly_ok && !self.broken {
-            if let Err(e) = self.activate() {
-                tracing::error!("{}: activation failed: {e}; device needs reset", self.name);
-                self.mark_needs_reset();
             }
         }
     }
@@ -512,8 +335,8 @@ impl VirtioMmio {
     fn activate(&mut self) -> Result<()> {
         let socket = self.socket.clone();
         let err = |what| vhost_err(&socket, what);
-        let features =
-            self.driver_features | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES);
+        let driver_features = self.regs.driver_features();
+        let features = driver_features | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES);
         self.frontend
             .set_features(features)
             .map_err(err("SET_FEATURES"))?;
@@ -527,7 +350,14 @@ impl VirtioMmio {
             .set_mem_table(&regions)
             .map_err(err("SET_MEM_TABLE"))?;
         let backend_queues = self.kind.backend_queues();
-        for (i, q) in self.queues.clone().iter().enumerate().take(backend_queues) {
+        for (i, q) in self
+            .regs
+            .queues()
+            .to_vec()
+            .iter()
+            .enumerate()
+            .take(backend_queues)
+        {
             if !q.ready {
                 continue;
             }
@@ -578,7 +408,7 @@ impl VirtioMmio {
             tracing::info!(
                 "{}: active, features {:#x}{}",
                 self.name,
-                self.driver_features,
+                driver_features,
                 suppressed_note(n)
             );
         }
@@ -588,35 +418,28 @@ impl VirtioMmio {
     /// Driver reset: stop the backend's rings and forget the negotiation.
     fn reset(&mut self) {
         if self.active && !self.broken {
-            for i in 0..self.kind.backend_queues() {
-                if self.queues[i].ready {
-                    if let Err(e) = self.frontend.get_vring_base(i) {
-                        static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
-                        if let Some(n) = LIMIT.allow() {
-                            tracing::warn!(
-                                "{}: GET_VRING_BASE on reset: {e}{}",
-                                self.name,
-                                suppressed_note(n)
-                            );
-                        }
+            let ready: Vec<usize> = (0..self.kind.backend_queues())
+                .filter(|&i| self.regs.queues().get(i).is_some_and(|q| q.ready))
+                .collect();
+            for i in ready {
+                if let Err(e) = self.frontend.get_vring_base(i) {
+                    static LIMIT: Limiter = Limiter::new(8, Duration::from_secs(1));
+                    if let Some(n) = LIMIT.allow() {
+                        tracing::warn!(
+                            "{}: GET_VRING_BASE on reset: {e}{}",
+                            self.name,
+                            suppressed_note(n)
+                        );
                     }
                 }
             }
         }
         self.active = false;
-        self.status = if self.broken { STATUS_NEEDS_RESET } else { 0 };
-        self.driver_features = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.queue_sel = 0;
-        self.config_pending = false;
-        self.queues = vec![QueueRegs::default(); self.kind.queues()];
+        self.regs.reset(self.broken);
     }
 
     fn mark_needs_reset(&mut self) {
-        self.status |= STATUS_NEEDS_RESET;
-        self.config_generation = self.config_generation.wrapping_add(1);
-        self.config_pending = true;
+        self.regs.mark_needs_reset();
         if let Err(e) = self.irq.write(1) {
             tracing::warn!("{}: cannot raise the config interrupt: {e}", self.name);
         }
@@ -638,7 +461,7 @@ impl VirtioMmio {
     }
 
     pub fn status(&self) -> u32 {
-        self.status
+        self.regs.status()
     }
 }
 
