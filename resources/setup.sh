@@ -31,7 +31,7 @@ QEMU_VERSION_PREFIX='1:7.2+'
 #     systemd itself, run as PID 1 of private namespaces): partd's uid and
 #     unit tests;
 #   ca-certificates: apt over https mirrors.
-# Crates installed with cargo: vhost-device-vsock (below).
+# Crates installed with cargo: vhost-device-vsock and cargo-fuzz (below).
 PACKAGES=(lz4 binutils iproute2 util-linux systemd python3 ca-certificates)
 QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils)
 
@@ -87,6 +87,15 @@ if [ "$(vhost-device-vsock --version 2>/dev/null)" != "vhost-device-vsock $VHOST
     cargo install --locked --quiet "vhost-device-vsock@$VHOST_DEVICE_VSOCK_VERSION"
 fi
 echo "setup: $(vhost-device-vsock --version)"
+
+# cargo-fuzz: builds and runs the fuzz targets (tests/fuzz). It works on the
+# stable toolchain with `-s none` (coverage instrumentation through -C
+# flags only; no sanitizer, which would need nightly).
+CARGO_FUZZ_VERSION=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
+    cargo install --locked --quiet "cargo-fuzz@$CARGO_FUZZ_VERSION"
+fi
+echo "setup: $(cargo fuzz --version)"
 
 # Linux smoke test kernel (writes target/linux/status; see the script).
 resources/linux/fetch-kernel.sh target/linux
