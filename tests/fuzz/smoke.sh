@@ -11,8 +11,10 @@ seconds=${FUZZ_SECONDS:-15}
 cargo fuzz build --fuzz-dir tests/fuzz -s none
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+targets=$(cargo fuzz list --fuzz-dir tests/fuzz)
+[ -n "$targets" ] || { echo "fuzz: cargo fuzz list found no targets" >&2; exit 1; }
 failed=0
-for target in $(cargo fuzz list --fuzz-dir tests/fuzz); do
+for target in $targets; do
     mkdir -p "$scratch/$target" "tests/fuzz/corpus/$target" "tests/fuzz/artifacts/$target"
     log="$scratch/$target.log"
     if tests/fuzz/target/x86_64-unknown-linux-gnu/release/"$target" \

@@ -4,6 +4,9 @@
 # not systemd (CI containers). Usage: container.sh ID UNIT_DIR TARGET
 #
 # What keeps it from touching the host:
+# - its own pid, mount, cgroup, UTS (hostname) and IPC namespaces, and a
+#   read-only /proc/sys (systemd would raise global limits at boot). The
+#   network namespace stays the host's: partd's children get their own.
 # - cgroups: a child cgroup ID in every hierarchy, entered before the
 #   cgroup namespace is made, is that namespace's root, so systemd manages
 #   that subtree only. Their paths are appended to UNIT_DIR/../cgroups; the
@@ -36,7 +39,12 @@ own() {
 echo "$mounts" | while read -r dir type opts; do
     key=
     if [ "$type" = cgroup ]; then
-        key=$(echo "$opts" | tr , "\n" | grep -vxE "rw|ro|relatime|nosuid|nodev|noexec" | head -n 1)
+        # The first option that names a controller (or name=), as
+        # /proc/self/cgroup spells the hierarchy.
+        key=$(echo "$opts" | tr , "\n" |
+            grep -vxE "rw|ro|relatime|noatime|nosuid|nodev|noexec|xattr|clone_children|cpuset_v2_mode|noprefix|release_agent=.*" |
+            head -n 1)
+        [ -n "$(own "$key")" ] || { echo "container.sh: no cgroup of ours in $dir" >&2; exit 2; }
     fi
     parent="$dir$(own "$key")"
     child="$parent/$id"
@@ -50,9 +58,13 @@ echo "$mounts" | while read -r dir type opts; do
 done
 export PV_MOUNTS="$mounts" PV_UNITS="$units" PV_TARGET="$target" PV_SYSTEMD="$sd"
 # The script below is one single-quoted word: no apostrophes in it.
-exec unshare --cgroup --pid --fork --mount --propagation private --kill-child sh -c '
+exec unshare --cgroup --pid --fork --mount --uts --ipc --propagation private --kill-child sh -c '
 set -eu
 mount -t proc proc /proc
+# systemd as PID 1 tunes kernel settings at boot (fs.nr_open, file-max):
+# not those of the host.
+mount --bind /proc/sys /proc/sys
+mount -o remount,bind,ro /proc/sys
 if [ "$(stat -f -c %T /sys/fs/cgroup)" = tmpfs ]; then
     mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup
 fi
@@ -78,6 +90,8 @@ done
 for u in systemd-remount-fs.service systemd-fsck-root.service; do
     ln -sf /dev/null "/run/systemd/system/$u"
 done
+# A given unit may share a name with a masked one: replace the mask.
+for u in "$PV_UNITS"/*; do rm -f "/run/systemd/system/${u##*/}"; done
 cp -r "$PV_UNITS"/. /run/systemd/system/
 for d in /tmp /var/tmp; do mount -t tmpfs -o mode=1777 tmpfs "$d"; done
 if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi

@@ -127,7 +127,9 @@ impl Container {
             if let Ok(Some(st)) = c.child.try_wait() {
                 panic!("container.sh exited ({st}): {}", c.log());
             }
-            if c.init == 0 {
+            // Until container.sh has become unshare, its children are the
+            // tools it runs: only a child named systemd is the init.
+            if c.init == 0 || !is_comm(c.init, "systemd") {
                 let children = format!("/proc/{0}/task/{0}/children", c.child.id());
                 c.init = std::fs::read_to_string(children)
                     .unwrap_or_default()
@@ -138,14 +140,23 @@ impl Container {
             }
             if c.init != 0 && is_comm(c.init, "systemd") {
                 let out = c.systemctl(&["is-system-running"]);
-                state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                state = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
                 if state == "running" || state == "degraded" {
                     return c;
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("systemd did not come up (state {state:?}): {}", c.log());
+        panic!(
+            "systemd did not come up (init {}, comm {:?}, state {state:?}): {}",
+            c.init,
+            std::fs::read_to_string(format!("/proc/{}/comm", c.init)).unwrap_or_default(),
+            c.log()
+        );
     }
 
     fn log(&self) -> String {
@@ -219,7 +230,8 @@ fn proc_field(c: &Container, pid: &str, field: &str) -> String {
 /// The shipped unit, verbatim, run by a real systemd: only the paths (the
 /// binaries, the state and image directories, the log) come from a drop-in.
 /// partd jails its children inside the unit's sandbox and boots a
-/// partition with a writable disk and a NIC.
+/// partition with a writable disk and a NIC; killed, it is restarted by
+/// systemd and takes its partitions back.
 #[test]
 fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_nic() {
     let _vm = partvisor_e2e::vm_lock();
@@ -345,14 +357,47 @@ fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_n
         cgroup.contains(&format!("/system.slice/partd.service/partvisor/web.{vmm}")),
         "{cgroup}"
     );
+    // partd killed: systemd starts it again (Restart=on-failure) inside the
+    // same delegated cgroup, and it takes the running partitions back.
+    let main_pid = || {
+        let out = c.systemctl(&["show", "-P", "MainPID", "partd.service"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let first = main_pid();
+    assert_ne!(first, "0");
+    let killed = c.systemctl(&["kill", "--kill-whom=main", "--signal=KILL", "partd.service"]);
+    assert!(killed.status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let restarted = loop {
+        let out = Command::new(&b.partctl)
+            .arg("--socket")
+            .arg(state.join("partd.sock"))
+            .args(["--json", "show", "web"])
+            .output()
+            .unwrap();
+        let now = main_pid();
+        if out.status.success() && now != "0" && now != first {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partd did not come back: {}\n{}",
+            String::from_utf8_lossy(&c.systemctl(&["status", "partd.service"]).stdout),
+            partd_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(restarted["state"], "running", "{restarted}");
+    assert_eq!(restarted["vmm"]["pid"], v["vmm"]["pid"], "{restarted}");
     for name in ["web", "peer"] {
         ctl(&["stop", name, "--force"]);
     }
     let stopped = c.systemctl(&["stop", "partd.service"]);
     assert!(stopped.status.success());
+    let cgroups = std::fs::read_to_string(dir.join("cgroups")).unwrap();
+    assert!(!cgroups.trim().is_empty());
     drop(c);
-    assert!(
-        !Path::new("/sys/fs/cgroup/systemd").join(&id).exists(),
-        "container cgroup left behind"
-    );
+    for cg in cgroups.lines() {
+        assert!(!Path::new(cg).exists(), "container cgroup {cg} left behind");
+    }
 }

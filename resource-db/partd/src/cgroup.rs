@@ -8,10 +8,17 @@
 //! Partitions with dedicated CPUs are confined by affinity instead.
 //!
 //! The `partvisor/` directory sits under partd's own cgroup (from
-//! `/proc/self/cgroup`): the hierarchy's root when partd runs by hand, the
-//! unit's cgroup under systemd (`Delegate=yes` hands that subtree to partd).
-//! On cgroup v2 a cgroup with processes cannot enable controllers for its
-//! children, so a delegated partd first moves itself into a `partd` leaf.
+//! `/proc/self/cgroup`): the unit's cgroup under systemd (`Delegate=yes`
+//! hands that subtree to partd). On cgroup v2 that is used only when systemd
+//! marked it delegated (otherwise the tree's root, as when partd runs by
+//! hand), and since a cgroup with processes cannot enable controllers for its
+//! children, a delegated partd first moves itself into a `partd` leaf. A
+//! restart by systemd then puts the new partd back into the unit's cgroup,
+//! which v2 refuses while controllers are enabled there; systemd 254's
+//! `DelegateSubgroup=partd` solves that. With an older systemd on v2 a
+//! restart of partd while its monitors run may fail. (The machines this is
+//! tested on run v1, where that rule does not exist; the restart is tested
+//! there.)
 //!
 //! Best effort: where no writable cpu controller exists, partd logs why
 //! once and runs monitors without a cgroup.
@@ -48,7 +55,15 @@ impl CpuCgroups {
     pub fn detect(root: &Path, proc_self_cgroup: &str) -> CpuCgroups {
         let attempt = || -> Result<CpuCgroups, String> {
             if root.join("cgroup.controllers").exists() {
+                // Below our own cgroup only when systemd delegated it to us;
+                // a session scope or someone else's unit is not ours to
+                // restructure.
                 let own = root.join(own_path(proc_self_cgroup, None));
+                let own = if own != root && delegated(&own) {
+                    own
+                } else {
+                    root.to_path_buf()
+                };
                 let controllers = std::fs::read_to_string(own.join("cgroup.controllers"))
                     .map_err(|e| format!("reading {}/cgroup.controllers: {e}", own.display()))?;
                 if !controllers.split_whitespace().any(|c| c == "cpu") {
@@ -117,6 +132,26 @@ impl CpuCgroups {
             let _ = std::fs::remove_dir(dir);
         }
     }
+}
+
+/// Whether systemd delegated `dir` (it marks a delegated cgroup with the
+/// `trusted.delegate` extended attribute, systemd 251 and later).
+fn delegated(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: both strings are NUL-terminated and outlive the call; with a
+    // null buffer and size 0 getxattr only reports the value's length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"trusted.delegate".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    n >= 0
 }
 
 /// partd's own cgroup in the v1 hierarchy of `controller`, or in the v2

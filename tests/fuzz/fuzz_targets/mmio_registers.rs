@@ -49,6 +49,13 @@ fuzz_target!(|data: &[u8]| {
                 Effect::None => {}
             }
         }
+        if r.status() & STATUS_DRIVER_OK != 0 {
+            assert_ne!(
+                r.status() & STATUS_FEATURES_OK,
+                0,
+                "DRIVER_OK without FEATURES_OK"
+            );
+        }
         if r.status() & STATUS_FEATURES_OK != 0 {
             assert_eq!(
                 r.driver_features() & !OFFERED,

@@ -274,8 +274,9 @@ impl Registers {
                         suppressed_note(n)
                     );
                 }
-                // FEATURES_OK stays clear: the driver sees the refusal.
-                self.status |= v & !STATUS_FEATURES_OK;
+                // FEATURES_OK stays clear: the driver sees the refusal (and
+                // a DRIVER_OK in the same write does not stick either).
+                self.status |= v & !(STATUS_FEATURES_OK | STATUS_DRIVER_OK);
                 return Effect::None;
             }
         }
@@ -385,6 +386,10 @@ mod tests {
         r.write(DRIVER_FEATURES, &2u32.to_le_bytes());
         r.write(STATUS, &STATUS_FEATURES_OK.to_le_bytes());
         assert_eq!(r.status() & STATUS_FEATURES_OK, 0);
+        // Not even when DRIVER_OK comes in the same write.
+        let both = STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        assert_eq!(r.write(STATUS, &both.to_le_bytes()), Effect::None);
+        assert_eq!(r.status() & both, 0);
         // Nor does the device run without accepted features.
         assert_eq!(
             r.write(STATUS, &STATUS_DRIVER_OK.to_le_bytes()),
