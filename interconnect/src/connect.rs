@@ -4,11 +4,12 @@ use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::directory::Endpoint;
+use crate::directory::{Directory, Endpoint};
 use crate::proof::{ListenerKey, Nonce, PROOF_LEN};
 use crate::types::Transport;
 use crate::verbs::{poll_fds, Context, Qp};
@@ -56,7 +57,47 @@ impl Intro<'_> {
 pub(crate) struct Admission<'a> {
     pub name: &'a str,
     pub allow: &'a [String],
-    pub key: &'a ListenerKey,
+    pub key: &'a ListenerKeyCache,
+}
+
+/// A listener's key: the directory's current one, fetched at every
+/// connection (the directory changes it when a name on the allowlist changes
+/// hands, and the secrets the former holder got must stop working at once).
+/// The one fetched last is used only while the directory cannot be reached.
+pub(crate) struct ListenerKeyCache {
+    key: Mutex<ListenerKey>,
+    directory: Arc<dyn Directory>,
+}
+
+impl ListenerKeyCache {
+    fn new(key: ListenerKey, directory: Arc<dyn Directory>) -> Self {
+        ListenerKeyCache {
+            key: Mutex::new(key),
+            directory,
+        }
+    }
+
+    /// Whether `proof` answers `nonce` for `from` under the current key.
+    fn verify(
+        &self,
+        name: &str,
+        nonce: &Nonce,
+        t: Transport,
+        from: &str,
+        proof: &[u8; PROOF_LEN],
+    ) -> bool {
+        let key = match self.directory.key(name) {
+            Ok(current) => {
+                *self.key.locked() = current.clone();
+                current
+            }
+            Err(e) => {
+                tracing::warn!("{name}: cannot fetch the current key ({e}); using the last one");
+                self.key.locked().clone()
+            }
+        };
+        key.verify(nonce, t, from, name, proof)
+    }
 }
 
 /// Server's answer.
@@ -86,7 +127,7 @@ pub(crate) fn admit(
             hello.from
         ));
     }
-    if !a.key.verify(nonce, t, &hello.from, name, &hello.proof) {
+    if !a.key.verify(name, nonce, t, &hello.from, &hello.proof) {
         return Err(format!(
             "no proof that the peer is {:?}: resolve {name:?} through the directory as the uid that holds {:?}",
             hello.from, hello.from
@@ -103,7 +144,7 @@ pub struct Listener {
     ctx: Context,
     name: String,
     allow: Vec<String>,
-    key: ListenerKey,
+    key: ListenerKeyCache,
     unix: UnixListener,
     unix_path: PathBuf,
     tcp: TcpListener,
@@ -147,7 +188,7 @@ impl Listener {
             ctx: ctx.clone(),
             name: name.into(),
             allow,
-            key,
+            key: ListenerKeyCache::new(key, ctx.inner.directory.clone()),
             unix,
             unix_path,
             tcp,
@@ -208,7 +249,8 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let _ = self.ctx.inner.directory.unregister(&self.name);
+        // The endpoint goes, the name stays ours.
+        let _ = self.ctx.inner.directory.withdraw(&self.name);
         self.ctx
             .inner
             .listeners

@@ -34,6 +34,10 @@ fn a_name_held_by_another_uid_cannot_be_registered_claimed_removed_or_connected_
     let (_dir, path) = open_directory();
     let mut srv = Proc::spawn(&path, "svc-host", None);
     srv.ok("listen svc cli");
+    let root = DirectoryClient::new(&path);
+    // The client's name is root's before nobody tries (the client process
+    // claims it too, as root, when it starts).
+    root.claim("cli").unwrap();
     let mut cli = Proc::spawn(&path, "cli", None);
     // nobody cannot take the client's name...
     let mut squatter = Proc::spawn_as(&path, "cli", NOBODY);
@@ -50,7 +54,6 @@ fn a_name_held_by_another_uid_cannot_be_registered_claimed_removed_or_connected_
     assert!(e.contains("\"svc\" belongs to uid 0"), "{e}");
     // Its own names are its own: it registers one, and root sees it held.
     mallory.ok("listen mallory-svc cli");
-    let root = DirectoryClient::new(&path);
     assert!(root.resolve("cli", "mallory-svc").is_ok());
     // Root may reserve a name for a uid; then only that uid gets it.
     root.reserve("web", NOBODY).unwrap();
@@ -66,4 +69,32 @@ fn a_name_held_by_another_uid_cannot_be_registered_claimed_removed_or_connected_
         root.resolve("mallory", "svc"),
         Err(IcError::Refused(m)) if m.contains("not on the allowlist")
     ));
+}
+
+#[test]
+fn secrets_handed_out_for_a_name_stop_working_once_the_name_changes_hands() {
+    let (_dir, path) = open_directory();
+    let mut srv = Proc::spawn(&path, "svc-host", None);
+    srv.ok("listen svc cli");
+    srv.send("accept 10000");
+    let root = DirectoryClient::new(&path);
+    root.claim("cli").unwrap();
+    let before = root.resolve("cli", "svc").unwrap();
+    let addr = before.endpoint.tcp_addr.unwrap();
+    // "cli" is released (and could be claimed by anyone): the service's key
+    // changes, so the secret its former holder kept proves nothing...
+    root.unregister("cli").unwrap();
+    let mut h = Proc::hostile();
+    let refused = h.cmd(&format!("hello_tcp {addr} cli svc {}", secret_hex(&before)));
+    assert!(
+        refused.starts_with("err refused") && refused.contains("no proof"),
+        "{refused}"
+    );
+    // ...while the name's new holder gets a secret that works, the listener
+    // learning its new key from the directory.
+    root.claim("cli").unwrap();
+    let after = root.resolve("cli", "svc").unwrap();
+    assert_ne!(after.secret, before.secret);
+    h.ok(&format!("hello_tcp {addr} cli svc {}", secret_hex(&after)));
+    assert_eq!(srv.answer(Duration::from_secs(10)), "ok cli");
 }

@@ -491,8 +491,14 @@ impl interconnect::Directory for LyingDirectory {
     ) -> interconnect::Result<interconnect::ListenerKey> {
         self.0.register(ep)
     }
+    fn withdraw(&self, name: &str) -> interconnect::Result<()> {
+        self.0.withdraw(name)
+    }
     fn unregister(&self, name: &str) -> interconnect::Result<()> {
         self.0.unregister(name)
+    }
+    fn key(&self, name: &str) -> interconnect::Result<interconnect::ListenerKey> {
+        self.0.key(name)
     }
     fn resolve(&self, _from: &str, to: &str) -> interconnect::Result<interconnect::Resolved> {
         self.0.resolve("cli", to)

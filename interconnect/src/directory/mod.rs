@@ -7,10 +7,15 @@
 //! that uid (or root) may register, replace or remove the name afterwards,
 //! and only that uid (or root) may resolve peers *as* that name. Names are
 //! first come, first served unless root reserved them for a uid beforehand
-//! ([`MemDirectory::reserve`]: partd reserves each partition's name for the
-//! partition's uid), so a service can be sure who answers to an allowlisted
-//! name. Resolving hands out the pair secret the peer proves itself with at
-//! connect ([`crate::proof`]).
+//! ([`MemDirectory::reserve`]; partd is to reserve each partition's name
+//! for the partition's uid once it hosts the directory, which it does not
+//! yet), so a service can be sure who answers to an allowlisted name.
+//! Resolving hands out the pair secret the peer proves itself with at
+//! connect ([`crate::proof`]). When a name changes hands (unregistered, or
+//! reserved for another uid) every endpoint that allows it gets a new key,
+//! so the secrets its former holder got stop working; listeners fetch their
+//! current key at each connection. A listener that closes withdraws its
+//! endpoint and keeps the name.
 //!
 //! [`Directory`] is the trait the access layer uses; [`MemDirectory`] is
 //! the in-process implementation, [`DirectoryServer`] serves one on a Unix
@@ -41,6 +46,10 @@ use crate::{IcError, Result};
 pub const MAX_NAMES: usize = 65536;
 /// Names one uid (other than root) may hold at most.
 pub const MAX_NAMES_PER_UID: usize = 1024;
+/// Names one endpoint's allowlist may hold at most.
+pub const MAX_ALLOW: usize = 256;
+/// Longest host id an endpoint may give.
+pub const MAX_HOST_ID: usize = 128;
 
 /// A registered endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,8 +82,16 @@ pub trait Directory: Send + Sync {
     /// Adds or replaces the caller's endpoint; returns the key its listener
     /// checks peers' proofs with.
     fn register(&self, ep: Endpoint) -> Result<ListenerKey>;
-    /// Removes the caller's name and its endpoint.
+    /// Removes the caller's endpoint `name` but keeps the name the
+    /// caller's (a listener that closes).
+    fn withdraw(&self, name: &str) -> Result<()>;
+    /// Removes the caller's name and its endpoint: anyone may claim it next.
     fn unregister(&self, name: &str) -> Result<()>;
+    /// The current key of the caller's endpoint `name`. The directory
+    /// changes an endpoint's key when a name on its allowlist changes hands
+    /// (so the secrets the former holder got stop working); a listener
+    /// whose peer's proof fails asks for it once.
+    fn key(&self, name: &str) -> Result<ListenerKey>;
     /// Looks up `to` on behalf of `from`, which the caller must hold;
     /// refused unless `from` is on `to`'s allowlist.
     fn resolve(&self, from: &str, to: &str) -> Result<Resolved>;
@@ -127,6 +144,36 @@ impl Names {
         self.entries
             .get_mut(name)
             .ok_or_else(|| IcError::UnknownEndpoint(name.into()))
+    }
+
+    /// Whether `owner` may take one more name (`replacing` one entry).
+    fn room_for(&self, owner: u32, replacing: bool) -> Result<()> {
+        let total = self.entries.len() - usize::from(replacing);
+        if total >= MAX_NAMES {
+            return Err(IcError::Refused(format!(
+                "the directory holds {MAX_NAMES} names already"
+            )));
+        }
+        let n = self.per_uid.get(&owner).copied().unwrap_or(0);
+        if owner != 0 && n >= MAX_NAMES_PER_UID {
+            return Err(IcError::Refused(format!(
+                "uid {owner} holds {MAX_NAMES_PER_UID} names already; unregister some"
+            )));
+        }
+        Ok(())
+    }
+
+    /// New keys for every endpoint that lets `name` in: `name` changed
+    /// hands, and what its former holder was given must stop working.
+    fn rotate_for(&mut self, name: &str) -> Result<()> {
+        for e in self.entries.values_mut() {
+            if let Some((ep, key)) = e.endpoint.as_mut() {
+                if ep.allow.iter().any(|a| a == name) {
+                    *key = ListenerKey::generate()?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn insert(&mut self, name: &str, owner: u32) -> Result<()> {
@@ -182,11 +229,41 @@ impl MemDirectory {
     /// [`Directory::register`] for `caller`. The endpoint gets a new key, so
     /// secrets handed out for an earlier registration stop working.
     pub fn register_as(&self, caller: u32, ep: Endpoint) -> Result<ListenerKey> {
+        if ep.allow.len() > MAX_ALLOW {
+            return Err(IcError::InvalidArgument(format!(
+                "an allowlist of {} names is more than {MAX_ALLOW}",
+                ep.allow.len()
+            )));
+        }
+        if ep.host_id.len() > MAX_HOST_ID {
+            return Err(IcError::InvalidArgument(format!(
+                "a host id of {} bytes is more than {MAX_HOST_ID}",
+                ep.host_id.len()
+            )));
+        }
+        for a in &ep.allow {
+            valid_name(a)?;
+        }
         let key = ListenerKey::generate()?;
         let mut names = self.names.locked();
         let entry = names.held_by(caller, &ep.name)?;
         entry.endpoint = Some((ep, key.clone()));
         Ok(key)
+    }
+
+    /// [`Directory::withdraw`] for `caller`.
+    pub fn withdraw_as(&self, caller: u32, name: &str) -> Result<()> {
+        let mut names = self.names.locked();
+        match names.entries.get_mut(name) {
+            None => Ok(()),
+            Some(e) if e.owner != caller && caller != 0 => {
+                Err(refused_owner(name, e.owner, caller))
+            }
+            Some(e) => {
+                e.endpoint = None;
+                Ok(())
+            }
+        }
     }
 
     /// [`Directory::unregister`] for `caller`; unknown names are not an
@@ -199,14 +276,31 @@ impl MemDirectory {
                 Err(refused_owner(name, e.owner, caller))
             }
             Some(_) => {
+                names.rotate_for(name)?;
                 names.remove(name);
                 Ok(())
             }
         }
     }
 
+    /// [`Directory::key`] for `caller`.
+    pub fn key_as(&self, caller: u32, name: &str) -> Result<ListenerKey> {
+        let names = self.names.locked();
+        match names.entries.get(name) {
+            Some(e) if e.owner != caller && caller != 0 => {
+                Err(refused_owner(name, e.owner, caller))
+            }
+            Some(Entry {
+                endpoint: Some((_, key)),
+                ..
+            }) => Ok(key.clone()),
+            _ => Err(IcError::UnknownEndpoint(name.into())),
+        }
+    }
+
     /// Gives `name` to `uid` before anyone claims it; only root may. A name
-    /// already held by another uid loses its endpoint.
+    /// already held by another uid loses its endpoint, and the secrets its
+    /// holder was given stop working.
     pub fn reserve_as(&self, caller: u32, name: &str, uid: u32) -> Result<()> {
         if caller != 0 {
             return Err(IcError::Refused(format!(
@@ -215,10 +309,15 @@ impl MemDirectory {
         }
         valid_name(name)?;
         let mut names = self.names.locked();
-        if names.entries.get(name).is_some_and(|e| e.owner == uid) {
+        let held = names.entries.get(name).map(|e| e.owner);
+        if held == Some(uid) {
             return Ok(());
         }
-        names.remove(name);
+        names.room_for(uid, held.is_some())?;
+        if held.is_some() {
+            names.rotate_for(name)?;
+            names.remove(name);
+        }
         names.insert(name, uid)
     }
 
@@ -266,8 +365,16 @@ impl Directory for MemDirectory {
         self.register_as(partvisor_runtime::peer::own_uid(), ep)
     }
 
+    fn withdraw(&self, name: &str) -> Result<()> {
+        self.withdraw_as(partvisor_runtime::peer::own_uid(), name)
+    }
+
     fn unregister(&self, name: &str) -> Result<()> {
         self.unregister_as(partvisor_runtime::peer::own_uid(), name)
+    }
+
+    fn key(&self, name: &str) -> Result<ListenerKey> {
+        self.key_as(partvisor_runtime::peer::own_uid(), name)
     }
 
     fn resolve(&self, from: &str, to: &str) -> Result<Resolved> {
@@ -343,6 +450,69 @@ mod tests {
         let k2 = d.register_as(5, ep("db", &["app"])).unwrap();
         assert_ne!(k1, k2);
         assert_ne!(d.resolve_as(0, "app", "db").unwrap().secret, s1);
+    }
+
+    #[test]
+    fn a_name_that_changes_hands_voids_the_secrets_its_former_holder_got() {
+        let d = MemDirectory::default();
+        let k = d.register_as(5, ep("db", &["app"])).unwrap();
+        d.claim_as(7, "app").unwrap();
+        let old = d.resolve_as(7, "app", "db").unwrap().secret;
+        assert_eq!(old, k.pair_secret("app"));
+        // Released, then taken by another uid: db's key changed, so the old
+        // secret proves nothing; db learns its new key by asking.
+        d.unregister_as(7, "app").unwrap();
+        d.claim_as(8, "app").unwrap();
+        let new_key = d.key_as(5, "db").unwrap();
+        assert_ne!(new_key, k);
+        assert_ne!(new_key.pair_secret("app"), old);
+        assert_eq!(
+            d.resolve_as(8, "app", "db").unwrap().secret,
+            new_key.pair_secret("app")
+        );
+        // Reserving a held name for someone else does the same.
+        d.reserve_as(0, "app", 9).unwrap();
+        assert_ne!(d.key_as(5, "db").unwrap(), new_key);
+        // Only db's owner (or root) reads db's key.
+        assert!(d.key_as(9, "db").is_err());
+    }
+
+    #[test]
+    fn a_withdrawn_endpoint_keeps_its_name() {
+        let d = MemDirectory::default();
+        d.register_as(5, ep("db", &["app"])).unwrap();
+        d.withdraw_as(5, "db").unwrap();
+        assert!(matches!(
+            d.resolve_as(0, "app", "db"),
+            Err(IcError::UnknownEndpoint(_))
+        ));
+        assert!(d.claim_as(6, "db").is_err());
+        assert!(d.withdraw_as(6, "db").is_err());
+        d.register_as(5, ep("db", &["app"])).unwrap();
+    }
+
+    #[test]
+    fn a_reserve_that_cannot_fit_leaves_the_name_where_it_was() {
+        let d = MemDirectory::default();
+        for i in 0..MAX_NAMES_PER_UID {
+            d.claim_as(7, &format!("n{i}")).unwrap();
+        }
+        d.claim_as(8, "web").unwrap();
+        assert!(d.reserve_as(0, "web", 7).is_err());
+        assert!(d.claim_as(9, "web").is_err(), "the name was freed");
+        d.claim_as(8, "web").unwrap();
+    }
+
+    #[test]
+    fn oversized_endpoints_are_refused() {
+        let d = MemDirectory::default();
+        let many: Vec<String> = (0..=MAX_ALLOW).map(|i| format!("a{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(d.register_as(1, ep("db", &refs)).is_err());
+        let mut long = ep("db", &["app"]);
+        long.host_id = "h".repeat(MAX_HOST_ID + 1);
+        assert!(d.register_as(1, long).is_err());
+        assert!(d.register_as(1, ep("db", &["a/b"])).is_err());
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The directory on a Unix socket: one JSON request and one response line
 //! per connection, the caller's uid taken from the kernel.
 use partvisor_runtime::peer::peer_uid;
-use std::io::{BufRead, BufReader, Read as _, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,7 +19,9 @@ use crate::{IcError, Result};
 enum Request {
     Claim(String),
     Register(Endpoint),
+    Withdraw(String),
     Unregister(String),
+    Key(String),
     Reserve { name: String, uid: u32 },
     Resolve { from: String, to: String },
 }
@@ -60,13 +62,10 @@ impl DirectoryServer {
         let thread = std::thread::Builder::new()
             .name("ic-directory".into())
             .spawn(move || {
+                let busy = Arc::new(AtomicUsize::new(0));
                 while !stop2.load(Ordering::Acquire) {
                     match listener.accept() {
-                        Ok((s, _)) => {
-                            if let Err(e) = serve_one(&served, s) {
-                                tracing::warn!("directory request failed: {e}");
-                            }
-                        }
+                        Ok((s, _)) => serve_in_thread(&served, &busy, s),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             crate::verbs::poll_fds(
                                 &[std::os::fd::AsRawFd::as_raw_fd(&listener)],
@@ -110,17 +109,80 @@ impl Drop for DirectoryServer {
     }
 }
 
+/// Clients served at once; one more is told the directory is busy.
+const MAX_CLIENTS: usize = 16;
+/// How long one client may take to send its request, in all.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Longest request line.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// Serves `s` on a thread of its own, so a slow client delays nobody else,
+/// up to [`MAX_CLIENTS`] at once.
+fn serve_in_thread(dir: &Arc<MemDirectory>, busy: &Arc<AtomicUsize>, s: UnixStream) {
+    if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+        busy.fetch_sub(1, Ordering::AcqRel);
+        let _ = reply(
+            &s,
+            &Response::Error("the directory is busy; try again".into()),
+        );
+        return;
+    }
+    let (dir, busy2) = (dir.clone(), busy.clone());
+    let spawned = std::thread::Builder::new()
+        .name("ic-directory-client".into())
+        .spawn(move || {
+            if let Err(e) = serve_one(&dir, s) {
+                tracing::debug!("directory request failed: {e}");
+            }
+            busy2.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        busy.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!("directory: cannot start a client thread: {e}");
+    }
+}
+
+/// One request line, read within [`REQUEST_DEADLINE`] in all (a client that
+/// trickles bytes does not get a fresh timeout per read).
+fn read_request(mut s: &UnixStream) -> std::io::Result<Vec<u8>> {
+    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !line.contains(&b'\n') {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || line.len() > MAX_REQUEST {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request not sent in time or too long",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    Ok(line)
+}
+
+fn reply(mut s: &UnixStream, resp: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    s.write_all(&out)
+}
+
 fn serve_one(dir: &MemDirectory, s: UnixStream) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
     let caller = peer_uid(&s)?;
-    let mut line = String::new();
-    BufReader::new(&s).take(64 * 1024).read_line(&mut line)?;
-    let resp = match serde_json::from_str::<Request>(&line) {
+    let line = read_request(&s)?;
+    let resp = match serde_json::from_slice::<Request>(&line) {
         Err(e) => Response::Error(format!("malformed request: {e}")),
         Ok(Request::Claim(n)) => to_resp(dir.claim_as(caller, &n).map(|()| Response::Ok)),
         Ok(Request::Register(ep)) => to_resp(dir.register_as(caller, ep).map(Response::Registered)),
+        Ok(Request::Withdraw(n)) => to_resp(dir.withdraw_as(caller, &n).map(|()| Response::Ok)),
         Ok(Request::Unregister(n)) => to_resp(dir.unregister_as(caller, &n).map(|()| Response::Ok)),
+        Ok(Request::Key(n)) => to_resp(dir.key_as(caller, &n).map(Response::Registered)),
         Ok(Request::Reserve { name, uid }) => {
             to_resp(dir.reserve_as(caller, &name, uid).map(|()| Response::Ok))
         }
@@ -128,9 +190,7 @@ fn serve_one(dir: &MemDirectory, s: UnixStream) -> std::io::Result<()> {
             to_resp(dir.resolve_as(caller, &from, &to).map(Response::Resolved))
         }
     };
-    let mut out = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
-    out.push(b'\n');
-    (&s).write_all(&out)
+    reply(&s, &resp)
 }
 
 fn to_resp(r: Result<Response>) -> Response {
@@ -211,8 +271,19 @@ impl Directory for DirectoryClient {
         }
     }
 
+    fn withdraw(&self, name: &str) -> Result<()> {
+        Self::expect_ok(self.call(&Request::Withdraw(name.into()))?)
+    }
+
     fn unregister(&self, name: &str) -> Result<()> {
         Self::expect_ok(self.call(&Request::Unregister(name.into()))?)
+    }
+
+    fn key(&self, name: &str) -> Result<ListenerKey> {
+        match self.call(&Request::Key(name.into()))? {
+            Response::Registered(k) => Ok(k),
+            other => Self::expect_ok(other).and(Err(IcError::Protocol("no key in reply".into()))),
+        }
     }
 
     fn resolve(&self, from: &str, to: &str) -> Result<Resolved> {

@@ -400,7 +400,7 @@ impl Context {
             .map(|(n, _)| n.clone())
             .collect();
         for n in names {
-            let _ = self.inner.directory.unregister(&n);
+            let _ = self.inner.directory.withdraw(&n);
         }
     }
 }
