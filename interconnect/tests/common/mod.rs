@@ -1,5 +1,7 @@
 //! Harness: drives `ic-peer` processes over stdin/stdout.
 #![allow(dead_code)]
+
+pub mod netns;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
