@@ -107,7 +107,19 @@ impl Container {
     fn boot(dir: &Path, id: &str) -> Container {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/container.sh");
         let log = std::fs::File::create(dir.join("systemd.log")).unwrap();
-        let child = Command::new(script)
+        let mut cmd = Command::new(script);
+        // SAFETY: prctl is async-signal-safe and touches only this child.
+        // It survives the exec into unshare, so a test killed mid-way takes
+        // the container (unshare --kill-child) with it.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg(id)
             .arg(dir.join("units"))
             .arg("pv-test.target")
