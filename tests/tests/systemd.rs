@@ -256,16 +256,42 @@ fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_n
         partvisor_runtime::ci::environment_missing("nsenter (util-linux)");
         return;
     }
-    let b = bins();
-    // Outside /tmp: the unit gives partd a private one.
+    // Everything partd is given lives where the unit lets it see: not under
+    // /tmp or /var/tmp (the unit gives partd private ones), whatever
+    // directory this checkout is in.
+    let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let base = if target_tmp.starts_with("/tmp") || target_tmp.starts_with("/var/tmp") {
+        let b = PathBuf::from("/var/lib/partvisor-e2e");
+        std::fs::create_dir_all(&b).unwrap();
+        b
+    } else {
+        target_tmp.to_path_buf()
+    };
     let scratch = tempfile::Builder::new()
         .prefix("pv-systemd-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .tempdir_in(&base)
         .unwrap();
     let dir = scratch.path();
     let (state, images, units) = (dir.join("state"), dir.join("images"), dir.join("units"));
-    for d in [&state, &images, &units.join("partd.service.d")] {
+    for d in [&state, &images, &units.join("partd.service.d"), &dir.join("bin")] {
         std::fs::create_dir_all(d).unwrap();
+    }
+    // The programs and the guest, copied in beside them.
+    let copy_in = |from: &Path| -> PathBuf {
+        let to = dir.join("bin").join(from.file_name().unwrap());
+        std::fs::copy(from, &to).unwrap();
+        to
+    };
+    let built = bins();
+    let (partd_bin, vmm_bin, io_bin, guest) = (
+        copy_in(&built.partd),
+        copy_in(&built.part_vmm),
+        copy_in(&built.part_io),
+        copy_in(partvisor_e2e::guest()),
+    );
+    // Their directories must be searchable by the jailed uids.
+    for d in [dir, &dir.join("bin")] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
     let img = images.join("web.img");
     std::fs::File::create(&img)
@@ -282,10 +308,10 @@ fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_n
         "[Service]\nExecStart=\nExecStart={} --state-dir {} --vmm {} --part-io {} \
          --memory-budget-mib 256 --disk-image {}\nStateDirectory=\nReadWritePaths=\n\
          ReadWritePaths={} {}\nStandardOutput=append:{}\nStandardError=inherit\n",
-        b.partd.display(),
+        partd_bin.display(),
         state.display(),
-        b.part_vmm.display(),
-        b.part_io.display(),
+        vmm_bin.display(),
+        io_bin.display(),
         img.display(),
         state.display(),
         images.display(),
@@ -304,7 +330,7 @@ fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_n
         partd_log()
     );
     let ctl = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new(&b.partctl)
+        let out = Command::new(&built.partctl)
             .arg("--socket")
             .arg(state.join("partd.sock"))
             .arg("--json")
@@ -326,7 +352,7 @@ fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_n
             format!(
                 "name = \"{name}\"\nmemory_mib = 64\nkernel = \"{}\"\ncmdline = \"{cmdline}\"\n\
                  [[nic]]\nswitch = \"lan\"\n{extra}",
-                partvisor_e2e::guest().display(),
+                guest.display(),
             ),
         )
         .unwrap();
@@ -381,7 +407,7 @@ fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_n
     assert!(killed.status.success());
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let restarted = loop {
-        let out = Command::new(&b.partctl)
+        let out = Command::new(&built.partctl)
             .arg("--socket")
             .arg(state.join("partd.sock"))
             .args(["--json", "show", "web"])
