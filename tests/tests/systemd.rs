@@ -438,4 +438,9 @@ fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_n
     for cg in cgroups.lines() {
         assert!(!Path::new(cg).exists(), "container cgroup {cg} left behind");
     }
+    drop(scratch);
+    if base != target_tmp {
+        // Ours, and empty now.
+        let _ = std::fs::remove_dir(&base);
+    }
 }
