@@ -273,7 +273,12 @@ fn partd_under_the_shipped_unit_in_systemd_boots_a_partition_with_a_disk_and_a_n
         .unwrap();
     let dir = scratch.path();
     let (state, images, units) = (dir.join("state"), dir.join("images"), dir.join("units"));
-    for d in [&state, &images, &units.join("partd.service.d"), &dir.join("bin")] {
+    for d in [
+        &state,
+        &images,
+        &units.join("partd.service.d"),
+        &dir.join("bin"),
+    ] {
         std::fs::create_dir_all(d).unwrap();
     }
     // The programs and the guest, copied in beside them.

@@ -102,6 +102,18 @@ struct Entry {
     endpoint: Option<(Endpoint, ListenerKey)>,
 }
 
+impl Entry {
+    /// Whether `caller` may act on this entry, the name `name`: its owner
+    /// or root.
+    fn allows(&self, name: &str, caller: u32) -> Result<()> {
+        if self.owner == caller || caller == 0 {
+            Ok(())
+        } else {
+            Err(refused_owner(name, self.owner, caller))
+        }
+    }
+}
+
 #[derive(Default)]
 struct Names {
     entries: HashMap<String, Entry>,
@@ -135,10 +147,7 @@ impl Names {
     fn held_by(&mut self, caller: u32, name: &str) -> Result<&mut Entry> {
         valid_name(name)?;
         match self.entries.get(name) {
-            Some(e) if e.owner != caller && caller != 0 => {
-                return Err(refused_owner(name, e.owner, caller))
-            }
-            Some(_) => {}
+            Some(e) => e.allows(name, caller)?,
             None => self.insert(name, caller)?,
         }
         self.entries
@@ -254,48 +263,37 @@ impl MemDirectory {
     /// [`Directory::withdraw`] for `caller`.
     pub fn withdraw_as(&self, caller: u32, name: &str) -> Result<()> {
         let mut names = self.names.locked();
-        match names.entries.get_mut(name) {
-            None => Ok(()),
-            Some(e) if e.owner != caller && caller != 0 => {
-                Err(refused_owner(name, e.owner, caller))
-            }
-            Some(e) => {
-                e.endpoint = None;
-                Ok(())
-            }
+        if let Some(e) = names.entries.get_mut(name) {
+            e.allows(name, caller)?;
+            e.endpoint = None;
         }
+        Ok(())
     }
 
     /// [`Directory::unregister`] for `caller`; unknown names are not an
     /// error (removal is idempotent).
     pub fn unregister_as(&self, caller: u32, name: &str) -> Result<()> {
         let mut names = self.names.locked();
-        match names.entries.get(name) {
-            None => Ok(()),
-            Some(e) if e.owner != caller && caller != 0 => {
-                Err(refused_owner(name, e.owner, caller))
-            }
-            Some(_) => {
-                names.rotate_for(name)?;
-                names.remove(name);
-                Ok(())
-            }
+        if let Some(e) = names.entries.get(name) {
+            e.allows(name, caller)?;
+            names.rotate_for(name)?;
+            names.remove(name);
         }
+        Ok(())
     }
 
     /// [`Directory::key`] for `caller`.
     pub fn key_as(&self, caller: u32, name: &str) -> Result<ListenerKey> {
         let names = self.names.locked();
-        match names.entries.get(name) {
-            Some(e) if e.owner != caller && caller != 0 => {
-                Err(refused_owner(name, e.owner, caller))
-            }
-            Some(Entry {
-                endpoint: Some((_, key)),
-                ..
-            }) => Ok(key.clone()),
-            _ => Err(IcError::UnknownEndpoint(name.into())),
-        }
+        let e = names
+            .entries
+            .get(name)
+            .ok_or_else(|| IcError::UnknownEndpoint(name.into()))?;
+        e.allows(name, caller)?;
+        e.endpoint
+            .as_ref()
+            .map(|(_, key)| key.clone())
+            .ok_or_else(|| IcError::UnknownEndpoint(name.into()))
     }
 
     /// Gives `name` to `uid` before anyone claims it; only root may. A name
@@ -330,8 +328,7 @@ impl MemDirectory {
     pub fn resolve_as(&self, caller: u32, from: &str, to: &str) -> Result<Resolved> {
         let names = self.names.locked();
         match names.entries.get(from) {
-            Some(e) if e.owner == caller || caller == 0 => {}
-            Some(e) => return Err(refused_owner(from, e.owner, caller)),
+            Some(e) => e.allows(from, caller)?,
             None if caller == 0 => {}
             None => {
                 return Err(IcError::Refused(format!(
