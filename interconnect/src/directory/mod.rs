@@ -50,6 +50,9 @@ pub const MAX_NAMES_PER_UID: usize = 1024;
 pub const MAX_ALLOW: usize = 256;
 /// Longest host id an endpoint may give.
 pub const MAX_HOST_ID: usize = 128;
+/// What the endpoints of one uid (other than root) may take in the
+/// directory, counted as the bytes of their names, paths and allowlists.
+pub const MAX_ENDPOINT_BYTES_PER_UID: usize = 1 << 20;
 
 /// A registered endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +121,17 @@ impl Entry {
 struct Names {
     entries: HashMap<String, Entry>,
     per_uid: HashMap<u32, usize>,
+    /// Bytes of each uid's endpoints ([`endpoint_bytes`]).
+    bytes_per_uid: HashMap<u32, usize>,
+}
+
+/// What an endpoint takes in the directory, roughly: its strings plus a
+/// fixed overhead.
+fn endpoint_bytes(ep: &Endpoint) -> usize {
+    64 + ep.name.len()
+        + ep.host_id.len()
+        + ep.shm_path.as_ref().map_or(0, |p| p.as_os_str().len())
+        + ep.allow.iter().map(|a| a.len() + 24).sum::<usize>()
 }
 
 /// In-memory directory. Used in-process through [`Directory`] (the caller
@@ -208,7 +222,45 @@ impl Names {
         Ok(())
     }
 
+    /// Sets (or clears) the endpoint of the entry `name` held by `owner`,
+    /// within the owner's byte budget.
+    fn set_endpoint(
+        &mut self,
+        name: &str,
+        owner: u32,
+        endpoint: Option<(Endpoint, ListenerKey)>,
+    ) -> Result<()> {
+        let new = endpoint.as_ref().map_or(0, |(ep, _)| endpoint_bytes(ep));
+        let old = self
+            .entries
+            .get(name)
+            .and_then(|e| e.endpoint.as_ref())
+            .map_or(0, |(ep, _)| endpoint_bytes(ep));
+        let used = self.bytes_per_uid.get(&owner).copied().unwrap_or(0);
+        let after = used.saturating_sub(old) + new;
+        if owner != 0 && after > MAX_ENDPOINT_BYTES_PER_UID && new > old {
+            return Err(IcError::Refused(format!(
+                "uid {owner}'s endpoints would take {after} bytes, more than \
+                 {MAX_ENDPOINT_BYTES_PER_UID}; withdraw some or shorten their allowlists"
+            )));
+        }
+        let Some(e) = self.entries.get_mut(name) else {
+            return Err(IcError::UnknownEndpoint(name.into()));
+        };
+        e.endpoint = endpoint;
+        if after == 0 {
+            self.bytes_per_uid.remove(&owner);
+        } else {
+            self.bytes_per_uid.insert(owner, after);
+        }
+        Ok(())
+    }
+
     fn remove(&mut self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            let owner = e.owner;
+            let _ = self.set_endpoint(name, owner, None);
+        }
         if let Some(e) = self.entries.remove(name) {
             if let Some(n) = self.per_uid.get_mut(&e.owner) {
                 *n = n.saturating_sub(1);
@@ -255,17 +307,19 @@ impl MemDirectory {
         }
         let key = ListenerKey::generate()?;
         let mut names = self.names.locked();
-        let entry = names.held_by(caller, &ep.name)?;
-        entry.endpoint = Some((ep, key.clone()));
+        let owner = names.held_by(caller, &ep.name)?.owner;
+        let name = ep.name.clone();
+        names.set_endpoint(&name, owner, Some((ep, key.clone())))?;
         Ok(key)
     }
 
     /// [`Directory::withdraw`] for `caller`.
     pub fn withdraw_as(&self, caller: u32, name: &str) -> Result<()> {
         let mut names = self.names.locked();
-        if let Some(e) = names.entries.get_mut(name) {
+        if let Some(e) = names.entries.get(name) {
             e.allows(name, caller)?;
-            e.endpoint = None;
+            let owner = e.owner;
+            names.set_endpoint(name, owner, None)?;
         }
         Ok(())
     }
@@ -498,6 +552,26 @@ mod tests {
         assert!(d.reserve_as(0, "web", 7).is_err());
         assert!(d.claim_as(9, "web").is_err(), "the name was freed");
         d.claim_as(8, "web").unwrap();
+    }
+
+    #[test]
+    fn one_uid_cannot_fill_the_directory_with_long_allowlists() {
+        let d = MemDirectory::default();
+        let long: Vec<String> = (0..MAX_ALLOW).map(|i| format!("{i:0>190}")).collect();
+        let refs: Vec<&str> = long.iter().map(String::as_str).collect();
+        let mut registered = 0;
+        let e = loop {
+            match d.register_as(7, ep(&format!("svc{registered}"), &refs)) {
+                Ok(_) => registered += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(e.to_string().contains("more than 1048576"), "{e}");
+        assert!(registered > 0 && registered < 30, "{registered}");
+        // Withdrawing gives the bytes back; other uids are not affected.
+        d.register_as(8, ep("other", &refs)).unwrap();
+        d.withdraw_as(7, "svc0").unwrap();
+        d.register_as(7, ep("svc0", &refs)).unwrap();
     }
 
     #[test]
