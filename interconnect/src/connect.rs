@@ -57,21 +57,21 @@ impl Intro<'_> {
 pub(crate) struct Admission<'a> {
     pub name: &'a str,
     pub allow: &'a [String],
-    pub key: &'a ListenerKeyCache,
+    pub key: &'a CurrentKey,
 }
 
 /// A listener's key: the directory's current one, fetched at every
 /// connection (the directory changes it when a name on the allowlist changes
 /// hands, and the secrets the former holder got must stop working at once).
 /// The one fetched last is used only while the directory cannot be reached.
-pub(crate) struct ListenerKeyCache {
+pub(crate) struct CurrentKey {
     key: Mutex<ListenerKey>,
     directory: Arc<dyn Directory>,
 }
 
-impl ListenerKeyCache {
+impl CurrentKey {
     fn new(key: ListenerKey, directory: Arc<dyn Directory>) -> Self {
-        ListenerKeyCache {
+        CurrentKey {
             key: Mutex::new(key),
             directory,
         }
@@ -144,7 +144,7 @@ pub struct Listener {
     ctx: Context,
     name: String,
     allow: Vec<String>,
-    key: ListenerKeyCache,
+    key: CurrentKey,
     unix: UnixListener,
     unix_path: PathBuf,
     tcp: TcpListener,
@@ -188,7 +188,7 @@ impl Listener {
             ctx: ctx.clone(),
             name: name.into(),
             allow,
-            key: ListenerKeyCache::new(key, ctx.inner.directory.clone()),
+            key: CurrentKey::new(key, ctx.inner.directory.clone()),
             unix,
             unix_path,
             tcp,

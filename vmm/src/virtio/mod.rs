@@ -173,7 +173,6 @@ fn vsock_config(socket: &Path, cid: u32, from_backend: &[u8]) -> Result<Vec<u8>>
 
 /// One virtio-mmio transport fronting one vhost-user backend.
 pub struct VirtioMmio {
-    pub name: String,
     pub base: u64,
     pub gsi: u32,
     kind: DeviceKind,
@@ -264,15 +263,13 @@ impl VirtioMmio {
             kind.name(),
             socket.display()
         );
-        let name = format!("virtio-{}{index}", kind.name());
         Ok(VirtioMmio {
             regs: Registers::new(
-                name.clone(),
+                format!("virtio-{}{index}", kind.name()),
                 kind,
                 offered_features(kind, backend_features),
                 config,
             ),
-            name,
             base,
             gsi,
             kind,
@@ -316,7 +313,10 @@ impl VirtioMmio {
             Effect::Activate if self.broken => {}
             Effect::Activate => {
                 if let Err(e) = self.activate() {
-                    tracing::error!("{}: activation failed: {e}; device needs reset", self.name);
+                    tracing::error!(
+                        "{}: activation failed: {e}; device needs reset",
+                        self.regs.name()
+                    );
                     self.mark_needs_reset();
                 }
             }
@@ -407,7 +407,7 @@ impl VirtioMmio {
         if let Some(n) = LIMIT.allow() {
             tracing::info!(
                 "{}: active, features {:#x}{}",
-                self.name,
+                self.regs.name(),
                 driver_features,
                 suppressed_note(n)
             );
@@ -427,7 +427,7 @@ impl VirtioMmio {
                     if let Some(n) = LIMIT.allow() {
                         tracing::warn!(
                             "{}: GET_VRING_BASE on reset: {e}{}",
-                            self.name,
+                            self.regs.name(),
                             suppressed_note(n)
                         );
                     }
@@ -441,7 +441,10 @@ impl VirtioMmio {
     fn mark_needs_reset(&mut self) {
         self.regs.mark_needs_reset();
         if let Err(e) = self.irq.write(1) {
-            tracing::warn!("{}: cannot raise the config interrupt: {e}", self.name);
+            tracing::warn!(
+                "{}: cannot raise the config interrupt: {e}",
+                self.regs.name()
+            );
         }
     }
 
@@ -454,7 +457,7 @@ impl VirtioMmio {
         self.active = false;
         tracing::error!(
             "{}: vhost-user backend {} disconnected; device needs reset",
-            self.name,
+            self.regs.name(),
             self.socket.display()
         );
         self.mark_needs_reset();

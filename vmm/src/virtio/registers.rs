@@ -130,6 +130,11 @@ impl Registers {
         }
     }
 
+    /// The transport's name, for logs (`virtio-blk0`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The features the driver accepted (meaningful once FEATURES_OK is set).
     pub fn driver_features(&self) -> u64 {
         self.driver_features
